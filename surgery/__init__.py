@@ -1,0 +1,80 @@
+"""model-surgery: locate sites in a pretrained model, inject small trainable
+modules there, merge, unmerge, and move what they learned as Deltas.
+
+    import surgery
+    surgery.inject(model, "lora", targets="attn.*", r=8)
+"""
+
+from __future__ import annotations
+
+from surgery import methods as _methods  # noqa: F401  (fills the method table)
+from surgery.delta import Delta, apply, delta, fingerprint
+from surgery.engine import (
+    Injection,
+    activate,
+    active,
+    disable,
+    freeze,
+    inject,
+    merge,
+    merged,
+    names,
+    remove,
+    unfreeze,
+    unmerge,
+    use,
+)
+from surgery.errors import (
+    ConfigError,
+    DeltaMismatchError,
+    GraphError,
+    InjectionError,
+    MergeError,
+    SelectorError,
+    SurgeryError,
+)
+from surgery.methods import METHODS
+from surgery.selectors import Sel, Site, layers, sel
+from surgery.summary import Summary, summary
+
+__version__ = "0.1.0"
+
+
+def find(model, targets, example_inputs=None) -> list[Site]:  # type: ignore[no-untyped-def]
+    """Preview the modules a selector hits: a list of `Site` (path, type, roles).
+
+    Roles are shown when the model's graph can be built (it is built here if the
+    selector needs roles, or if `example_inputs` are given; otherwise it is
+    tried and skipped quietly when the model cannot be traced without inputs)."""
+    from surgery import engine, graph
+    from surgery.selectors import no_hit_error, select
+
+    st = engine.state_of(model)
+    skip = st.is_adapter_path if st else None
+    if example_inputs is not None:
+        graph.build_graph(model, example_inputs)
+    hits = select(model, targets, skip=skip)
+    if not hits:
+        raise no_hit_error(model, targets, skip=skip)
+    try:
+        roles = graph.roles(model)
+    except GraphError:
+        roles = {}
+    return [Site(p, type(m).__name__, roles.get(p, frozenset())) for p, m in hits]
+
+
+def trace(model, example_inputs=None) -> None:  # type: ignore[no-untyped-def]
+    """Build (and cache) the model's dataflow graph now, from `example_inputs`
+    when the model is not a `transformers` model and cannot be traced symbolically."""
+    from surgery import graph
+
+    graph.build_graph(model, example_inputs)
+
+
+__all__ = [
+    "ConfigError", "Delta", "DeltaMismatchError", "GraphError", "Injection", "InjectionError",
+    "METHODS", "MergeError", "Sel", "SelectorError", "Site", "Summary", "SurgeryError",
+    "activate", "active", "apply", "delta", "disable", "find", "fingerprint", "freeze", "inject",
+    "layers", "merge", "merged", "names", "remove", "sel", "summary", "trace", "unfreeze",
+    "unmerge", "use",
+]

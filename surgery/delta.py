@@ -1,0 +1,192 @@
+"""Deltas: what one named injection learned, as plain tensors, and applying them back.
+
+A `Delta` is the unit the hub stores and moves: method, config, tensors keyed
+``"{site path}.{suffix}"`` (for LoRA ``lora_A.weight`` / ``lora_B.weight``, as
+PEFT stores them on disk) and the fingerprint of the base it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery import engine
+from surgery.errors import DeltaMismatchError
+from surgery.methods.base import get_method
+
+@dataclass
+class Delta:
+    method: str
+    name: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    base: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def sites(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Site path -> {suffix: tensor}, in the order the tensors are stored."""
+        suffixes = _suffixes(self.method)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in self.tensors.items():
+            for suf in suffixes:
+                if key.endswith("." + suf):
+                    out.setdefault(key[: -len(suf) - 1], {})[suf] = t
+                    break
+            else:
+                raise DeltaMismatchError(
+                    f"tensor {key!r} of delta {self.name!r} does not end in one of {suffixes} "
+                    f"as method {self.method!r} needs"
+                )
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return (f"Delta(name={self.name!r}, method={self.method!r}, sites={len(self.sites())}, "
+                f"tensors={len(self.tensors)}, bytes={self.nbytes}, base={self.base!r})")
+
+
+def _suffixes(method: str) -> tuple[str, ...]:
+    m = get_method(method)
+    return tuple(getattr(m, "tensor_suffixes", ("lora_A.weight", "lora_B.weight")))
+
+
+def _base_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    st = engine.state_of(model)
+    items = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    if st is not None:
+        items = [(k, t) for k, t in items if not st.is_adapter_path(k)]
+    return sorted(items, key=lambda kv: kv[0])
+
+
+def fingerprint(model: nn.Module, weights: bool = False) -> str:
+    """A string that identifies the base's architecture (class, parameter names
+    and shapes; not dtype or device), and with `weights=True` also its weight
+    values (hashing every byte: slow on big models, so only on request).
+    Injected deltas are left out, so it is the same before and after injection."""
+    items = _base_items(model)
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for k, t in items:
+        h.update(f"{k}:{tuple(t.shape)};".encode())
+    arch = "arch:" + h.hexdigest()[:16]
+    if not weights:
+        return arch
+    h = hashlib.sha256()
+    for k, t in items:
+        h.update(k.encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{arch}+w:{h.hexdigest()[:16]}"
+
+
+def delta(model: nn.Module, name: str = "default") -> Delta:
+    """What the delta `name` has learned, as a `Delta` (tensors copied, detached)."""
+    inj = engine.injection(model, name)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, ad in engine.adapters(model, name).items():
+        for suf, t in ad.tensors().items():
+            tensors[f"{path}.{suf}"] = t.detach().clone()
+    return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))
+
+
+def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
+          allow_other_base: bool = False) -> engine.Injection:
+    """Put a Delta into the model under `name` (default: the delta's own name).
+
+    If a delta of that name, method, sites and shapes is already there, its
+    tensors are overwritten in place (a hot-swap: no new modules); otherwise the
+    delta is injected. A Delta whose sites or shapes do not fit raises
+    DeltaMismatchError naming the first misfit, and the model is left as it was.
+    """
+    name = name or delta.name
+    arch = fingerprint(model)
+    if not allow_other_base and delta.base.split("+", 1)[0] != arch:
+        raise DeltaMismatchError(
+            f"delta {delta.name!r} was trained on base {delta.base.split('+', 1)[0]} but this model is "
+            f"{arch} (another architecture); pass allow_other_base=True if you know it fits"
+        )
+    method = get_method(delta.method)
+    by_site = delta.sites()
+    st = engine.state_of(model)
+    if st is not None and name in st.entries:
+        current = engine.adapters(model, name)
+        entry = st.entries[name]
+        if entry.method.name == delta.method and set(current) == set(by_site) and all(
+            _same_shapes(current[p].tensors(), ts) for p, ts in by_site.items()
+        ):
+            return _hot_swap(model, name, delta, current, by_site)
+        raise DeltaMismatchError(
+            f"a delta named {name!r} is injected but has other sites or shapes than the one applied; "
+            f"surgery.remove(model, {name!r}) first or apply under another name"
+        )
+    engine.check_name(model, name)
+    cfg = method.config(**_config_kwargs(method, delta.config))
+    made = []
+    for path, ts in by_site.items():
+        try:
+            mod = engine.site_module(model, path)
+        except AttributeError:
+            raise DeltaMismatchError(f"delta {delta.name!r}: the model has no module {path!r}") from None
+        if not method.supports(mod):
+            raise DeltaMismatchError(
+                f"delta {delta.name!r}: module {path!r} is a {type(mod).__name__}, "
+                f"which method {delta.method!r} cannot attach to"
+            )
+        ad = method.make(mod, path, cfg, shapes={k: t.shape for k, t in ts.items()})
+        _check_fit(delta, path, ad.tensors(), ts)
+        made.append((path, mod, ad))
+    with torch.no_grad():
+        for path, _, ad in made:
+            for suf, t in ad.tensors().items():
+                t.copy_(by_site[path][suf])
+    return engine.attach(model, name, method, cfg, made)
+
+
+def _same_shapes(have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
+    return have.keys() == new.keys() and all(have[k].shape == new[k].shape for k in have)
+
+
+def _check_fit(delta: Delta, path: str, have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for suf, t in have.items():
+        if suf not in new:
+            raise DeltaMismatchError(f"delta {delta.name!r} lacks tensor {path}.{suf}")
+        if tuple(new[suf].shape) != tuple(t.shape):
+            raise DeltaMismatchError(
+                f"delta {delta.name!r}: {path}.{suf} has shape {tuple(new[suf].shape)} "
+                f"but the model needs {tuple(t.shape)} there"
+            )
+
+
+def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(method.Config)}
+    return {k: v for k, v in config.items() if k in known}
+
+
+@torch.no_grad()
+def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site: dict) -> engine.Injection:
+    was_merged = name in engine.merged(model)
+    if was_merged:
+        engine.unmerge(model, name)
+    entry = engine.state_of(model).entries[name]  # type: ignore[union-attr]
+    method = entry.method
+    cfg = entry.cfg if delta.config == entry.injection.config else method.config(
+        **_config_kwargs(method, delta.config))
+    for path, ts in by_site.items():
+        ad = current[path]
+        for suf, t in ad.tensors().items():
+            t.copy_(ts[suf])
+        if cfg is not entry.cfg:  # another alpha, say, travels with the tensors
+            method.refresh(ad, path, cfg)
+    entry.cfg = cfg
+    object.__setattr__(entry.injection, "config", dict(delta.config))
+    if was_merged:
+        engine.merge(model, name)
+    return entry.injection

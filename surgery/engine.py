@@ -1,0 +1,417 @@
+"""The injection engine: in place, at the leaves, reversible.
+
+A site is a leaf module (Linear, Conv1D, Conv, Embedding). Injection adds one
+forward hook to the site and puts the adapters in a child ``ModuleDict`` named
+``surgery`` (so they are parameters of the model: optimizers, the `Trainer`,
+DDP and `.to()` see them). The module keeps its class, its own parameters keep
+their names, and nothing of `transformers` is copied. Removing the last delta
+of a site drops the hook and the child: the module tree and `state_dict` are
+those of the original, bit for bit.
+
+Which deltas are active is context-local: `use` / `disable` set a
+`contextvars.ContextVar` (per thread, per asyncio task), `activate` sets the
+model's default. The hook reads it on every call, so two threads running one
+model with different deltas each get their own result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.errors import InjectionError, MergeError, SelectorError
+from surgery.merge import MergeRecord, merge_weight, unmerge_weight
+from surgery.methods.base import Adapter, Method, get_method
+from surgery.selectors import no_hit_error, sel, select
+
+CHILD = "surgery"  # name of the ModuleDict of adapters inside a site module
+_STATE_ATTR = "_surgery_state"
+_NAME_RX = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+# token of a model's state -> names active in this context; None: no override anywhere
+_OVERRIDE: ContextVar[dict[int, tuple[str, ...]] | None] = ContextVar("surgery_active", default=None)
+_tokens = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Injection:
+    """The record `inject` returns: what was injected, where."""
+
+    name: str
+    method: str
+    sites: tuple[str, ...]
+    config: dict[str, Any]
+
+    def __repr__(self) -> str:
+        more = f", ... {len(self.sites)} sites" if len(self.sites) > 3 else ""
+        return f"Injection(name={self.name!r}, method={self.method!r}, sites={list(self.sites[:3])}{more})"
+
+
+class _Entry:
+    """One named delta: its record, method and parsed config."""
+
+    __slots__ = ("injection", "method", "cfg")
+
+    def __init__(self, injection: Injection, method: Method, cfg: Any) -> None:
+        self.injection, self.method, self.cfg = injection, method, cfg
+
+
+class _Site:
+    """The adapters at one module, and the hook that runs them."""
+
+    def __init__(self, state: _State, path: str, module: nn.Module) -> None:
+        self.state = state
+        self.path = path
+        self.module = module
+        self.live: dict[str, Adapter] = {}  # injected and not merged
+        self.merged: list[tuple[str, MergeRecord]] = []  # a stack: last merged on top
+        if CHILD in module._modules:
+            raise InjectionError(f"module {path!r} already has a child named {CHILD!r}; cannot inject there")
+        module.add_module(CHILD, nn.ModuleDict())
+        self.handle = module.register_forward_hook(self.hook)
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        return self.module._modules[CHILD]  # type: ignore[return-value]
+
+    def hook(self, module: nn.Module, args: tuple, out: Any) -> Any:
+        live = self.live
+        if not live:
+            return None
+        for name in self.state.active():
+            ad = live.get(name)
+            if ad is not None:
+                out = ad.contribute(args[0], out)
+        return out
+
+    def detach(self) -> None:
+        self.handle.remove()
+        del self.module._modules[CHILD]
+
+
+class _State:
+    """Everything the engine knows about one model."""
+
+    def __init__(self) -> None:
+        self.token = next(_tokens)
+        self.entries: dict[str, _Entry] = {}
+        self.sites: dict[str, _Site] = {}
+        self.default_active: tuple[str, ...] = ()
+        self.requires_grad: dict[int, bool] = {}  # id(param) -> flag before the first injection
+        self.params: list[nn.Parameter] = []
+
+    def active(self) -> tuple[str, ...]:
+        ov = _OVERRIDE.get()
+        if ov is not None:
+            names = ov.get(self.token)
+            if names is not None:
+                return names
+        return self.default_active
+
+    def is_adapter_path(self, path: str) -> bool:
+        head, sep, _ = path.partition("." + CHILD)
+        return bool(sep) and head in self.sites
+
+
+def state_of(model: nn.Module) -> _State | None:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def _state(model: nn.Module) -> _State:
+    st = state_of(model)
+    if st is None:
+        st = _State()
+        model.__dict__[_STATE_ATTR] = st
+    return st
+
+
+def _entry(model: nn.Module, name: str) -> _Entry:
+    st = state_of(model)
+    if st is None or name not in st.entries:
+        have = sorted(st.entries) if st else []
+        raise InjectionError(f"no delta named {name!r} in this model; injected: {have or 'none'}")
+    return st.entries[name]
+
+
+def names(model: nn.Module) -> list[str]:
+    """Names of the deltas injected into `model`, in injection order."""
+    st = state_of(model)
+    return list(st.entries) if st else []
+
+
+def injection(model: nn.Module, name: str) -> Injection:
+    return _entry(model, name).injection
+
+
+def adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
+    """Site path -> adapter module of one delta."""
+    entry = _entry(model, name)
+    st = state_of(model)
+    assert st is not None
+    return {p: st.sites[p].adapters[name] for p in entry.injection.sites}  # type: ignore[misc]
+
+
+def site_module(model: nn.Module, path: str) -> nn.Module:
+    st = state_of(model)
+    if st is not None and path in st.sites:
+        return st.sites[path].module
+    return model.get_submodule(path)
+
+
+def resolve_sites(model: nn.Module, method: Method, targets: Any) -> list[tuple[str, nn.Module]]:
+    """The modules `targets` hits that `method` can attach to, or a clear error."""
+    st = state_of(model)
+    skip = st.is_adapter_path if st else None
+    if targets is None:
+        targets = method.default_targets
+    hits = select(model, targets, skip=skip)
+    if not hits:
+        raise no_hit_error(model, targets, skip=skip)
+    sites = [(p, m) for p, m in hits if method.supports(m)]
+    if not sites:
+        shown = ", ".join(f"{p} ({type(m).__name__})" for p, m in hits[:8])
+        more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
+        raise SelectorError(
+            f"selector {targets!r} hits no module that method {method.name!r} can attach to; "
+            f"it hit: {shown}{more}. Point it at leaf layers, e.g. 'attn.*' or '@linear'."
+        )
+    return sites
+
+
+def check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RX.fullmatch(name):
+        raise InjectionError(f"delta name {name!r} must be 1-64 characters of letters, digits, '_' or '-'")
+    st = state_of(model)
+    if st is not None and name in st.entries:
+        raise InjectionError(
+            f"a delta named {name!r} is already injected; pick another name, or "
+            f"surgery.remove(model, {name!r}) first (surgery.apply hot-swaps tensors into it)"
+        )
+
+
+def inject(model: nn.Module, method: str, targets: Any = None, name: str = "default",
+           **config: Any) -> Injection:
+    """Inject `method` at the sites `targets` selects, in place; return the record.
+
+    Only the injected tensors are trainable afterwards. The new delta joins the
+    model's default active set (see `activate`, `use`).
+    """
+    m = get_method(method)
+    cfg = m.config(**config)
+    check_name(model, name)
+    sites = resolve_sites(model, m, targets)
+    made = [(p, mod, m.make(mod, p, cfg)) for p, mod in sites]  # may raise: nothing attached yet
+    return attach(model, name, m, cfg, made)
+
+
+def attach(model: nn.Module, name: str, method: Method, cfg: Any,
+           made: list[tuple[str, nn.Module, Adapter]]) -> Injection:
+    """Attach built adapters under `name` (the step of `inject` that cannot fail)."""
+    st = _state(model)
+    if not st.entries:  # first delta: remember trainability to give it back on remove
+        st.params = list(model.parameters())
+        st.requires_grad = {id(p): p.requires_grad for p in st.params}
+        for p in st.params:
+            p.requires_grad_(False)
+    for path, mod, ad in made:
+        site = st.sites.get(path)
+        if site is None:
+            site = st.sites[path] = _Site(st, path, mod)
+        site.adapters[name] = ad
+        site.live[name] = ad
+        for p in ad.parameters():
+            p.requires_grad_(True)
+    inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
+    st.entries[name] = _Entry(inj, method, cfg)
+    st.default_active = st.default_active + (name,)
+    return inj
+
+
+def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = False) -> None:
+    """Remove one delta (or all). A merged delta is unmerged first, exactly,
+    unless `keep_merged=True`, which leaves its update baked into the base."""
+    st = state_of(model)
+    if st is None or not st.entries:
+        if name is None:
+            return
+        raise InjectionError(f"no delta named {name!r} in this model; injected: none")
+    todo = list(st.entries) if name is None else [_entry(model, name).injection.name]
+    for n in reversed(todo):
+        if not keep_merged and any(n == mn for s in st.sites.values() for mn, _ in s.merged):
+            unmerge(model, n)
+    for n in todo:
+        entry = st.entries.pop(n)
+        for path in entry.injection.sites:
+            site = st.sites[path]
+            site.merged = [(mn, r) for mn, r in site.merged if mn != n]
+            site.live.pop(n, None)
+            del site.adapters[n]
+            if not len(site.adapters):
+                site.detach()
+                del st.sites[path]
+        st.default_active = tuple(a for a in st.default_active if a != n)
+    if not st.entries:
+        for p in st.params:
+            p.requires_grad_(st.requires_grad.get(id(p), p.requires_grad))
+        del model.__dict__[_STATE_ATTR]
+
+
+def activate(model: nn.Module, *names: str) -> None:
+    """Set the deltas active by default (outside any `use` / `disable`)."""
+    st = _check_active(model, names)
+    st.default_active = tuple(names)
+
+
+def _check_active(model: nn.Module, names: tuple[str, ...]) -> _State:
+    st = state_of(model)
+    for n in names:
+        _entry(model, n)
+    if st is None:
+        return _state(model)
+    merged = {mn for s in st.sites.values() for mn, _ in s.merged}
+    off = sorted(merged - set(names))
+    if off:
+        raise MergeError(
+            f"delta(s) {off} are merged into the base weights and cannot be switched off; "
+            f"surgery.unmerge(model, {off[0]!r}) first"
+        )
+    return st
+
+
+@contextlib.contextmanager
+def use(model: nn.Module, *names: str) -> Iterator[None]:
+    """Within this context (this thread / asyncio task only), run `model` with exactly these deltas."""
+    st = _check_active(model, names)
+    cur = _OVERRIDE.get()
+    new = dict(cur) if cur else {}
+    new[st.token] = tuple(names)
+    tok = _OVERRIDE.set(new)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(tok)
+
+
+def disable(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within this context, run the base alone."""
+    return use(model)
+
+
+def active(model: nn.Module) -> tuple[str, ...]:
+    """The deltas active for `model` in the current context."""
+    st = state_of(model)
+    return st.active() if st else ()
+
+
+def _weight(site: _Site) -> torch.Tensor:
+    w = getattr(site.module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise MergeError(f"site {site.path!r} has no weight tensor to merge into")
+    return w
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Fold a delta (default: every active one) into the base weights.
+
+    Outputs are unchanged and the delta costs nothing at run time. `unmerge`
+    restores the base bit for bit; merged deltas stay active until unmerged.
+    """
+    st = state_of(model)
+    todo = [name] if name is not None else list(st.default_active if st else ())
+    for n in todo:
+        entry = _entry(model, n)
+        assert st is not None
+        sites = [st.sites[p] for p in entry.injection.sites]
+        if any(n == mn for s in sites for mn, _ in s.merged):
+            raise MergeError(f"delta {n!r} is already merged; surgery.unmerge(model, {n!r}) first")
+        factors = []
+        for s in sites:  # check every site before touching any weight
+            f = s.adapters[n].merge_factors(s.module)
+            if f is None:
+                raise MergeError(f"method {entry.method.name!r} cannot be merged into the base weights")
+            factors.append(f)
+        for s, f in zip(sites, factors):
+            s.merged.append((n, merge_weight(_weight(s), f)))
+            s.live.pop(n, None)
+        if n not in st.default_active:
+            st.default_active = st.default_active + (n,)
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    """Take a merged delta (default: all merged ones) back out of the base
+    weights, bit for bit; it runs unmerged again."""
+    st = state_of(model)
+    if name is None:
+        if st is None:
+            return
+        stacked = [mn for s in st.sites.values() for mn, _ in s.merged]
+        for n in dict.fromkeys(reversed(stacked)):
+            unmerge(model, n)
+        return
+    entry = _entry(model, name)
+    assert st is not None
+    sites = [st.sites[p] for p in entry.injection.sites]
+    if not any(name == mn for s in sites for mn, _ in s.merged):
+        raise MergeError(f"delta {name!r} is not merged; nothing to unmerge")
+    for s in sites:
+        w = _weight(s)
+        above: list[tuple[str, MergeRecord]] = []
+        # unmerge is exact only in reverse order: lift what was merged later, then put it back
+        while s.merged and s.merged[-1][0] != name:
+            above.append(s.merged.pop())
+            unmerge_weight(w, above[-1][1])
+        if s.merged:
+            unmerge_weight(w, s.merged.pop()[1])
+            s.live[name] = s.adapters[name]  # type: ignore[assignment]
+        for mn, rec in reversed(above):
+            s.merged.append((mn, merge_weight(w, rec.factors)))
+
+
+def merged(model: nn.Module) -> list[str]:
+    """Names of deltas merged into the base weights."""
+    st = state_of(model)
+    if st is None:
+        return []
+    return list(dict.fromkeys(mn for s in st.sites.values() for mn, _ in s.merged))
+
+
+def freeze(model: nn.Module, targets: Any = None) -> int:
+    """Make the parameters of the modules `targets` hits (default: all) untrainable.
+    Returns how many parameters changed."""
+    return _set_trainable(model, targets, False)
+
+
+def unfreeze(model: nn.Module, targets: Any = None) -> int:
+    """Make the parameters of the modules `targets` hits (default: all) trainable,
+    e.g. ``unfreeze(model, layers("10:"))`` or ``unfreeze(model, "@head")``."""
+    return _set_trainable(model, targets, True)
+
+
+def _set_trainable(model: nn.Module, targets: Any, flag: bool) -> int:
+    if targets is None:
+        params = list(model.parameters())
+    else:
+        st = state_of(model)
+        skip = st.is_adapter_path if st else None
+        hits = select(model, sel(targets), skip=skip)
+        if not hits:
+            raise no_hit_error(model, targets, skip=skip)
+        seen: dict[int, nn.Parameter] = {}
+        for _, mod in hits:
+            for p in mod.parameters():
+                seen.setdefault(id(p), p)
+        params = list(seen.values())
+    n = 0
+    for p in params:
+        if p.requires_grad != flag and (p.is_floating_point() or p.is_complex()):
+            p.requires_grad_(flag)
+            n += p.numel()
+    return n

@@ -1,0 +1,31 @@
+"""Exceptions of the package. Every message says what to do next."""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class of every error `surgery` raises on purpose."""
+
+
+class SelectorError(SurgeryError, LookupError):
+    """A selector is malformed or hits no site the method can use."""
+
+
+class GraphError(SurgeryError):
+    """The model's dataflow graph could not be built (needed for role selectors)."""
+
+
+class ConfigError(SurgeryError, ValueError):
+    """A method name or configuration value is not valid."""
+
+
+class InjectionError(SurgeryError):
+    """An injection cannot be done or undone as asked (name taken, unknown name, ...)."""
+
+
+class MergeError(SurgeryError):
+    """Merge or unmerge cannot be done as asked."""
+
+
+class DeltaMismatchError(SurgeryError):
+    """A Delta does not fit the model it is applied to."""

@@ -1,0 +1,13 @@
+"""The method table: every kind of surgery registers here under its name.
+
+Adding a method means adding one file in this folder that defines a `Method`
+subclass decorated with `@register`, and importing it at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from surgery.methods.base import METHODS, Method, get_method, register
+
+from surgery.methods import lora as _lora  # noqa: E402,F401  (registers "lora")
+
+__all__ = ["METHODS", "Method", "get_method", "register"]

@@ -1,0 +1,89 @@
+"""What every method provides, and the table methods register in."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery.errors import ConfigError
+
+
+class Adapter(nn.Module, abc.ABC):
+    """The module a method attaches to one site.
+
+    The engine calls `contribute(x, out)` from a forward hook on the site's
+    module, with the site's input and output; it returns the new output.
+    """
+
+    @abc.abstractmethod
+    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Return `out` with this adapter's contribution for input `x`."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The learned tensors, keyed by their suffix under the site path."""
+        return {k: p for k, p in self.named_parameters()}
+
+    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+        """The weight delta in `base.weight`'s layout: `(left, right)` with
+        delta = left @ right, or a full tensor, or None if the method cannot merge."""
+        return None
+
+
+class Method(abc.ABC):
+    """One kind of surgery: a config dataclass, which modules it can wrap, and
+    how to build the adapter for one site."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    default_targets: ClassVar[Any] = None
+
+    def config(self, **kwargs: Any) -> Any:
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {unknown} for method {self.name!r}; "
+                f"known keys: {sorted(fields)}"
+            )
+        cfg = self.Config(**kwargs)
+        self.validate(cfg)
+        return cfg
+
+    def validate(self, cfg: Any) -> None:
+        """Raise ConfigError for values that make no sense."""
+
+    @abc.abstractmethod
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this method can attach to `module`."""
+
+    @abc.abstractmethod
+    def make(self, module: nn.Module, path: str, cfg: Any, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        """Build the adapter for one site. `shapes`, when given, are the tensor
+        shapes of a stored delta for this site (so per-site ranks are kept)."""
+
+    def refresh(self, adapter: Adapter, path: str, cfg: Any) -> None:
+        """Update an adapter's non-tensor settings from `cfg` (on a hot-swap)."""
+
+    def config_dict(self, cfg: Any) -> dict[str, Any]:
+        return dataclasses.asdict(cfg)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; known methods: {sorted(METHODS)}"
+        ) from None

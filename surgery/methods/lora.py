@@ -1,0 +1,227 @@
+r"""LoRA (Hu et al., 2021): a low-rank update of a frozen weight.
+
+For a linear site with weight :math:`W \in \mathbb{R}^{out \times in}`
+
+.. math::  y = W x + s \, B A \, \mathrm{dropout}(x), \qquad
+           A \in \mathbb{R}^{r \times in},\; B \in \mathbb{R}^{out \times r},\;
+           s = \alpha / r \;(\text{or } \alpha / \sqrt{r} \text{ with rsLoRA})
+
+`A` starts Kaiming-uniform and `B` at zero, so the output is unchanged at
+injection. Merging adds :math:`s B A` to `W` (see `surgery.merge`). Tensors are
+stored as PEFT stores them on disk: ``{site}.lora_A.weight`` of shape
+``[r, in]`` and ``{site}.lora_B.weight`` of shape ``[out, r]`` (for convolutions
+``[r, in, *kernel]`` and ``[out, r, 1, ...]``; for embeddings ``[r, num]`` and
+``[dim, r]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.errors import ConfigError
+from surgery.methods.base import Adapter, Method, register
+from surgery.selectors import path_matches
+
+
+def is_conv1d_transformers(module: nn.Module) -> bool:
+    """transformers' GPT-2 style `Conv1D`: a linear layer with weight [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 8  # scale alpha / r, PEFT's default
+    dropout: float = 0.0
+    init: str = "default"  # "default": A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r)
+    rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision bases train their LoRA in fp32, as PEFT does by default.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class _LoRABase(Adapter):
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def __init__(self, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.p = dropout
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.shape[0]}, scale={self.scale:g}, dropout={self.p:g}"
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=True) if self.p and self.training else x
+
+
+class LinearLoRA(_LoRABase):
+    """LoRA on `nn.Linear` (weight [out, in]) or transformers' `Conv1D` (weight [in, out])."""
+
+    def __init__(self, in_f: int, out_f: int, r: int, scale: float, dropout: float,
+                 fan_in_fan_out: bool, like: torch.Tensor) -> None:
+        super().__init__(scale, dropout)
+        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
+        h = F.linear(x2, A).mul_(self.scale)  # [tokens, r]: scaling here is cheap
+        o2 = out.reshape(-1, B.shape[0])
+        if o2.dtype != B.dtype:
+            return (o2 + F.linear(h, B).to(o2.dtype)).view(out.shape)
+        if torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad):
+            return torch.addmm(o2, h, B.t()).view(out.shape)
+        return o2.addmm_(h, B.t()).view(out.shape)  # inference: one fused kernel, in place
+
+    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)
+            return self.lora_A.t(), self.lora_B.t() * self.scale
+        return self.lora_B * self.scale, self.lora_A
+
+
+class EmbeddingLoRA(_LoRABase):
+    """LoRA on `nn.Embedding`: rows of A^T are looked up, then projected by B."""
+
+    def __init__(self, num: int, dim: int, r: int, scale: float, dropout: float,
+                 base: nn.Embedding) -> None:
+        super().__init__(scale, dropout)
+        like = base.weight
+        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        self.lora_A = nn.Parameter(torch.empty(r, num, **kw))
+        self.lora_B = nn.Parameter(torch.empty(dim, r, **kw))
+        self.padding_idx = base.padding_idx
+        self.max_norm, self.norm_type = base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+
+    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
+                        self.scale_grad_by_freq, self.sparse)
+        return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
+
+    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.t(), self.lora_B.t() * self.scale
+
+
+class ConvLoRA(_LoRABase):
+    """LoRA on `nn.Conv1d` / `nn.Conv2d`: A is a conv with the base's geometry
+    into r channels, B a 1x1 conv back out."""
+
+    def __init__(self, base: nn.Conv1d | nn.Conv2d, r: int, scale: float, dropout: float) -> None:
+        super().__init__(scale, dropout)
+        like = base.weight
+        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        k = tuple(base.kernel_size)
+        ones = (1,) * len(k)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *k, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_channels, r, *ones, **kw))
+        self.conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+
+    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = self._drop(x.to(self.lora_A.dtype))
+        h = self.conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
+        return out + (self.conv(h, self.lora_B) * self.scale).to(out.dtype)
+
+    def merge_factors(self, base: nn.Module) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        if all(s == 1 for s in A.shape[2:]):
+            d = (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:])
+        else:
+            d = self.conv(A.transpose(0, 1), B).transpose(0, 1)
+        return d * self.scale
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    Config = LoRAConfig
+    # q and v, as the LoRA paper and PEFT's defaults; GPT-2 style fused qkv counts as both
+    default_targets = ["@q", "@v", "@qkv"]
+    tensor_suffixes = ("lora_A.weight", "lora_B.weight")
+
+    def validate(self, cfg: LoRAConfig) -> None:
+        def rank_ok(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        if not rank_ok(cfg.r):
+            raise ConfigError(f"lora: r must be a positive integer, got {cfg.r!r}")
+        if not (isinstance(cfg.alpha, (int, float)) and not isinstance(cfg.alpha, bool) and cfg.alpha > 0):
+            raise ConfigError(f"lora: alpha must be a positive number, got {cfg.alpha!r}")
+        if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+            raise ConfigError(f"lora: dropout must be in [0, 1), got {cfg.dropout!r}")
+        if cfg.init not in ("default", "gaussian"):
+            raise ConfigError(f"lora: init must be 'default' or 'gaussian', got {cfg.init!r}")
+        for pat, v in cfg.rank_pattern.items():
+            if not rank_ok(v):
+                raise ConfigError(f"lora: rank_pattern[{pat!r}] must be a positive integer, got {v!r}")
+        for pat, v in cfg.alpha_pattern.items():
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"lora: alpha_pattern[{pat!r}] must be a positive number, got {v!r}")
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d_transformers(module) or (
+            isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+        )
+
+    @staticmethod
+    def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
+        for pat, v in patterns.items():
+            if path_matches(pat, path):
+                return v
+        return default
+
+    def scale(self, cfg: LoRAConfig, path: str, r: int) -> float:
+        alpha = self._pattern(cfg.alpha_pattern, path, cfg.alpha)
+        return alpha / (math.sqrt(r) if cfg.rslora else r)
+
+    def refresh(self, adapter: Adapter, path: str, cfg: LoRAConfig) -> None:
+        adapter.scale = self.scale(cfg, path, adapter.lora_A.shape[0])  # type: ignore[union-attr]
+
+    def make(self, module: nn.Module, path: str, cfg: LoRAConfig,
+             shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        # a stored delta fixes the rank; the scale follows from it
+        r = int(shapes["lora_A.weight"][0]) if shapes else self._pattern(cfg.rank_pattern, path, cfg.r)
+        scale = self.scale(cfg, path, r)
+        ad: _LoRABase
+        if isinstance(module, nn.Linear):
+            ad = LinearLoRA(module.in_features, module.out_features, r, scale, cfg.dropout, False, module.weight)
+        elif is_conv1d_transformers(module):
+            in_f, out_f = module.weight.shape
+            ad = LinearLoRA(in_f, out_f, r, scale, cfg.dropout, True, module.weight)
+        elif isinstance(module, nn.Embedding):
+            ad = EmbeddingLoRA(module.num_embeddings, module.embedding_dim, r, scale, cfg.dropout, module)
+        else:
+            ad = ConvLoRA(module, r, scale, cfg.dropout)
+        self._init(ad, cfg)
+        return ad
+
+    @staticmethod
+    def _init(ad: _LoRABase, cfg: LoRAConfig) -> None:
+        if ad.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            if isinstance(ad, EmbeddingLoRA):  # PEFT: A zero, B normal, for embeddings
+                nn.init.zeros_(ad.lora_A)
+                nn.init.normal_(ad.lora_B)
+            elif cfg.init == "gaussian":
+                nn.init.normal_(ad.lora_A, std=1 / ad.lora_A.shape[0])
+            else:
+                nn.init.kaiming_uniform_(ad.lora_A, a=math.sqrt(5))
