@@ -11,6 +11,8 @@ restores W bit for bit or raises and leaves the merged weight as it was.
 
 Work goes row-chunk by row-chunk, so the transient memory is a fraction of one
 layer's weight; unmerge stages the restored weight in one layer-sized buffer.
+The fixups themselves (int32 index + original value per element that needs one;
+their share grows with |delta| / |weight|) live in host memory.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
         a, b = _checksum_part(w)
         s1, s2 = s1 + a, s2 + b
         w.copy_(new)
-    dev = weight.device
-    idx = torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.int64, device=dev)
-    val = torch.cat(vals) if vals else torch.empty(0, dtype=weight.dtype, device=dev)
+    # the fixups are kept in host memory: they cost no accelerator memory while merged
+    itype = torch.int32 if weight.numel() < 2**31 else torch.int64
+    idx = torch.cat(idxs).to("cpu", itype) if idxs else torch.empty(0, dtype=itype)
+    val = torch.cat(vals).cpu() if vals else torch.empty(0, dtype=weight.dtype)
     return MergeRecord(factors, idx, val, (s1, s2))
 
 
@@ -101,12 +104,18 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
 def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
     """Restore the weight `merge_weight` was given, bit for bit, or raise."""
     cd = _compute_dtype(weight)
+    factors = rec.factors
+    if isinstance(factors, tuple):
+        factors = tuple(f.to(weight.device) for f in factors)
+    else:
+        factors = factors.to(weight.device)
     restored = torch.empty_like(weight)
     for lo, hi in _chunks(weight):
-        d = _delta_rows(rec.factors, lo, hi, cd).reshape(weight[lo:hi].shape)
+        d = _delta_rows(factors, lo, hi, cd).reshape(weight[lo:hi].shape)
         restored[lo:hi] = (weight[lo:hi].to(cd) - d).to(weight.dtype)
     if rec.idx.numel():
-        restored.view(-1)[rec.idx] = rec.vals
+        dev = weight.device
+        restored.view(-1)[rec.idx.to(dev, torch.int64)] = rec.vals.to(dev)
     s1 = s2 = 0
     for lo, hi in _chunks(restored):
         a, b = _checksum_part(restored[lo:hi])

@@ -1,0 +1,547 @@
+"""The model's dataflow graph and the *roles* its modules play, found without name tables.
+
+A role says what a leaf module does in the computation, read off the dataflow graph:
+
+* ``q`` / ``k`` / ``v``: a linear whose output reaches an attention op as query / key / value;
+  ``qkv``: one fused linear that feeds all three; ``o``: the linear that consumes the
+  attention output. All of these also get ``attn``.
+* ``mlp.up`` / ``mlp.gate`` / ``mlp.down``: a feed-forward block, i.e. linears -> activation
+  (times an ungated branch, for gated FFNs) -> a linear whose output joins the residual stream.
+  ``mlp.gate`` is the branch that goes through the activation. All of these also get ``mlp``.
+* ``head``: the linear (or tied embedding) whose output is a model output, ``embed``: every
+  ``nn.Embedding``, ``linear``: every linear-like leaf that is not the head.
+
+The graph comes from `torch.fx.symbolic_trace` (plain modules) or, failing that,
+`torch.export.export(strict=False)`, whose nodes carry ``meta["nn_module_stack"]``. For large
+`transformers` models, roles are read from a stand-in with fewer layers built on the meta
+device and mapped back layer by layer, so that finding roles stays fast for 7B-sized models.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+import sys
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from surgery.errors import GraphError
+
+__all__ = ["build_graph", "clear_cache", "roles"]
+
+# Op-name families (normalised: aten overload packet / function / method name, "_" stripped).
+_VIEW = frozenset(
+    "view reshape unsafe_view transpose t permute contiguous clone to to_copy type type_as float "
+    "half bfloat16 double unsqueeze squeeze expand expand_as flatten unflatten getitem split "
+    "split_with_sizes tensor_split chunk unbind slice select narrow repeat repeat_interleave "
+    "dropout native_dropout feature_dropout alpha_dropout alias detach movedim swapaxes index "
+    "index_select contiguous lift_fresh_copy".split()
+)
+_SLICE = frozenset("getitem split split_with_sizes tensor_split chunk unbind slice select narrow".split())
+_ELEMENTWISE = frozenset(
+    "add sub rsub mul div neg cat concat concatenate stack where masked_fill pow rsqrt sqrt mean "
+    "layer_norm rms_norm clamp".split()
+)
+_SCALE = frozenset({"mul", "div"})
+_ACT = frozenset(
+    "act gelu relu silu tanh sigmoid erf hardtanh hardswish hardsigmoid elu selu celu leaky_relu "
+    "softplus mish relu6 glu".split()
+)
+_SOFTMAX = frozenset({"softmax", "safe_softmax"})
+_MATMUL = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
+_LINEAR_OPS = frozenset({"linear", "addmm", "mm", "matmul", "conv1d", "conv2d", "convolution"})
+_RESIDUAL = frozenset({"add", "index_add", "scatter_add"})
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+_ATTN_ROLES = frozenset({"q", "k", "v", "qkv", "o"})
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d]
+    # transformers is slow to import: only look for Conv1D if the model could use it.
+    if (pu := sys.modules.get("transformers.pytorch_utils")) is not None:
+        types.append(pu.Conv1D)
+    return tuple(types)
+
+
+def _is_activation(module: nn.Module) -> bool:
+    # torch.nn.modules.activation also holds softmaxes and MultiheadAttention, which are not.
+    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations") \
+        and not isinstance(module, (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin))
+
+
+@dataclass
+class _Entry:
+    graph: fx.Graph | None = None
+    roles: dict[str, frozenset[str]] | None = None
+
+
+# Keyed by the model object, so parameter values (and their changes) never matter.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+
+
+def clear_cache(model: nn.Module) -> None:
+    """Forget the graph and roles cached for `model` (after changing its structure)."""
+    _CACHE.pop(model, None)
+
+
+def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> fx.Graph:
+    """The dataflow graph of `model` (cached): `symbolic_trace` first, then non-strict `torch.export`.
+
+    Paths in the graph (``call_module`` targets, ``meta["nn_module_stack"]``) are the model's own
+    `named_modules()` paths. `transformers` models get example inputs built from their config.
+    """
+    entry = _CACHE.setdefault(model, _Entry())
+    if entry.graph is None:
+        entry.graph = _trace(model, example_inputs)
+    return entry.graph
+
+
+def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> dict[str, frozenset[str]]:
+    """Map dotted module path (as in ``model.named_modules()``) -> roles of that module. Cached per model.
+
+    Only modules with at least one role are listed.
+    """
+    entry = _CACHE.setdefault(model, _Entry())
+    if entry.roles is None:
+        found = None
+        if entry.graph is None and example_inputs is None and _is_hf(model):
+            found = _standin_roles(model)
+        if found is None:
+            found = _find_roles(model, build_graph(model, example_inputs))
+        entry.roles = found
+    return dict(entry.roles)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps linear-like leaves and embeddings as ``call_module`` nodes so their owner is known."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*_linear_types(), nn.Embedding)) or super().is_leaf_module(m, qualname)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None) -> fx.Graph:
+    try:
+        return _LeafTracer().trace(model)
+    except Exception as err:  # any tracing failure just means "try export"
+        fx_error = _short(err)
+    inputs = example_inputs if example_inputs is not None else _hf_inputs(model)
+    if inputs is None:
+        raise GraphError(
+            f"cannot build the dataflow graph of {type(model).__name__}: torch.fx.symbolic_trace failed "
+            f"({fx_error}), and torch.export needs example inputs to run the model; pass "
+            "example_inputs= (a tuple of positional args, or a dict of keyword args)"
+        )
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()  # dropout and training-only branches are noise for dataflow
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+    except Exception as err:
+        raise GraphError(
+            f"cannot build the dataflow graph of {type(model).__name__}: torch.fx.symbolic_trace failed "
+            f"({fx_error}); torch.export.export(strict=False) failed ({_short(err)}); pass "
+            "example_inputs= that the model's forward accepts, or select sites by name instead of role"
+        ) from err
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    sig = program.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    user_outputs = {s.arg.name for s in sig.output_specs if s.kind.name == "USER_OUTPUT" and hasattr(s.arg, "name")}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            node.meta["surgery.param"] = names[node.name]
+        elif node.op == "output":
+            node.meta["surgery.user_outputs"] = user_outputs
+    return program.graph
+
+
+def _hf_inputs(model: nn.Module) -> dict | None:
+    """Tiny example inputs for a `transformers` model, from its config (None for other models)."""
+    if not _is_hf(model):
+        return None
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    p = next(model.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    inputs: dict = {}
+    if model.main_input_name == "pixel_values":
+        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
+        inputs["pixel_values"] = torch.zeros(1, cfg.num_channels, *size, dtype=dtype, device=device)
+    elif model.main_input_name == "input_ids" and getattr(cfg, "vocab_size", None):
+        ids = (torch.arange(8) % cfg.vocab_size).unsqueeze(0).to(device)
+        inputs["input_ids"] = ids
+        if "attention_mask" in params:
+            inputs["attention_mask"] = torch.ones_like(ids)
+        if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            inputs["decoder_input_ids"] = ids
+    else:
+        return None
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+# ------------------------------------------------------------------- stand-in for large models
+
+_LAYER_COUNT = re.compile(r"(num_(hidden_|encoder_|decoder_)?layers|n_layers?|(encoder|decoder)_layers)")
+_STANDIN_LAYERS = 2
+
+
+def _shrink(cfg) -> bool:
+    """Cut every layer count in `cfg` (and its sub-configs) to a few layers; True if any changed."""
+    changed = False
+    for key, value in list(vars(cfg).items()):
+        if hasattr(value, "to_dict") and not isinstance(value, dict):
+            changed |= _shrink(value)
+        elif _LAYER_COUNT.fullmatch(key) and isinstance(value, int) and value > _STANDIN_LAYERS:
+            setattr(cfg, key, _STANDIN_LAYERS)
+            # Per-layer lists (layer_types, ...) must stay as long as the layer count.
+            for k, v in vars(cfg).items():
+                if isinstance(v, (list, tuple)) and len(v) == value:
+                    setattr(cfg, k, type(v)(v[:_STANDIN_LAYERS]))
+            changed = True
+    return changed
+
+
+def _standin_roles(model: nn.Module) -> dict[str, frozenset[str]] | None:
+    """Roles from a few-layer copy on the meta device, mapped back; None if that cannot be trusted."""
+    cfg = copy.deepcopy(model.config)
+    if not _shrink(cfg) or any("forward" in vars(m) for m in model.modules()):
+        return None  # nothing to gain, or a patched forward the copy would not have
+    try:
+        with torch.device("meta"):
+            standin = type(model)(cfg)
+        found = _find_roles(standin, _trace(standin, None))
+    except Exception:
+        return None  # the real model's own graph is the fallback, with its own errors
+    return _map_back(model, standin, found)
+
+
+def _signature(module: nn.Module) -> tuple:
+    return tuple((path, type(m)) for path, m in module.named_modules())
+
+
+def _map_back(model: nn.Module, standin: nn.Module, found: dict[str, frozenset[str]]) -> dict | None:
+    """Give each module of `model` the roles of its counterpart in `standin` (same layer structure)."""
+    real, small = dict(model.named_modules()), dict(standin.named_modules())
+    sigs: dict[int, tuple] = {}
+
+    def sig(m: nn.Module) -> tuple:
+        return sigs.setdefault(id(m), _signature(m))
+
+    out: dict[str, frozenset[str]] = {}
+    hit = set()
+    for path, module in real.items():
+        rp, sp = "", ""
+        for part in path.split(".") if path else []:
+            rlist, slist = real[rp], small.get(sp)
+            if part.isdigit() and isinstance(rlist, nn.ModuleList) and isinstance(slist, nn.ModuleList) \
+                    and len(rlist) != len(slist):
+                # Layer i maps to a stand-in layer of identical structure (i itself if it can).
+                want = sig(rlist[int(part)])
+                order = sorted(range(len(slist)), key=lambda j: j != int(part) % len(slist))
+                match = next((j for j in order if sig(slist[j]) == want), None)
+                if match is None:
+                    return None
+                part_s = str(match)
+            else:
+                part_s = part
+            rp, sp = f"{rp}.{part}".lstrip("."), f"{sp}.{part_s}".lstrip(".")
+        if type(small.get(sp)) is not type(module):
+            return None
+        hit.add(sp)
+        if sp in found:
+            out[path] = found[sp]
+    return out if hit == set(small) else None
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+class _Flow:
+    """Read-only helpers over one traced graph: op kinds, owners, data edges."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.mods = dict(module.named_modules())
+        lin = _linear_types()
+        self.linears = {p for p, m in self.mods.items() if isinstance(m, lin)}
+        self.embeds = {p for p, m in self.mods.items() if isinstance(m, nn.Embedding)}
+        self.acts = {p for p, m in self.mods.items() if _is_activation(m)}
+        self.scope = {n: self._scope(n) for n in graph.nodes}
+        self.kind = {n: self._kind(n) for n in graph.nodes}
+        self.owner = {n: self._owner(n) for n in graph.nodes}
+
+    def _scope(self, node: fx.Node) -> str | None:
+        if node.op == "call_module":
+            return node.target
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        path = re.sub(r"@\d+$", "", re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", path))
+        path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).replace("._modules", "").lstrip(".")
+        return path if path in self.mods else None
+
+    def _kind(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            m = self.mods.get(node.target)
+            if isinstance(m, _NORM_TYPES):
+                return "layer_norm"
+            if isinstance(m, (nn.Dropout, nn.Identity)):
+                return "dropout"
+            if isinstance(m, nn.Softmax):
+                return "softmax"
+            return "act" if m is not None and _is_activation(m) else "module"
+        if node.op == "call_method":
+            name = node.target
+        elif node.op == "call_function":
+            t = node.target
+            name = getattr(getattr(t, "_overloadpacket", None) or t, "__name__", str(t))
+        else:
+            return node.op
+        name = name.strip("_")
+        return {"iadd": "add", "imul": "mul", "truediv": "div", "itruediv": "div", "isub": "sub"}.get(name, name)
+
+    def param(self, node: fx.Node) -> str | None:
+        for _ in range(4):  # look through weight.t() / .T / .to(...)
+            if node.op == "get_attr":
+                return node.target
+            if "surgery.param" in node.meta:
+                return node.meta["surgery.param"]
+            if self._kind(node) not in _VIEW or not node.args or not isinstance(node.args[0], fx.Node):
+                return None
+            node = node.args[0]
+        return None
+
+    def _owner(self, node: fx.Node) -> str | None:
+        if self.scope[node] in self.linears:
+            return self.scope[node]
+        if self.kind[node] in _LINEAR_OPS:  # functional use of a module's weight (tied heads, MHA out_proj)
+            for a in node.args[1:3]:
+                p = self.param(a) if isinstance(a, fx.Node) else None
+                owner = p.rpartition(".")[0] if p else None
+                if owner in self.linears or owner in self.embeds:
+                    return owner
+        return None
+
+    def inputs(self, node: fx.Node, first_only: bool = False) -> list[fx.Node]:
+        if first_only:
+            return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+        out: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a))
+        return [a for a in out if self.kind[a] not in ("getattr", "size", "sym_size")]
+
+    def tensors(self, node: fx.Node) -> list[fx.Node]:
+        """Inputs that are activations, not parameters, buffers or constants."""
+        return [a for a in self.inputs(node) if self.param(a) is None]
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return self.inputs(node, first_only=self.kind[node] in _VIEW)
+
+    def back(self, starts: Iterable[fx.Node], through: frozenset[str]) -> set[str]:
+        """Owners of the linears reached walking back from `starts` through ops of kinds `through`."""
+        found, seen, todo = set(), set(), list(starts)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.owner[n] is not None:
+                found.add(self.owner[n])
+            elif self.kind[n] in through:
+                todo.extend(self.data_inputs(n))
+        return found
+
+    def forward(self, start: fx.Node, through: frozenset[str], stop: frozenset[str] = frozenset()) -> set:
+        """Owners (or stop-kind nodes) reached walking forward from `start` through `through` ops."""
+        found, seen, todo = set(), set(), list(start.users)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.owner[n] is not None and self.owner[n] != self.owner[start]:
+                found.add(self.owner[n])
+            elif self.kind[n] in stop:
+                found.add(n)
+            elif self.kind[n] in through:
+                todo.extend(n.users)
+        return found
+
+    def operands(self, node: fx.Node) -> list[fx.Node]:
+        """The two matrix operands of a matmul-like node (einsum's list, baddbmm's batch1/batch2)."""
+        k = self.kind[node]
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(node.args[1:] if k == "einsum" else node.args, nodes.append)
+        return nodes[1:3] if k == "baddbmm" else nodes[:2]
+
+
+_QKV_PASS = _VIEW | _ELEMENTWISE
+_SCORE_PASS = _VIEW | {"add", "sub", "mul", "div", "masked_fill", "where", "clamp", "tanh", "max", "maximum"}
+_PROB_PASS = _VIEW | {"mul", "div", "masked_fill", "where"}
+_OUT_PASS = _VIEW | {"mul", "div", "cat"}
+
+
+def _attention(flow: _Flow) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(query, key, value, output) of each attention op: sdpa, or matmul -> softmax -> matmul."""
+    for n in flow.graph.nodes:
+        kind = flow.kind[n]
+        if "scaled_dot_product" in kind and len(n.args) >= 3:
+            yield n.args[0], n.args[1], n.args[2], n
+        elif kind in _SOFTMAX and isinstance(n.args[0], fx.Node):
+            scores = _back_kinds(flow, n.args[0], _SCORE_PASS, _MATMUL)
+            outs = [m for m in flow.forward(n, _PROB_PASS, stop=_MATMUL) if isinstance(m, fx.Node)]
+            for s in scores:
+                for out in outs:
+                    (q, k), (_, v) = flow.operands(s), flow.operands(out)
+                    yield q, k, v, out
+
+
+def _back_kinds(flow: _Flow, start: fx.Node, through: frozenset[str], want: frozenset[str]) -> list[fx.Node]:
+    found, seen, todo = [], set(), [start]
+    while todo:
+        n = todo.pop()
+        if n in seen or flow.owner[n] is not None:
+            continue
+        seen.add(n)
+        if flow.kind[n] in want:
+            found.append(n)
+        elif flow.kind[n] in through:
+            todo.extend(flow.data_inputs(n))
+    return found
+
+
+def _ffn_sources(flow: _Flow, inputs: Iterable[fx.Node]) -> dict[str, set[tuple[bool, tuple]]]:
+    """Linears feeding `inputs` through activations and gating muls: owner -> {(activated, slices)}.
+
+    The slices (split/getitem nodes passed on the way) tell a fused gate+up linear (two different
+    slices) from a composite activation such as tanh-GELU (one tensor, reached both ways).
+    """
+    found: dict[str, set] = {}
+    seen, todo = set(), [(n, False, ()) for n in inputs]
+    while todo:
+        state = todo.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        n, act, pieces = state
+        kind, owner = flow.kind[n], flow.owner[n]
+        if owner is not None:
+            found.setdefault(owner, set()).add((act, pieces))
+            continue
+        if flow.scope[n] in flow.acts or kind in _ACT:
+            act, nxt = True, flow.inputs(n)
+        elif kind in _VIEW:
+            nxt = flow.data_inputs(n)
+        elif kind in _SCALE or kind in {"add", "sub", "pow"} and (act or len(flow.tensors(n)) == 1):
+            nxt = flow.inputs(n)  # a sum is only passed inside an activation (1 + tanh(...)), not a residual
+        else:
+            continue
+        pieces = (*pieces, n) if kind in _SLICE else pieces
+        todo.extend((a, act, pieces) for a in nxt)
+    return found
+
+
+def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]:
+    flow = _Flow(module, graph)
+    out: dict[str, set[str]] = {}
+
+    def give(path: str, *names: str) -> None:
+        out.setdefault(path, set()).update(names)
+
+    for q, k, v, o in _attention(flow):
+        srcs = {r: flow.back([x], _QKV_PASS) if isinstance(x, fx.Node) else set()
+                for r, x in (("q", q), ("k", k), ("v", v))}
+        if not (srcs["q"] and srcs["k"]):
+            continue  # a softmax over something else (router logits, ...)
+        for path in set().union(*srcs.values()):
+            got = [r for r, s in srcs.items() if path in s]
+            give(path, "attn", *(["qkv"] if len(got) == 3 else got))
+        for path in flow.forward(o, _OUT_PASS):
+            if isinstance(path, str):
+                give(path, "attn", "o")
+
+    # Module -> its input nodes and output nodes (its ops may be several, e.g. Conv1D's addmm).
+    ins: dict[str, set[fx.Node]] = {}
+    outs: dict[str, set[fx.Node]] = {}
+    for n in graph.nodes:
+        if (owner := flow.owner[n]) is None:
+            continue
+        ins.setdefault(owner, set()).update(
+            a for a in flow.inputs(n) if flow.owner[a] != owner and flow.param(a) is None)
+        if any(flow.owner[u] != owner for u in n.users):
+            outs.setdefault(owner, set()).add(n)
+
+    for down in ins:
+        if _ATTN_ROLES & out.get(down, set()):
+            continue
+        srcs = {p: s for p, s in _ffn_sources(flow, ins[down]).items() if not _ATTN_ROLES & out.get(p, set())}
+        activated = {p for p, s in srcs.items() if any(a for a, _ in s)}
+        plain = {p for p, s in srcs.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
+        joins = any(isinstance(x, fx.Node) for o in outs[down]
+                    for x in flow.forward(o, _VIEW | _SCALE, stop=_RESIDUAL))
+        if not activated or not joins:
+            continue  # no activation in between, or not added back into a residual stream
+        give(down, "mlp", "mlp.down")
+        for p in activated:
+            give(p, "mlp", "mlp.gate" if plain else "mlp.up")
+        for p in plain:
+            give(p, "mlp", "mlp.up")
+
+    for head in _heads(flow):
+        give(head, "head")
+    for path in flow.linears:
+        if "head" not in out.get(path, ()):
+            give(path, "linear")
+    for path in flow.embeds:
+        give(path, "embed")
+    return {p: frozenset(r) for p, r in out.items()}
+
+
+def _heads(flow: _Flow) -> set[str]:
+    """Owners of the linears whose output, up to reshapes, scaling or logit soft-capping, is returned."""
+    out_node = next(n for n in reversed(flow.graph.nodes) if n.op == "output")
+    user = out_node.meta.get("surgery.user_outputs")
+    starts: list[fx.Node] = []
+    fx.node.map_arg(out_node.args, lambda a: starts.append(a))
+    starts = [s for s in starts if user is None or s.name in user]
+    found, seen = set(), set()
+    while starts:
+        n = starts.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        kind = flow.kind[n]
+        owner = flow.owner[n]
+        if owner is not None:
+            found.add(owner)
+        elif kind in _VIEW:
+            starts.extend(flow.data_inputs(n))
+        elif kind in _SCALE | {"add", "sub"} and len(flow.tensors(n)) == 1:
+            starts.extend(flow.tensors(n))  # scaling by a constant, adding a bias (BART's final_logits_bias)
+        elif kind == "tanh" and flow.scope[n] not in flow.acts and flow.inputs(n) \
+                and flow.kind[flow.inputs(n)[0]] in _SCALE:
+            starts.extend(flow.inputs(n))  # soft-capping tanh(logits / cap) * cap, not a pooler's tanh
+    return found
