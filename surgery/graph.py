@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.export.graph_signature import OutputKind
 
 from surgery.errors import GraphError
 
@@ -90,10 +91,12 @@ def clear_cache(model: nn.Module) -> None:
 
 
 def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> fx.Graph:
-    """The dataflow graph of `model` (cached): `symbolic_trace` first, then non-strict `torch.export`.
+    """The dataflow graph of `model`, built once and cached: `symbolic_trace`, else non-strict `torch.export`.
 
-    Paths in the graph (``call_module`` targets, ``meta["nn_module_stack"]``) are the model's own
-    `named_modules()` paths. `transformers` models get example inputs built from their config.
+    Module paths in the graph (``call_module`` targets, ``meta["nn_module_stack"]``) are the
+    model's `named_modules()` paths. `example_inputs` (positional args as a tuple or one tensor,
+    keyword args as a dict) are needed only when export must run a plain module; `transformers`
+    models get small ones built from their config. Once cached, `example_inputs` are ignored.
     """
     entry = _CACHE.setdefault(model, _Entry())
     if entry.graph is None:
@@ -104,7 +107,9 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | 
 def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> dict[str, frozenset[str]]:
     """Map dotted module path (as in ``model.named_modules()``) -> roles of that module. Cached per model.
 
-    Only modules with at least one role are listed.
+    Only modules with a role are listed. A large `transformers` model is read through a few-layer
+    stand-in on the meta device (unless its graph is already cached or `example_inputs` are
+    given); when the stand-in's structure does not match the model's, the model itself is traced.
     """
     entry = _CACHE.setdefault(model, _Entry())
     if entry.roles is None:
@@ -121,10 +126,16 @@ def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None =
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps linear-like leaves and embeddings as ``call_module`` nodes so their owner is known."""
+    """Keeps linear-like leaves and embeddings as ``call_module`` nodes so their owner is known.
+
+    torch.nn containers (nn.TransformerEncoderLayer, ...) are traced into, since their linears are
+    what roles are about; MultiheadAttention stays opaque, its forward cannot be traced.
+    """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*_linear_types(), nn.Embedding)) or super().is_leaf_module(m, qualname)
+        if isinstance(m, (*_linear_types(), nn.Embedding, nn.MultiheadAttention)):
+            return True
+        return super().is_leaf_module(m, qualname) and next(m.children(), None) is None
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -138,6 +149,7 @@ def _short(err: BaseException) -> str:
 
 
 def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None) -> fx.Graph:
+    """Trace `model` (no caching); parameter placeholders of an export graph get ``meta["surgery.param"]``."""
     try:
         return _LeafTracer().trace(model)
     except Exception as err:  # any tracing failure just means "try export"
@@ -167,7 +179,7 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
             m.training = flag
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-    user_outputs = {s.arg.name for s in sig.output_specs if s.kind.name == "USER_OUTPUT" and hasattr(s.arg, "name")}
+    user_outputs = {s.arg.name for s in sig.output_specs if s.kind == OutputKind.USER_OUTPUT and hasattr(s.arg, "name")}
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in names:
             node.meta["surgery.param"] = names[node.name]
@@ -226,10 +238,12 @@ def _shrink(cfg) -> bool:
 
 def _standin_roles(model: nn.Module) -> dict[str, frozenset[str]] | None:
     """Roles from a few-layer copy on the meta device, mapped back; None if that cannot be trusted."""
-    cfg = copy.deepcopy(model.config)
-    if not _shrink(cfg) or any("forward" in vars(m) for m in model.modules()):
-        return None  # nothing to gain, or a patched forward the copy would not have
+    if any("forward" in vars(m) for m in model.modules()):
+        return None  # a patched forward the copy would not have
     try:
+        cfg = copy.deepcopy(model.config)
+        if not _shrink(cfg):
+            return None  # already small: nothing to gain
         with torch.device("meta"):
             standin = type(model)(cfg)
         found = _find_roles(standin, _trace(standin, None))
@@ -360,35 +374,30 @@ class _Flow:
     def data_inputs(self, node: fx.Node) -> list[fx.Node]:
         return self.inputs(node, first_only=self.kind[node] in _VIEW)
 
-    def back(self, starts: Iterable[fx.Node], through: frozenset[str]) -> set[str]:
-        """Owners of the linears reached walking back from `starts` through ops of kinds `through`."""
-        found, seen, todo = set(), set(), list(starts)
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if self.owner[n] is not None:
-                found.add(self.owner[n])
-            elif self.kind[n] in through:
-                todo.extend(self.data_inputs(n))
-        return found
+    def back(self, starts: Iterable[fx.Node], through: frozenset[str],
+             want: frozenset[str] = frozenset()) -> tuple[set[str], list[fx.Node]]:
+        """Walk back through ops of kinds `through`: (linear owners reached, nodes of kinds `want` reached)."""
+        return self._walk(starts, through, want, lambda n: self.data_inputs(n))
 
-    def forward(self, start: fx.Node, through: frozenset[str], stop: frozenset[str] = frozenset()) -> set:
-        """Owners (or stop-kind nodes) reached walking forward from `start` through `through` ops."""
-        found, seen, todo = set(), set(), list(start.users)
+    def forward(self, start: fx.Node, through: frozenset[str],
+                want: frozenset[str] = frozenset()) -> tuple[set[str], list[fx.Node]]:
+        """Walk forward from `start`'s users likewise (other owners than `start`'s own count)."""
+        return self._walk(start.users, through, want, lambda n: n.users, skip=self.owner[start])
+
+    def _walk(self, starts, through, want, step, skip: str | None = None) -> tuple[set[str], list[fx.Node]]:
+        owners, hits, seen, todo = set(), [], set(), list(starts)
         while todo:
             n = todo.pop()
             if n in seen:
                 continue
             seen.add(n)
-            if self.owner[n] is not None and self.owner[n] != self.owner[start]:
-                found.add(self.owner[n])
-            elif self.kind[n] in stop:
-                found.add(n)
+            if self.owner[n] is not None and self.owner[n] != skip:
+                owners.add(self.owner[n])
+            elif self.kind[n] in want:
+                hits.append(n)
             elif self.kind[n] in through:
-                todo.extend(n.users)
-        return found
+                todo.extend(step(n))
+        return owners, hits
 
     def operands(self, node: fx.Node) -> list[fx.Node]:
         """The two matrix operands of a matmul-like node (einsum's list, baddbmm's batch1/batch2)."""
@@ -405,32 +414,21 @@ _OUT_PASS = _VIEW | {"mul", "div", "cat"}
 
 
 def _attention(flow: _Flow) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
-    """(query, key, value, output) of each attention op: sdpa, or matmul -> softmax -> matmul."""
+    """(query, key, value, output) of each attention op: sdpa / flex, or matmul -> softmax -> matmul."""
     for n in flow.graph.nodes:
         kind = flow.kind[n]
-        if "scaled_dot_product" in kind and len(n.args) >= 3:
-            yield n.args[0], n.args[1], n.args[2], n
+        if "scaled_dot_product" in kind or kind == "flex_attention":
+            qkv = [n.args[i] if len(n.args) > i else n.kwargs.get(name)
+                   for i, name in enumerate(("query", "key", "value"))]
+            if all(isinstance(x, fx.Node) for x in qkv):
+                yield *qkv, n
         elif kind in _SOFTMAX and isinstance(n.args[0], fx.Node):
-            scores = _back_kinds(flow, n.args[0], _SCORE_PASS, _MATMUL)
-            outs = [m for m in flow.forward(n, _PROB_PASS, stop=_MATMUL) if isinstance(m, fx.Node)]
+            _, scores = flow.back([n.args[0]], _SCORE_PASS, want=_MATMUL)
+            _, outs = flow.forward(n, _PROB_PASS, want=_MATMUL)
             for s in scores:
                 for out in outs:
                     (q, k), (_, v) = flow.operands(s), flow.operands(out)
                     yield q, k, v, out
-
-
-def _back_kinds(flow: _Flow, start: fx.Node, through: frozenset[str], want: frozenset[str]) -> list[fx.Node]:
-    found, seen, todo = [], set(), [start]
-    while todo:
-        n = todo.pop()
-        if n in seen or flow.owner[n] is not None:
-            continue
-        seen.add(n)
-        if flow.kind[n] in want:
-            found.append(n)
-        elif flow.kind[n] in through:
-            todo.extend(flow.data_inputs(n))
-    return found
 
 
 def _ffn_sources(flow: _Flow, inputs: Iterable[fx.Node]) -> dict[str, set[tuple[bool, tuple]]]:
@@ -472,16 +470,14 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
         out.setdefault(path, set()).update(names)
 
     for q, k, v, o in _attention(flow):
-        srcs = {r: flow.back([x], _QKV_PASS) if isinstance(x, fx.Node) else set()
-                for r, x in (("q", q), ("k", k), ("v", v))}
+        srcs = {r: flow.back([x], _QKV_PASS)[0] for r, x in (("q", q), ("k", k), ("v", v))}
         if not (srcs["q"] and srcs["k"]):
             continue  # a softmax over something else (router logits, ...)
         for path in set().union(*srcs.values()):
             got = [r for r, s in srcs.items() if path in s]
             give(path, "attn", *(["qkv"] if len(got) == 3 else got))
-        for path in flow.forward(o, _OUT_PASS):
-            if isinstance(path, str):
-                give(path, "attn", "o")
+        for path in flow.forward(o, _OUT_PASS)[0]:
+            give(path, "attn", "o")
 
     # Module -> its input nodes and output nodes (its ops may be several, e.g. Conv1D's addmm).
     ins: dict[str, set[fx.Node]] = {}
@@ -500,8 +496,7 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
         srcs = {p: s for p, s in _ffn_sources(flow, ins[down]).items() if not _ATTN_ROLES & out.get(p, set())}
         activated = {p for p, s in srcs.items() if any(a for a, _ in s)}
         plain = {p for p, s in srcs.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
-        joins = any(isinstance(x, fx.Node) for o in outs[down]
-                    for x in flow.forward(o, _VIEW | _SCALE, stop=_RESIDUAL))
+        joins = any(flow.forward(o, _VIEW | _SCALE, want=_RESIDUAL)[1] for o in outs[down])
         if not activated or not joins:
             continue  # no activation in between, or not added back into a residual stream
         give(down, "mlp", "mlp.down")
