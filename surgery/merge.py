@@ -4,15 +4,17 @@ Adding a delta D to a weight W rounds, so ``(W + D) - D`` is not W in general
 (PEFT's bf16 merge/unmerge alters about a fifth of the weights in one cycle).
 We compute in float32 (float64 for float64 weights) and round once:
 ``W' = round(W + D)``. For every element where ``round(W' - D)`` does not give W
-back (rare: only where W + D crossed a power of two) we keep the original value.
-Unmerge recomputes D from a snapshot of the factors, subtracts, puts back those
-few originals and checks a checksum of W before writing anything, so it either
-restores W bit for bit or raises and leaves the merged weight as it was.
+back (where W + D landed in a coarser binade than W; their share grows with
+|D| / |W|) we keep the original value, with an int32 index, in host memory.
 
-Work goes row-chunk by row-chunk, so the transient memory is a fraction of one
-layer's weight; unmerge stages the restored weight in one layer-sized buffer.
-The fixups themselves (int32 index + original value per element that needs one;
-their share grows with |delta| / |weight|) live in host memory.
+Unmerge recomputes D from a snapshot of the factors, taken at merge time, with
+the same chunking and thread count, so D comes out bit for bit the same; a
+sampled checksum of D per chunk guards that before anything is written (and
+chunks already written are merged back if a later one fails), so unmerge
+either restores W bit for bit or raises with the merged weight as it was.
+
+Work goes row-chunk by row-chunk (at most an eighth of the layer, at most 4M
+elements), so transient memory stays well under one layer's weight.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from surgery.errors import MergeError
 
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
         torch.float64: torch.int64}
-_CHUNK_ELEMS = 1 << 22  # ~16 MB of fp32 temporaries per chunk
+_MAX_CHUNK = 1 << 22
+_SAMPLE = 61  # checksum every 61st element of D: a reproducibility check, not a hash
 
 Factors = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
@@ -33,9 +36,15 @@ Factors = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 @dataclass
 class MergeRecord:
     factors: Factors  # detached snapshot, so later training cannot break unmerge
-    idx: torch.Tensor  # flat indices where round(W' - D) != W
-    vals: torch.Tensor  # the original values there
-    checksum: tuple[int, int]
+    idx: torch.Tensor  # flat indices where round(W' - D) != W (host memory)
+    vals: torch.Tensor  # the original values there (host memory)
+    sums: list[int]  # per chunk: sampled checksum of D
+    threads: int
+
+    @property
+    def nbytes(self) -> int:
+        f = self.factors if isinstance(self.factors, tuple) else (self.factors,)
+        return sum(t.numel() * t.element_size() for t in (*f, self.idx, self.vals))
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
@@ -43,87 +52,109 @@ def _compute_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT[t.dtype])
+    return t.view(_INT[t.dtype])
 
 
-def _checksum_part(t: torch.Tensor) -> tuple[int, int]:
-    b = _bits(t).reshape(-1).to(torch.int64)
-    return int(b.sum()), int((b * b).sum())  # int64 wraps; equal inputs give equal sums
+def _sample_sum(d: torch.Tensor) -> int:
+    return int(_bits(d).reshape(-1)[::_SAMPLE].sum(dtype=torch.int64))
 
 
-def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     if isinstance(factors, tuple):
         left, right = factors
-        return left[lo:hi].to(dtype) @ right.to(dtype)
-    return factors[lo:hi].to(dtype)
+        return (left[lo:hi].to(dtype) @ right.to(dtype)).reshape(shape)
+    return factors[lo:hi].to(dtype).reshape(shape)
 
 
 def _chunks(w: torch.Tensor) -> list[tuple[int, int]]:
-    rows = w.shape[0]
-    per_row = max(1, w.numel() // max(rows, 1))
-    step = max(1, _CHUNK_ELEMS // per_row)
+    rows = max(w.shape[0], 1)
+    per_row = max(1, w.numel() // rows)
+    step = max(1, min(rows // 8, _MAX_CHUNK // per_row))
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
-def snapshot(factors: Factors) -> Factors:
+def _snapshot(factors: Factors, device: torch.device) -> Factors:
     if isinstance(factors, tuple):
-        return tuple(f.detach().clone() for f in factors)  # type: ignore[return-value]
-    return factors.detach().clone()
+        return tuple(f.detach().to(device).clone() for f in factors)  # type: ignore[return-value]
+    return factors.detach().to(device).clone()
+
+
+class _Threads:
+    """Run with a given intra-op thread count (CPU matmul blocking depends on it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n != self.old:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n != self.old:
+            torch.set_num_threads(self.old)
 
 
 @torch.no_grad()
 def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
     """Add the delta to `weight` in place; return what unmerge needs."""
     if weight.dtype not in _INT:
-        raise MergeError(f"cannot merge into a weight of dtype {weight.dtype}; unmerge needs a float weight")
-    factors = snapshot(factors)
+        raise MergeError(f"cannot merge into a weight of dtype {weight.dtype}; merging needs a float weight")
+    if not weight.is_contiguous():
+        raise MergeError("cannot merge into a non-contiguous weight; make it contiguous first")
+    factors = _snapshot(factors, weight.device)
     cd = _compute_dtype(weight)
     row_elems = weight[0].numel() if weight.dim() > 1 else 1
-    idxs, vals = [], []
-    s1 = s2 = 0
+    idxs, vals, sums = [], [], []
+    threads = torch.get_num_threads()
     for lo, hi in _chunks(weight):
         w = weight[lo:hi]
-        d = _delta_rows(factors, lo, hi, cd).reshape(w.shape)
+        d = _delta_rows(factors, lo, hi, cd, w.shape)
+        sums.append(_sample_sum(d))
         new = (w.to(cd) + d).to(weight.dtype)
         back = (new.to(cd) - d).to(weight.dtype)
         bad = (_bits(back) != _bits(w)).reshape(-1).nonzero().squeeze(1)
         if bad.numel():
-            idxs.append(bad + lo * row_elems)
-            vals.append(w.reshape(-1)[bad].clone())
-        a, b = _checksum_part(w)
-        s1, s2 = s1 + a, s2 + b
+            idxs.append((bad + lo * row_elems).cpu())
+            vals.append(w.reshape(-1)[bad].cpu())
         w.copy_(new)
-    # the fixups are kept in host memory: they cost no accelerator memory while merged
+    # the fixups live in host memory: they cost no accelerator memory while merged
     itype = torch.int32 if weight.numel() < 2**31 else torch.int64
-    idx = torch.cat(idxs).to("cpu", itype) if idxs else torch.empty(0, dtype=itype)
-    val = torch.cat(vals).cpu() if vals else torch.empty(0, dtype=weight.dtype)
-    return MergeRecord(factors, idx, val, (s1, s2))
+    idx = torch.cat(idxs).to(itype) if idxs else torch.empty(0, dtype=itype)
+    val = torch.cat(vals) if vals else torch.empty(0, dtype=weight.dtype)
+    return MergeRecord(factors, idx, val, sums, threads)
 
 
 @torch.no_grad()
 def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
     """Restore the weight `merge_weight` was given, bit for bit, or raise."""
     cd = _compute_dtype(weight)
-    factors = rec.factors
-    if isinstance(factors, tuple):
-        factors = tuple(f.to(weight.device) for f in factors)
-    else:
-        factors = factors.to(weight.device)
-    restored = torch.empty_like(weight)
-    for lo, hi in _chunks(weight):
-        d = _delta_rows(factors, lo, hi, cd).reshape(weight[lo:hi].shape)
-        restored[lo:hi] = (weight[lo:hi].to(cd) - d).to(weight.dtype)
-    if rec.idx.numel():
-        dev = weight.device
-        restored.view(-1)[rec.idx.to(dev, torch.int64)] = rec.vals.to(dev)
-    s1 = s2 = 0
-    for lo, hi in _chunks(restored):
-        a, b = _checksum_part(restored[lo:hi])
-        s1, s2 = s1 + a, s2 + b
-    if (s1, s2) != rec.checksum:
-        raise MergeError(
-            "unmerge could not reproduce the original weight exactly (the delta was recomputed "
-            "differently, e.g. on another device); the merged weight is left as it was. "
-            "Move the model back to the device it was merged on and unmerge again."
-        )
-    weight.copy_(restored)
+    factors = _snapshot(rec.factors, weight.device) if _device(rec.factors) != weight.device else rec.factors
+    chunks = _chunks(weight)
+    if len(chunks) != len(rec.sums):
+        raise MergeError("unmerge: the weight's shape changed since it was merged; cannot restore it")
+    row_elems = weight[0].numel() if weight.dim() > 1 else 1
+    idx = rec.idx.to(weight.device, torch.int64)
+    vals = rec.vals.to(weight.device)
+    done: list[tuple[int, int]] = []
+    with _Threads(rec.threads):
+        for (lo, hi), want in zip(chunks, rec.sums):
+            w = weight[lo:hi]
+            d = _delta_rows(factors, lo, hi, cd, w.shape)
+            if _sample_sum(d) != want:
+                for dlo, dhi in done:  # merge the chunks already restored again: W' exactly
+                    wd = weight[dlo:dhi]
+                    wd.copy_((wd.to(cd) + _delta_rows(factors, dlo, dhi, cd, wd.shape)).to(weight.dtype))
+                raise MergeError(
+                    "unmerge could not recompute the delta exactly as at merge time (another device "
+                    "or library?); the merged weight is left as it was. Move the model back to the "
+                    "device it was merged on and unmerge again."
+                )
+            w.copy_((w.to(cd) - d).to(weight.dtype))
+            sel = (idx >= lo * row_elems) & (idx < hi * row_elems)
+            if bool(sel.any()):
+                weight.view(-1)[idx[sel]] = vals[sel]
+            done.append((lo, hi))
+
+
+def _device(factors: Factors) -> torch.device:
+    return factors[0].device if isinstance(factors, tuple) else factors.device
