@@ -19,6 +19,7 @@ from surgery import engine
 from surgery.errors import DeltaMismatchError
 from surgery.methods.base import get_method
 
+
 @dataclass
 class Delta:
     method: str
@@ -117,14 +118,14 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
     if st is not None and name in st.entries:
         current = engine.adapters(model, name)
         entry = st.entries[name]
-        if entry.method.name == delta.method and set(current) == set(by_site) and all(
-            _same_shapes(current[p].tensors(), ts) for p, ts in by_site.items()
-        ):
-            return _hot_swap(model, name, delta, current, by_site)
-        raise DeltaMismatchError(
-            f"a delta named {name!r} is injected but has other sites or shapes than the one applied; "
-            f"surgery.remove(model, {name!r}) first or apply under another name"
-        )
+        misfit = (f"it is a {entry.method.name!r} delta and the one applied is {delta.method!r}"
+                  if entry.method.name != delta.method else _first_misfit(current, by_site))
+        if misfit:
+            raise DeltaMismatchError(
+                f"cannot hot-swap delta {delta.name!r} into the injected delta {name!r}: {misfit}. "
+                f"surgery.remove(model, {name!r}) first, or apply under another name"
+            )
+        return _hot_swap(model, name, delta, current, by_site)
     engine.check_name(model, name)
     cfg = method.config(**_config_kwargs(method, delta.config))
     made = []
@@ -148,8 +149,20 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
     return engine.attach(model, name, method, cfg, made)
 
 
-def _same_shapes(have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> bool:
-    return have.keys() == new.keys() and all(have[k].shape == new[k].shape for k in have)
+def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    for path, ts in by_site.items():
+        if path not in current:
+            return f"site {path!r} is not one of its sites"
+        have = current[path].tensors()
+        for suf, t in have.items():
+            if suf not in ts:
+                return f"tensor {path}.{suf} is missing"
+            if tuple(ts[suf].shape) != tuple(t.shape):
+                return f"{path}.{suf} has shape {tuple(ts[suf].shape)} but the model holds {tuple(t.shape)}"
+    for path in current:
+        if path not in by_site:
+            return f"site {path!r} is missing from the delta applied"
+    return None
 
 
 def _check_fit(delta: Delta, path: str, have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -172,13 +185,14 @@ def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site: dict) -> engine.Injection:
+    entry = engine.state_of(model).entries[name]  # type: ignore[union-attr]
+    method = entry.method
+    # validate before touching anything (a merged delta is unmerged below)
+    cfg = entry.cfg if delta.config == entry.injection.config else method.config(
+        **_config_kwargs(method, delta.config))
     was_merged = name in engine.merged(model)
     if was_merged:
         engine.unmerge(model, name)
-    entry = engine.state_of(model).entries[name]  # type: ignore[union-attr]
-    method = entry.method
-    cfg = entry.cfg if delta.config == entry.injection.config else method.config(
-        **_config_kwargs(method, delta.config))
     for path, ts in by_site.items():
         ad = current[path]
         for suf, t in ad.tensors().items():

@@ -17,6 +17,7 @@ model with different deltas each get their own result.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import re
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from surgery.errors import InjectionError, MergeError, SelectorError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight
@@ -76,20 +78,24 @@ class _Site:
         if CHILD in module._modules:
             raise InjectionError(f"module {path!r} already has a child named {CHILD!r}; cannot inject there")
         module.add_module(CHILD, nn.ModuleDict())
-        self.handle = module.register_forward_hook(self.hook)
+        self.handle = module.register_forward_hook(self.hook, with_kwargs=True)
 
     @property
     def adapters(self) -> nn.ModuleDict:
         return self.module._modules[CHILD]  # type: ignore[return-value]
 
-    def hook(self, module: nn.Module, args: tuple, out: Any) -> Any:
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         live = self.live
         if not live:
             return None
+        x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
+        # the output may be updated in place only if no hook before ours has seen it
+        inplace = not _global_forward_hooks and next(iter(module._forward_hooks)) == self.handle.id
         for name in self.state.active():
             ad = live.get(name)
             if ad is not None:
-                out = ad.contribute(args[0], out)
+                out = ad.contribute(x, out, inplace)
+                inplace = True  # ours now: a fresh tensor or one we already own
         return out
 
     def detach(self) -> None:
@@ -105,8 +111,21 @@ class _State:
         self.entries: dict[str, _Entry] = {}
         self.sites: dict[str, _Site] = {}
         self.default_active: tuple[str, ...] = ()
-        self.requires_grad: dict[int, bool] = {}  # id(param) -> flag before the first injection
         self.params: list[nn.Parameter] = []
+        self.requires_grad: list[bool] = []  # flags of `params` before the first injection
+
+    def __deepcopy__(self, memo: dict) -> _State:
+        # a copied model gets its own context token: use()/disable() on one must not switch the other
+        new = _State.__new__(_State)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        new.token = next(_tokens)
+        return new
+
+    def override(self) -> tuple[str, ...] | None:
+        ov = _OVERRIDE.get()
+        return None if ov is None else ov.get(self.token)
 
     def active(self) -> tuple[str, ...]:
         ov = _OVERRIDE.get()
@@ -218,7 +237,7 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
     st = _state(model)
     if not st.entries:  # first delta: remember trainability to give it back on remove
         st.params = list(model.parameters())
-        st.requires_grad = {id(p): p.requires_grad for p in st.params}
+        st.requires_grad = [p.requires_grad for p in st.params]
         for p in st.params:
             p.requires_grad_(False)
     for path, mod, ad in made:
@@ -259,23 +278,24 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
                 del st.sites[path]
         st.default_active = tuple(a for a in st.default_active if a != n)
     if not st.entries:
-        for p in st.params:
-            p.requires_grad_(st.requires_grad.get(id(p), p.requires_grad))
+        for p, flag in zip(st.params, st.requires_grad, strict=False):
+            p.requires_grad_(flag)
         del model.__dict__[_STATE_ATTR]
 
 
 def activate(model: nn.Module, *names: str) -> None:
     """Set the deltas active by default (outside any `use` / `disable`)."""
     st = _check_active(model, names)
-    st.default_active = tuple(names)
+    if st is not None:
+        st.default_active = tuple(names)
 
 
-def _check_active(model: nn.Module, names: tuple[str, ...]) -> _State:
+def _check_active(model: nn.Module, names: tuple[str, ...]) -> _State | None:
     st = state_of(model)
     for n in names:
         _entry(model, n)
     if st is None:
-        return _state(model)
+        return None
     merged = {mn for s in st.sites.values() for mn, _ in s.merged}
     off = sorted(merged - set(names))
     if off:
@@ -290,6 +310,9 @@ def _check_active(model: nn.Module, names: tuple[str, ...]) -> _State:
 def use(model: nn.Module, *names: str) -> Iterator[None]:
     """Within this context (this thread / asyncio task only), run `model` with exactly these deltas."""
     st = _check_active(model, names)
+    if st is None:  # nothing injected: the base alone either way
+        yield
+        return
     cur = _OVERRIDE.get()
     new = dict(cur) if cur else {}
     new[st.token] = tuple(names)
@@ -318,6 +341,14 @@ def _weight(site: _Site) -> torch.Tensor:
     return w
 
 
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> owners, for parameters that several modules share (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(path)
+    return {k: v for k, v in owners.items() if len(v) > 1}
+
+
 def merge(model: nn.Module, name: str | None = None) -> None:
     """Fold a delta (default: every active one) into the base weights.
 
@@ -325,35 +356,76 @@ def merge(model: nn.Module, name: str | None = None) -> None:
     restores the base bit for bit; merged deltas stay active until unmerged.
     """
     st = state_of(model)
-    todo = [name] if name is not None else list(st.default_active if st else ())
+    todo = [name] if name is not None else list(st.active() if st else ())
     for n in todo:
         entry = _entry(model, n)
         assert st is not None
         sites = [st.sites[p] for p in entry.injection.sites]
         if any(n == mn for s in sites for mn, _ in s.merged):
             raise MergeError(f"delta {n!r} is already merged; surgery.unmerge(model, {n!r}) first")
+        ov = st.override()
+        if ov is not None and n not in ov:
+            raise MergeError(
+                f"delta {n!r} is switched off in this surgery.use()/disable() context; merging it here "
+                "would put it back into every output. Merge outside the context."
+            )
+        shared = _shared_weights(model)
         factors = []
         for s in sites:  # check every site before touching any weight
             f = s.adapters[n].merge_factors(s.module)
             if f is None:
                 raise MergeError(f"method {entry.method.name!r} cannot be merged into the base weights")
+            owners = shared.get(id(_weight(s)))
+            if owners:
+                raise MergeError(
+                    f"the weight of {s.path!r} is shared by {owners} (tied weights); merging would "
+                    f"change all of them. Keep delta {n!r} unmerged, or untie the weights first."
+                )
             factors.append(f)
-        for s, f in zip(sites, factors):
-            s.merged.append((n, merge_weight(_weight(s), f)))
-            s.live.pop(n, None)
+        done: list[_Site] = []
+        try:
+            for s, f in zip(sites, factors, strict=False):
+                s.merged.append((n, merge_weight(_weight(s), f)))
+                s.live.pop(n, None)
+                done.append(s)
+        except BaseException:
+            for s in done:  # all sites or none
+                _unmerge_site(s, n)
+            raise
         if n not in st.default_active:
             st.default_active = st.default_active + (n,)
 
 
+def _unmerge_site(s: _Site, name: str) -> MergeRecord:
+    """Take `name` out of one site's weight; on failure the site is left as it was."""
+    w = _weight(s)
+    k = max(i for i, (mn, _) in enumerate(s.merged) if mn == name)
+    lifted: list[int] = []
+    try:
+        # exact only in reverse order: lift what was merged later, then put it back
+        for i in range(len(s.merged) - 1, k - 1, -1):
+            unmerge_weight(w, s.merged[i][1])
+            lifted.append(i)
+    except BaseException:
+        for i in reversed(lifted):
+            mn, rec = s.merged[i]
+            s.merged[i] = (mn, merge_weight(w, rec.factors))
+        raise
+    mine, rest = s.merged[k][1], s.merged[k + 1:]
+    del s.merged[k:]
+    for mn, rec in rest:
+        s.merged.append((mn, merge_weight(w, rec.factors)))
+    s.live[name] = s.adapters[name]  # type: ignore[assignment]
+    return mine
+
+
 def unmerge(model: nn.Module, name: str | None = None) -> None:
     """Take a merged delta (default: all merged ones) back out of the base
-    weights, bit for bit; it runs unmerged again."""
+    weights, bit for bit; it runs unmerged again. If it cannot be done exactly
+    it raises and the delta stays merged everywhere."""
     st = state_of(model)
     if name is None:
-        if st is None:
-            return
-        stacked = [mn for s in st.sites.values() for mn, _ in s.merged]
-        for n in dict.fromkeys(reversed(stacked)):
+        for n in reversed(merged(model)):
             unmerge(model, n)
         return
     entry = _entry(model, name)
@@ -361,18 +433,15 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
     sites = [st.sites[p] for p in entry.injection.sites]
     if not any(name == mn for s in sites for mn, _ in s.merged):
         raise MergeError(f"delta {name!r} is not merged; nothing to unmerge")
-    for s in sites:
-        w = _weight(s)
-        above: list[tuple[str, MergeRecord]] = []
-        # unmerge is exact only in reverse order: lift what was merged later, then put it back
-        while s.merged and s.merged[-1][0] != name:
-            above.append(s.merged.pop())
-            unmerge_weight(w, above[-1][1])
-        if s.merged:
-            unmerge_weight(w, s.merged.pop()[1])
-            s.live[name] = s.adapters[name]  # type: ignore[assignment]
-        for mn, rec in reversed(above):
-            s.merged.append((mn, merge_weight(w, rec.factors)))
+    done: list[tuple[_Site, MergeRecord]] = []
+    try:
+        for s in sites:
+            done.append((s, _unmerge_site(s, name)))
+    except BaseException:
+        for s, rec in done:  # merge those back: the delta stays merged everywhere
+            s.merged.append((name, merge_weight(_weight(s), rec.factors)))
+            s.live.pop(name, None)
+        raise
 
 
 def merged(model: nn.Module) -> list[str]:

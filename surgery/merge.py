@@ -9,7 +9,8 @@ back (where W + D landed in a coarser binade than W; their share grows with
 
 Unmerge recomputes D from a snapshot of the factors, taken at merge time, with
 the same chunking and thread count, so D comes out bit for bit the same; a
-sampled checksum of D per chunk guards that before anything is written (and
+sampled checksum of D per chunk guards that before anything is written, as
+one of the merged weight guards against edits made while merged (and
 chunks already written are merged back if a later one fails), so unmerge
 either restores W bit for bit or raises with the merged weight as it was.
 
@@ -39,6 +40,7 @@ class MergeRecord:
     idx: torch.Tensor  # flat indices where round(W' - D) != W (host memory)
     vals: torch.Tensor  # the original values there (host memory)
     sums: list[int]  # per chunk: sampled checksum of D
+    wsums: list[int]  # per chunk: sampled checksum of the merged weight
     threads: int
 
     @property
@@ -104,7 +106,7 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
     factors = _snapshot(factors, weight.device)
     cd = _compute_dtype(weight)
     row_elems = weight[0].numel() if weight.dim() > 1 else 1
-    idxs, vals, sums = [], [], []
+    idxs, vals, sums, wsums = [], [], [], []
     threads = torch.get_num_threads()
     for lo, hi in _chunks(weight):
         w = weight[lo:hi]
@@ -117,11 +119,12 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
             idxs.append((bad + lo * row_elems).cpu())
             vals.append(w.reshape(-1)[bad].cpu())
         w.copy_(new)
+        wsums.append(_sample_sum(w))
     # the fixups live in host memory: they cost no accelerator memory while merged
     itype = torch.int32 if weight.numel() < 2**31 else torch.int64
     idx = torch.cat(idxs).to(itype) if idxs else torch.empty(0, dtype=itype)
     val = torch.cat(vals) if vals else torch.empty(0, dtype=weight.dtype)
-    return MergeRecord(factors, idx, val, sums, threads)
+    return MergeRecord(factors, idx, val, sums, wsums, threads)
 
 
 @torch.no_grad()
@@ -135,9 +138,15 @@ def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
     row_elems = weight[0].numel() if weight.dim() > 1 else 1
     idx = rec.idx.to(weight.device, torch.int64)
     vals = rec.vals.to(weight.device)
+    if [_sample_sum(weight[lo:hi]) for lo, hi in chunks] != rec.wsums:
+        raise MergeError(
+            "the merged weight was changed since it was merged (trained, cast or edited?), so the "
+            "base cannot be restored exactly; it is left as it is. surgery.remove(model, name, "
+            "keep_merged=True) drops the delta and keeps the weights as they are."
+        )
     done: list[tuple[int, int]] = []
     with _Threads(rec.threads):
-        for (lo, hi), want in zip(chunks, rec.sums):
+        for (lo, hi), want in zip(chunks, rec.sums, strict=False):
             w = weight[lo:hi]
             d = _delta_rows(factors, lo, hi, cd, w.shape)
             if _sample_sum(d) != want:

@@ -243,8 +243,10 @@ def _compile_glob(text: str) -> tuple[re.Pattern[str], tuple[tuple[int | None, i
                 out.append(re.escape(c))
             i += 1
         segs.append("".join(out))
-    # the first segment may match the end of a segment name ("attn" hits "self_attn")
-    rx = r"(?:^|\.)[^.]*" + r"\.".join(segs) + "$"
+    # the first segment may match the end of a segment name ("attn" hits "self_attn"),
+    # but a number range only whole segments
+    lead = r"(?:^|\.)" if _RANGE_SEG.fullmatch(text.split(".")[0]) else r"(?:^|\.)[^.]*"
+    rx = lead + r"\.".join(segs) + "$"
     try:
         return re.compile(rx), tuple(ranges)
     except re.error as e:
@@ -255,7 +257,7 @@ def _glob_match(rx: re.Pattern[str], ranges: tuple, path: str) -> bool:
     m = rx.search(path)
     if m is None:
         return False
-    for (lo, hi), g in zip(ranges, m.groups()):
+    for (lo, hi), g in zip(ranges, m.groups(), strict=False):
         v = int(g)
         if (lo is not None and v < lo) or (hi is not None and v >= hi):
             return False

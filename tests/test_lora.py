@@ -399,9 +399,6 @@ def test_half_precision_base_trains_fp32_lora():
     assert ad.lora_A.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: under no_grad LinearLoRA adds its update to the base output in place "
-                   "(addmm_), so a forward hook registered on the site before injection, which kept that output, "
-                   "sees it change afterwards")
 def test_lora_does_not_mutate_outputs_other_hooks_kept():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8))
@@ -416,8 +413,6 @@ def test_lora_does_not_mutate_outputs_other_hooks_kept():
     assert torch.equal(kept["out"], base), "a tensor another hook holds was changed in place"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the site hook reads its input as args[0]; a site called with its input "
-                   "as a keyword (linear(input=x), embedding(input=ids)) raises IndexError")
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
 def test_site_called_with_keyword_input(kind):
     model, x = _build(kind)

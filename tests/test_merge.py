@@ -108,8 +108,6 @@ def test_merged_equals_unmerged_strided_dilated_conv(stride, dilation, padding):
     torch.testing.assert_close(run(model, x), unmerged, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ConvLoRA ignores the base conv's padding_mode ('reflect', 'circular', "
-                   "'replicate'): the LoRA branch zero-pads, so the unmerged output differs from the merged one")
 @pytest.mark.parametrize("mode", ["reflect", "circular"])
 def test_merged_equals_unmerged_conv_padding_mode(mode):
     torch.manual_seed(0)
@@ -352,9 +350,6 @@ def test_remove_lower_of_two_merged_deltas():
     assert_state_equal(base, state_bits(model))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a failed unmerge (checksum mismatch) pops the merge record before "
-                   "raising, so the delta is no longer listed as merged, a second unmerge says 'not merged' and "
-                   "remove() leaves the update baked into the base")
 def test_failed_unmerge_keeps_the_delta_merged():
     model, _ = make_site("linear", 6, 6, 1, 0, 1.0)
     base = state_bits(model)
@@ -375,8 +370,6 @@ def test_failed_unmerge_keeps_the_delta_merged():
     assert_state_equal(base, state_bits(model))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: merging a LoRA on an embedding whose weight is tied to the LM head "
-                   "also changes the head, so merged outputs differ from unmerged ones (no error or warning)")
 @pytest.mark.parametrize("factory, target", [(lambda: TinyTransformer(tied=True), "embed"), (tiny_gpt2, "wte")])
 def test_merge_tied_embedding_keeps_outputs(factory, target):
     model = factory()
@@ -391,9 +384,6 @@ def test_merge_tied_embedding_keeps_outputs(factory, target):
     torch.testing.assert_close(run(model, x), unmerged, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LoRA on two modules that share one weight (tied embedding + LM head): "
-                   "unmerge raises MergeError after dropping the first site's record, and remove() then leaves "
-                   "that site's update in the shared weight")
 def test_merge_unmerge_on_tied_weights_restores_base():
     model = TinyTransformer(tied=True)
     base = state_bits(model)
@@ -409,9 +399,6 @@ def test_merge_unmerge_on_tied_weights_restores_base():
     assert_state_equal(base, state_bits(model))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: merge() inside a disable()/use() context that excludes the delta is "
-                   "allowed; the context then reports active()==() but its outputs include the merged delta "
-                   "(entering such a context while merged raises MergeError, merging inside one does not)")
 def test_merge_inside_a_context_that_excludes_the_delta():
     model = TinyTransformer()
     x = batch_for(model)

@@ -321,8 +321,6 @@ def test_selectors_on_plain_module():
     assert out.shape == (1, 3, 128)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a [a:b] range as the FIRST glob segment may match the last digits of a "
-                   "longer number: '[0:2].fc1' also hits blocks.10.fc1 and blocks.11.fc1")
 def test_range_as_first_segment_matches_whole_numbers():
     m = TinyTransformer(layers=12)
     assert paths(m, "[0:2].fc1") == ["blocks.0.fc1", "blocks.1.fc1"]

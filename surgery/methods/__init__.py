@@ -6,8 +6,7 @@ subclass decorated with `@register`, and importing it at the bottom of this file
 
 from __future__ import annotations
 
-from surgery.methods.base import METHODS, Method, get_method, register
-
 from surgery.methods import lora as _lora  # noqa: E402,F401  (registers "lora")
+from surgery.methods.base import METHODS, Method, get_method, register
 
 __all__ = ["METHODS", "Method", "get_method", "register"]

@@ -20,8 +20,9 @@ class Adapter(nn.Module, abc.ABC):
     """
 
     @abc.abstractmethod
-    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Return `out` with this adapter's contribution for input `x`."""
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Return `out` with this adapter's contribution for input `x`. With
+        `inplace`, `out` is owned by the caller alone and may be updated in place."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The learned tensors, keyed by their suffix under the site path."""

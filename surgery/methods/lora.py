@@ -80,16 +80,16 @@ class LinearLoRA(_LoRABase):
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
         self.fan_in_fan_out = fan_in_fan_out
 
-    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
-        x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
-        h = F.linear(x2, A).mul_(self.scale)  # [tokens, r]: scaling here is cheap
+        h = F.linear(self._drop(x.reshape(-1, A.shape[1]).to(A.dtype)), A)  # [tokens, r]
         o2 = out.reshape(-1, B.shape[0])
         if o2.dtype != B.dtype:
-            return (o2 + F.linear(h, B).to(o2.dtype)).view(out.shape)
-        if torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad):
-            return torch.addmm(o2, h, B.t()).view(out.shape)
-        return o2.addmm_(h, B.t()).view(out.shape)  # inference: one fused kernel, in place
+            return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
+        # the scale rides in the GEMM's alpha; in inference the add is in place: one kernel
+        if not inplace or (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
+            return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
+        return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
 
     def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)
@@ -111,7 +111,7 @@ class EmbeddingLoRA(_LoRABase):
         self.max_norm, self.norm_type = base.max_norm, base.norm_type
         self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
 
-    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         h = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
                         self.scale_grad_by_freq, self.sparse)
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
@@ -134,10 +134,17 @@ class ConvLoRA(_LoRABase):
         self.lora_B = nn.Parameter(torch.zeros(base.out_channels, r, *ones, **kw))
         self.conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+        # non-zero padding modes pad the input explicitly, as the base conv does
+        self.pad_mode = base.padding_mode
+        self.pad = base._reversed_padding_repeated_twice if base.padding_mode != "zeros" else None
 
-    def contribute(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         x = self._drop(x.to(self.lora_A.dtype))
-        h = self.conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
+        if self.pad is not None:
+            x = F.pad(x, self.pad, mode=self.pad_mode)
+            h = self.conv(x, self.lora_A, None, self.stride, 0, self.dilation)
+        else:
+            h = self.conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
         return out + (self.conv(h, self.lora_B) * self.scale).to(out.dtype)
 
     def merge_factors(self, base: nn.Module) -> torch.Tensor:
