@@ -22,9 +22,10 @@ def _batch(vocab: int, n: int, length: int, gen: torch.Generator) -> torch.Tenso
 
 
 def main(steps: int = 60) -> int:
-    import surgery
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
+
+    import surgery
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
