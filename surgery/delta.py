@@ -72,11 +72,16 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
     and shapes; not dtype or device), and with `weights=True` also its weight
     values (hashing every byte: slow on big models, so only on request).
     Injected deltas are left out, so it is the same before and after injection."""
-    items = _base_items(model)
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for k, t in items:
-        h.update(f"{k}:{tuple(t.shape)};".encode())
-    arch = "arch:" + h.hexdigest()[:16]
+    st = engine.state_of(model)
+    arch = st.fingerprint if st is not None else None
+    if arch is None or weights:
+        items = _base_items(model)
+        h = hashlib.sha256(type(model).__qualname__.encode())
+        for k, t in items:
+            h.update(f"{k}:{tuple(t.shape)};".encode())
+        arch = "arch:" + h.hexdigest()[:16]
+        if st is not None:  # kept while deltas are injected: hot-swaps skip the walk
+            st.fingerprint = arch
     if not weights:
         return arch
     h = hashlib.sha256()

@@ -113,6 +113,7 @@ class _State:
         self.default_active: tuple[str, ...] = ()
         self.params: list[nn.Parameter] = []
         self.requires_grad: list[bool] = []  # flags of `params` before the first injection
+        self.fingerprint: str | None = None  # the base's, cached by surgery.fingerprint
 
     def __deepcopy__(self, memo: dict) -> _State:
         # a copied model gets its own context token: use()/disable() on one must not switch the other

@@ -14,8 +14,10 @@ one of the merged weight guards against edits made while merged (and
 chunks already written are merged back if a later one fails), so unmerge
 either restores W bit for bit or raises with the merged weight as it was.
 
-Work goes row-chunk by row-chunk (at most an eighth of the layer, at most 4M
-elements), so transient memory stays well under one layer's weight.
+Work goes row-chunk by row-chunk (at most a quarter of the layer and 4M
+elements, layers under 2M elements in one piece), so transient memory stays
+under one layer's weight, and there is one host sync per chunk in merge and
+one per site in unmerge.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from surgery.errors import MergeError
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
         torch.float64: torch.int64}
 _MAX_CHUNK = 1 << 22
+_MIN_CHUNK = 1 << 19
 _SAMPLE = 61  # checksum every 61st element of D: a reproducibility check, not a hash
 
 Factors = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
@@ -39,8 +42,8 @@ class MergeRecord:
     factors: Factors  # detached snapshot, so later training cannot break unmerge
     idx: torch.Tensor  # flat indices where round(W' - D) != W (host memory)
     vals: torch.Tensor  # the original values there (host memory)
-    sums: list[int]  # per chunk: sampled checksum of D
-    wsums: list[int]  # per chunk: sampled checksum of the merged weight
+    sums: torch.Tensor  # per chunk: sampled checksum of D (on the weight's device)
+    wsums: torch.Tensor  # per chunk: sampled checksum of the merged weight
     threads: int
 
     @property
@@ -57,8 +60,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT[t.dtype])
 
 
-def _sample_sum(d: torch.Tensor) -> int:
-    return int(_bits(d).reshape(-1)[::_SAMPLE].sum(dtype=torch.int64))
+def _sample_sum(d: torch.Tensor) -> torch.Tensor:
+    return _bits(d).reshape(-1)[::_SAMPLE].sum(dtype=torch.int64)
 
 
 def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
@@ -69,9 +72,13 @@ def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype, shape: t
 
 
 def _chunks(w: torch.Tensor) -> list[tuple[int, int]]:
+    # a quarter of the layer at most (the fp32 temporaries of a chunk then stay
+    # under one layer's weight), never more than 4M elements, and no tiny chunks:
+    # small layers go in one piece, since per-chunk overhead would dominate
     rows = max(w.shape[0], 1)
     per_row = max(1, w.numel() // rows)
-    step = max(1, min(rows // 8, _MAX_CHUNK // per_row))
+    want = min(_MAX_CHUNK, max(w.numel() // 4, _MIN_CHUNK))
+    step = max(1, want // per_row)
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
@@ -124,7 +131,7 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
     itype = torch.int32 if weight.numel() < 2**31 else torch.int64
     idx = torch.cat(idxs).to(itype) if idxs else torch.empty(0, dtype=itype)
     val = torch.cat(vals) if vals else torch.empty(0, dtype=weight.dtype)
-    return MergeRecord(factors, idx, val, sums, wsums, threads)
+    return MergeRecord(factors, idx, val, torch.stack(sums), torch.stack(wsums), threads)
 
 
 @torch.no_grad()
@@ -135,34 +142,31 @@ def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
     chunks = _chunks(weight)
     if len(chunks) != len(rec.sums):
         raise MergeError("unmerge: the weight's shape changed since it was merged; cannot restore it")
-    row_elems = weight[0].numel() if weight.dim() > 1 else 1
-    idx = rec.idx.to(weight.device, torch.int64)
-    vals = rec.vals.to(weight.device)
-    if [_sample_sum(weight[lo:hi]) for lo, hi in chunks] != rec.wsums:
-        raise MergeError(
-            "the merged weight was changed since it was merged (trained, cast or edited?), so the "
-            "base cannot be restored exactly; it is left as it is. surgery.remove(model, name, "
-            "keep_merged=True) drops the delta and keeps the weights as they are."
-        )
-    done: list[tuple[int, int]] = []
     with _Threads(rec.threads):
-        for (lo, hi), want in zip(chunks, rec.sums, strict=False):
+        # check everything first (one host sync), write only then
+        wsums = torch.stack([_sample_sum(weight[lo:hi]) for lo, hi in chunks])
+        if not torch.equal(wsums, rec.wsums.to(wsums.device)):
+            raise MergeError(
+                "the merged weight was changed since it was merged (trained, cast or edited?), so the "
+                "base cannot be restored exactly; it is left as it is. surgery.remove(model, name, "
+                "keep_merged=True) drops the delta and keeps the weights as they are."
+            )
+        one = len(chunks) == 1  # the usual case: D is computed once
+        ds = [_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape) for lo, hi in chunks] if one else None
+        sums = torch.stack([_sample_sum(d) for d in ds] if ds else [
+            _sample_sum(_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape)) for lo, hi in chunks])
+        if not torch.equal(sums, rec.sums.to(sums.device)):
+            raise MergeError(
+                "unmerge could not recompute the delta exactly as at merge time (another device "
+                "or library?); the merged weight is left as it was. Move the model back to the "
+                "device it was merged on and unmerge again."
+            )
+        for i, (lo, hi) in enumerate(chunks):
             w = weight[lo:hi]
-            d = _delta_rows(factors, lo, hi, cd, w.shape)
-            if _sample_sum(d) != want:
-                for dlo, dhi in done:  # merge the chunks already restored again: W' exactly
-                    wd = weight[dlo:dhi]
-                    wd.copy_((wd.to(cd) + _delta_rows(factors, dlo, dhi, cd, wd.shape)).to(weight.dtype))
-                raise MergeError(
-                    "unmerge could not recompute the delta exactly as at merge time (another device "
-                    "or library?); the merged weight is left as it was. Move the model back to the "
-                    "device it was merged on and unmerge again."
-                )
+            d = ds[i] if ds else _delta_rows(factors, lo, hi, cd, w.shape)
             w.copy_((w.to(cd) - d).to(weight.dtype))
-            sel = (idx >= lo * row_elems) & (idx < hi * row_elems)
-            if bool(sel.any()):
-                weight.view(-1)[idx[sel]] = vals[sel]
-            done.append((lo, hi))
+    if rec.idx.numel():
+        weight.view(-1)[rec.idx.to(weight.device, torch.int64)] = rec.vals.to(weight.device)
 
 
 def _device(factors: Factors) -> torch.device:
