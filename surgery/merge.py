@@ -14,7 +14,7 @@ one of the merged weight guards against edits made while merged (and
 chunks already written are merged back if a later one fails), so unmerge
 either restores W bit for bit or raises with the merged weight as it was.
 
-Work goes row-chunk by row-chunk (at most a quarter of the layer and 4M
+Work goes row-chunk by row-chunk (at most an eighth of the layer and 4M
 elements, layers under 2M elements in one piece), so transient memory stays
 under one layer's weight, and there is one host sync per chunk in merge and
 one per site in unmerge.
@@ -68,16 +68,16 @@ def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype, shape: t
     if isinstance(factors, tuple):
         left, right = factors
         return (left[lo:hi].to(dtype) @ right.to(dtype)).reshape(shape)
-    return factors[lo:hi].to(dtype).reshape(shape)
+    return factors[lo:hi].to(dtype=dtype, copy=True).reshape(shape)  # merge overwrites it
 
 
 def _chunks(w: torch.Tensor) -> list[tuple[int, int]]:
-    # a quarter of the layer at most (the fp32 temporaries of a chunk then stay
-    # under one layer's weight), never more than 4M elements, and no tiny chunks:
-    # small layers go in one piece, since per-chunk overhead would dominate
+    # an eighth of the layer at most (the fp32 temporaries of a chunk then stay
+    # well under one layer's weight), never more than 4M elements, and no tiny
+    # chunks: small layers go in one piece, since per-chunk overhead would dominate
     rows = max(w.shape[0], 1)
     per_row = max(1, w.numel() // rows)
-    want = min(_MAX_CHUNK, max(w.numel() // 4, _MIN_CHUNK))
+    want = min(_MAX_CHUNK, max(w.numel() // 8, _MIN_CHUNK))
     step = max(1, want // per_row)
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
@@ -118,9 +118,9 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
     for lo, hi in _chunks(weight):
         w = weight[lo:hi]
         d = _delta_rows(factors, lo, hi, cd, w.shape)
-        sums.append(_sample_sum(d))
+        sums.append(_sample_sum(d))  # before D is overwritten below
         new = (w.to(cd) + d).to(weight.dtype)
-        back = (new.to(cd) - d).to(weight.dtype)
+        back = d.neg_().add_(new).to(weight.dtype)  # round(W' - D), reusing D's memory
         bad = (_bits(back) != _bits(w)).reshape(-1).nonzero().squeeze(1)
         if bad.numel():
             idxs.append((bad + lo * row_elems).cpu())

@@ -176,6 +176,15 @@ class LoRA(Method):
             raise ConfigError(f"lora: dropout must be in [0, 1), got {cfg.dropout!r}")
         if cfg.init not in ("default", "gaussian"):
             raise ConfigError(f"lora: init must be 'default' or 'gaussian', got {cfg.init!r}")
+        for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"lora: {what} must be a dict of path pattern -> value, got {patterns!r}")
+            for pat in patterns:
+                if not isinstance(pat, str) or pat.startswith("@"):
+                    raise ConfigError(
+                        f"lora: {what} key {pat!r} must be a module path pattern (a glob or 're:'); "
+                        "roles are not supported there: inject a second delta for those sites instead"
+                    )
         for pat, v in cfg.rank_pattern.items():
             if not rank_ok(v):
                 raise ConfigError(f"lora: rank_pattern[{pat!r}] must be a positive integer, got {v!r}")
