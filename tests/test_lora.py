@@ -179,7 +179,25 @@ def check_peft_equivalence(factory, x, ours_targets, peft_cfg: dict, ours_cfg: d
     base = run(factory(), x)
     assert (want - base).abs().max() > 1e-3, "the adapters do not change the output: test is vacuous"
     torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
+    _check_same_grads(ours, pm, x, ads, theirs)
     return ours, pm
+
+
+def _loss(model, x) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    y = out.logits if hasattr(out, "logits") else (out.last_hidden_state if hasattr(out, "last_hidden_state") else out)
+    return (y.float() ** 2).mean()
+
+
+def _check_same_grads(ours, pm, x, ads, theirs) -> None:
+    """Gradients of A and B equal PEFT's: the in-place update of the output is autograd-correct."""
+    for m in (ours, pm):
+        m.zero_grad(set_to_none=True)
+        _loss(m, x).backward()
+    for path, (A, B, _) in theirs.items():
+        for mine, ref, what in ((ads[path].lora_A, A, "A"), (ads[path].lora_B, B, "B")):
+            assert mine.grad is not None and ref.grad is not None, f"{path}.{what}: no gradient"
+            torch.testing.assert_close(mine.grad, ref.grad, atol=1e-5, rtol=1e-4, msg=f"{path}.lora_{what} grad")
 
 
 def test_peft_equivalence_linear_llama():

@@ -86,8 +86,10 @@ class LinearLoRA(_LoRABase):
         o2 = out.reshape(-1, B.shape[0])
         if o2.dtype != B.dtype:
             return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
-        # the scale rides in the GEMM's alpha; in inference the add is in place: one kernel
-        if not inplace or (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
+        # The scale rides in the GEMM's alpha. When nothing else has seen `out` the add is
+        # in place, in training too (a linear layer's backward does not need its output):
+        # one kernel, and no full-size copy of the output.
+        if not inplace:
             return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
         return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
 
