@@ -1,9 +1,32 @@
-"""registry: the storage side of model-surgery (versioned hub of deltas).
+"""registry: the storage side of model-surgery: a versioned, content-addressed hub of deltas.
 
-Depends on `surgery`; `surgery` never imports it. The hub itself is the next
-issue's work; for now this package holds the console script entry point.
+    import registry
+    hub = registry.Hub()                     # $SURGERY_HUB, else ~/.cache/model-surgery/hub
+    ref = hub.push(model, "acme/sql", adapter="sql", alias="staging")
+    hub.load(model, "acme/sql@staging")      # verified; hot-swapped in place if it fits
+
+Depends on `surgery`; `surgery` never imports it.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import Any
+
+from registry.errors import BaseMismatchError, IntegrityError, NotFoundError, RefError, RegistryError
+from registry.hub import Hub
+from registry.refs import Ref
+
+# provided by registry.peft_format, imported on first use (so a missing optional module
+# never breaks `import registry`)
+_LAZY = {"save_peft": "registry.peft_format", "load_peft": "registry.peft_format"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'registry' has no attribute {name!r}")
+
+
+__all__ = ["BaseMismatchError", "Hub", "IntegrityError", "NotFoundError", "Ref", "RefError", "RegistryError",
+           "load_peft", "save_peft"]
