@@ -244,6 +244,22 @@ _IGNORED = {
     "layers_pattern", "rank_pattern", "alpha_pattern", "runtime_config", "ensure_weight_tying",
     "megatron_core", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "loftq_config",
 }
+_UNSUPPORTED = {
+    "use_dora": "DoRA adds a magnitude vector and a normalised update; not a LoRA delta",
+    "lora_bias": "LoRA with a bias on lora_B is not supported",
+    "modules_to_save": "fully trained module copies are not a LoRA delta",
+    "trainable_token_indices": "trainable token rows are not a LoRA delta",
+    "target_parameters": "LoRA on bare parameters (e.g. MoE experts) is not supported",
+    "layer_replication": "it changes the base model's layer stack",
+    "use_qalora": "QA-LoRA pools inputs before A",
+    "alora_invocation_tokens": "activated LoRA changes the forward per token",
+    "arrow_config": "Arrow routing is not a single LoRA",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "megatron_config": "Megatron parallel layers are not supported",
+    "velora_config": "VeLoRA is not supported",
+    "kasa_config": "KaSA is not supported",
+}
 # init_lora_weights values that leave the base weights alone (the others rewrite the base: PiSSA,
 # OLoRA, CorDA, LoftQ, LoRA-GA; MiCA is a variant with its own forward)
 _SAFE_INIT = {True, False, "gaussian", "eva", "orthogonal"}
@@ -261,22 +277,7 @@ def _check_config(cfg: dict[str, Any]) -> None:
         raise bad("peft_type", "only LoRA adapters (peft_type 'LORA') can be read")
     if cfg.get("peft_type") is None:
         raise PeftFormatError("PEFT adapter field peft_type is missing; is this an adapter_config.json?")
-    for field, why in [
-        ("use_dora", "DoRA adds a magnitude vector and a normalised update; not a LoRA delta"),
-        ("lora_bias", "LoRA with a bias on lora_B is not supported"),
-        ("modules_to_save", "fully trained module copies are not a LoRA delta"),
-        ("trainable_token_indices", "trainable token rows are not a LoRA delta"),
-        ("target_parameters", "LoRA on bare parameters (e.g. MoE experts) is not supported"),
-        ("layer_replication", "it changes the base model's layer stack"),
-        ("use_qalora", "QA-LoRA pools inputs before A"),
-        ("alora_invocation_tokens", "activated LoRA changes the forward per token"),
-        ("arrow_config", "Arrow routing is not a single LoRA"),
-        ("use_bdlora", "block-diagonal LoRA is not supported"),
-        ("monteclora_config", "MonteCLoRA is not supported"),
-        ("megatron_config", "Megatron parallel layers are not supported"),
-        ("velora_config", "VeLoRA is not supported"),
-        ("kasa_config", "KaSA is not supported"),
-    ]:
+    for field, why in _UNSUPPORTED.items():
         if _truthy(cfg.get(field)):
             raise bad(field, why)
     if cfg.get("bias", "none") != "none":
@@ -289,11 +290,7 @@ def _check_config(cfg: dict[str, Any]) -> None:
     if _truthy(cfg.get("loftq_config")):
         raise bad("loftq_config", "LoftQ rewrites the (quantized) base weights")
     for field, v in cfg.items():
-        if field not in _IGNORED and _truthy(v) and field not in {
-            "use_dora", "lora_bias", "trainable_token_indices", "target_parameters", "layer_replication",
-            "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "monteclora_config",
-            "megatron_config", "velora_config", "kasa_config",
-        }:
+        if field not in _IGNORED and field not in _UNSUPPORTED and _truthy(v):
             raise bad(field, "this field is unknown to model-surgery, so its effect cannot be reproduced")
     if not isinstance(cfg.get("r"), int) or isinstance(cfg.get("r"), bool) or cfg["r"] <= 0:
         raise bad("r", "it must be a positive integer")
