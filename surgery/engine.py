@@ -245,6 +245,7 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
         site = st.sites.get(path)
         if site is None:
             site = st.sites[path] = _Site(st, path, mod)
+        ad.train(mod.training)  # follow the model's mode: no dropout at inference
         site.adapters[name] = ad
         site.live[name] = ad
         for p in ad.parameters():

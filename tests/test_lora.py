@@ -440,3 +440,15 @@ def test_site_called_with_keyword_input(kind):
         want = model[0](x)
         got = model[0](input=x)
     torch.testing.assert_close(got, want)
+
+
+def test_adapters_follow_the_models_train_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    surgery.inject(model, "lora", targets="0", r=2, dropout=0.5)
+    randomize(model)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)), "dropout ran in eval mode"
+    model.train()
+    assert all(ad.training for ad in engine.adapters(model, "default").values())
