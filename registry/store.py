@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -325,6 +326,11 @@ class CheckedCache:
         return hit[1] if hit is not None and hit[0] == key else None
 
     def put(self, path: str, key: tuple[int, ...], value: object) -> None:
+        # file timestamps tick coarsely (a few ms): a write within the same tick as the check would
+        # leave the key unchanged, so (as git does with its index) files changed in the last
+        # second are not remembered and are checked again next time
+        if time.time_ns() - key[4] < 1_000_000_000:
+            return
         with self._lock:
             if len(self._d) >= self.limit:
                 self._d.pop(next(iter(self._d)))
