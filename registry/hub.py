@@ -723,7 +723,9 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
         raise _fail(what, f"format {man['format'][:40]!r} is not {FORMAT!r}")
     if man["name"] != name or man["version"] != version:
         raise _fail(what, f"it says it is {str(man['name'])[:100]}@{man['version']}, not {name}@{version}")
-    p = man.get("parent")
+    if "parent" not in man:
+        raise _fail(what, "field 'parent' is missing")
+    p = man["parent"]
     if p is not None and not (isinstance(p, dict) and isinstance(p.get("name"), str)
                               and type(p.get("version")) is int and isinstance(p.get("digest"), str)):
         raise _fail(what, "field 'parent' is not null or {name, version, digest}")
@@ -741,7 +743,7 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
     seen = set()
     for item in man["tensors"]:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)
-                and item[1].get("dtype") in store.DTYPES and isinstance(item[1].get("shape"), list)
+                and isinstance(item[1].get("dtype"), str) and item[1]["dtype"] in store.DTYPES and isinstance(item[1].get("shape"), list)
                 and all(type(d) is int and d >= 0 for d in item[1]["shape"])):
             raise _fail(what, f"tensor entry {str(item)[:80]} is not [key, {{dtype, shape}}]")
         if item[0] in seen:

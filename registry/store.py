@@ -264,7 +264,7 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
         if not isinstance(info, dict):
             raise IntegrityError(f"{what}: header entry {key!r} is not an object")
         dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise IntegrityError(f"{what}: tensor {key!r} has unknown dtype {dt!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
@@ -283,9 +283,14 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
         spans.append((offs[0], offs[1], key))
         entries[key] = {"dtype": dt, "shape": shape, "offsets": offs}
     spans.sort()
-    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            raise IntegrityError(f"{what}: tensors {k0!r} and {k1!r} overlap")
+    end = 0
+    for b, e, key in spans:  # as safetensors requires: the tensors tile the data, no gap, no overlap
+        if b != end:
+            raise IntegrityError(f"{what}: tensor {key!r} starts at byte {b} of the data, not at {end} "
+                                 "(tensors must tile the data without gaps or overlaps)")
+        end = e
+    if end != data_len:
+        raise IntegrityError(f"{what}: the tensors cover {end} bytes of data but the file holds {data_len}")
     return entries, start
 
 
