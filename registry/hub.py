@@ -165,10 +165,7 @@ class Hub:
         with store.file_lock(self._gc_lock, shared=True):
             self._ensure_dirs(vdir)
             blob = self._blob_path(digest)
-            blob_job = None
-            if not (blob.is_file() and blob.stat().st_size == len(data)):
-                tmp_blob = store.write_temp(self.tmp, "blob", data, fsync=False)
-                blob_job = store._get_pool().submit(self._commit_blob, tmp_blob, blob)
+            blob_job = self._store_blob(blob, data, digest)
             try:
                 with store.file_lock(ndir / ".lock"):
                     nums = self._version_numbers(name)
@@ -205,18 +202,35 @@ class Hub:
                         pass
         return ref
 
-    def _commit_blob(self, tmp_blob: Path, blob: Path) -> None:
+    def _store_blob(self, blob: Path, data: bytes, digest: str) -> Any:
+        """Put `data` at its content address and start making it durable on worker threads; returns a
+        job whose result() means the blob's bytes and its name are on disk. The manifest naming the
+        blob is renamed into place only after that, so no version can reference a blob a crash lost."""
+        pool = store._get_pool()
+        if blob.is_file() and blob.stat().st_size == len(data) and self._check_blob_file(digest) is None:
+            return pool.submit(store.fsync_file, blob)  # dedupe: reuse it (durable, if another push is mid-way)
+        shard = blob.parent
+        if not shard.is_dir():
+            shard.mkdir(exist_ok=True)
+            store.fsync_dir(shard.parent)
+        tmp_blob = store.write_temp(self.tmp, "blob", data, fsync=False)
         try:
-            store.fsync_file(tmp_blob)
-            shard = blob.parent
-            if not shard.is_dir():
-                shard.mkdir(exist_ok=True)
-                store.fsync_dir(shard.parent)
+            # rename before fsync: the three fsyncs (blob, its folder, the manifest's temp file) then run
+            # at once and the file system commits them together. Until they finish, the blob is named
+            # but not referenced; a blob a crash left incomplete is never reused (the hash is checked
+            # above), verify() reports it and gc() removes it.
             os.replace(tmp_blob, blob)
         except BaseException:
             _unlink(tmp_blob)
             raise
-        store.fsync_dir(blob.parent)
+        jobs = [pool.submit(store.fsync_file, blob), pool.submit(store.fsync_dir, shard)]
+
+        class _Both:
+            def result(self) -> None:
+                for j in jobs:
+                    j.result()
+
+        return _Both()
 
     def _ensure_dirs(self, vdir: Path) -> None:
         if vdir.is_dir():

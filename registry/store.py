@@ -73,7 +73,10 @@ MIN_CHUNK = 256 * 1024
 def chunk_size_for(size: int) -> int:
     """Chunk length for per-chunk digests: one chunk per hashing thread, at least 256 KiB,
     a multiple of 64 KiB. Chunks let a pull verify every byte on several cores at once."""
-    per = -(-size // _workers())
+    workers = _workers()
+    if workers < 4 or size < 4 * MIN_CHUNK:  # too few cores (or bytes) to gain: one chunk, the whole file
+        return max(size, 1)
+    per = -(-size // workers)
     return max(MIN_CHUNK, -(-per // 65536) * 65536)
 
 
@@ -85,6 +88,9 @@ def digests(data: bytes | bytearray, chunk_size: int, whole: bool) -> tuple[str 
     """(sha256 of all of `data` if `whole`, sha256 of each `chunk_size` piece), hashed in parallel."""
     view = memoryview(data)
     pieces = [view[i:i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
+    if whole and len(pieces) == 1:  # one chunk: its digest is the whole file's
+        d = _sha(view)
+        return d, [d]
     jobs: list[memoryview] = ([view] if whole else []) + pieces
     if len(jobs) == 1:
         out = [_sha(jobs[0])]
@@ -94,7 +100,7 @@ def digests(data: bytes | bytearray, chunk_size: int, whole: bool) -> tuple[str 
         first = _sha(jobs[0])
         out = [first] + [f.result() for f in futs]
     if whole:
-        return out[0], (out[1:] if len(pieces) > 1 else [out[0]])
+        return out[0], out[1:]
     return None, out
 
 
