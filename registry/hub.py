@@ -109,10 +109,11 @@ class Hub:
     def _version_numbers(self, name: str) -> list[int]:
         vdir = self._name_dir(name) / "versions"
         try:
-            with os.scandir(vdir) as it:
-                nums = [int(m.group(1)) for e in it if (m := _VERSION_FILE.fullmatch(e.name))]
+            entries = os.listdir(vdir)
         except FileNotFoundError:
             return []
+        nums = [int(n[:-5]) for n in entries
+                if n.endswith(".json") and n[:-5].isdigit() and n[0] != "0" and n.isascii() and len(n) <= 17]
         nums.sort()
         return nums
 
@@ -421,7 +422,7 @@ class Hub:
         index = self._digest_index(name)
         if not index:
             raise self._no_name(name)
-        return [Ref(name, v, index[v]) for v in sorted(index)]
+        return [_ref(name, v, index[v]) for v in sorted(index)]
 
     def names(self) -> list[str]:
         out = []
@@ -698,6 +699,13 @@ class Hub:
         from registry.hf import pull_hf
 
         return pull_hf(self, repo_id, revision, name, **kw)
+
+
+def _ref(name: str, version: int, digest: str) -> Ref:
+    """Ref(name, version, digest) without the frozen dataclass's slow __init__ (10,000 of them in `versions`)."""
+    r = object.__new__(Ref)
+    r.__dict__.update(name=name, version=version, digest=digest)
+    return r
 
 
 def _unlink(path: Path) -> None:

@@ -202,6 +202,14 @@ def read_lines(path: Path) -> Iterator[dict]:
         data = path.read_bytes()
     except FileNotFoundError:
         return
+    if data.endswith(b"\n"):  # fast path: the whole log as one JSON array (falls back line by line)
+        try:
+            objs = json.loads(b"[" + data[:-1].replace(b"\n", b",") + b"]")
+        except ValueError:
+            objs = None
+        if isinstance(objs, list) and all(isinstance(o, dict) for o in objs):
+            yield from objs
+            return
     for raw in data.split(b"\n")[:-1] if not data.endswith(b"\n") else data.split(b"\n"):
         if not raw.strip():
             continue
