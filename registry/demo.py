@@ -3,14 +3,17 @@
     surgery demo
 
 inject LoRA -> train a little (the loss falls) -> merge (same outputs, no
-overhead) -> unmerge (bit-exact) -> move the delta into a fresh copy -> remove
-(the original model, bit for bit).
+overhead) -> unmerge (bit-exact) -> push to the local hub -> train more, push
+version 2 -> a serving copy of the base loads version 1 and hot-swaps to
+version 2 -> move the alias -> remove (the original model, bit for bit).
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,10 +24,28 @@ def _batch(vocab: int, n: int, length: int, gen: torch.Generator) -> torch.Tenso
     return (start + 3 * torch.arange(length)) % vocab
 
 
-def main(steps: int = 60) -> int:
+def _train(model, opt, vocab: int, steps: int, gen: torch.Generator) -> tuple[float, float]:
+    model.train()
+    first = last = 0.0
+    for step in range(steps):
+        x = _batch(vocab, 32, 16, gen)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if step == 0 else first
+        last = loss.item()
+        if step % 10 == 0 or step == steps - 1:
+            print(f"   step {step:3d}  loss {last:.3f}")
+    model.eval()
+    return first, last
+
+
+def main(steps: int = 60, hub_path: str | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
+    import registry
     import surgery
 
     logging.set_verbosity_error()
@@ -46,21 +67,9 @@ def main(steps: int = 60) -> int:
     print(f"\n3. train {steps} steps (AdamW, lr 3e-3) on 'count up by 3'")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     test = _batch(cfg.vocab_size, 32, 16, torch.Generator().manual_seed(1))
-    model.train()
     t0 = time.perf_counter()
-    first = last = 0.0
-    for step in range(steps):
-        x = _batch(cfg.vocab_size, 32, 16, gen)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = loss.item() if step == 0 else first
-        last = loss.item()
-        if step % 10 == 0 or step == steps - 1:
-            print(f"   step {step:3d}  loss {last:.3f}")
+    first, last = _train(model, opt, cfg.vocab_size, steps, gen)
     print(f"   loss {first:.3f} -> {last:.3f} in {time.perf_counter() - t0:.1f} s")
-    model.eval()
 
     with torch.no_grad():
         with surgery.disable(model):
@@ -78,17 +87,42 @@ def main(steps: int = 60) -> int:
 
         d = surgery.delta(model, "count3")
         print(f"7. delta: {d}")
-        fresh = copy.deepcopy(model)
-        surgery.remove(fresh)
-        surgery.apply(fresh, d)
-        same = torch.equal(fresh(input_ids=test).logits, out.logits)
-        print(f"   applied to a fresh copy: identical outputs: {same}")
 
+    tmp = None if hub_path else tempfile.TemporaryDirectory(prefix="surgery-demo-hub-")
+    hub = registry.Hub(Path(hub_path) if hub_path else Path(tmp.name))  # type: ignore[union-attr]
+    print(f"\n8. push to the local hub at {hub.root}")
+    v1 = hub.push(model, "demo/count3", adapter="count3", alias="prod", meta={"task": "count by 3", "loss": last})
+    print(f"   {v1}")
+    print(f"   train {steps // 2} more steps, push version 2")
+    _train(model, opt, cfg.vocab_size, steps // 2, gen)
+    v2 = hub.push(model, "demo/count3", adapter="count3", meta={"task": "count by 3"}, parent=v1.version)
+    print(f"   {v2}")
+    with torch.no_grad():
+        want2 = model(input_ids=test).logits
+        serving = copy.deepcopy(model)
+        surgery.remove(serving)  # a clean base, as a server holds it
+        hub.load(serving, "demo/count3@prod", as_name="tenant")
+        same1 = torch.equal(serving(input_ids=test).logits, out.logits)
+        t = time.perf_counter()
+        hub.load(serving, "demo/count3@2", as_name="tenant")  # same shapes: tensors copied in place
+        swap_ms = (time.perf_counter() - t) * 1e3
+        same2 = torch.equal(serving(input_ids=test).logits, want2)
+    print(f"9. serving copy: loaded @prod (v1) identical: {same1}; hot-swap to v2 in {swap_ms:.1f} ms, "
+          f"identical: {same2}")
+    hub.alias("demo/count3", "prod", version=v2.version)
+    print("   alias history:", [(h.get("alias"), h.get("version")) for h in hub.history("demo/count3@prod")])
+    problems = hub.verify()
+    print(f"   hub.verify(): {'clean' if not problems else problems}")
+    same = same1 and same2 and not problems
+    if tmp is not None:
+        tmp.cleanup()
+
+    with torch.no_grad():
         surgery.remove(model)
         restored = model.state_dict().keys() == original.keys() and all(
             torch.equal(original[k], v) for k, v in model.state_dict().items()
         )
-        print(f"8. remove: original state_dict bit for bit: {restored}; class {type(model).__name__}")
+        print(f"10. remove: original state_dict bit for bit: {restored}; class {type(model).__name__}")
     ok = last < first * 0.7 and diff < 1e-4 and exact and same and restored
     print("\ndemo", "OK" if ok else "FAILED")
     return 0 if ok else 1
