@@ -82,55 +82,22 @@ class LinearLoRA(_LoRABase):
 
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
-        x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
-        # In place when nothing else has seen `out` (and it is a whole tensor, not a view):
-        # the scale rides in the GEMM's alpha, one kernel, no full-size copy of the output.
-        fused = inplace and out.dtype == B.dtype and out._base is None and out.is_contiguous()
-        if fused and torch.is_grad_enabled() and (out.requires_grad or x2.requires_grad or A.requires_grad
-                                                  or B.requires_grad):
-            return _LoRAAddInPlace.apply(out, x2, A, B, self.scale)
-        h = F.linear(x2, A)  # [tokens, r]
+        h = F.linear(self._drop(x.reshape(-1, A.shape[1]).to(A.dtype)), A)  # [tokens, r]
         o2 = out.reshape(-1, B.shape[0])
-        if fused:
-            return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
         if o2.dtype != B.dtype:
             return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
+        # The scale rides in the GEMM's alpha. In inference, when nothing else has seen `out`,
+        # the add is in place: one kernel. Under autograd it is not: an in-place op through the
+        # view `o2` makes backward clone the gradient, and a custom Function that avoids that
+        # measured no faster than this out-of-place addmm.
+        if inplace and not (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
+            return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
         return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
 
     def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)
             return self.lora_A.t(), self.lora_B.t() * self.scale
         return self.lora_B * self.scale, self.lora_A
-
-
-class _LoRAAddInPlace(torch.autograd.Function):
-    """out += s * (x A^T) B^T, in place, with its own backward.
-
-    Autograd's in-place path would go through a view of `out` and clone the whole
-    gradient in backward; here the gradient of `out` passes through untouched and
-    only the rank-r products are computed. A linear layer's backward never needs
-    its output, so updating it in place is safe."""
-
-    @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        h = x2 @ A.t()
-        out.view(-1, B.shape[0]).addmm_(h, B.t(), alpha=scale)
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x2, A, B, h)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, A, B, h = ctx.saved_tensors
-        g2 = g.reshape(-1, B.shape[0])
-        gh = (g2 @ B).mul_(ctx.scale)
-        _, need_x, need_a, need_b, _ = ctx.needs_input_grad
-        gx = gh @ A if need_x else None
-        ga = gh.t() @ x2 if need_a else None
-        gb = (g2.t() @ h).mul_(ctx.scale) if need_b else None
-        return g, gx, ga, gb, None
 
 
 class EmbeddingLoRA(_LoRABase):
