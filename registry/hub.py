@@ -139,7 +139,11 @@ class Hub:
         if isinstance(model_or_delta, surgery.Delta):
             delta = model_or_delta
         elif isinstance(model_or_delta, nn.Module):
+            from registry.peft_format import site_kinds
+
             delta = surgery.delta(model_or_delta, adapter)
+            # a Delta alone cannot tell an embedding site from a linear one; PEFT keys them apart
+            delta.lineage = {**delta.lineage, "site_kinds": site_kinds(model_or_delta, delta)}
         else:
             raise RegistryError(f"push takes a model or a surgery.Delta, not {type(model_or_delta).__name__}")
         try:
@@ -501,7 +505,23 @@ class Hub:
                 self._move_alias_locked(name, alias, target.version)
         return target
 
-    def _move_alias_locked(self, name: str, alias: str, version: int) -> None:
+    def unalias(self, name: str, alias: str) -> int:
+        """Remove `name@alias`; returns the version it pointed at. The removal is a line in the
+        alias's history (``"version": null``), like every move."""
+        check_name(name)
+        check_alias(alias)
+        ndir = self._name_dir(name)
+        with store.file_lock(self._gc_lock, shared=True):
+            if not ndir.is_dir():
+                raise self._no_name(name)
+            with store.file_lock(ndir / ".lock"):
+                table = self.aliases(name)
+                if alias not in table:
+                    raise NotFoundError(f"{name} has no alias {alias!r}; its aliases are {sorted(table) or 'none'}")
+                self._move_alias_locked(name, alias, None)
+        return table[alias]
+
+    def _move_alias_locked(self, name: str, alias: str, version: int | None) -> None:
         previous = self.aliases(name).get(alias)
         store.append_line(self._name_dir(name) / "aliases.log", {
             "alias": alias, "version": version, "previous": previous, "time": _now(), "user": _user()})
@@ -698,7 +718,7 @@ class Hub:
         """Download a version from the Hugging Face Hub and push it here as `name`."""
         from registry.hf import pull_hf
 
-        return pull_hf(self, repo_id, revision, name, **kw)
+        return pull_hf(self, repo_id, revision or "main", name, **kw)
 
 
 def _ref(name: str, version: int, digest: str) -> Ref:
