@@ -34,6 +34,12 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    # start "online" (the suite runs with HF_HUB_OFFLINE=1): fakes stand in for the network
+    import huggingface_hub as hfh
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture(scope="module")

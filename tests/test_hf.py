@@ -33,6 +33,11 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    # start "online" (the suite runs with HF_HUB_OFFLINE=1): the fakes stand in for the network,
+    # and the offline tests switch it back on themselves
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
 
 
 class FakeHub:
