@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +91,21 @@ def run(model: nn.Module, inputs):
         if v is not None:
             return v
     return out[0]
+
+
+@pytest.fixture
+def hf_fakes_only(monkeypatch):
+    """No socket can connect, and huggingface_hub starts "online" (the suite runs with
+    HF_HUB_OFFLINE=1): fakes stand in for the network; offline tests switch it back on."""
+    import socket
+
+    import huggingface_hub as hfh
+
+    def refuse(*a, **k):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)

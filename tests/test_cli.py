@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import huggingface_hub as hfh
 import pytest
 import torch
-from _helpers import randomize, run
+from _helpers import hf_fakes_only, randomize, run  # noqa: F401  (hf_fakes_only: a fixture)
 from models import batch_for, tiny_llama
 from test_hf import FakeApi
 
@@ -26,20 +25,7 @@ from registry import hf as rhf
 from registry.hf import MANIFEST_NAME
 from registry.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*a, **k):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    # start "online" (the suite runs with HF_HUB_OFFLINE=1): fakes stand in for the network
-    import huggingface_hub as hfh
-
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
+pytestmark = pytest.mark.usefixtures("hf_fakes_only")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 import warnings
 from collections import namedtuple
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 import huggingface_hub as hfh
 import pytest
 import torch
-from _helpers import randomize, run
+from _helpers import hf_fakes_only, randomize, run  # noqa: F401  (hf_fakes_only: a fixture)
 from models import batch_for, tiny_llama
 
 import surgery
@@ -26,18 +25,7 @@ from registry.peft_format import CONFIG_NAME, WEIGHTS_NAME, save_peft_delta
 Ref = namedtuple("Ref", "name version digest")
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*a, **k):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    # start "online" (the suite runs with HF_HUB_OFFLINE=1): the fakes stand in for the network,
-    # and the offline tests switch it back on themselves
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
+pytestmark = pytest.mark.usefixtures("hf_fakes_only")
 
 
 class FakeHub:
