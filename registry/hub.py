@@ -14,6 +14,7 @@ Layout under the hub's root (see docs/hub.md)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import getpass
@@ -483,26 +484,32 @@ class Hub:
             if isinstance(a, str) and (v is None or (type(v) is int and v > 0)):
                 yield e
 
-    def alias(self, name: str, alias: str, version: int | str | Ref | None = None) -> Ref:
-        """Point `name@alias` at `version` (an int, a ref string or a Ref; default: the latest)."""
-        check_name(name)
-        check_alias(alias)
+    @contextlib.contextmanager
+    def _name_locked(self, name: str) -> Iterator[Path]:
+        """Hold the name's lock (and keep gc out) for an alias change; the name must exist."""
         ndir = self._name_dir(name)
         with store.file_lock(self._gc_lock, shared=True):
             if not ndir.is_dir():
                 raise self._no_name(name)
             with store.file_lock(ndir / ".lock"):
-                if version is None:
-                    target = self.resolve(name)
-                elif isinstance(version, int) and not isinstance(version, bool):
-                    target = self.resolve(f"{name}@{version}")
-                elif isinstance(version, (str, Ref)):
-                    target = self.resolve(version)
-                else:
-                    raise RefError(f"version must be an int, a ref string or a Ref, not {type(version).__name__}")
-                if target.name != name:
-                    raise RefError(f"alias {name}@{alias} cannot point at another name's version ({target})")
-                self._move_alias_locked(name, alias, target.version)
+                yield ndir
+
+    def alias(self, name: str, alias: str, version: int | str | Ref | None = None) -> Ref:
+        """Point `name@alias` at `version` (an int, a ref string or a Ref; default: the latest)."""
+        check_name(name)
+        check_alias(alias)
+        with self._name_locked(name):
+            if version is None:
+                target = self.resolve(name)
+            elif isinstance(version, int) and not isinstance(version, bool):
+                target = self.resolve(f"{name}@{version}")
+            elif isinstance(version, (str, Ref)):
+                target = self.resolve(version)
+            else:
+                raise RefError(f"version must be an int, a ref string or a Ref, not {type(version).__name__}")
+            if target.name != name:
+                raise RefError(f"alias {name}@{alias} cannot point at another name's version ({target})")
+            self._move_alias_locked(name, alias, target.version)
         return target
 
     def unalias(self, name: str, alias: str) -> int:
@@ -510,15 +517,11 @@ class Hub:
         alias's history (``"version": null``), like every move."""
         check_name(name)
         check_alias(alias)
-        ndir = self._name_dir(name)
-        with store.file_lock(self._gc_lock, shared=True):
-            if not ndir.is_dir():
-                raise self._no_name(name)
-            with store.file_lock(ndir / ".lock"):
-                table = self.aliases(name)
-                if alias not in table:
-                    raise NotFoundError(f"{name} has no alias {alias!r}; its aliases are {sorted(table) or 'none'}")
-                self._move_alias_locked(name, alias, None)
+        with self._name_locked(name):
+            table = self.aliases(name)
+            if alias not in table:
+                raise NotFoundError(f"{name} has no alias {alias!r}; its aliases are {sorted(table) or 'none'}")
+            self._move_alias_locked(name, alias, None)
         return table[alias]
 
     def _move_alias_locked(self, name: str, alias: str, version: int | None) -> None:
