@@ -253,6 +253,7 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
     inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
     st.entries[name] = _Entry(inj, method, cfg)
     st.default_active = st.default_active + (name,)
+    method.attached({path: ad for path, _, ad in made})
     return inj
 
 

@@ -452,3 +452,71 @@ def test_adapters_follow_the_models_train_eval_mode():
         assert torch.equal(model(x), model(x)), "dropout ran in eval mode"
     model.train()
     assert all(ad.training for ad in engine.adapters(model, "default").values())
+
+
+def test_shared_input_projection_matches_separate_sites_and_learns_who_shares():
+    """q, k, v (and gate, up) read one tensor: their A projections run as one GEMM; o_proj,
+    under the same parent with the same width but another input, leaves the group."""
+    import copy
+
+    from surgery.methods.lora import _SharedInput
+
+    model = tiny_llama()
+    x = batch_for(model)
+    ref = copy.deepcopy(model)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    surgery.inject(model, "lora", targets=targets, r=4)
+    surgery.inject(ref, "lora", targets=targets, r=4)
+    randomize(model)
+    for path, ad in engine.adapters(ref, "default").items():  # same tensors, no grouping
+        src = engine.adapters(model, "default")[path]
+        with torch.no_grad():
+            ad.lora_A.copy_(src.lora_A)
+            ad.lora_B.copy_(src.lora_B)
+        ad.shared = None
+    for _ in range(2):
+        torch.testing.assert_close(run(model, x), run(ref, x), atol=1e-5, rtol=1e-5)
+    ads = engine.adapters(model, "default")
+    q = ads["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q.shared, _SharedInput)
+    names = {p.rsplit(".", 1)[-1] for p, a in ads.items() if a.shared is q.shared and any(m is a for m in q.shared.members)}
+    assert names == {"q_proj", "k_proj", "v_proj"}, names
+    # gradients equal too
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+        _loss(m, x).backward()
+    for path, ad in engine.adapters(ref, "default").items():
+        torch.testing.assert_close(ads[path].lora_A.grad, ad.lora_A.grad, atol=1e-5, rtol=1e-4)
+    copy.deepcopy(model)  # nothing in flight blocks a copy
+
+
+def test_shared_input_projection_is_per_input_across_threads():
+    """Two threads run one delta on different inputs at once: a slice computed for one
+    thread's input is never used for the other's."""
+    import threading
+
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], r=4)
+    randomize(model)
+    xs = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    with torch.no_grad():
+        want = [model(input_ids=x).logits for x in xs]
+    barrier, errors = threading.Barrier(2), []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(25):
+                barrier.wait()
+                with torch.no_grad():
+                    got = model(input_ids=xs[i]).logits
+                torch.testing.assert_close(got, want[i], atol=1e-5, rtol=1e-5)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -66,6 +66,9 @@ class Method(abc.ABC):
         """Build the adapter for one site. `shapes`, when given, are the tensor
         shapes of a stored delta for this site (so per-site ranks are kept)."""
 
+    def attached(self, adapters: dict[str, Adapter]) -> None:
+        """Called once a delta's adapters are in place (site path -> adapter)."""
+
     def refresh(self, adapter: Adapter, path: str, cfg: Any) -> None:
         """Update an adapter's non-tensor settings from `cfg` (on a hot-swap)."""
 

@@ -17,6 +17,7 @@ stored as PEFT stores them on disk: ``{site}.lora_A.weight`` of shape
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +80,12 @@ class LinearLoRA(_LoRABase):
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
         self.fan_in_fan_out = fan_in_fan_out
+        self.shared: _SharedInput | None = None  # set by LoRA.attached
 
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
-        h = F.linear(self._drop(x.reshape(-1, A.shape[1]).to(A.dtype)), A)  # [tokens, r]
+        x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
+        h = self.shared.project(self, x, x2) if self.shared is not None else F.linear(x2, A)  # [tokens, r]
         o2 = out.reshape(-1, B.shape[0])
         if o2.dtype != B.dtype:
             return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
@@ -98,6 +101,46 @@ class LinearLoRA(_LoRABase):
         if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)
             return self.lora_A.t(), self.lora_B.t() * self.scale
         return self.lora_B * self.scale, self.lora_A
+
+
+class _SharedInput:
+    """LoRA sites of one delta, under one parent, that may read the same input tensor
+    (q, k, v; gate, up). The first of them to run projects the input through all their A
+    matrices in one GEMM; the others take their slice if, and only if, they are called
+    with that very tensor. A site called with another input leaves the group, so after
+    one forward the group holds the sites that really share (o_proj drops out).
+    Entries keep a weak reference to the input they were computed from, so a slice is
+    never used for another input, from another thread or another call."""
+
+    def __init__(self, members: list[LinearLoRA]) -> None:
+        self.members = members
+        self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def __deepcopy__(self, memo: dict) -> _SharedInput:
+        # a copy shares nothing in flight (pending slices may carry autograd graphs)
+        import copy
+
+        return _SharedInput([copy.deepcopy(m, memo) for m in self.members])
+
+    def project(self, ad: LinearLoRA, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        entry = self.pending.pop(id(ad), None)
+        if entry is not None:
+            if entry[0]() is x:
+                return entry[1]
+            self.members = [m for m in self.members if m is not ad]  # it reads another input
+        members = self.members
+        if len(members) < 2 or not any(m is ad for m in members):
+            return F.linear(x2, ad.lora_A)
+        hs = F.linear(x2, torch.cat([m.lora_A for m in members])).split(
+            [m.lora_A.shape[0] for m in members], dim=1)
+        ref = weakref.ref(x)
+        mine = hs[0]
+        for m, h in zip(members, hs, strict=True):
+            if m is ad:
+                mine = h
+            else:
+                self.pending[id(m)] = (ref, h)
+        return mine
 
 
 class EmbeddingLoRA(_LoRABase):
@@ -210,6 +253,19 @@ class LoRA(Method):
     def scale(self, cfg: LoRAConfig, path: str, r: int) -> float:
         alpha = self._pattern(cfg.alpha_pattern, path, cfg.alpha)
         return alpha / (math.sqrt(r) if cfg.rslora else r)
+
+    def attached(self, adapters: dict[str, Adapter]) -> None:
+        # group linear sites that may share an input: same parent, width, dtype, no dropout
+        groups: dict[tuple, list[LinearLoRA]] = {}
+        for path, ad in adapters.items():
+            if isinstance(ad, LinearLoRA) and not ad.p:
+                key = (path.rpartition(".")[0], ad.lora_A.shape[1], ad.lora_A.dtype, ad.lora_A.device)
+                groups.setdefault(key, []).append(ad)
+        for members in groups.values():
+            if len(members) > 1:
+                shared = _SharedInput(members)
+                for ad in members:
+                    ad.shared = shared
 
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAConfig) -> None:
         adapter.scale = self.scale(cfg, path, adapter.lora_A.shape[0])  # type: ignore[union-attr]
