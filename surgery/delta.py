@@ -55,8 +55,7 @@ class Delta:
 
 
 def _suffixes(method: str) -> tuple[str, ...]:
-    m = get_method(method)
-    return tuple(getattr(m, "tensor_suffixes", ("lora_A.weight", "lora_B.weight")))
+    return get_method(method).tensor_suffixes
 
 
 def _base_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -41,6 +41,7 @@ class Method(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
     default_targets: ClassVar[Any] = None
+    tensor_suffixes: ClassVar[tuple[str, ...]] = ()  # the learned tensors' keys under a site path
 
     def config(self, **kwargs: Any) -> Any:
         fields = {f.name for f in dataclasses.fields(self.Config)}
