@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import torch  # noqa: E402
+
+from registry import store  # noqa: E402
 
 SMALL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, vocab_size=1000)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,14 +63,6 @@ def build() -> tuple[Any, Any]:
     return base, ours
 
 
-def fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def bench_push_pull(work: Path, delta: Any, rounds: int) -> dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
@@ -86,7 +79,7 @@ def bench_push_pull(work: Path, delta: Any, rounds: int) -> dict[str, Any]:
         tensors[key].view(-1)[0] = float(counter[0])
 
     fns = {
-        "raw_save_file_fsync": lambda: (save_file(tensors, str(raw)), fsync_path(raw)),
+        "raw_save_file_fsync": lambda: (save_file(tensors, str(raw)), store.fsync_file(raw)),
         "hub_push_new": lambda: hub.push(delta, "bench/push"),
     }
     st = C.interleaved(fns, rounds, warmup=2, setup={"raw_save_file_fsync": bump, "hub_push_new": bump})
