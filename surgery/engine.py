@@ -233,8 +233,9 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
 
 
 def attach(model: nn.Module, name: str, method: Method, cfg: Any,
-           made: list[tuple[str, nn.Module, Adapter]]) -> Injection:
-    """Attach built adapters under `name` (the step of `inject` that cannot fail)."""
+           made: list[tuple[str, nn.Module, Adapter]], *, activate: bool = True) -> Injection:
+    """Attach built adapters under `name` (the step of `inject` that cannot fail).
+    With `activate=False` the delta does not join the default active set."""
     st = _state(model)
     if not st.entries:  # first delta: remember trainability to give it back on remove
         st.params = list(model.parameters())
@@ -252,7 +253,8 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
             p.requires_grad_(True)
     inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
     st.entries[name] = _Entry(inj, method, cfg)
-    st.default_active = st.default_active + (name,)
+    if activate:
+        st.default_active = st.default_active + (name,)
     method.attached({path: ad for path, _, ad in made})
     return inj
 
