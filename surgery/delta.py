@@ -143,7 +143,7 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
                 f"delta {delta.name!r}: module {path!r} is a {type(mod).__name__}, "
                 f"which method {delta.method!r} cannot attach to"
             )
-        ad = method.make(mod, path, cfg, shapes={k: t.shape for k, t in ts.items()})
+        ad = method.make(mod, path, cfg, shapes={k: t.shape for k, t in ts.items()}, model=model)
         _check_fit(delta, path, ad.tensors(), ts)
         made.append((path, mod, ad))
     with torch.no_grad():

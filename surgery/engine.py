@@ -20,6 +20,8 @@ import contextlib
 import copy
 import itertools
 import re
+import threading
+import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from surgery.errors import InjectionError, MergeError, SelectorError
+from surgery import compose
+from surgery.errors import CompositionError, InjectionError, MergeError, SelectorError, SurgeryError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight
 from surgery.methods.base import Adapter, Method, get_method
 from surgery.selectors import no_hit_error, sel, select
@@ -38,8 +41,9 @@ CHILD = "surgery"  # name of the ModuleDict of adapters inside a site module
 _STATE_ATTR = "_surgery_state"
 _NAME_RX = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
-# token of a model's state -> names active in this context; None: no override anywhere
-_OVERRIDE: ContextVar[dict[int, tuple[str, ...]] | None] = ContextVar("surgery_active", default=None)
+# token of a model's state -> spec active in this context (names and composition blocks);
+# None: no override anywhere
+_OVERRIDE: ContextVar[dict[int, tuple[Any, ...]] | None] = ContextVar("surgery_active", default=None)
 _tokens = itertools.count(1)
 
 
@@ -75,6 +79,7 @@ class _Site:
         self.module = module
         self.live: dict[str, Adapter] = {}  # injected and not merged
         self.merged: list[tuple[str, MergeRecord]] = []  # a stack: last merged on top
+        self.bypass: list[tuple[nn.Module, Any]] = []  # (module, its own instance `forward` or None) we replaced
         if CHILD in module._modules:
             raise InjectionError(f"module {path!r} already has a child named {CHILD!r}; cannot inject there")
         module.add_module(CHILD, nn.ModuleDict())
@@ -89,18 +94,92 @@ class _Site:
         if not live:
             return None
         x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
+        spec = self.state.active()
         # the output may be updated in place only if no hook before ours has seen it
-        inplace = not _global_forward_hooks and next(iter(module._forward_hooks)) == self.handle.id
-        for name in self.state.active():
+        inplace = out is not None and not _global_forward_hooks \
+            and next(iter(module._forward_hooks)) == self.handle.id
+        if any(type(n) is not str for n in spec):
+            return compose.run(self, spec, x, out)
+        for name in spec:
             ad = live.get(name)
             if ad is not None:
-                out = ad.contribute(x, out, inplace)
+                if getattr(ad, "members", None):  # a fusion, active by its own name
+                    out = compose.run(self, (name,), x, out)
+                else:
+                    out = ad.contribute(x if ad.entry is None else self.state.tap_input(ad.entry), out, inplace)
                 inplace = True  # ours now: a fresh tensor or one we already own
         return out
 
+    def skips_base(self) -> bool:
+        """Whether the first adapter to run here replaces the output, so the base need not run."""
+        ad = compose.first_live(self.state.active(), self.live)
+        return ad is not None and ad.replaces
+
+    def add_bypass(self, entry: nn.Module | None) -> None:
+        """Let a replacing adapter skip the base computation: the site's forward (and the
+        entry's, for a sublayer site) become a `_Bypass` that runs the original only when needed."""
+        if self.bypass:
+            return
+        for mod, role in ((self.module, "exit"), (entry, "entry")):
+            if mod is None or mod is self.module and role == "entry":
+                continue
+            prev = mod.__dict__.get("forward")
+            if isinstance(prev, _Bypass):
+                raise InjectionError(f"module {type(mod).__name__} is already bypassed by another site")
+            self.bypass.append((mod, prev))
+            mod.__dict__["forward"] = _Bypass(self, mod, prev, role)
+
+    def drop_bypass(self) -> None:
+        for mod, prev in self.bypass:
+            if prev is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.__dict__["forward"] = prev
+        self.bypass = []
+
     def detach(self) -> None:
+        self.drop_bypass()
         self.handle.remove()
         del self.module._modules[CHILD]
+
+
+class _Bypass:
+    """An instance-level `forward` on a site (or its entry) that skips the module's own
+    computation while a replacing adapter runs first at the site. The exit returns None
+    (the site's hook builds the output), the entry its input (only the exit reads it)."""
+
+    def __init__(self, site: _Site, module: nn.Module, prev: Any, role: str) -> None:
+        self.site, self.module, self.prev, self.role = site, module, prev, role
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.site.skips_base():
+            if self.role == "exit":
+                return None
+            return args[0] if args else next(iter(kwargs.values()))
+        if self.prev is not None:
+            return self.prev(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class _Tap:
+    """Remembers, per thread, the input of an entry module (a weak reference: the exit
+    of the sublayer runs while the tensor is alive; nothing is kept past that)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.users = 0
+        self.seen: dict[int, weakref.ref] = {}
+        self.handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.seen[threading.get_ident()] = weakref.ref(x)
+
+    def __deepcopy__(self, memo: dict) -> _Tap:
+        new = _Tap.__new__(_Tap)
+        memo[id(self)] = new
+        new.users, new.seen = self.users, {}
+        new.handle = copy.deepcopy(self.handle, memo)
+        return new
 
 
 class _State:
@@ -110,7 +189,9 @@ class _State:
         self.token = next(_tokens)
         self.entries: dict[str, _Entry] = {}
         self.sites: dict[str, _Site] = {}
-        self.default_active: tuple[str, ...] = ()
+        self.default_active: tuple[Any, ...] = ()
+        self.taps: dict[str, _Tap] = {}  # entry module path -> its input tap
+        self.root: Any = None  # handle of the model's pre-hook (Parallel repeats the inputs)
         self.params: list[nn.Parameter] = []
         self.requires_grad: list[bool] = []  # flags of `params` before the first injection
         self.fingerprint: str | None = None  # the base's, cached by surgery.fingerprint
@@ -124,11 +205,28 @@ class _State:
         new.token = next(_tokens)
         return new
 
-    def override(self) -> tuple[str, ...] | None:
+    def override(self) -> tuple[Any, ...] | None:
         ov = _OVERRIDE.get()
         return None if ov is None else ov.get(self.token)
 
-    def active(self) -> tuple[str, ...]:
+    def tap_input(self, path: str) -> torch.Tensor:
+        tap = self.taps.get(path)
+        ref = tap.seen.get(threading.get_ident()) if tap is not None else None
+        x = ref() if ref is not None else None
+        if x is None:
+            raise SurgeryError(
+                f"the input of {path!r} is not available: an adapter reads it, so that module must run "
+                "earlier in the same forward (call the whole model, not a submodule)"
+            )
+        return x
+
+    def root_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        n = compose.parallel_copies(self.active())
+        if n == 1:
+            return None
+        return _repeat_batch(args, kwargs, n)
+
+    def active(self) -> tuple[Any, ...]:
         ov = _OVERRIDE.get()
         if ov is not None:
             names = ov.get(self.token)
@@ -141,6 +239,26 @@ class _State:
         return bool(sep) and head in self.sites
 
 
+# keyword inputs of transformers models that carry the batch in dim 0 (Parallel repeats them)
+_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
+                 "pixel_values", "decoder_input_ids", "decoder_attention_mask", "input_values", "input")
+
+
+def _repeat_batch(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict]:
+    """The model's inputs with the batch repeated n times (copy i is rows i*B..(i+1)*B)."""
+    first = next((t for t in (*args, *(kwargs.get(k) for k in _BATCH_KWARGS)) if isinstance(t, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        raise CompositionError("Parallel: found no batched tensor input to repeat")
+    b = first.shape[0]
+
+    def rep(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b:
+            return t.repeat(n, *([1] * (t.dim() - 1)))
+        return t
+
+    return tuple(rep(a) for a in args), {k: rep(v) if k in _BATCH_KWARGS else v for k, v in kwargs.items()}
+
+
 def state_of(model: nn.Module) -> _State | None:
     return model.__dict__.get(_STATE_ATTR)
 
@@ -150,6 +268,7 @@ def _state(model: nn.Module) -> _State:
     if st is None:
         st = _State()
         model.__dict__[_STATE_ATTR] = st
+        st.root = model.register_forward_pre_hook(st.root_hook, with_kwargs=True)
     return st
 
 
@@ -186,16 +305,16 @@ def site_module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
-def resolve_sites(model: nn.Module, method: Method, targets: Any) -> list[tuple[str, nn.Module]]:
-    """The modules `targets` hits that `method` can attach to, or a clear error."""
+def resolve_sites(model: nn.Module, method: Method, targets: Any, cfg: Any = None) -> list[tuple[str, nn.Module]]:
+    """The sites `method` attaches to for what `targets` hits, or a clear error."""
     st = state_of(model)
     skip = st.is_adapter_path if st else None
     if targets is None:
-        targets = method.default_targets
+        targets = method.targets(cfg)
     hits = select(model, targets, skip=skip)
     if not hits:
         raise no_hit_error(model, targets, skip=skip)
-    sites = [(p, m) for p, m in hits if method.supports(m)]
+    sites = method.place(model, hits, cfg)
     if not sites:
         shown = ", ".join(f"{p} ({type(m).__name__})" for p, m in hits[:8])
         more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
@@ -227,15 +346,33 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
     m = get_method(method)
     cfg = m.config(**config)
     check_name(model, name)
-    sites = resolve_sites(model, m, targets)
-    made = [(p, mod, m.make(mod, p, cfg)) for p, mod in sites]  # may raise: nothing attached yet
+    sites = resolve_sites(model, m, targets, cfg)
+    made = [(p, mod, m.make(mod, p, cfg, model=model)) for p, mod in sites]  # may raise: nothing attached yet
     return attach(model, name, m, cfg, made)
+
+
+def check_overlap(model: nn.Module, made: list[tuple[str, nn.Module, Adapter]]) -> None:
+    """A replacing adapter skips the whole module it sits on: no other site may lie inside it."""
+    st = state_of(model)
+    if st is None:
+        return
+    replaced = [p for p, s in st.sites.items() if any(a.replaces for a in s.live.values())]
+    replaced += [p for p, _, ad in made if ad.replaces]
+    paths = list(st.sites) + [p for p, _, _ in made]
+    for r in replaced:
+        inner = next((p for p in paths if p.startswith(r + ".")), None)
+        if inner is not None:
+            raise InjectionError(
+                f"site {inner!r} lies inside {r!r}, whose computation a replacing delta (moe) takes "
+                "over; a delta there would not run. Remove one of them, or inject the other first elsewhere"
+            )
 
 
 def attach(model: nn.Module, name: str, method: Method, cfg: Any,
            made: list[tuple[str, nn.Module, Adapter]], *, activate: bool = True) -> Injection:
     """Attach built adapters under `name` (the step of `inject` that cannot fail).
     With `activate=False` the delta does not join the default active set."""
+    check_overlap(model, made)
     st = _state(model)
     if not st.entries:  # first delta: remember trainability to give it back on remove
         st.params = list(model.parameters())
@@ -249,12 +386,20 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
         ad.train(mod.training)  # follow the model's mode: no dropout at inference
         site.adapters[name] = ad
         site.live[name] = ad
+        if ad.entry is not None:
+            tap = st.taps.get(ad.entry)
+            if tap is None:
+                tap = st.taps[ad.entry] = _Tap(model.get_submodule(ad.entry))
+            tap.users += 1
+        if ad.replaces:
+            site.add_bypass(model.get_submodule(ad.entry) if ad.entry is not None else None)
         for p in ad.parameters():
             p.requires_grad_(True)
     inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
     st.entries[name] = _Entry(inj, method, cfg)
-    if activate:
-        st.default_active = st.default_active + (name,)
+    if activate:  # a fusion runs its members itself: they leave the plain active set
+        members = set(method.members(cfg))
+        st.default_active = tuple(a for a in st.default_active if a not in members) + (name,)
     method.attached({path: ad for path, _, ad in made})
     return inj
 
@@ -268,6 +413,11 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             return
         raise InjectionError(f"no delta named {name!r} in this model; injected: none")
     todo = list(st.entries) if name is None else [_entry(model, name).injection.name]
+    users = [f for f, e in st.entries.items() if f not in todo and set(e.method.members(e.cfg)) & set(todo)]
+    if users:
+        raise InjectionError(
+            f"delta {todo[0]!r} is fused in {users}; surgery.remove(model, {users[0]!r}) first"
+        )
     for n in reversed(todo):
         if not keep_merged and any(n == mn for s in st.sites.values() for mn, _ in s.merged):
             unmerge(model, n)
@@ -277,50 +427,88 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             site = st.sites[path]
             site.merged = [(mn, r) for mn, r in site.merged if mn != n]
             site.live.pop(n, None)
+            ad = site.adapters[n]
             del site.adapters[n]
+            if ad.entry is not None:
+                tap = st.taps[ad.entry]
+                tap.users -= 1
+                if not tap.users:
+                    tap.handle.remove()
+                    del st.taps[ad.entry]
+            if ad.replaces and not any(a.replaces for a in site.adapters.values()):
+                site.drop_bypass()
             if not len(site.adapters):
                 site.detach()
                 del st.sites[path]
-        st.default_active = tuple(a for a in st.default_active if a != n)
+        st.default_active = tuple(a for a in st.default_active if n not in _spec_names((a,)))
+        members = entry.method.members(entry.cfg)
+        if members:  # the members it froze become trainable again (unless another fusion holds them)
+            held = {m for e in st.entries.values() for m in e.method.members(e.cfg)}
+            for m in members:
+                if m in st.entries and m not in held:
+                    for ad in adapters(model, m).values():
+                        ad.requires_grad_(True)
     if not st.entries:
         for p, flag in zip(st.params, st.requires_grad, strict=False):
             p.requires_grad_(flag)
+        st.root.remove()
         del model.__dict__[_STATE_ATTR]
 
 
-def activate(model: nn.Module, *names: str) -> None:
-    """Set the deltas active by default (outside any `use` / `disable`)."""
-    st = _check_active(model, names)
+def activate(model: nn.Module, *names: Any) -> None:
+    """Set the deltas active by default (outside any `use` / `disable`): names or
+    composition blocks (`surgery.Stack`, `Fuse`, `Average`, `Parallel`, `BatchSplit`)."""
+    st, spec = _check_active(model, names)
     if st is not None:
-        st.default_active = tuple(names)
+        st.default_active = spec
 
 
-def _check_active(model: nn.Module, names: tuple[str, ...]) -> _State | None:
+def _spec_names(spec: tuple[Any, ...]) -> list[str]:
+    out: list[str] = []
+    for it in spec:
+        if isinstance(it, str):
+            out.append(it)
+        elif isinstance(it, compose.Block):
+            out.extend(it.names())
+            if isinstance(it, compose.Fuse) and it.fusion:
+                out.append(it.fusion)
+    return out
+
+
+def _check_active(model: nn.Module, names: tuple[Any, ...]) -> tuple[_State | None, tuple[Any, ...]]:
     st = state_of(model)
-    for n in names:
-        _entry(model, n)
     if st is None:
-        return None
+        for n in names:
+            if isinstance(n, compose.Block):
+                n = next(iter(n.names()))
+            _entry(model, n)
+        return None, ()
     merged = {mn for s in st.sites.values() for mn, _ in s.merged}
-    off = sorted(merged - set(names))
+    for n in names:
+        if isinstance(n, str):
+            _entry(model, n)
+    spec = compose.normalize(st, tuple(names), merged)
+    off = sorted(merged - set(_spec_names(spec)))
     if off:
         raise MergeError(
             f"delta(s) {off} are merged into the base weights and cannot be switched off; "
             f"surgery.unmerge(model, {off[0]!r}) first"
         )
-    return st
+    return st, spec
 
 
 @contextlib.contextmanager
-def use(model: nn.Module, *names: str) -> Iterator[None]:
-    """Within this context (this thread / asyncio task only), run `model` with exactly these deltas."""
-    st = _check_active(model, names)
+def use(model: nn.Module, *names: Any) -> Iterator[None]:
+    """Within this context (this thread / asyncio task only), run `model` with exactly these
+    deltas: names, or composition blocks (`surgery.Stack`, `Fuse`, `Average`, `Parallel`,
+    `BatchSplit`) that say how they combine."""
+    st, spec = _check_active(model, names)
     if st is None:  # nothing injected: the base alone either way
         yield
         return
     cur = _OVERRIDE.get()
     new = dict(cur) if cur else {}
-    new[st.token] = tuple(names)
+    new[st.token] = spec
     tok = _OVERRIDE.set(new)
     try:
         yield
@@ -333,8 +521,8 @@ def disable(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return use(model)
 
 
-def active(model: nn.Module) -> tuple[str, ...]:
-    """The deltas active for `model` in the current context."""
+def active(model: nn.Module) -> tuple[Any, ...]:
+    """The deltas active for `model` in the current context (names and blocks)."""
     st = state_of(model)
     return st.active() if st else ()
 
@@ -362,6 +550,11 @@ def merge(model: nn.Module, name: str | None = None) -> None:
     """
     st = state_of(model)
     todo = [name] if name is not None else list(st.active() if st else ())
+    if any(not isinstance(n, str) for n in todo):
+        raise MergeError(
+            f"the active set {todo} holds a composition block; merge deltas by name, "
+            "e.g. surgery.merge(model, 'a')"
+        )
     for n in todo:
         entry = _entry(model, n)
         assert st is not None

@@ -29,3 +29,7 @@ class MergeError(SurgeryError):
 
 class DeltaMismatchError(SurgeryError):
     """A Delta does not fit the model it is applied to."""
+
+
+class CompositionError(SurgeryError, ValueError):
+    """A composition of deltas (Stack, Fuse, Average, Parallel, BatchSplit) is not possible as given."""

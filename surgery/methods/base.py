@@ -17,7 +17,16 @@ class Adapter(nn.Module, abc.ABC):
 
     The engine calls `contribute(x, out)` from a forward hook on the site's
     module, with the site's input and output; it returns the new output.
+
+    `entry`, when set, is the path of another module whose *input* the adapter
+    reads instead of the site's (a sublayer site: the FFN's input, its output
+    at the site). An adapter that `replaces` computes the site's whole output
+    from that input; when it runs first, the engine skips the base computation
+    and `contribute` gets `out=None`.
     """
+
+    entry: str | None = None
+    replaces: ClassVar[bool] = False
 
     @abc.abstractmethod
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -43,6 +52,18 @@ class Method(abc.ABC):
     default_targets: ClassVar[Any] = None
     tensor_suffixes: ClassVar[tuple[str, ...]] = ()  # the learned tensors' keys under a site path
 
+    def targets(self, cfg: Any) -> Any:
+        """The selector used when `inject` gets no `targets=`."""
+        return self.default_targets
+
+    def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: Any) -> list[tuple[str, nn.Module]]:
+        """The sites for the modules a selector hit (default: those this method supports)."""
+        return [(p, m) for p, m in hits if self.supports(m)]
+
+    def members(self, cfg: Any) -> tuple[str, ...]:
+        """Names of the deltas a composing delta (a fusion) runs over; () for others."""
+        return ()
+
     def config(self, **kwargs: Any) -> Any:
         fields = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(kwargs) - fields)
@@ -63,9 +84,11 @@ class Method(abc.ABC):
         """Whether this method can attach to `module`."""
 
     @abc.abstractmethod
-    def make(self, module: nn.Module, path: str, cfg: Any, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+    def make(self, module: nn.Module, path: str, cfg: Any, shapes: dict[str, torch.Size] | None = None,
+             *, model: nn.Module | None = None) -> Adapter:
         """Build the adapter for one site. `shapes`, when given, are the tensor
-        shapes of a stored delta for this site (so per-site ranks are kept)."""
+        shapes of a stored delta for this site (so per-site ranks are kept);
+        `model` is the whole model, for methods whose sites span modules."""
 
     def attached(self, adapters: dict[str, Adapter]) -> None:
         """Called once a delta's adapters are in place (site path -> adapter)."""

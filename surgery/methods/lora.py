@@ -271,7 +271,7 @@ class LoRA(Method):
         adapter.scale = self.scale(cfg, path, adapter.lora_A.shape[0])  # type: ignore[union-attr]
 
     def make(self, module: nn.Module, path: str, cfg: LoRAConfig,
-             shapes: dict[str, torch.Size] | None = None) -> Adapter:
+             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
         # a stored delta fixes the rank; the scale follows from it
         r = int(shapes["lora_A.weight"][0]) if shapes else self._pattern(cfg.rank_pattern, path, cfg.r)
         scale = self.scale(cfg, path, r)
