@@ -8,6 +8,8 @@ modules there, merge, unmerge, and move what they learned as Deltas.
 from __future__ import annotations
 
 from surgery import methods as _methods  # noqa: F401  (fills the method table)
+from surgery.combine import combine
+from surgery.compose import Average, BatchSplit, Fuse, Parallel, Stack
 from surgery.delta import Delta, apply, delta, fingerprint
 from surgery.engine import (
     Injection,
@@ -25,6 +27,7 @@ from surgery.engine import (
     use,
 )
 from surgery.errors import (
+    CompositionError,
     ConfigError,
     DeltaMismatchError,
     GraphError,
@@ -34,6 +37,7 @@ from surgery.errors import (
     SurgeryError,
 )
 from surgery.methods import METHODS
+from surgery.methods.fusion import fuse, fusion_weights
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.summary import Summary, summary
 
@@ -72,9 +76,11 @@ def trace(model, example_inputs=None) -> None:  # type: ignore[no-untyped-def]
 
 
 __all__ = [
+    "Average", "BatchSplit", "CompositionError", "Fuse", "Parallel", "Stack", "fuse", "fusion_weights",
     "ConfigError", "Delta", "DeltaMismatchError", "GraphError", "Injection", "InjectionError",
     "METHODS", "MergeError", "Sel", "SelectorError", "Site", "Summary", "SurgeryError",
     "activate", "active", "apply", "delta", "disable", "find", "fingerprint", "freeze", "inject",
     "layers", "merge", "merged", "names", "remove", "sel", "summary", "trace", "unfreeze",
     "unmerge", "use",
+    "combine",
 ]

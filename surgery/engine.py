@@ -21,7 +21,6 @@ import copy
 import itertools
 import re
 import threading
-import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ class _Site:
         self.live: dict[str, Adapter] = {}  # injected and not merged
         self.merged: list[tuple[str, MergeRecord]] = []  # a stack: last merged on top
         self.bypass: list[tuple[nn.Module, Any]] = []  # (module, its own instance `forward` or None) we replaced
+        self.taps: list[_Tap] = []  # taps of the entries its adapters read
         if CHILD in module._modules:
             raise InjectionError(f"module {path!r} already has a child named {CHILD!r}; cannot inject there")
         module.add_module(CHILD, nn.ModuleDict())
@@ -90,6 +90,15 @@ class _Site:
         return self.module._modules[CHILD]  # type: ignore[return-value]
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        if not self.taps:
+            return self._run(module, args, kwargs, out)
+        try:
+            return self._run(module, args, kwargs, out)
+        finally:  # the entries' inputs were for this call only
+            for tap in self.taps:
+                tap.seen.pop(threading.get_ident(), None)
+
+    def _run(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         live = self.live
         if not live:
             return None
@@ -162,17 +171,16 @@ class _Bypass:
 
 
 class _Tap:
-    """Remembers, per thread, the input of an entry module (a weak reference: the exit
-    of the sublayer runs while the tensor is alive; nothing is kept past that)."""
+    """Remembers, per thread, the input of an entry module until the site that reads it
+    has run (its hook drops it then)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.users = 0
-        self.seen: dict[int, weakref.ref] = {}
+        self.seen: dict[int, torch.Tensor] = {}
         self.handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
-        self.seen[threading.get_ident()] = weakref.ref(x)
+        self.seen[threading.get_ident()] = args[0] if args else next(iter(kwargs.values()))
 
     def __deepcopy__(self, memo: dict) -> _Tap:
         new = _Tap.__new__(_Tap)
@@ -211,8 +219,7 @@ class _State:
 
     def tap_input(self, path: str) -> torch.Tensor:
         tap = self.taps.get(path)
-        ref = tap.seen.get(threading.get_ident()) if tap is not None else None
-        x = ref() if ref is not None else None
+        x = tap.seen.get(threading.get_ident()) if tap is not None else None
         if x is None:
             raise SurgeryError(
                 f"the input of {path!r} is not available: an adapter reads it, so that module must run "
@@ -391,6 +398,8 @@ def attach(model: nn.Module, name: str, method: Method, cfg: Any,
             if tap is None:
                 tap = st.taps[ad.entry] = _Tap(model.get_submodule(ad.entry))
             tap.users += 1
+            if tap not in site.taps:
+                site.taps.append(tap)
         if ad.replaces:
             site.add_bypass(model.get_submodule(ad.entry) if ad.entry is not None else None)
         for p in ad.parameters():
@@ -432,6 +441,8 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             if ad.entry is not None:
                 tap = st.taps[ad.entry]
                 tap.users -= 1
+                if not any(a.entry == ad.entry for a in site.adapters.values()):
+                    site.taps.remove(tap)
                 if not tap.users:
                     tap.handle.remove()
                     del st.taps[ad.entry]

@@ -6,6 +6,8 @@ subclass decorated with `@register`, and importing it at the bottom of this file
 
 from __future__ import annotations
 
+from surgery.methods import adapter as _adapter  # noqa: E402,F401  (registers "adapter")
+from surgery.methods import fusion as _fusion  # noqa: E402,F401  (registers "fusion")
 from surgery.methods import lora as _lora  # noqa: E402,F401  (registers "lora")
 from surgery.methods.base import METHODS, Method, get_method, register
 

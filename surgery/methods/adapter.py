@@ -1,0 +1,181 @@
+r"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021; He et al., 2022).
+
+A bottleneck adapter maps a sublayer's hidden state :math:`h \in \mathbb{R}^d`
+through a small MLP and adds it back:
+
+.. math::  a(h) = s \, W_{up}\, f(W_{down} h + b_{down}) + b_{up}, \qquad
+           W_{down} \in \mathbb{R}^{b \times d},\; W_{up} \in \mathbb{R}^{d \times b}
+
+* ``houlsby``: :math:`y = o + a(o)` on the attention block's output projection
+  (role ``@o``) and on the FFN's (``@mlp.down``): after each sublayer, before
+  its residual add and layer norm. Default activation swish.
+* ``pfeiffer``: the same after the FFN only (``@mlp.down``). Default ReLU.
+* ``parallel``: beside the FFN, :math:`y = \mathrm{FFN}(x) + a(x)` with the
+  FFN's *input* x (a sublayer site, see `surgery.sublayers`), ``scale`` s
+  defaulting to 4. Default ReLU.
+
+The size is ``bottleneck=`` b units, or ``reduction=`` r with b = d // r.
+:math:`W_{down}` starts as `nn.Linear` does (Kaiming-uniform), :math:`W_{up}` and
+:math:`b_{up}` at zero, so the model's output is unchanged at injection.
+Parameters per adapter: :math:`2 d b + b + d` (Houlsby on BERT-base, b = 64:
+2 adapters x 12 layers x 99,136 = 2.38 M). Tensors are stored under the site as
+``adapter_down.weight`` [b, d], ``adapter_down.bias``, ``adapter_up.weight``
+[d, b], ``adapter_up.bias``. Adapters do not merge into the base weights (the
+activation is in the way): `surgery.merge` raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.errors import ConfigError
+from surgery.methods.base import Adapter, Method, register
+from surgery.sublayers import ffn_sublayers, out_width
+
+STYLES = ("houlsby", "pfeiffer", "parallel")
+_ACTIVATIONS = {
+    "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+_DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
+
+
+@dataclass
+class AdapterConfig:
+    style: str = "pfeiffer"
+    bottleneck: int | None = None  # units; or
+    reduction: float | None = None  # hidden size / bottleneck (default 16 when neither is given)
+    scale: float | None = None  # output scale: 4.0 for parallel, 1.0 otherwise
+    activation: str | None = None  # swish for houlsby, relu otherwise
+    dropout: float = 0.0  # on the adapter's input, in training
+
+
+def _param_dtype(like: torch.Tensor) -> torch.dtype:
+    # half-precision bases train their adapters in fp32, as LoRA does
+    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+
+
+class Bottleneck(Adapter):
+    """down-projection, activation, up-projection, added to the site's output."""
+
+    def __init__(self, d_in: int, d_out: int, bottleneck: int, scale: float, activation: str,
+                 dropout: float, parallel: bool, like: torch.Tensor) -> None:
+        super().__init__()
+        kw = {"device": like.device, "dtype": _param_dtype(like)}
+        self.adapter_down = nn.Linear(d_in, bottleneck, **kw)
+        self.adapter_up = nn.Linear(bottleneck, d_out, **kw)
+        self.scale, self.activation, self.p, self.parallel = scale, activation, dropout, parallel
+        self.act = _ACTIVATIONS[activation]
+        if not like.is_meta:
+            with torch.no_grad():
+                self.adapter_up.weight.zero_()
+                self.adapter_up.bias.zero_()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"adapter_down.weight": self.adapter_down.weight, "adapter_down.bias": self.adapter_down.bias,
+                "adapter_up.weight": self.adapter_up.weight, "adapter_up.bias": self.adapter_up.bias}
+
+    def extra_repr(self) -> str:
+        kind = "parallel" if self.parallel else "sequential"
+        return f"{kind}, bottleneck={self.adapter_down.out_features}, scale={self.scale:g}, act={self.activation}"
+
+    def delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What this adapter adds to the site's output."""
+        h = x if self.parallel else out
+        w = self.adapter_down.weight
+        h = h.to(w.dtype)
+        if self.p and self.training:
+            h = F.dropout(h, self.p, training=True)
+        a = self.adapter_up(self.act(self.adapter_down(h)))
+        if self.scale != 1.0:
+            a = a * self.scale
+        return a.to(out.dtype)
+
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        d = self.delta(x, out)
+        if inplace and not (torch.is_grad_enabled() and (out.requires_grad or d.requires_grad)):
+            return out.add_(d)
+        return out + d
+
+
+@register
+class BottleneckAdapter(Method):
+    name = "adapter"
+    Config = AdapterConfig
+    tensor_suffixes = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+
+    def targets(self, cfg: AdapterConfig | None) -> Any:
+        style = cfg.style if cfg is not None else "pfeiffer"
+        return {"houlsby": ["@o", "@mlp.down"], "pfeiffer": "@mlp.down", "parallel": "@mlp"}[style]
+
+    def validate(self, cfg: AdapterConfig) -> None:
+        if cfg.style not in STYLES:
+            raise ConfigError(f"adapter: unknown style {cfg.style!r}; use one of {list(STYLES)}")
+        if cfg.bottleneck is not None and cfg.reduction is not None:
+            raise ConfigError("adapter: give bottleneck= (units) or reduction= (hidden size / bottleneck), not both")
+        if cfg.bottleneck is not None and not (
+                isinstance(cfg.bottleneck, int) and not isinstance(cfg.bottleneck, bool) and cfg.bottleneck > 0):
+            raise ConfigError(f"adapter: bottleneck must be a positive integer, got {cfg.bottleneck!r}")
+        if cfg.reduction is not None and not (
+                isinstance(cfg.reduction, (int, float)) and not isinstance(cfg.reduction, bool) and cfg.reduction >= 1):
+            raise ConfigError(f"adapter: reduction must be a number >= 1, got {cfg.reduction!r}")
+        if cfg.scale is not None and not (isinstance(cfg.scale, (int, float)) and not isinstance(cfg.scale, bool)):
+            raise ConfigError(f"adapter: scale must be a number, got {cfg.scale!r}")
+        if cfg.activation is not None and cfg.activation not in _ACTIVATIONS:
+            raise ConfigError(f"adapter: unknown activation {cfg.activation!r}; use one of {sorted(_ACTIVATIONS)}")
+        if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+            raise ConfigError(f"adapter: dropout must be in [0, 1), got {cfg.dropout!r}")
+
+    def supports(self, module: nn.Module) -> bool:
+        return out_width(module) is not None
+
+    def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: AdapterConfig) -> list:
+        if cfg.style == "parallel":
+            return [(s.path, s.module) for s in ffn_sublayers(model, hits)]
+        return super().place(model, hits, cfg)
+
+    def make(self, module: nn.Module, path: str, cfg: AdapterConfig,
+             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+        entry = None
+        d_out = out_width(module)
+        d_in = d_out
+        if cfg.style == "parallel":
+            if model is None:
+                raise ConfigError("adapter: a parallel adapter needs the model to find its FFN's input")
+            sub = next(iter(ffn_sublayers(model, [(path, module)])))
+            entry, d_in, d_out = sub.entry, sub.d_in, sub.d_out
+            if sub.path != path:
+                raise ConfigError(f"adapter: {path!r} is not an FFN site (its FFN is {sub.path!r})")
+        assert d_in is not None and d_out is not None
+        if shapes:
+            b = int(shapes["adapter_down.weight"][0])
+        elif cfg.bottleneck is not None:
+            b = cfg.bottleneck
+        else:
+            b = max(1, int(d_in // (cfg.reduction or 16)))
+        if b > d_in:
+            raise ConfigError(
+                f"adapter: bottleneck {b} is larger than the hidden size {d_in} at {path!r}; "
+                f"a bottleneck adapter must narrow: use bottleneck <= {d_in}"
+            )
+        like = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if like is None:
+            like = torch.empty(0)
+        style = cfg.style
+        scale = cfg.scale if cfg.scale is not None else (4.0 if style == "parallel" else 1.0)
+        ad = Bottleneck(d_in, d_out, b, float(scale), cfg.activation or _DEFAULT_ACT[style], cfg.dropout,
+                        style == "parallel", like)
+        ad.entry = entry
+        return ad
+
+    def refresh(self, adapter: Adapter, path: str, cfg: AdapterConfig) -> None:
+        style = cfg.style
+        adapter.scale = float(cfg.scale if cfg.scale is not None else (4.0 if style == "parallel" else 1.0))  # type: ignore[assignment]
+
+
+__all__ = ["AdapterConfig", "Bottleneck", "BottleneckAdapter"]
