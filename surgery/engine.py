@@ -583,7 +583,10 @@ def merge(model: nn.Module, name: str | None = None) -> None:
         for s in sites:  # check every site before touching any weight
             f = s.adapters[n].merge_factors(s.module)
             if f is None:
-                raise MergeError(f"method {entry.method.name!r} cannot be merged into the base weights")
+                raise MergeError(
+                    f"delta {n!r} ({entry.method.name}) has no merge rule: its output is not a weight update "
+                    "(an activation or a per-token router is in the way); keep it unmerged"
+                )
             owners = shared.get(id(_weight(s)))
             if owners:
                 raise MergeError(
