@@ -451,8 +451,11 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             if not len(site.adapters):
                 site.detach()
                 del st.sites[path]
-        st.default_active = tuple(a for a in st.default_active if n not in _spec_names((a,)))
         members = entry.method.members(entry.cfg)
+        # a fusion active by name gives its place back to its adapters, which run on their own again
+        back = tuple(m for m in members if m in st.entries and m not in _spec_names(st.default_active))
+        st.default_active = tuple(x for a in st.default_active
+                                  for x in (back if a == n else () if n in _spec_names((a,)) else (a,)))
         if members:  # the members it froze become trainable again (unless another fusion holds them)
             held = {m for e in st.entries.values() for m in e.method.members(e.cfg)}
             for m in members:
