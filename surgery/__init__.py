@@ -38,6 +38,7 @@ from surgery.errors import (
 )
 from surgery.methods import METHODS
 from surgery.methods.fusion import fuse, fusion_weights
+from surgery.methods.moe import aux_loss
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.summary import Summary, summary
 
@@ -82,5 +83,5 @@ __all__ = [
     "activate", "active", "apply", "delta", "disable", "find", "fingerprint", "freeze", "inject",
     "layers", "merge", "merged", "names", "remove", "sel", "summary", "trace", "unfreeze",
     "unmerge", "use",
-    "combine",
+    "combine", "aux_loss",
 ]

@@ -32,13 +32,19 @@ class Delta:
     def sites(self) -> dict[str, dict[str, torch.Tensor]]:
         """Site path -> {suffix: tensor}, in the order the tensors are stored."""
         suffixes = _suffixes(self.method)
+        exact = [s for s in suffixes if not s.endswith("*")]
+        prefixes = [s[:-1] for s in suffixes if s.endswith("*")]  # "experts.*": any key under ".experts."
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in self.tensors.items():
-            for suf in suffixes:
+            for suf in exact:
                 if key.endswith("." + suf):
                     out.setdefault(key[: -len(suf) - 1], {})[suf] = t
                     break
             else:
+                at = min((i for i in (key.find("." + pre) for pre in prefixes) if i > 0), default=-1)
+                if at > 0:
+                    out.setdefault(key[:at], {})[key[at + 1:]] = t
+                    continue
                 raise DeltaMismatchError(
                     f"tensor {key!r} of delta {self.name!r} does not end in one of {suffixes} "
                     f"as method {self.method!r} needs"

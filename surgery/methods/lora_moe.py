@@ -1,0 +1,134 @@
+r"""A mixture of LoRA experts at each linear site (MoLoRA, Zadouri et al., 2023; top-k
+routing as in ``moe``).
+
+For a linear site with frozen weight :math:`W` and input :math:`x`, ``experts`` LoRA pairs
+:math:`(A_i \in \mathbb{R}^{r \times in}, B_i \in \mathbb{R}^{out \times r})` and a router
+:math:`W_r \in \mathbb{R}^{n \times in}`:
+
+.. math::  y = W x + s \sum_{i \in \mathcal{T}(x)} g_i(x)\, B_i A_i\, \mathrm{dropout}(x),
+           \qquad s = \alpha / r
+
+with :math:`\mathcal{T}(x)` the top-k experts of :math:`p(x) = \mathrm{softmax}(W_r x)` and
+gates :math:`g_i = p_i / \mathrm{sg}[\sum_{j \in \mathcal{T}} p_j]` (the routing of
+`surgery.methods.moe`: gates sum to 1 in value, the router gets the Switch gradient).
+The A matrices are stored stacked as one tensor ``lora_A.weight`` [n r, in] (Kaiming-uniform,
+as LoRA's A, with the fan-in of one expert, which is the stacked tensor's too), the B
+matrices as ``lora_B.weight`` [out, n r] (zeros, so the output equals the base at
+injection), the router as ``router.weight`` [n, in] (:math:`\mathcal{N}(0, \text{router\_std}^2)`).
+One forward is two GEMMs whatever the number of experts: :math:`h = x A^T` [T, n r],
+scaled per expert block by the gate (zero for the experts not chosen), then :math:`h B^T`.
+The router and the experts train, the base stays frozen. The update depends on the token,
+so ``surgery.merge`` raises. The load-balancing loss is in ``surgery.aux_loss(model)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.errors import ConfigError
+from surgery.methods.base import Adapter, Method, register
+from surgery.methods.lora import _adapter_dtype, is_conv1d_transformers
+from surgery.methods.moe import Routed, check_routing, is_number, make_router
+
+
+@dataclass
+class LoRAMoEConfig:
+    experts: int = 4
+    r: int = 8
+    alpha: float = 8  # scale alpha / r
+    top_k: int = 2
+    dropout: float = 0.0
+    router_std: float = 0.02
+
+
+class LoRAMoELayer(Routed):
+    """Router + stacked LoRA experts on `nn.Linear` or transformers' `Conv1D`."""
+
+    def __init__(self, in_f: int, out_f: int, experts: int, r: int, scale: float, top_k: int,
+                 dropout: float, fan_in_fan_out: bool, router_std: float, like: torch.Tensor) -> None:
+        super().__init__()
+        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        self.router = make_router(in_f, experts, router_std, like)
+        self.lora_A = nn.Parameter(torch.empty(experts * r, in_f, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, experts * r, **kw))
+        self.n, self.r, self.scale, self.top_k, self.p = experts, r, scale, top_k, dropout
+        self.fan_in_fan_out = fan_in_fan_out
+        self.aux = None
+        if not like.is_meta:
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in = in, as for one expert
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"router.weight": self.router.weight, "lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n}, r={self.r}, top_k={self.top_k}, scale={self.scale:g}, dropout={self.p:g}"
+
+    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        x2 = x.reshape(-1, A.shape[1])
+        if x2.dtype != A.dtype:
+            x2 = x2.to(A.dtype)
+        gates, idx, _ = self._route(x2, self.top_k)
+        dense = gates.new_zeros(x2.shape[0], self.n).scatter(1, idx, gates)  # 0 for the unchosen
+        if self.p and self.training:
+            x2 = F.dropout(x2, self.p, training=True)
+        h = F.linear(x2, A).view(-1, self.n, self.r) * dense.unsqueeze(-1).to(A.dtype)
+        h = h.view(-1, self.n * self.r)
+        o2 = out.reshape(-1, B.shape[0])
+        if o2.dtype != B.dtype:
+            return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
+        if inplace and not (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
+            return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
+        return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
+
+
+@register
+class LoRAMoE(Method):
+    name = "lora_moe"
+    Config = LoRAMoEConfig
+    default_targets = ["@q", "@v", "@qkv"]  # as LoRA's
+    tensor_suffixes = ("router.weight", "lora_A.weight", "lora_B.weight")
+    routing: ClassVar[bool] = True
+
+    def validate(self, cfg: LoRAMoEConfig) -> None:
+        check_routing("lora_moe", cfg.experts, cfg.top_k, cfg.router_std)
+        if not (isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0):
+            raise ConfigError(f"lora_moe: r must be a positive integer, got {cfg.r!r}")
+        if not (is_number(cfg.alpha) and cfg.alpha > 0):
+            raise ConfigError(f"lora_moe: alpha must be a positive number, got {cfg.alpha!r}")
+        if not (is_number(cfg.dropout) and 0 <= cfg.dropout < 1):
+            raise ConfigError(f"lora_moe: dropout must be in [0, 1), got {cfg.dropout!r}")
+
+    def supports(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or is_conv1d_transformers(module)
+
+    def make(self, module: nn.Module, path: str, cfg: LoRAMoEConfig,
+             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+        n, r = cfg.experts, cfg.r
+        if shapes and "router.weight" in shapes and "lora_A.weight" in shapes:
+            n = int(shapes["router.weight"][0])
+            r = max(1, int(shapes["lora_A.weight"][0]) // n)
+        if cfg.top_k > n:
+            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {n} experts at {path!r}")
+        if isinstance(module, nn.Linear):
+            in_f, out_f, fifo = module.in_features, module.out_features, False
+        else:
+            (in_f, out_f), fifo = module.weight.shape, True
+        return LoRAMoELayer(in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo,
+                            float(cfg.router_std), module.weight)
+
+    def refresh(self, adapter: Adapter, path: str, cfg: LoRAMoEConfig) -> None:
+        if cfg.top_k > adapter.n:  # type: ignore[operator]
+            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {adapter.n} experts at {path!r}")
+        adapter.scale = cfg.alpha / adapter.r  # type: ignore[operator]
+        adapter.top_k, adapter.p = cfg.top_k, cfg.dropout  # type: ignore[assignment]
+
+
+__all__ = ["LoRAMoE", "LoRAMoEConfig", "LoRAMoELayer"]
