@@ -41,6 +41,7 @@ from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.summary import Summary, summary
+from surgery.template import Template
 
 __version__ = "0.1.0"
 
@@ -79,7 +80,7 @@ def trace(model, example_inputs=None) -> None:  # type: ignore[no-untyped-def]
 __all__ = [
     "Average", "BatchSplit", "CompositionError", "Fuse", "Parallel", "Stack", "fuse", "fusion_weights",
     "ConfigError", "Delta", "DeltaMismatchError", "GraphError", "Injection", "InjectionError",
-    "METHODS", "MergeError", "Sel", "SelectorError", "Site", "Summary", "SurgeryError",
+    "METHODS", "MergeError", "Sel", "SelectorError", "Site", "Summary", "SurgeryError", "Template",
     "activate", "active", "apply", "delta", "disable", "find", "fingerprint", "freeze", "inject",
     "layers", "merge", "merged", "names", "remove", "sel", "summary", "trace", "unfreeze",
     "unmerge", "use",

@@ -228,10 +228,15 @@ class _State:
         return x
 
     def root_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        n = compose.parallel_copies(self.active())
-        if n == 1:
-            return None
-        return _repeat_batch(args, kwargs, n)
+        spec = self.active()
+        n = compose.parallel_copies(spec)
+        out = None if n == 1 else _repeat_batch(args, kwargs, n)
+        # methods that change the model's inputs (prompts) see them after Parallel's repeat
+        for method in {id(e.method): e.method for e in self.entries.values() if e.method.changes_inputs}.values():
+            new = method.prepare_inputs(module, spec, *(out or (args, kwargs)))
+            if new is not None:
+                out = new
+        return out
 
     def active(self) -> tuple[Any, ...]:
         ov = _OVERRIDE.get()

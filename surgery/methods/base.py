@@ -51,6 +51,7 @@ class Method(abc.ABC):
     Config: ClassVar[type]
     default_targets: ClassVar[Any] = None
     tensor_suffixes: ClassVar[tuple[str, ...]] = ()  # the learned tensors' keys under a site path
+    changes_inputs: ClassVar[bool] = False  # whether the engine asks `prepare_inputs` on every model call
 
     def targets(self, cfg: Any) -> Any:
         """The selector used when `inject` gets no `targets=`."""
@@ -98,6 +99,13 @@ class Method(abc.ABC):
 
     def config_dict(self, cfg: Any) -> dict[str, Any]:
         return dataclasses.asdict(cfg)
+
+    def prepare_inputs(self, model: nn.Module, spec: tuple[Any, ...], args: tuple,
+                       kwargs: dict) -> tuple[tuple, dict] | None:
+        """For methods with `changes_inputs`: called by the model's root forward pre-hook with
+        the active spec of this call and the model's inputs; return new (args, kwargs), or None
+        to leave them (a prompt puts its positions in front of the input here)."""
+        return None
 
 
 METHODS: dict[str, Method] = {}
