@@ -437,11 +437,12 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             unmerge(model, n)
     for n in todo:
         entry = st.entries.pop(n)
+        gone: dict[str, Adapter] = {}
         for path in entry.injection.sites:
             site = st.sites[path]
             site.merged = [(mn, r) for mn, r in site.merged if mn != n]
             site.live.pop(n, None)
-            ad = site.adapters[n]
+            ad = gone[path] = site.adapters[n]  # type: ignore[assignment]
             del site.adapters[n]
             if ad.entry is not None:
                 tap = st.taps[ad.entry]
@@ -456,6 +457,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             if not len(site.adapters):
                 site.detach()
                 del st.sites[path]
+        entry.method.detached(gone)
         members = entry.method.members(entry.cfg)
         # a fusion active by name gives its place back to its adapters, which run on their own again
         back = tuple(m for m in members if m in st.entries and m not in _spec_names(st.default_active))
@@ -586,6 +588,8 @@ def merge(model: nn.Module, name: str | None = None) -> None:
                 f"delta {n!r} is switched off in this surgery.use()/disable() context; merging it here "
                 "would put it back into every output. Merge outside the context."
             )
+        if entry.method.fold(adapters(model, n)):  # merged within its own tensors: no base weight changes
+            continue
         shared = _shared_weights(model)
         factors = []
         for s in sites:  # check every site before touching any weight
@@ -650,6 +654,8 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
         return
     entry = _entry(model, name)
     assert st is not None
+    if entry.method.unfold(adapters(model, name)):
+        return
     sites = [st.sites[p] for p in entry.injection.sites]
     if not any(name == mn for s in sites for mn, _ in s.merged):
         raise MergeError(f"delta {name!r} is not merged; nothing to unmerge")
@@ -669,7 +675,8 @@ def merged(model: nn.Module) -> list[str]:
     st = state_of(model)
     if st is None:
         return []
-    return list(dict.fromkeys(mn for s in st.sites.values() for mn, _ in s.merged))
+    out = list(dict.fromkeys(mn for s in st.sites.values() for mn, _ in s.merged))
+    return out + [n for n, e in st.entries.items() if n not in out and e.method.folded(adapters(model, n))]
 
 
 def freeze(model: nn.Module, targets: Any = None) -> int:

@@ -11,6 +11,7 @@ from surgery.methods import fusion as _fusion  # noqa: E402,F401  (registers "fu
 from surgery.methods import lora as _lora  # noqa: E402,F401  (registers "lora")
 from surgery.methods import lora_moe as _lora_moe  # noqa: E402,F401  (registers "lora_moe")
 from surgery.methods import moe as _moe  # noqa: E402,F401  (registers "moe")
+from surgery.methods import prefix as _prefix  # noqa: E402,F401  (registers "prefix")
 from surgery.methods import prompt as _prompt  # noqa: E402,F401  (registers "prompt")
 from surgery.methods.base import METHODS, Method, get_method, register
 

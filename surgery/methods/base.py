@@ -94,6 +94,23 @@ class Method(abc.ABC):
     def attached(self, adapters: dict[str, Adapter]) -> None:
         """Called once a delta's adapters are in place (site path -> adapter)."""
 
+    def detached(self, adapters: dict[str, Adapter]) -> None:
+        """Called once a delta's adapters are taken out by `remove` (site path -> adapter)."""
+
+    def fold(self, adapters: dict[str, Adapter]) -> bool:
+        """`merge` for a method whose merge changes only its own tensors, never the base weights
+        (a prefix folds its reparameterisation): do it and return True. False (the default):
+        the engine merges `Adapter.merge_factors` into the base weights."""
+        return False
+
+    def unfold(self, adapters: dict[str, Adapter]) -> bool:
+        """`unmerge` for a method whose `fold` merges: undo it and return True."""
+        return False
+
+    def folded(self, adapters: dict[str, Adapter]) -> bool:
+        """Whether `fold` merged this delta (it is then listed by `surgery.merged`)."""
+        return False
+
     def refresh(self, adapter: Adapter, path: str, cfg: Any) -> None:
         """Update an adapter's non-tensor settings from `cfg` (on a hot-swap)."""
 

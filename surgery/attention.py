@@ -1,0 +1,395 @@
+r"""Reaching a model's attention: extra key/value positions at every attention call.
+
+Methods that add positions to attention (prefix tuning, and later prompt methods)
+need the keys and values *inside* each attention call, after RoPE and after
+the KV-cache update. Two ways in, chosen per attention module:
+
+* ``transformers`` 5.x models: the attention module calls
+  ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
+  as ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kw)``.
+  `install_interface` registers ``"surgery_<impl>"`` (``surgery_sdpa``,
+  ``surgery_eager``) in the `AttentionInterface` and, for masks, in the
+  `AttentionMaskInterface` (so `transformers` builds the same mask it would for
+  ``<impl>``), and points the configs the attention modules read at it. The
+  wrapper prepends the active positions of the called module to key and value
+  and ``P`` always-visible columns to the mask, then calls the original
+  function. `uninstall_interface` puts the configs back.
+* plain modules that call ``F.scaled_dot_product_attention`` in their own
+  ``forward``: `rewrite_sdpa` traces that forward with `torch.fx` (every child
+  module a leaf), replaces each sdpa call by `prefixed_scaled_dot_product_attention`
+  (which reads the module's adapters through a ``get_attr`` of its ``surgery``
+  child), and returns the regenerated Python function. It is installed as the
+  module's instance ``forward`` (the model stays the same object) and taken away
+  again on removal, when the class's own ``forward`` applies again.
+
+Masks. The extra positions are always visible, padding never: a boolean mask
+(True = attend) gets ``P`` True columns in front, an additive float mask ``P``
+zero columns. With no mask and a causal attention asked of sdpa by flag
+(``is_causal``, query longer than one), an explicit boolean mask is built:
+the ``P`` columns visible, then sdpa's own (top-left aligned) causal pattern, so
+a query never sees the extra positions hidden. With no mask otherwise nothing is
+masked, and nothing needs to be.
+
+Which positions are active is read from the engine's context-local active set
+on every call (`surgery.use`, `surgery.disable`): plain names and names inside
+a `surgery.Stack` are concatenated in order; the other composition blocks are
+refused for these methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from surgery import compose, engine
+from surgery.errors import CompositionError, SurgeryError
+
+__all__ = [
+    "SUPPORTED", "active_kv", "calls_interface", "extend_mask", "find_sdpa_calls", "install_interface",
+    "prefixed_scaled_dot_product_attention", "rewrite_sdpa", "uninstall_interface",
+]
+
+WRAP = "surgery_"
+SUPPORTED = ("sdpa", "eager")  # implementations the wrapper can extend (others: flash, flex, paged)
+
+
+# ----------------------------------------------------------------------------- active positions
+
+
+_MODEL = "_surgery_kv_model"  # cached on a site's adapter holder: the model whose active set applies
+
+
+def active_kv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values ``[n_kv, P, d]`` active at `module` in this context, or None.
+
+    Adapters that add positions mark themselves with ``kv_prefix = True`` and give
+    them with ``kv()``; they know their model (``surgery_model``) for the active set."""
+    holder = module._modules.get(engine.CHILD)
+    return None if holder is None else adapters_kv(holder)
+
+
+def adapters_kv(holder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`active_kv` for the adapters one site holds (its ``surgery`` child)."""
+    ads = holder._modules
+    model = holder.__dict__.get(_MODEL)
+    if model is None:
+        model = next((a.surgery_model for a in ads.values() if getattr(a, "kv_prefix", False)), None)
+        if model is None:
+            return None
+        holder.__dict__[_MODEL] = model  # a plain reference (deep copies follow the model)
+    st = engine.state_of(model)
+    if st is None:
+        return None
+    ks: list[torch.Tensor] = []
+    vs: list[torch.Tensor] = []
+    for item in st.active():
+        if type(item) is str:
+            names: Any = (item,)
+        elif isinstance(item, compose.Stack):
+            names = item.names()
+        else:
+            hit = [n for n in item.names() if getattr(ads.get(n), "kv_prefix", False)]
+            if hit:
+                raise CompositionError(
+                    f"{item!r} holds prefix delta(s) {hit}: extra attention positions only concatenate "
+                    "(activate them by name or in a surgery.Stack); they cannot be averaged, fused or "
+                    "split by rows"
+                )
+            continue
+        for n in names:
+            ad = ads.get(n)
+            if ad is not None and getattr(ad, "kv_prefix", False):
+                k, v = ad.kv()
+                ks.append(k)
+                vs.append(v)
+    if not ks:
+        return None
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
+def _prepend(pk: torch.Tensor, pv: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """key, value [batch, heads, seq, d] with the prefix [heads, P, d] in front of seq."""
+    if pk.dtype != key.dtype or pk.device != key.device:
+        pk, pv = pk.to(key), pv.to(value)
+    b = key.shape[0]
+    pk, pv = pk[None], pv[None]
+    if b != 1:
+        pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+    try:
+        return torch.cat((pk, key), 2), torch.cat((pv, value), 2)
+    except RuntimeError:
+        if key.dim() != 4 or value.dim() != 4:
+            raise SurgeryError(
+                f"{where}: keys of shape {tuple(key.shape)}; extra positions need [batch, heads, seq, dim]"
+            ) from None
+        raise SurgeryError(
+            f"{where}: the prefix has {pk.shape[1]} key/value heads of width {pk.shape[3]}/{pv.shape[3]}, but "
+            f"the attention's keys are {key.shape[1]} heads of width {key.shape[3]} (values {value.shape[3]}); "
+            "the delta was made for another attention layout"
+        ) from None
+
+
+def extend_mask(mask: torch.Tensor | None, p: int, q_len: int, kv_len: int, causal: bool,
+                device: torch.device) -> torch.Tensor | None:
+    """The attention mask with `p` always-visible key columns in front.
+
+    `mask` None: None unless `causal` (sdpa's flag, top-left aligned) with more than one
+    query, when an explicit boolean mask is built."""
+    if mask is None:
+        if not causal:
+            return None
+        main = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+        return torch.cat((torch.ones(q_len, p, dtype=torch.bool, device=device), main), dim=1)[None, None]
+    cols = (*mask.shape[:-1], p)
+    if mask.dtype == torch.bool:
+        pre = torch.ones(cols, dtype=torch.bool, device=mask.device)
+    else:
+        pre = torch.zeros(cols, dtype=mask.dtype, device=mask.device)
+    return torch.cat((pre, mask), dim=-1)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+_EAGER: dict[type, Callable[..., Any]] = {}
+
+
+def _eager_of(module: nn.Module) -> Callable[..., Any]:
+    cls = type(module)
+    fn = _EAGER.get(cls)
+    if fn is None:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise SurgeryError(
+                f"{cls.__name__}: its module {cls.__module__} defines no eager_attention_forward to fall back "
+                "to; load the model with attn_implementation='sdpa'"
+            )
+        _EAGER[cls] = fn
+    return fn
+
+
+_FUNCTIONS: Any = None  # transformers' ALL_ATTENTION_FUNCTIONS, once imported
+
+
+def _base_fn(impl: str, module: nn.Module) -> Callable[..., Any]:
+    global _FUNCTIONS
+    if impl == "eager":
+        return _EAGER.get(type(module)) or _eager_of(module)
+    if _FUNCTIONS is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _FUNCTIONS = ALL_ATTENTION_FUNCTIONS
+    return _FUNCTIONS[impl]  # type: ignore[no-any-return]
+
+
+def _wrapper(impl: str) -> Callable[..., Any]:
+    eager = impl == "eager"
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        base = _base_fn(impl, module)
+        holder = module._modules.get(engine.CHILD)
+        kv = None if holder is None else adapters_kv(holder)
+        if kv is None:
+            return base(module, query, key, value, attention_mask, *args, **kwargs)
+        pk, pv = kv
+        p, q_len, kv_len = pk.shape[1], query.shape[-2], key.shape[-2]
+        key, value = _prepend(pk, pv, key, value, type(module).__name__)
+        if attention_mask is not None or (not eager and q_len > 1):
+            # eager applies no causal pattern of its own: no mask there means nothing is masked;
+            # sdpa without a mask is causal by flag (the call's is_causal, else the module's)
+            causal = False
+            if attention_mask is None:
+                causal = kwargs.get("is_causal")
+                causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+            attention_mask = extend_mask(attention_mask, p, q_len, kv_len, causal, query.device)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            kwargs["position_bias"] = extend_mask(bias, p, q_len, kv_len, False, bias.device)
+        return base(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"{WRAP}{impl}_attention"
+    return attention
+
+
+_REGISTERED: set[str] = set()
+
+
+def _register(impl: str) -> str:
+    name = WRAP + impl
+    if name not in _REGISTERED:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(name, _wrapper(impl))
+        # transformers builds masks only for implementations it has a mask function for
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        _REGISTERED.add(name)
+    return name
+
+
+def calls_interface(module: nn.Module) -> bool:
+    """Whether `module`'s forward calls transformers' attention interface with its config's implementation."""
+    cls = type(module)
+    hit = _CALLS.get(cls)
+    if hit is None:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        hit = _CALLS[cls] = "ALL_ATTENTION_FUNCTIONS" in src
+    cfg = getattr(module, "config", None)
+    return hit and cfg is not None and hasattr(cfg, "_attn_implementation")
+
+
+_CALLS: dict[type, bool] = {}
+
+
+def impl_of(config: Any) -> str:
+    """The implementation a config asks for, as its original (our wrapper's name stripped)."""
+    impl = config._attn_implementation
+    if impl is None:
+        return "eager"
+    return impl[len(WRAP):] if impl.startswith(WRAP) else impl
+
+
+def check_interface(module: nn.Module, path: str) -> str | None:
+    """None if the wrapper can serve `module`'s attention implementation, else why not."""
+    impl = impl_of(module.config)
+    if impl not in SUPPORTED:
+        return (f"{path!r} uses attn_implementation={impl!r}, which extra attention positions do not support; "
+                f"use one of {list(SUPPORTED)} (model.set_attn_implementation('sdpa'))")
+    if impl == "eager":
+        try:
+            _eager_of(module)
+        except SurgeryError as e:
+            return str(e)
+    return None
+
+
+def install_interface(modules: list[nn.Module]) -> None:
+    """Point the configs these attention modules read at our wrapper (remembering the original)."""
+    for cfg in {id(m.config): m.config for m in modules}.values():
+        impl = cfg._attn_implementation
+        if impl is not None and impl.startswith(WRAP):
+            continue
+        name = _register(impl_of(cfg))
+        cfg.__dict__["_surgery_attn_implementation"] = impl
+        cfg._attn_implementation_internal = name
+
+
+def uninstall_interface(modules: list[nn.Module]) -> None:
+    """Give the configs of these attention modules their own implementation back."""
+    for cfg in {id(m.config): m.config for m in modules}.values():
+        if "_surgery_attn_implementation" in cfg.__dict__:
+            old = cfg.__dict__.pop("_surgery_attn_implementation")
+            now = cfg._attn_implementation
+            if now is not None and now.startswith(WRAP):  # not switched by the user meanwhile
+                cfg._attn_implementation_internal = old
+
+
+def interface_active(module: nn.Module) -> bool:
+    """Whether `module`'s config still points at our wrapper (a later
+    ``set_attn_implementation`` would route around it)."""
+    impl = module.config._attn_implementation
+    return impl is not None and impl.startswith(WRAP)
+
+
+# ----------------------------------------------------------------------------- plain modules (fx)
+
+
+def prefixed_scaled_dot_product_attention(holder: Any, query: torch.Tensor, key: torch.Tensor,
+                                          value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                                          dropout_p: float = 0.0, is_causal: bool = False,
+                                          scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the active extra positions of the module whose
+    adapters `holder` holds (the ``surgery`` child, None when it has none)."""
+    # under torch.fx tracing (roles of a rewritten model): the plain call, for the dataflow graph
+    kv = None if holder is None or isinstance(query, fx.Proxy) else adapters_kv(holder)
+    if kv is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if is_causal and attn_mask is not None:
+        raise SurgeryError("scaled_dot_product_attention got both attn_mask and is_causal=True")
+    pk, pv = kv
+    p, q_len, kv_len = pk.shape[1], query.shape[-2], key.shape[-2]
+    key, value = _prepend(pk, pv, key, value, "scaled_dot_product_attention")
+    attn_mask = extend_mask(attn_mask, p, q_len, kv_len, is_causal, query.device)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=False, scale=scale, enable_gqa=enable_gqa)
+
+
+
+class _ChildLeaves(fx.Tracer):
+    """Traces one module's own forward: every child module stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "scaled_dot_product_attention"
+
+
+def find_sdpa_calls(module: nn.Module) -> tuple[fx.Graph | None, str]:
+    """Trace `module`'s own forward; (graph, "") if it calls sdpa, else (None, why not)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ChildLeaves().trace(module)
+    except Exception as err:  # noqa: BLE001  (any tracing failure: not reachable this way)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        return None, f"torch.fx could not trace its forward ({type(err).__name__}: {first})"
+    if not any(_is_sdpa(n) for n in graph.nodes):
+        return None, "its forward calls no F.scaled_dot_product_attention"
+    return graph, ""
+
+
+def rewrite_sdpa(module: nn.Module, path: str) -> Callable[..., Any]:
+    """The function to install as `module`'s forward: its own forward, traced, with every
+    sdpa call going through `prefixed_scaled_dot_product_attention`."""
+    graph, why = find_sdpa_calls(module)
+    if graph is None:
+        raise SurgeryError(f"cannot reach the attention of {path!r} ({type(module).__name__}): {why}")
+    for node in list(graph.nodes):
+        if not _is_sdpa(node):
+            continue
+        with graph.inserting_before(node):
+            holder = graph.get_attr(engine.CHILD)  # the site's adapters, looked up on every call
+            new = graph.call_function(prefixed_scaled_dot_product_attention, (holder, *node.args), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    scope = dict(code.globals)
+    exec(compile(code.src, f"<surgery: attention of {path}>", "exec"), scope)  # noqa: S102
+    fn = scope["forward"]
+    fn.__surgery_rewrite__ = True
+    return fn
+
+
+def install_forward(module: nn.Module, fn: Callable[..., Any]) -> None:
+    if not getattr(module.__dict__.get("forward"), "__surgery_rewrite__", False):
+        if "forward" in module.__dict__:
+            raise SurgeryError(
+                f"{type(module).__name__} already has a forward of its own instance (patched by something "
+                "else); its attention cannot be rewritten"
+            )
+        module.__dict__["forward"] = types.MethodType(fn, module)
+
+
+def uninstall_forward(module: nn.Module) -> None:
+    fwd = module.__dict__.get("forward")
+    if getattr(fwd, "__surgery_rewrite__", False):
+        del module.__dict__["forward"]

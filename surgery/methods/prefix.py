@@ -1,0 +1,460 @@
+r"""Prefix tuning (Li & Liang, 2021) and P-tuning v2 (Liu et al., 2022): learned keys and
+values prepended at every attention layer.
+
+At an attention layer with queries :math:`Q` (one head shown), keys :math:`K` and values
+:math:`V` of the :math:`T` input positions (after RoPE, after the KV-cache update), a
+prefix adds :math:`P` learned positions :math:`P_K, P_V \in \mathbb{R}^{P \times d}` in front:
+
+.. math::  \mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\Big(\frac{Q\,[P_K; K]^\top}{\sqrt d} + [\,0 \;|\; M\,]\Big)\,[P_V; V]
+
+where :math:`M` is the layer's own mask (causal, padding) and the :math:`P` columns are
+never masked. The prefix has the layer's *key/value* heads (grouped-query attention:
+``num_key_value_heads``, shared by the query heads of a group as the layer's own keys
+are) and is not rotated: it acts like a KV cache of :math:`P` tokens that every query
+sees, as PEFT's ``past_key_values`` prefix does. It is never written to the KV cache;
+it is prepended at every call, so ``generate()``, padding and changing batch sizes need
+nothing special.
+
+Reparameterisation (``reparam="mlp"``): the keys and values of the :math:`P` positions
+come from a per-layer embedding :math:`E \in \mathbb{R}^{P \times h}` (:math:`h` the
+layer's input width) through an MLP,
+
+.. math::  [P_K \,|\, P_V] = W_2 \tanh(W_1 E^\top + b_1) + b_2, \qquad
+           W_1 \in \mathbb{R}^{\mathrm{hidden} \times h},\;
+           W_2 \in \mathbb{R}^{n_{kv}(d_k + d_v) \times \mathrm{hidden}}
+
+which trains more stably; `surgery.merge` computes it once and keeps plain tensors
+(the MLP no longer runs or trains, the output is unchanged), `surgery.unmerge` goes
+back. One MLP per layer (PEFT shares one over all layers): every site stays self
+contained, so ``layers=`` and Delta tensors keyed by site work as for every method.
+Without reparameterisation there is nothing to fold and `surgery.merge` raises.
+
+Sites are the attention modules: the parents of the linears with roles ``@q @k @v @qkv``
+(``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``, or a plain block calling
+``F.scaled_dot_product_attention``), cross-attention left out; ``layers="6:"`` (or any
+`surgery.layers` form, or a selector) keeps some depths. See `surgery.attention` for how
+the attention call is reached. Stored tensors per site: ``prefix_key`` [n_kv, P, d_k],
+``prefix_value`` [n_kv, P, d_v]; with ``reparam="mlp"``: ``prefix_embedding`` [P, h],
+``prefix_mlp.0.weight`` / ``.bias``, ``prefix_mlp.2.weight`` / ``.bias``.
+Parameters: :math:`P\,n_{kv}(d_k+d_v)` per layer (Llama-2-7B, P = 20: 164 k per layer,
+5.2 M in all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery import attention, engine
+from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
+from surgery.methods.base import Adapter, Method, register
+from surgery.selectors import Sel, _Ctx, layer_index, layers
+from surgery.sublayers import in_width
+
+_QKV = frozenset({"q", "k", "v", "qkv"})
+_HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
+
+
+@dataclass
+class PrefixConfig:
+    n_tokens: int = 20  # P: positions added to every attention layer
+    reparam: str | None = None  # "mlp": keys/values from an embedding through an MLP (foldable by merge)
+    hidden: int = 512  # width of that MLP
+    layers: Any = None  # which depths: "6:", an int, a range, a list, or a selector; None: all
+    init_std: float = 0.5  # keys/values (or the embedding, with reparam) start ~ N(0, init_std)
+
+
+def _param_dtype(like: torch.Tensor) -> torch.dtype:
+    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+
+
+class PrefixKV(Adapter):
+    """The learned positions of one attention layer (see the module docstring)."""
+
+    kv_prefix = True  # read by surgery.attention at every attention call
+
+    def __init__(self, n_kv: int, p: int, d_k: int, d_v: int, d_in: int, reparam: str | None, hidden: int,
+                 init_std: float, like: torch.Tensor) -> None:
+        super().__init__()
+        kw = {"device": like.device, "dtype": _param_dtype(like)}
+        self.n_kv, self.p, self.d_k, self.d_v, self.reparam = n_kv, p, d_k, d_v, reparam
+        if reparam is None:
+            self.prefix_key = nn.Parameter(torch.empty(n_kv, p, d_k, **kw))
+            self.prefix_value = nn.Parameter(torch.empty(n_kv, p, d_v, **kw))
+            start = (self.prefix_key, self.prefix_value)
+        else:
+            self.prefix_embedding = nn.Parameter(torch.empty(p, d_in, **kw))
+            self.prefix_mlp = nn.Sequential(nn.Linear(d_in, hidden, **kw), nn.Tanh(),
+                                            nn.Linear(hidden, n_kv * (d_k + d_v), **kw))
+            start = (self.prefix_embedding,)
+        if not like.is_meta:
+            with torch.no_grad():
+                for t in start:
+                    t.normal_(0.0, init_std)
+        self._trainable: list[bool] | None = None  # flags of the MLP form while folded
+
+    def extra_repr(self) -> str:
+        mlp = f", reparam=mlp(hidden={self.prefix_mlp[0].out_features})" if self.reparam else ""
+        fold = ", merged" if self.folded else ""
+        return f"n_tokens={self.p}, kv_heads={self.n_kv}, head_dim={self.d_k}{mlp}{fold}"
+
+    # the engine's hook: the work happens inside the attention call, the output is left as it is
+    def contribute(self, x: torch.Tensor, out: Any, inplace: bool = False) -> Any:
+        site = self.__dict__.get("surgery_site")
+        if self.__dict__.get("surgery_kind") == "interface" and not attention.interface_active(site):
+            raise SurgeryError(
+                f"the prefix at {type(site).__name__} did not run: the model's attention implementation was "
+                f"switched to {site.config._attn_implementation!r} after it was injected. Switch back, or "
+                "surgery.remove the prefix deltas, set the implementation, and apply them again"
+            )
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.reparam is None:
+            return {"prefix_key": self.prefix_key, "prefix_value": self.prefix_value}
+        return {"prefix_embedding": self.prefix_embedding,
+                "prefix_mlp.0.weight": self.prefix_mlp[0].weight, "prefix_mlp.0.bias": self.prefix_mlp[0].bias,
+                "prefix_mlp.2.weight": self.prefix_mlp[2].weight, "prefix_mlp.2.bias": self.prefix_mlp[2].bias}
+
+    @property
+    def folded(self) -> bool:
+        return "folded_key" in self._buffers
+
+    def _from_mlp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.prefix_mlp(self.prefix_embedding)  # [P, n_kv * (d_k + d_v)]
+        k, v = out.split((self.n_kv * self.d_k, self.n_kv * self.d_v), dim=-1)
+        return (k.reshape(self.p, self.n_kv, self.d_k).transpose(0, 1),
+                v.reshape(self.p, self.n_kv, self.d_v).transpose(0, 1))
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [n_kv, P, d_k] and values [n_kv, P, d_v]."""
+        if self.reparam is None:
+            return self.prefix_key, self.prefix_value
+        b = self._buffers
+        if "folded_key" in b:
+            return b["folded_key"], b["folded_value"]  # type: ignore[return-value]
+        return self._from_mlp()
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        k, v = self._from_mlp()
+        self.register_buffer("folded_key", k.contiguous(), persistent=False)
+        self.register_buffer("folded_value", v.contiguous(), persistent=False)
+        params = [self.prefix_embedding, *self.prefix_mlp.parameters()]
+        self._trainable = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+
+    def unfold(self) -> None:
+        del self._buffers["folded_key"], self._buffers["folded_value"]
+        params = [self.prefix_embedding, *self.prefix_mlp.parameters()]
+        for p, flag in zip(params, self._trainable or [True] * len(params), strict=False):
+            p.requires_grad_(flag)
+        self._trainable = None
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return not any(n != engine.CHILD for n, _ in m.named_children())
+
+
+def _is_cross(m: nn.Module) -> bool:
+    return bool(getattr(m, "is_cross_attention", False)) or "CrossAttention" in type(m).__name__
+
+
+def _reach(module: nn.Module, path: str) -> tuple[str | None, list[str]]:
+    """How to reach `module`'s attention call: ("interface" | "fx", []) or (None, what was tried)."""
+    tried = []
+    if attention.calls_interface(module):
+        why = attention.check_interface(module, path)
+        if why is None:
+            return "interface", []
+        tried.append(f"transformers' attention interface: {why}")
+    else:
+        tried.append("transformers' attention interface: its forward does not call ALL_ATTENTION_FUNCTIONS")
+    graph, why = attention.find_sdpa_calls(module)
+    if graph is not None:
+        return "fx", []
+    tried.append(f"torch.fx rewrite of F.scaled_dot_product_attention: {why}")
+    return None, tried
+
+
+def _direct(m: nn.Module) -> bool:
+    """Whether `m` itself makes an attention call we may reach (checked for real in `place`)."""
+    return not _is_leaf(m) and (attention.calls_interface(m) or "scaled_dot_product_attention" in _source(m))
+
+
+class _Attention(Sel):
+    """The default targets: the modules that make attention calls themselves (transformers'
+    attention modules, plain modules calling sdpa); in a model with none, the linears with
+    roles @q @k @v @qkv (their parents are then checked, and refused with the reasons)."""
+
+    uses_roles = True
+
+    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+        direct = ctx.__dict__.get("_prefix_direct")
+        if direct is None:
+            direct = ctx.__dict__["_prefix_direct"] = {p for p, m in ctx.model.named_modules() if p and _direct(m)}
+        if direct:
+            return path in direct
+        return bool(ctx.roles().get(path, frozenset()) & _QKV)
+
+    def __repr__(self) -> str:
+        return "attention modules"
+
+
+def _layer_sel(spec: Any) -> Sel:
+    if isinstance(spec, Sel):
+        return spec
+    return layers(spec)
+
+
+def _width(m: nn.Module) -> int | None:
+    w = getattr(m, "out_features", None)
+    if w is None and hasattr(m, "nf"):  # transformers' Conv1D
+        w = m.nf
+    return int(w) if w is not None else None
+
+
+def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, int, int, int]:
+    """(key/value heads, key head width, value head width, input width) of an attention module."""
+    cfg = getattr(module, "config", None)
+    heads = next((getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None)
+    if heads is None and cfg is not None:
+        heads = getattr(cfg, "num_attention_heads", None)
+    d_in = in_width(module) or getattr(cfg, "hidden_size", None)
+    if cfg is not None and heads:  # transformers
+        d = next((getattr(module, a) for a in ("head_dim", "attention_head_size", "head_size")
+                  if isinstance(getattr(module, a, None), int)), None)
+        d = d or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        groups = getattr(module, "num_key_value_groups", None)
+        n_kv = heads // groups if isinstance(groups, int) and groups > 0 else (
+            getattr(module, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or heads)
+        d_v = getattr(module, "v_head_dim", None) or d
+        return int(n_kv), int(d), int(d_v), int(d_in or n_kv * d)
+    # a plain module: head count from an attribute, widths from its q / k / v (or qkv) linears
+    from surgery.graph import roles as graph_roles
+
+    found: dict[str, int] = {}
+    try:
+        roles = graph_roles(model) if model is not None else {}
+    except GraphError:
+        roles = {}
+    for name, child in module.named_children():
+        r = roles.get(f"{path}.{name}", frozenset()) & _QKV
+        w = _width(child)
+        for role in r:
+            if w is not None:
+                found.setdefault(role, w)
+    if "qkv" in found and not {"q", "k", "v"} <= found.keys():
+        found = dict.fromkeys(("q", "k", "v"), found["qkv"] // 3)
+    if heads is None or not {"q", "k", "v"} <= found.keys():
+        raise InjectionError(
+            f"prefix: cannot tell the head layout of {path!r} ({type(module).__name__}): it needs an integer "
+            f"attribute {' / '.join(_HEAD_ATTRS)} and linears with roles @q @k @v (or @qkv) as children; "
+            f"found heads={heads}, widths {found or 'none'}"
+        )
+    d = found["q"] // heads
+    n_kv = found["k"] // d
+    return n_kv, d, found["v"] // n_kv, int(d_in or found["q"])
+
+
+@register
+class PrefixTuning(Method):
+    name = "prefix"
+    Config = PrefixConfig
+    tensor_suffixes = ("prefix_key", "prefix_value", "prefix_embedding", "prefix_mlp.0.weight",
+                       "prefix_mlp.0.bias", "prefix_mlp.2.weight", "prefix_mlp.2.bias")
+
+    def targets(self, cfg: PrefixConfig | None) -> Any:
+        return _Attention()
+
+    def validate(self, cfg: PrefixConfig) -> None:
+        if not (isinstance(cfg.n_tokens, int) and not isinstance(cfg.n_tokens, bool) and cfg.n_tokens > 0):
+            raise ConfigError(f"prefix: n_tokens must be a positive integer, got {cfg.n_tokens!r}")
+        if cfg.reparam not in (None, "mlp"):
+            raise ConfigError(f"prefix: reparam must be None or 'mlp', got {cfg.reparam!r}")
+        if not (isinstance(cfg.hidden, int) and not isinstance(cfg.hidden, bool) and cfg.hidden > 0):
+            raise ConfigError(f"prefix: hidden (the MLP's width) must be a positive integer, got {cfg.hidden!r}")
+        if not (isinstance(cfg.init_std, (int, float)) and not isinstance(cfg.init_std, bool)
+                and cfg.init_std >= 0):
+            raise ConfigError(f"prefix: init_std must be a number >= 0, got {cfg.init_std!r}")
+        if cfg.layers is not None:
+            try:
+                _layer_sel(cfg.layers)
+            except SelectorError as e:
+                raise ConfigError(f"prefix: layers={cfg.layers!r}: {e}") from None
+
+    def supports(self, module: nn.Module) -> bool:
+        return not _is_leaf(module) and _reach(module, "")[0] is not None
+
+    def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: PrefixConfig) -> list:
+        from surgery.graph import roles as graph_roles
+
+        mods = dict(model.named_modules())
+        found: dict[str, nn.Module] = {}
+        roles: dict[str, frozenset[str]] | None = None
+        for path, mod in hits:
+            if _is_leaf(mod):
+                if roles is None:
+                    try:
+                        roles = graph_roles(model)
+                    except GraphError as e:
+                        raise InjectionError(f"prefix: cannot find the attention modules of "
+                                             f"{type(model).__name__}: {e}") from None
+                if roles.get(path, frozenset()) & _QKV and "." in path:
+                    parent = path.rpartition(".")[0]
+                    found.setdefault(parent, mods[parent])
+            elif _direct(mod):
+                found.setdefault(path, mod)
+        found = {p: m for p, m in found.items() if not _is_cross(m)}
+        if not found:
+            shown = ", ".join(p for p, _ in hits[:6])
+            raise InjectionError(
+                f"prefix: found no attention module in what the selector hit ({shown}{', ...' if len(hits) > 6 else ''}): "
+                "no linear there feeds an attention op as query, key or value (roles @q @k @v @qkv); "
+                "leave targets= out to use every attention layer"
+            )
+        if cfg.layers is not None:
+            s, ctx = _layer_sel(cfg.layers), _Ctx(model)
+            kept = {p: m for p, m in found.items() if s.match(p, m, ctx)}
+            if not kept:
+                have = sorted({i for i in map(layer_index, found) if i is not None})
+                raise SelectorError(
+                    f"prefix: layers={cfg.layers!r} keeps none of the attention layers; the model's "
+                    f"attention layers are at depths {have[0]}..{have[-1]}" if have else
+                    f"prefix: layers={cfg.layers!r} keeps none of the attention modules {sorted(found)}"
+                )
+            found = kept
+        bad = []
+        for p, m in found.items():
+            kind, tried = _reach(m, p)
+            if kind is None:
+                bad.append((p, m, tried))
+        if bad:
+            p, m, tried = bad[0]
+            mods_found = ", ".join(f"{q} ({type(n).__name__})" for q, n in list(found.items())[:4])
+            more = f" and {len(bad) - 1} more alike" if len(bad) > 1 else ""
+            raise InjectionError(
+                f"prefix: cannot reach the attention call of {len(bad)} of the attention modules found "
+                f"[{mods_found}{', ...' if len(found) > 4 else ''}]. Tried, for {p!r} ({type(m).__name__}){more}: "
+                + "; ".join(tried) + ". Prefix tuning needs a transformers model on 'sdpa' or 'eager' "
+                "attention, or a module calling F.scaled_dot_product_attention in a forward torch.fx can trace"
+            )
+        return list(found.items())
+
+    def make(self, module: nn.Module, path: str, cfg: PrefixConfig, shapes: dict[str, torch.Size] | None = None,
+             *, model: nn.Module | None = None) -> Adapter:
+        if model is None:
+            raise ConfigError("prefix: needs the model (make(..., model=model)) to read its active deltas")
+        kind, tried = _reach(module, path)
+        rewrite = None
+        if kind is None:
+            raise InjectionError(f"prefix: cannot reach the attention call of {path!r} "
+                                 f"({type(module).__name__}): " + "; ".join(tried))
+        if kind == "fx" and not getattr(module.__dict__.get("forward"), "__surgery_rewrite__", False):
+            if "forward" in module.__dict__:
+                raise InjectionError(f"prefix: {path!r} has a forward patched on the instance by something "
+                                     "else; its attention cannot be rewritten")
+            try:
+                rewrite = attention.rewrite_sdpa(module, path)
+            except SurgeryError as e:
+                raise InjectionError(f"prefix: {e}") from None
+        n_kv, d_k, d_v, d_in = _dims(module, path, model)
+        p, hidden = cfg.n_tokens, cfg.hidden
+        if shapes:
+            if "prefix_key" in shapes:
+                p = int(shapes["prefix_key"][1])
+            if "prefix_embedding" in shapes:
+                p, d_in = int(shapes["prefix_embedding"][0]), int(shapes["prefix_embedding"][1])
+            if "prefix_mlp.0.weight" in shapes:
+                hidden = int(shapes["prefix_mlp.0.weight"][0])
+        like = next((t for t in module.parameters() if t.is_floating_point()), torch.empty(0))
+        ad = PrefixKV(n_kv, p, d_k, d_v, d_in, cfg.reparam, hidden, float(cfg.init_std), like)
+        object.__setattr__(ad, "surgery_model", model)  # plain references, not submodules
+        object.__setattr__(ad, "surgery_site", module)
+        object.__setattr__(ad, "surgery_kind", kind)
+        object.__setattr__(ad, "surgery_rewrite", rewrite)
+        return ad
+
+    def attached(self, adapters: dict[str, Adapter]) -> None:
+        hf = [ad.surgery_site for ad in adapters.values() if ad.surgery_kind == "interface"]  # type: ignore[attr-defined]
+        if hf:
+            attention.install_interface(hf)
+        for ad in adapters.values():
+            if ad.surgery_kind == "fx" and ad.surgery_rewrite is not None:  # type: ignore[attr-defined]
+                attention.install_forward(ad.surgery_site, ad.surgery_rewrite)  # type: ignore[attr-defined]
+
+    def detached(self, adapters: dict[str, Adapter]) -> None:
+        if not adapters:
+            return
+        model = next(iter(adapters.values())).surgery_model  # type: ignore[attr-defined]
+        st = engine.state_of(model)
+        still = [a for s in (st.sites.values() if st else ()) for a in s.adapters.values()
+                 if getattr(a, "kv_prefix", False)]
+        configs = {id(a.surgery_site.config) for a in still if a.surgery_kind == "interface"}
+        sites = {id(a.surgery_site) for a in still}
+        gone = [ad.surgery_site for ad in adapters.values()  # type: ignore[attr-defined]
+                if ad.surgery_kind == "interface" and id(ad.surgery_site.config) not in configs]  # type: ignore[attr-defined]
+        attention.uninstall_interface(gone)
+        for ad in adapters.values():
+            if ad.surgery_kind == "fx" and id(ad.surgery_site) not in sites:  # type: ignore[attr-defined]
+                attention.uninstall_forward(ad.surgery_site)  # type: ignore[attr-defined]
+
+    # merge folds the reparameterisation: the base weights are never touched
+    def fold(self, adapters: dict[str, Adapter]) -> bool:
+        ads = list(adapters.values())
+        if ads and ads[0].reparam is None:  # type: ignore[attr-defined]
+            raise MergeError(
+                "prefix: this prefix has no reparameterisation to fold (its keys and values are plain "
+                "tensors already), and extra attention positions cannot be merged into the base weights; "
+                "keep it as it is (it costs P extra key/value positions per layer)"
+            )
+        if any(a.folded for a in ads):  # type: ignore[attr-defined]
+            raise MergeError("prefix: its MLP is already folded (merged); surgery.unmerge(model, name) first")
+        for a in ads:
+            a.fold()  # type: ignore[attr-defined]
+        return True
+
+    def unfold(self, adapters: dict[str, Adapter]) -> bool:
+        ads = [a for a in adapters.values() if a.folded]  # type: ignore[attr-defined]
+        if not ads:
+            raise MergeError("prefix: not merged (its MLP is not folded); nothing to unmerge")
+        for a in ads:
+            a.unfold()  # type: ignore[attr-defined]
+        return True
+
+    def folded(self, adapters: dict[str, Adapter]) -> bool:
+        return any(a.folded for a in adapters.values())  # type: ignore[attr-defined]
+
+    def config_dict(self, cfg: PrefixConfig) -> dict[str, Any]:
+        out = asdict(cfg)
+        spec = cfg.layers
+        if isinstance(spec, range):
+            out["layers"] = _span(spec) if spec.step == 1 else list(spec)
+        elif isinstance(spec, (set, frozenset, tuple)):
+            out["layers"] = sorted(spec)
+        elif spec is not None and not isinstance(spec, (str, int, list)):
+            # a selector: not JSON; the sites it chose travel with the tensors
+            rng = getattr(spec, "rng", None)
+            out["layers"] = (_span(rng) if isinstance(rng, range) and rng.step == 1
+                             else sorted(rng) if isinstance(rng, (set, frozenset)) else None)
+        return out
+
+
+def _span(r: range) -> str:
+    return f"{r.start}:{'' if r.stop >= 1 << 30 else r.stop}"
+
+
+def _source(m: nn.Module) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+__all__ = ["PrefixConfig", "PrefixKV", "PrefixTuning"]
