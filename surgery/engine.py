@@ -364,15 +364,29 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
 
 
 def check_overlap(model: nn.Module, made: list[tuple[str, nn.Module, Adapter]]) -> None:
-    """A replacing adapter skips the whole module it sits on: no other site may lie inside it."""
+    """A replacing adapter skips the whole module it sits on, and its entry module (a sublayer
+    site's): no other site may lie inside either (or be the entry itself)."""
     st = state_of(model)
     if st is None:
         return
-    replaced = [p for p, s in st.sites.items() if any(a.replaces for a in s.live.values())]
-    replaced += [p for p, _, ad in made if ad.replaces]
+    replaced = [(p, False) for p, s in st.sites.items() if any(a.replaces for a in s.live.values())]
+    replaced += [(a.entry, True) for s in st.sites.values() for a in s.live.values()
+                 if a.replaces and a.entry is not None]
+    replaced += [(p, False) for p, _, ad in made if ad.replaces]
+    replaced += [(ad.entry, True) for _, _, ad in made if ad.replaces and ad.entry is not None]
     paths = list(st.sites) + [p for p, _, _ in made]
-    for r in replaced:
-        inner = next((p for p in paths if p.startswith(r + ".")), None)
+    at: dict[str, list[Adapter]] = {p: list(s.live.values()) for p, s in st.sites.items()}
+    for p, _, ad in made:
+        at.setdefault(p, []).append(ad)
+    for p, ads in at.items():  # a sublayer site's own input is the skipped entry's pass-through
+        entry = next((a.entry for a in ads if a.replaces and a.entry is not None), None)
+        if entry is not None and any(a.entry != entry for a in ads):
+            raise InjectionError(
+                f"a delta at {p!r} would read that module's own input, but a replacing delta (moe) there "
+                f"skips {entry!r} that computes it; only deltas that read the FFN's input can share this site"
+            )
+    for r, is_entry in replaced:
+        inner = next((p for p in paths if p.startswith(r + ".") or is_entry and p == r), None)
         if inner is not None:
             raise InjectionError(
                 f"site {inner!r} lies inside {r!r}, whose computation a replacing delta (moe) takes "

@@ -321,6 +321,25 @@ def test_no_delta_inside_an_upcycled_ffn_and_no_upcycling_a_modified_one():
     assert_snapshot_equal(before, snapshot(other))
 
 
+def test_no_delta_inside_the_entry_of_an_upcycled_split_ffn():
+    model = tiny_bert()
+    surgery.inject(model, "moe", experts=2, name="sw")
+    before = snapshot(model)
+    for target in ("encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"):
+        with pytest.raises(InjectionError, match="lies inside|skips"):
+            surgery.inject(model, "lora", targets=target, name="in")
+        assert_snapshot_equal(before, snapshot(model))
+    # a delta that reads the FFN's input (the same entry) may share the site: it adds to the experts
+    surgery.inject(model, "adapter", style="parallel", bottleneck=4, name="par")
+    x = batch_for(model)
+    with surgery.use(model, "sw"):
+        y = run(model, x)
+    with torch.no_grad():
+        for ad in engine.adapters(model, "par").values():
+            ad.adapter_up.weight.normal_()
+    assert (run(model, x) - y).abs().max() > 1e-3
+
+
 def test_split_ffn_needs_a_module_holding_the_activation():
     model = TinyTransformer()
     before = snapshot(model)
