@@ -551,6 +551,22 @@ def use(model: nn.Module, *names: Any) -> Iterator[None]:
         _OVERRIDE.reset(tok)
 
 
+@contextlib.contextmanager
+def base_only(model: nn.Module) -> Iterator[None]:
+    """No injected delta runs in this context, with no checks (merged ones stay in the
+    weights): for tracing the base's dataflow."""
+    st = state_of(model)
+    if st is None:
+        yield
+        return
+    cur = _OVERRIDE.get()
+    tok = _OVERRIDE.set({**(cur or {}), st.token: ()})
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(tok)
+
+
 def disable(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within this context, run the base alone."""
     return use(model)

@@ -100,7 +100,10 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | 
     """
     entry = _CACHE.setdefault(model, _Entry())
     if entry.graph is None:
-        entry.graph = _trace(model, example_inputs)
+        from surgery import engine  # the graph is the base's: injected deltas stay out of the trace
+
+        with engine.base_only(model):
+            entry.graph = _trace(model, example_inputs)
     return entry.graph
 
 
