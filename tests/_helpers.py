@@ -109,3 +109,24 @@ def hf_fakes_only(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
+
+
+def train_lm_with_trainer(model: nn.Module, tmp_path, steps: int = 3, lr: float = 1e-2):
+    """Run the transformers Trainer for `steps` steps of causal-LM loss on random token rows."""
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(8):
+        ids = torch.randint(3, 128, (12,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps,
+                             per_device_train_batch_size=4, learning_rate=lr, save_strategy="no",
+                             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        result = trainer.train()
+    return trainer, result

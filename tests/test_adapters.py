@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import surgery
 from surgery import engine
-from tests._helpers import assert_snapshot_equal, bits, run, snapshot
+from tests._helpers import assert_snapshot_equal, bits, run, snapshot, train_lm_with_trainer
 from tests.models import (
     TinyTransformer,
     batch_for,
@@ -219,25 +218,13 @@ def test_merge_raises_and_changes_nothing():
 
 
 def test_only_adapters_train_and_the_trainer_runs(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = tiny_llama()
     surgery.inject(model, "adapter", style="houlsby", bottleneck=8)
     named = dict(model.named_parameters())
     base = {n: bits(p) for n, p in named.items() if ".surgery." not in n}
     ad = {n: p.detach().clone() for n, p in named.items() if ".surgery." in n}
     assert all(named[n].requires_grad for n in ad) and not any(named[n].requires_grad for n in base)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(3, 128, (12,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3,
-                             per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
-                             disable_tqdm=True, dataloader_num_workers=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        Trainer(model=model, args=args, train_dataset=rows).train()
+    train_lm_with_trainer(model, tmp_path)
     for n, b in base.items():
         assert torch.equal(bits(named[n]), b), n
     assert all(not torch.equal(named[n].detach(), t) for n, t in ad.items() if "adapter_up" in n)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import bits, randomize, run, state_bits
+from _helpers import bits, randomize, run, state_bits, train_lm_with_trainer
 from models import TinyTransformer, batch_for, tiny_bert, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 
 import surgery
@@ -84,25 +84,12 @@ def test_save_pretrained_while_injected_gives_base(factory, tmp_path):
 
 
 def test_trainer_trains_only_lora(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = tiny_llama()
     surgery.inject(model, "lora", targets=["attn.*", "mlp.*"], r=4)
     base = {n: bits(p) for n, p in model.named_parameters() if ".surgery." not in n}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if ".surgery." in n}
     assert lora
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(3, 128, (12,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3,
-                             per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = Trainer(model=model, args=args, train_dataset=rows)
-        result = trainer.train()
+    trainer, result = train_lm_with_trainer(model, tmp_path)
     assert result.global_step == 3
     assert type(trainer.model) is type(model)
     opt_ids = {id(p) for grp in trainer.optimizer.param_groups for p in grp["params"]}

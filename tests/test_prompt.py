@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import surgery
 from surgery import engine
-from tests._helpers import assert_snapshot_equal, bits, snapshot
+from tests._helpers import assert_snapshot_equal, bits, snapshot, train_lm_with_trainer
 from tests.models import batch_for, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 N = 4
@@ -230,25 +230,13 @@ def test_generate_with_cache_equals_greedy_by_hand(factory):
 
 
 def test_trainer_trains_only_the_prompt(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = tiny_llama()
     surgery.inject(model, "prompt", n_tokens=N, encoder="mlp", encoder_hidden=32)
     named = dict(model.named_parameters())
     base = {n: bits(p) for n, p in named.items() if ".surgery." not in n}
     mine = {n: p.detach().clone() for n, p in named.items() if ".surgery." in n}
     assert all(named[n].requires_grad for n in mine) and not any(named[n].requires_grad for n in base)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(8):
-        ids = torch.randint(3, 128, (12,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3,
-                             per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
-                             disable_tqdm=True, dataloader_num_workers=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = Trainer(model=model, args=args, train_dataset=rows).train()
+    _, result = train_lm_with_trainer(model, tmp_path)
     assert result.global_step == 3
     for n, b in base.items():
         assert torch.equal(bits(named[n]), b), n

@@ -70,6 +70,20 @@ class _LoRABase(Adapter):
         return F.dropout(x, self.p, training=True) if self.p and self.training else x
 
 
+def add_low_rank(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float, inplace: bool) -> torch.Tensor:
+    """`out + scale * h @ B^T`, with `out` of any shape ending in B's rows and h [tokens, r]."""
+    o2 = out.reshape(-1, B.shape[0])
+    if o2.dtype != B.dtype:
+        return (o2 + (F.linear(h, B) * scale).to(o2.dtype)).view(out.shape)
+    # The scale rides in the GEMM's alpha. In inference, when nothing else has seen `out`,
+    # the add is in place: one kernel. Under autograd it is not: an in-place op through the
+    # view `o2` makes backward clone the gradient, and a custom Function that avoids that
+    # measured no faster than this out-of-place addmm.
+    if inplace and not (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
+        return o2.addmm_(h, B.t(), alpha=scale).view(out.shape)
+    return torch.addmm(o2, h, B.t(), alpha=scale).view(out.shape)
+
+
 class LinearLoRA(_LoRABase):
     """LoRA on `nn.Linear` (weight [out, in]) or transformers' `Conv1D` (weight [in, out])."""
 
@@ -86,16 +100,7 @@ class LinearLoRA(_LoRABase):
         A, B = self.lora_A, self.lora_B
         x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
         h = self.shared.project(self, x, x2) if self.shared is not None else F.linear(x2, A)  # [tokens, r]
-        o2 = out.reshape(-1, B.shape[0])
-        if o2.dtype != B.dtype:
-            return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
-        # The scale rides in the GEMM's alpha. In inference, when nothing else has seen `out`,
-        # the add is in place: one kernel. Under autograd it is not: an in-place op through the
-        # view `o2` makes backward clone the gradient, and a custom Function that avoids that
-        # measured no faster than this out-of-place addmm.
-        if inplace and not (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
-            return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
-        return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
+        return add_low_rank(out, h, B, self.scale, inplace)
 
     def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)

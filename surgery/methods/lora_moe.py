@@ -33,7 +33,7 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, register
-from surgery.methods.lora import _adapter_dtype, is_conv1d_transformers
+from surgery.methods.lora import _adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
 
 
@@ -80,13 +80,7 @@ class LoRAMoELayer(Routed):
         if self.p and self.training:
             x2 = F.dropout(x2, self.p, training=True)
         h = F.linear(x2, A).view(-1, self.n, self.r) * dense.unsqueeze(-1).to(A.dtype)
-        h = h.view(-1, self.n * self.r)
-        o2 = out.reshape(-1, B.shape[0])
-        if o2.dtype != B.dtype:
-            return (o2 + (F.linear(h, B) * self.scale).to(o2.dtype)).view(out.shape)
-        if inplace and not (torch.is_grad_enabled() and (o2.requires_grad or h.requires_grad)):
-            return o2.addmm_(h, B.t(), alpha=self.scale).view(out.shape)
-        return torch.addmm(o2, h, B.t(), alpha=self.scale).view(out.shape)
+        return add_low_rank(out, h.view(-1, self.n * self.r), B, self.scale, inplace)
 
 
 @register
