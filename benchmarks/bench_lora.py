@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,19 +64,13 @@ TARGET = {
 }
 
 
-def log(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)
+log = C.log
 
 
 # ----------------------------------------------------------------------------- models
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence library warnings (deprecations, PEFT's notes) inside timed code."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+_quiet = C.quiet
 
 
 def llama(cfg: dict, device: Any = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

@@ -34,7 +34,6 @@ import copy
 import gc
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,10 @@ QUICK_SEQ = 64  # --quick: a smoke run, its figures are not the benchmark's
 TARGET = {"moe_top1_over_base": 1.5}
 
 
-def log(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)
+log = C.log
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+_quiet = C.quiet
 
 
 def llama(device: Any, seed: int = 0) -> nn.Module:

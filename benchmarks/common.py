@@ -10,6 +10,7 @@ so slow phases of a shared, noisy machine hit every contender alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,8 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,19 @@ RESULTS_DIR = REPO / "docs" / "results"
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def log(*a: Any) -> None:
+    """Progress on stderr (stdout carries the results)."""
+    print(*a, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence library warnings (deprecations, PEFT's notes) inside timed code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def cpu_count() -> int:

@@ -27,7 +27,6 @@ frozen + a new head, (ii) half_b frozen + a new head, (iii) `surgery.fuse` over 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -37,8 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,15 +62,10 @@ FUSION_STYLE = "pfeiffer"
 REFERENCE = {"probe": 81.1, "full": 86.2, "peft_lora_qv": 81.8, "peft_lora_all": 83.5}
 
 
-def log(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)
+log = C.log
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+_quiet = C.quiet
 
 
 # ----------------------------------------------------------------------------- data
