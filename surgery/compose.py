@@ -315,6 +315,13 @@ def _fuse(site: _Site, fusion: Any, members: tuple[str, ...], x: Any, out: Any, 
     return fusion.fuse(out, contributions)
 
 
+def replacing_first(spec: tuple[Any, ...], live: dict[str, Any]) -> tuple[Any, ...]:
+    """A plain spec with the deltas that replace this site's output moved to the front (stable)."""
+    if any(type(n) is not str for n in spec):
+        return spec
+    return tuple(sorted(spec, key=lambda n: not (n in live and live[n].replaces)))
+
+
 def first_live(spec: tuple[Any, ...], live: dict[str, Any]) -> Any | None:
     """The adapter that runs first at a site whose spec is plain names, else None."""
     for item in spec:

@@ -109,6 +109,8 @@ class _Site:
             and next(iter(module._forward_hooks)) == self.handle.id
         if any(type(n) is not str for n in spec):
             return compose.run(self, spec, x, out)
+        if self.bypass:  # a replacing delta makes the output: it runs first, the others add to it
+            spec = compose.replacing_first(spec, live)
         for name in spec:
             ad = live.get(name)
             if ad is not None:
@@ -120,8 +122,9 @@ class _Site:
         return out
 
     def skips_base(self) -> bool:
-        """Whether the first adapter to run here replaces the output, so the base need not run."""
-        ad = compose.first_live(self.state.active(), self.live)
+        """Whether an active adapter here replaces the output (it then runs first), so the
+        base need not run. Under composition blocks the base always runs."""
+        ad = compose.first_live(compose.replacing_first(self.state.active(), self.live), self.live)
         return ad is not None and ad.replaces
 
     def add_bypass(self, entry: nn.Module | None) -> None:

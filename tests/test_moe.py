@@ -496,3 +496,25 @@ def test_lora_moe_parameters_and_top1():
     torch.testing.assert_close(ad.contribute(x, out.clone()), ref_lora_moe(ad, x, out), atol=1e-5, rtol=1e-5)
     F.mse_loss(ad.contribute(x, out.clone()), torch.ones(5, 64)).backward()
     assert ad.router.weight.grad.abs().sum() > 0 and ad.lora_A.grad.abs().sum() > 0
+
+
+def test_a_replacing_delta_runs_first_whatever_the_order_of_plain_names():
+    from tests.models import batch_for, tiny_llama
+
+    model = tiny_llama()
+    x = batch_for(model)
+    surgery.inject(model, "moe", experts=4, name="sw")
+    surgery.inject(model, "adapter", style="parallel", bottleneck=8, name="par")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in ("par", "sw"):
+            for ad in engine.adapters(model, n).values():
+                for p in ad.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    outs = {}
+    for spec in (("par", "sw"), ("sw", "par"), ("sw",), (surgery.Stack("sw", "par"),)):
+        with surgery.use(model, *spec):
+            outs[spec] = run(model, x)
+    assert torch.equal(outs[("par", "sw")], outs[("sw", "par")])
+    assert torch.equal(outs[("par", "sw")], outs[(surgery.Stack("sw", "par"),)])
+    assert (outs[("par", "sw")] - outs[("sw",)]).abs().max() > 1e-4  # the parallel adapter still adds
