@@ -1,6 +1,7 @@
 """Quality of adapter methods on real weights: a text classifier on the pretrained MiniLM.
 
-    python benchmarks/quality_adapters.py            # full run: ~30-45 min on 2 busy CPU cores
+    python benchmarks/quality_adapters.py            # full run: ~1.5 h on 2 shared CPU cores (1 thread)
+    python benchmarks/quality_adapters.py --checkpoint /tmp/q.json   # the same, resumable run by run
     python benchmarks/quality_adapters.py --smoke    # CI smoke run (< 40 s), writes nothing under docs/
 
 Writes docs/results/quality_adapters.json (or --out) and docs/results/quality_adapters.md (or --md).
@@ -17,7 +18,9 @@ Rows: linear probe, full fine-tuning, PEFT LoRA r=8 (query/value; all linear lay
 Learning rates: for each row a small grid is trained on 90 % of the train split and scored on the
 held-out 10 % (stratified, seeded); the best is then trained on the whole train split and scored on
 the test split, which plays no part in the choice. The PEFT rows take the rate chosen for our LoRA
-on the same targets (same method and initialisation; their sweep would repeat ours).
+on the same targets (same method and initialisation; their sweep would repeat ours). Every row is then
+rerun at its chosen rate with seeds 1 and 2 (`--seeds`), for the spread, and one training step of every
+row is timed side by side (interleaved rounds), since the runs' own means were taken under other loads.
 
 Fusion: adapters "half_a" and "half_b" are trained (on the 90 % part) on two 4-section tasks (a seeded
 random split of the 8 sections), each with its own head; then the 8-way task is trained with (i) half_a
@@ -624,6 +627,8 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
             results["fusion"].update(grids=[list(HEAD_LRS), list(FUSION_LRS)], swept=not args.no_sweep)
             _save(args.checkpoint, "fusion", results["fusion"])
     results["resumed"] = results.get("resumed") or any(r.get("from_checkpoint") for r in results["rows"].values())
+    log("[timing] one training step per row, interleaved")
+    results["step_timing"] = step_timing(rows, enc0, data)
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else []
     if seeds:
         results["seeds"] = seed_spread(rows, results["rows"], enc0, data, budget, seeds, args.checkpoint)
@@ -631,6 +636,36 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
     results["env"]["load_average_at_end"] = C.load_average()
     results["targets"] = targets(results)
     return results
+
+
+def step_timing(rows: list[Row], enc0: nn.Module, data: Data, rounds: int = 10) -> dict[str, Any]:
+    """Training-step time of every row, interleaved (`common.interleaved`: each round runs every row
+    once, in rotating order), on one fixed batch of 32 train examples: the rows are timed side by side
+    under the same load, unlike the per-run means of the table, which ran minutes apart."""
+    fns = {}
+    idx = list(range(0, 2 * BATCH, 2))
+    ids, mask, y = collate(data.train, idx, data.pad_id)
+    for row in rows:
+        if row.needs and not _have(row.needs):
+            continue
+        seed_all(SEED)
+        enc, delta = row.build(copy.deepcopy(enc0))
+        model = Classifier(enc, len(data.label_names)).train()
+        opt = torch.optim.AdamW(delta + list(model.head.parameters()), lr=1e-5)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            F.cross_entropy(model(ids, mask), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[row.key] = step
+    st = C.interleaved(fns, rounds=rounds, warmup=2)
+    out: dict[str, Any] = {k: {"median_ms": 1e3 * v["median_s"], "min_ms": 1e3 * v["min_s"], "rounds": v["n"]}
+                           for k, v in st.items()}
+    for a, b in (("lora_qv", "peft_lora_qv"), ("lora_all", "peft_lora_all")):
+        if a in st and b in st:
+            out[f"{a}/{b}"] = C.ratio(st, a, b)
+    return out
 
 
 def _load(checkpoint: Path | None) -> dict[str, Any]:
@@ -719,13 +754,14 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Machine: {env.get('cpu')}, {env['cpu_count']} cores, torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}, Python {env['python']}. Time per step: "
-        f"{setup['time_per_step']}. **Other jobs shared these 2 cores during the run** (load average "
+        f"{setup['time_per_step']}. **Other jobs shared these 2 cores during the run** (load average of the last invocation "
         f"{env.get('load_average_at_start')} at start, {env.get('load_average_at_end')} at end), so ms/step is "
         "noisy: compare rows loosely, not to the last 10 %.",
         "",
         f"## Results (test accuracy, {setup['test']} examples, seed {setup['seed']})",
         "",
     ]
+    timing = res.get("step_timing") or {}
     table = []
     for k, r in res["rows"].items():
         if "skipped" in r:
@@ -737,9 +773,10 @@ def markdown(res: dict[str, Any]) -> str:
             "issue's figure %": f"{ref:.1f}" if ref is not None else "",
             "trainable params": f"{r['trainable_params']:,}", "delta params": f"{r['delta_params']:,}",
             "ms/step": f"{r['ms_per_step']:.0f}", "lr": f"{r['lr']:g}",
+            "ms/step, interleaved": f"{timing[k]['median_ms']:.0f}" if k in timing else "",
         })
     lines.append(C.markdown_table(table, ["row", "accuracy %", "issue's figure %", "trainable params",
-                                          "delta params", "ms/step", "lr"]))
+                                          "delta params", "ms/step, interleaved", "ms/step", "lr"]))
     lines += ["", "Trainable params = encoder delta + head (head: "
               f"{next(iter(r['head_params'] for r in res['rows'].values() if 'head_params' in r)):,}); "
               "delta params = the encoder's trainable tensors alone. LoRA: r=8, alpha=8 (scale 1), no dropout "
@@ -747,6 +784,14 @@ def markdown(res: dict[str, Any]) -> str:
               "swish (Houlsby); Houlsby after the attention output and the FFN output of every layer, Pfeiffer "
               f"after the FFN output, parallel beside the FFN (scale {setup.get('parallel_scale', PARALLEL_SCALE):g}).",
               ""]
+    if timing:
+        ratios = "; ".join(f"{k.replace('/', ' / ')} = {v['ratio']:.2f}" for k, v in timing.items() if "/" in k)
+        lines += ["ms/step, interleaved: the median over "
+                  f"{next(iter(v['rounds'] for v in timing.values() if 'rounds' in v))} rounds of one training step "
+                  "(forward, backward, AdamW) on one fixed batch of 32, every row once per round in rotating order, "
+                  "so all rows share the same load: use this column to compare speed. ms/step: the mean over "
+                  "the row's own final run, which ran minutes or hours apart from the others under other loads. "
+                  f"Ours over PEFT, same rounds: {ratios}.", ""]
     seeds = res.get("seeds") or {}
     if seeds:
         names = list(next(iter(seeds.values()))["accuracy"])
@@ -838,8 +883,9 @@ def markdown(res: dict[str, Any]) -> str:
               ]
     if edge:
         lines.append(f"- The chosen rate is still the largest of the grid for: {', '.join(edge)}.")
-    lines += ["", f"Total run time {res['elapsed_s'] / 60:.1f} min (rows taken from a checkpoint of an "
-              "earlier run count for nothing here)." if res.get("resumed") else
+    lines += ["", f"Total run time {res['elapsed_s'] / 60:.1f} min (runs taken from the checkpoint of an "
+              "earlier invocation count for nothing here; their ms/step were taken then, under that run's load)."
+              if res.get("resumed") else
               f"Total run time {res['elapsed_s'] / 60:.1f} min."]
     return "\n".join(lines)
 
