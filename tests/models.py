@@ -183,13 +183,240 @@ def batch_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict | torch.Te
     g = torch.Generator().manual_seed(0)
     config = getattr(model, "config", None)
     if config is None:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear, nn.Conv2d))), None)
+        if isinstance(first, nn.Linear):  # a plain MLP on features
+            return torch.randn(batch, first.in_features, generator=g)
+        if isinstance(first, nn.Conv2d):  # a plain CNN on images
+            return torch.randn(batch, first.in_channels, 16, 16, generator=g)
         vocab = model.embed.num_embeddings if hasattr(model, "embed") else VOCAB
         return torch.randint(0, vocab, (batch, seq), generator=g)
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-        size = config.image_size
-        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g)}
-    ids = torch.randint(3, min(config.vocab_size, 1000), (batch, seq), generator=g)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    text_cfg = getattr(config, "text_config", None) or config
+    vision_cfg = getattr(config, "vision_config", None) or config
+    size = getattr(vision_cfg, "image_size", 32)  # ResNet / ConvNeXt have none: any small size fits
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    pixels = torch.randn(batch, getattr(vision_cfg, "num_channels", 3), *size, generator=g)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "pixel_values":
+        return {"pixel_values": pixels}
+    out: dict = {}
+    if main == "input_features":  # Whisper: log-mel frames, twice the encoder's positions
+        frames = 2 * config.max_source_positions
+        out["input_features"] = torch.randn(batch, config.num_mel_bins, frames, generator=g)
+    else:
+        ids = torch.randint(3, min(text_cfg.vocab_size, 1000), (batch, seq), generator=g)
+        out |= {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if hasattr(config, "vision_config") and hasattr(config, "text_config"):  # CLIP, SigLIP: both towers
+            out["pixel_values"] = pixels
     if getattr(config, "is_encoder_decoder", False):
-        out["decoder_input_ids"] = ids.clone()
+        ids = out.get("input_ids")
+        out["decoder_input_ids"] = ids.clone() if ids is not None else \
+            torch.randint(3, min(config.vocab_size, 1000), (batch, seq), generator=g)
     return out
+
+
+# --- Tiny transformers models across architectures (issue 9): one factory per family, built offline. ---
+
+
+def tiny_gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
+                     bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: GPTJForCausalLM(cfg))
+
+
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaModel
+
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=72, pad_token_id=1)
+    return _seeded(lambda: RobertaModel(cfg))
+
+
+def tiny_deberta_v2():
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=64, pad_token_id=0,
+                          relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"])
+    return _seeded(lambda: DebertaV2Model(cfg))
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0)
+    return _seeded(lambda: T5ForConditionalGeneration(cfg))
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                     max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=2)
+    return _seeded(lambda: BartForConditionalGeneration(cfg))
+
+
+def tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                        suppress_tokens=[], begin_suppress_tokens=[])
+    return _seeded(lambda: WhisperForConditionalGeneration(cfg))
+
+
+def _clip_configs():
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=32, projection_dim=32,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, num_channels=3, projection_dim=32)
+    return text, vision
+
+
+def tiny_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = _clip_configs()
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    return _seeded(lambda: CLIPModel(cfg))
+
+
+def tiny_clip_text():
+    from transformers import CLIPTextModel
+
+    return _seeded(lambda: CLIPTextModel(_clip_configs()[0]))
+
+
+def tiny_clip_vision():
+    from transformers import CLIPVisionModel
+
+    return _seeded(lambda: CLIPVisionModel(_clip_configs()[1]))
+
+
+def tiny_siglip():
+    from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+
+    text = SiglipTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=32, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8, num_channels=3)
+    cfg = SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    return _seeded(lambda: SiglipModel(cfg))
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    image_size=32, patch_size=8, num_channels=3, num_labels=3)
+    return _seeded(lambda: ViTForImageClassification(cfg))
+
+
+def tiny_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                       layer_type="basic", num_labels=3)
+    return _seeded(lambda: ResNetForImageClassification(cfg))
+
+
+def tiny_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    cfg = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3)
+    return _seeded(lambda: ConvNextForImageClassification(cfg))
+
+
+def tiny_bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: BloomForCausalLM(cfg))
+
+
+def tiny_falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False,
+                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _seeded(lambda: FalconForCausalLM(cfg))
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(**_decoder_kw(), num_local_experts=4, num_experts_per_tok=2)
+    return _seeded(lambda: MixtralForCausalLM(cfg))
+
+
+def tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**_decoder_kw(), moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    return _seeded(lambda: Qwen2MoeForCausalLM(cfg))
+
+
+def tiny_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(**_decoder_kw(), head_dim=16, moe_intermediate_size=32, num_experts=4,
+                         num_experts_per_tok=2, decoder_sparse_step=1)
+    return _seeded(lambda: Qwen3MoeForCausalLM(cfg))
+
+
+def tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    return _seeded(lambda: MambaForCausalLM(cfg))
+
+
+class TinyMLP(nn.Module):
+    """A plain MLP on float features (symbolic_trace handles it)."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class TinyCNN(nn.Module):
+    """A plain conv net on 3x16x16 images (symbolic_trace handles it)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def tiny_mlp():
+    return _seeded(TinyMLP)
+
+
+def tiny_cnn():
+    return _seeded(TinyCNN)
