@@ -40,8 +40,9 @@ def test_model_class_and_apis_unchanged(factory):
 
 def _generate(model, ids, **kw):
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                              do_sample=False, pad_token_id=0, **kw)
+        return model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0, **kw
+        )
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=lambda f: f.__name__)
@@ -120,7 +121,11 @@ def test_torch_compile_matches_eager():
         compiled = torch.compile(model, backend="inductor")
         out = run(compiled, x)
     except Exception as e:  # noqa: BLE001 (a compiler that cannot run here is not this library's bug)
-        if "compile" in type(e).__name__.lower() or "Backend" in type(e).__name__ or "InductorError" in type(e).__name__:
+        if (
+            "compile" in type(e).__name__.lower()
+            or "Backend" in type(e).__name__
+            or "InductorError" in type(e).__name__
+        ):
             pytest.skip(f"inductor unavailable here: {type(e).__name__}: {e}")
         raise
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
@@ -206,3 +211,83 @@ def test_ddp_two_processes_lora_grads_agree():
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def _grads_with_checkpointing(factory, targets, method: str, kw: dict, reentrant: bool | None) -> list[dict]:
+    """Gradients of the injected tensors over two training steps on a fresh model, checkpointed
+    (from its very first forward) unless `reentrant` is None."""
+    model = factory()
+    surgery.inject(model, method, targets=targets, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero everywhere (B and the adapters' up start at zero, hiding bugs)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    if reentrant is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation of gradient_checkpointing_enable's name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    steps = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        out = model(input_ids=ids)
+        (out.logits if hasattr(out, "logits") else out.last_hidden_state).pow(2).mean().backward()
+        # (BERT's pooler takes no part in this loss: its LoRA has no gradient either way)
+        steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return steps
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+@pytest.mark.parametrize(
+    ("factory", "targets", "method", "kw"),
+    [
+        (tiny_llama, "@attn", "lora", {"r": 4}),  # q, k, v, o share a parent: o leaves the shared-input group
+        (tiny_llama, "attn.*", "lora", {"r": 4}),
+        (tiny_llama, "@linear", "lora", {"r": 4}),
+        (tiny_gpt2, "@attn", "lora", {"r": 4}),
+        (tiny_bert, "@linear", "lora", {"r": 4}),
+        (tiny_llama, None, "adapter", {"style": "houlsby", "bottleneck": 8}),
+        (tiny_bert, None, "adapter", {"style": "parallel", "bottleneck": 8}),  # reads the FFN's input: a tap
+    ],
+    ids=["llama-attn", "llama-attn.*", "llama-linear", "gpt2-attn", "bert-linear", "llama-houlsby", "bert-parallel"],
+)
+def test_gradient_checkpointing_gives_the_same_gradients(factory, targets, method, kw, reentrant):
+    """Checkpointing replays each layer's forward in backward; the replay must run the very
+    same operations (it raised torch's CheckpointError when the shared-input LoRA group
+    shrank during the first forward). Gradients equal those without checkpointing."""
+    want = _grads_with_checkpointing(factory, targets, method, kw, None)
+    got = _grads_with_checkpointing(factory, targets, method, kw, reentrant)
+    for w, g in zip(want, got, strict=True):
+        assert list(w) == list(g), f"tensors without a gradient under checkpointing: {sorted(set(w) - set(g))[:5]}"
+        assert len(w) >= 8
+        for n in w:
+            torch.testing.assert_close(g[n], w[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_trainer_with_gradient_checkpointing(tmp_path, reentrant, monkeypatch):
+    """The Trainer's own gradient_checkpointing=True (it calls gradient_checkpointing_enable, which
+    in transformers 5 also makes the embeddings' output require grad, as PEFT does)."""
+    from transformers import TrainingArguments
+
+    init = TrainingArguments.__init__
+
+    def with_checkpointing(self, *a, **k):  # type: ignore[no-untyped-def]
+        k.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        init(self, *a, **k)
+
+    monkeypatch.setattr(TrainingArguments, "__init__", with_checkpointing)
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets="attn.*", r=4)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer, result = train_lm_with_trainer(model, tmp_path)
+    assert trainer.args.gradient_checkpointing and result.global_step == 3
+    named = dict(model.named_parameters())
+    still = [n for n, t in lora.items() if torch.equal(named[n].detach(), t)]
+    assert not still, f"LoRA tensors that did not train under checkpointing: {still[:5]}"

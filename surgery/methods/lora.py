@@ -87,8 +87,9 @@ def add_low_rank(out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: flo
 class LinearLoRA(_LoRABase):
     """LoRA on `nn.Linear` (weight [out, in]) or transformers' `Conv1D` (weight [in, out])."""
 
-    def __init__(self, in_f: int, out_f: int, r: int, scale: float, dropout: float,
-                 fan_in_fan_out: bool, like: torch.Tensor) -> None:
+    def __init__(
+        self, in_f: int, out_f: int, r: int, scale: float, dropout: float, fan_in_fan_out: bool, like: torch.Tensor
+    ) -> None:
         super().__init__(scale, dropout)
         kw = {"device": like.device, "dtype": _adapter_dtype(like)}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
@@ -115,29 +116,42 @@ class _SharedInput:
     with that very tensor. A site called with another input leaves the group, so after
     one forward the group holds the sites that really share (o_proj drops out).
     Entries keep a weak reference to the input they were computed from, so a slice is
-    never used for another input, from another thread or another call."""
+    never used for another input, from another thread or another call.
+
+    The group changes only in a call that autograd does not record (inference, no_grad):
+    gradient checkpointing runs a forward again in backward and requires the very same
+    operations and saved tensors, so a site that leaves the group in the recorded forward
+    would change the recomputation (torch's CheckpointError). Under autograd such a site
+    computes its own projection and stays a member until an unrecorded call."""
 
     def __init__(self, members: list[LinearLoRA]) -> None:
         self.members = members
         self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo: dict) -> _SharedInput:
-        # a copy shares nothing in flight (pending slices may carry autograd graphs)
+        # a copy shares nothing in flight (pending slices may carry autograd graphs); registered
+        # in `memo` first so every copied member points at this one copied group
         import copy
 
-        return _SharedInput([copy.deepcopy(m, memo) for m in self.members])
+        new = _SharedInput.__new__(_SharedInput)
+        memo[id(self)] = new
+        new.members = [copy.deepcopy(m, memo) for m in self.members]
+        new.pending = {}
+        return new
 
     def project(self, ad: LinearLoRA, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         entry = self.pending.pop(id(ad), None)
         if entry is not None:
             if entry[0]() is x:
                 return entry[1]
-            self.members = [m for m in self.members if m is not ad]  # it reads another input
+            # it reads another input: it leaves the group, but only in a call autograd does not record
+            if torch.is_grad_enabled() and (x2.requires_grad or ad.lora_A.requires_grad):
+                return F.linear(x2, ad.lora_A)
+            self.members = [m for m in self.members if m is not ad]
         members = self.members
         if len(members) < 2 or not any(m is ad for m in members):
             return F.linear(x2, ad.lora_A)
-        hs = F.linear(x2, torch.cat([m.lora_A for m in members])).split(
-            [m.lora_A.shape[0] for m in members], dim=1)
+        hs = F.linear(x2, torch.cat([m.lora_A for m in members])).split([m.lora_A.shape[0] for m in members], dim=1)
         ref = weakref.ref(x)
         mine = hs[0]
         for m, h in zip(members, hs, strict=True):
@@ -151,8 +165,7 @@ class _SharedInput:
 class EmbeddingLoRA(_LoRABase):
     """LoRA on `nn.Embedding`: rows of A^T are looked up, then projected by B."""
 
-    def __init__(self, num: int, dim: int, r: int, scale: float, dropout: float,
-                 base: nn.Embedding) -> None:
+    def __init__(self, num: int, dim: int, r: int, scale: float, dropout: float, base: nn.Embedding) -> None:
         super().__init__(scale, dropout)
         like = base.weight
         kw = {"device": like.device, "dtype": _adapter_dtype(like)}
@@ -163,8 +176,9 @@ class EmbeddingLoRA(_LoRABase):
         self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
 
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        h = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
-                        self.scale_grad_by_freq, self.sparse)
+        h = F.embedding(
+            x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
     def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +258,10 @@ class LoRA(Method):
                 raise ConfigError(f"lora: alpha_pattern[{pat!r}] must be a positive number, got {v!r}")
 
     def supports(self, module: nn.Module) -> bool:
-        return isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d_transformers(module) or (
-            isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+        return (
+            isinstance(module, (nn.Linear, nn.Embedding))
+            or is_conv1d_transformers(module)
+            or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
         )
 
     @staticmethod
@@ -275,8 +291,15 @@ class LoRA(Method):
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAConfig) -> None:
         adapter.scale = self.scale(cfg, path, adapter.lora_A.shape[0])  # type: ignore[union-attr]
 
-    def make(self, module: nn.Module, path: str, cfg: LoRAConfig,
-             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: LoRAConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         # a stored delta fixes the rank; the scale follows from it
         r = int(shapes["lora_A.weight"][0]) if shapes else self._pattern(cfg.rank_pattern, path, cfg.r)
         scale = self.scale(cfg, path, r)
