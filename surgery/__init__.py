@@ -51,7 +51,10 @@ def find(model, targets, example_inputs=None) -> list[Site]:  # type: ignore[no-
 
     Roles are shown when the model's graph can be built (it is built here if the
     selector needs roles, or if `example_inputs` are given; otherwise it is
-    tried and skipped quietly when the model cannot be traced without inputs)."""
+    tried and skipped quietly when the model cannot be traced without inputs).
+    `transformers` models need no inputs: dummy ones are built from the model and
+    its config. A role selector on a model that cannot be traced that way raises
+    `GraphError`; call `surgery.trace(model, inputs)` once (or pass `example_inputs`)."""
     from surgery import engine, graph
     from surgery.selectors import no_hit_error, select
 
@@ -70,10 +73,19 @@ def find(model, targets, example_inputs=None) -> list[Site]:  # type: ignore[no-
 
 
 def trace(model, example_inputs=None) -> None:  # type: ignore[no-untyped-def]
-    """Build (and cache) the model's dataflow graph now, from `example_inputs`
-    when the model is not a `transformers` model and cannot be traced symbolically."""
-    from surgery import graph
+    """Build (and cache) the model's dataflow graph now; role selectors (`@q`, `@mlp`, ...) then read it.
 
+    `example_inputs` is one batch the model's forward accepts: a tensor, a tuple of positional
+    args or a dict of keyword args (values do not matter, shapes and types do). It is needed only
+    when the model cannot be traced on its own: a plain module that `torch.fx.symbolic_trace`
+    cannot follow, or a `transformers` model whose dummy inputs (built from its config) do not run.
+    Given inputs, the graph is rebuilt from them, replacing any cached graph and roles.
+    Raises `GraphError` (saying what failed) when even these inputs cannot be traced."""
+    from surgery import engine, graph
+
+    engine.check_model(model)
+    if example_inputs is not None:
+        graph.clear_cache(model)
     graph.build_graph(model, example_inputs)
 
 

@@ -15,6 +15,13 @@ The graph comes from `torch.fx.symbolic_trace` (plain modules) or, failing that,
 `torch.export.export(strict=False)`, whose nodes carry ``meta["nn_module_stack"]``. For large
 `transformers` models, roles are read from a stand-in with fewer layers built on the meta
 device and mapped back layer by layer, so that finding roles stays fast for 7B-sized models.
+
+Inputs: plain modules that `symbolic_trace` follows need none. `transformers` models get small
+dummy inputs built from the model itself (``main_input_name``, the forward's parameters and the
+config with its sub-configs: vocabulary, image size and channels, mel bins, source positions,
+decoder start id), so roles work out of the box for text, vision, audio, encoder-decoder and
+dual-tower models. Where that is not enough, ``surgery.trace(model, inputs)`` builds the graph
+once from a real batch; role selectors then read it. Every failure is a `GraphError` saying so.
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | 
         from surgery import engine  # the graph is the base's: injected deltas stay out of the trace
 
         with engine.base_only(model):
-            entry.graph = _trace(model, example_inputs)
+            entry.graph = _guarded(model, "tracing", lambda: _trace(model, example_inputs))
     return entry.graph
 
 
@@ -120,12 +127,27 @@ def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None =
         if entry.graph is None and example_inputs is None and _is_hf(model):
             found = _standin_roles(model)
         if found is None:
-            found = _find_roles(model, build_graph(model, example_inputs))
+            g = build_graph(model, example_inputs)
+            found = _guarded(model, "reading roles from the graph of", lambda: _find_roles(model, g))
         entry.roles = found
     return dict(entry.roles)
 
 
 # ----------------------------------------------------------------------------- tracing
+
+_FIX = ("call surgery.trace(model, inputs) once with a batch its forward accepts (a tensor, a tuple of "
+        "positional args or a dict of keyword args; `example_inputs=` of surgery.find / graph.roles is the same), "
+        "then role selectors read that graph; or select sites by name instead of role")
+
+
+def _guarded(model: nn.Module, what: str, run):  # type: ignore[no-untyped-def]
+    """Run `run()`; any exception but a GraphError becomes a GraphError that says what to do."""
+    try:
+        return run()
+    except GraphError:
+        raise
+    except Exception as err:
+        raise GraphError(f"{what} {type(model).__name__} failed ({_short(err)}); {_FIX}") from err
 
 
 class _LeafTracer(fx.Tracer):
@@ -157,29 +179,40 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
         return _LeafTracer().trace(model)
     except Exception as err:  # any tracing failure just means "try export"
         fx_error = _short(err)
-    inputs = example_inputs if example_inputs is not None else _hf_inputs(model)
-    if inputs is None:
+    if example_inputs is not None:
+        candidates, built = [_complete(model, example_inputs)], False
+    else:
+        try:
+            candidates, built = _hf_inputs(model), True
+        except Exception as err:  # a config our builder does not understand: same advice as no inputs
+            fx_error += f"; building dummy inputs from its config failed ({_short(err)})"
+            candidates = []
+    if not candidates:
         raise GraphError(
             f"cannot build the dataflow graph of {type(model).__name__}: torch.fx.symbolic_trace failed "
-            f"({fx_error}), and torch.export needs example inputs to run the model; pass "
-            "example_inputs= (a tuple of positional args, or a dict of keyword args)"
+            f"({fx_error}), and torch.export needs example inputs to run the model; {_FIX}"
         )
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
     flags = {m: m.training for m in model.modules()}
+    errors: list[str] = []
+    program = None
     try:
         model.eval()  # dropout and training-only branches are noise for dataflow
-        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
-    except Exception as err:
-        raise GraphError(
-            f"cannot build the dataflow graph of {type(model).__name__}: torch.fx.symbolic_trace failed "
-            f"({fx_error}); torch.export.export(strict=False) failed ({_short(err)}); pass "
-            "example_inputs= that the model's forward accepts, or select sites by name instead of role"
-        ) from err
+        for inputs in candidates:
+            args, kwargs = _split(inputs)
+            try:
+                program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+                break
+            except Exception as err:  # the next candidate (fewer optional inputs) may run
+                errors.append(f"{sorted(kwargs) or 'positional args'}: {_short(err)}" if built else _short(err))
     finally:
         for m, flag in flags.items():
             m.training = flag
+    if program is None:
+        tried = "dummy inputs built from its config " if built else ""
+        raise GraphError(
+            f"cannot build the dataflow graph of {type(model).__name__}: torch.fx.symbolic_trace failed "
+            f"({fx_error}); torch.export.export(strict=False) on {tried}failed ({'; '.join(errors)}); {_FIX}"
+        )
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     user_outputs = {s.arg.name for s in sig.output_specs if s.kind == OutputKind.USER_OUTPUT and hasattr(s.arg, "name")}
@@ -191,30 +224,119 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
     return program.graph
 
 
-def _hf_inputs(model: nn.Module) -> dict | None:
-    """Tiny example inputs for a `transformers` model, from its config (None for other models)."""
+def _split(inputs: tuple | dict | torch.Tensor) -> tuple[tuple, dict]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+
+
+def _complete(model: nn.Module, inputs: tuple | dict | torch.Tensor) -> tuple | dict | torch.Tensor:
+    """A user's batch for a `transformers` model, as export needs it: keyword args, without a KV cache
+    (a cache object in the output is not a pytree export can return)."""
     if not _is_hf(model):
-        return None
-    cfg = model.config
-    params = inspect.signature(model.forward).parameters
-    p = next(model.parameters(), None)
-    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-    inputs: dict = {}
-    if model.main_input_name == "pixel_values":
-        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
-        inputs["pixel_values"] = torch.zeros(1, cfg.num_channels, *size, dtype=dtype, device=device)
-    elif model.main_input_name == "input_ids" and getattr(cfg, "vocab_size", None):
-        ids = (torch.arange(8) % cfg.vocab_size).unsqueeze(0).to(device)
-        inputs["input_ids"] = ids
-        if "attention_mask" in params:
-            inputs["attention_mask"] = torch.ones_like(ids)
-        if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-            inputs["decoder_input_ids"] = ids
-    else:
-        return None
-    if "use_cache" in params:
-        inputs["use_cache"] = False
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        inputs = {getattr(model, "main_input_name", "input_ids"): inputs}
+    if isinstance(inputs, dict) and "use_cache" not in inputs \
+            and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs = {**inputs, "use_cache": False}
     return inputs
+
+
+_SEQ = 8  # tokens in dummy text inputs
+_IMAGE = 64  # pixels a side when a vision config has no image_size (ResNet, ConvNeXt): fits their strides
+_SAMPLES = 1600  # raw audio samples (wav2vec2-style input_values): past the feature encoder's receptive field
+
+
+def _configs(cfg) -> list:  # type: ignore[no-untyped-def]
+    """`cfg` and its sub-configs (text_config, vision_config, audio_config, encoder, decoder, ...), outer first."""
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop(0)
+        if any(c is o for o in out):
+            continue
+        out.append(c)
+        todo.extend(v for v in vars(c).values() if hasattr(v, "to_dict") and not isinstance(v, dict))
+    return out
+
+
+def _lookup(cfgs: list, name: str, prefer: str = "") -> object:
+    """The first value of config attribute `name`: in sub-configs whose attribute name contains `prefer`
+    first (``vision`` for image sizes, ``text`` for vocabularies), then in the others, outermost first."""
+    first = []
+    if prefer:
+        for c in cfgs:
+            first.extend(v for k, v in vars(c).items() if prefer in k and hasattr(v, "to_dict"))
+    for c in (*first, *cfgs):
+        value = getattr(c, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _hf_inputs(model: nn.Module) -> list[dict]:
+    """Candidate dummy inputs for a `transformers` model, fullest first; [] for other models.
+
+    Built from the model alone: its ``main_input_name``, the parameters its forward takes and its
+    config (with sub-configs), never from a per-architecture table. The first candidate also fills
+    optional inputs a model may need (CLIP and SigLIP want ``pixel_values`` next to ``input_ids``);
+    the second leaves them out, for models where they need more care (image tokens, ...).
+    """
+    if not _is_hf(model):
+        return []
+    cfgs = _configs(model.config)
+    params = inspect.signature(model.forward).parameters
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    device, dtype = (floats[0].device, floats[0].dtype) if floats else (torch.device("cpu"), torch.float32)
+    main = getattr(model, "main_input_name", "input_ids")
+
+    def ids(vocab: object, n: int = _SEQ, start: object = None) -> torch.Tensor:
+        v = vocab if isinstance(vocab, int) and vocab > 0 else 2
+        out = (torch.arange(n) + 3) % v
+        if isinstance(start, int) and 0 <= start < v:
+            out[0] = start
+        return out.unsqueeze(0).to(device)
+
+    def pixels() -> torch.Tensor:
+        size = _lookup(cfgs, "image_size", "vision") or _IMAGE
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        channels = _lookup(cfgs, "num_channels", "vision") or 3
+        return torch.zeros(1, channels, *size[-2:], dtype=dtype, device=device)
+
+    def features() -> torch.Tensor:
+        mels = _lookup(cfgs, "num_mel_bins", "audio")
+        positions = _lookup(cfgs, "max_source_positions", "audio")
+        if not (mels and positions):
+            raise GraphError("no num_mel_bins / max_source_positions in the config for input_features")
+        # Whisper-style encoders take 2 frames per position (a stride-2 conv) and insist on the full length.
+        return torch.zeros(1, mels, 2 * positions, dtype=dtype, device=device)
+
+    makers = {
+        "input_ids": lambda: ids(_lookup(cfgs, "vocab_size", "text")),
+        "pixel_values": pixels,
+        "input_features": features,
+        "input_values": lambda: torch.zeros(1, _SAMPLES, dtype=dtype, device=device),
+    }
+    if main not in makers:
+        return []
+    base = {main: makers[main]()}
+    if main == "input_ids" and "attention_mask" in params:
+        base["attention_mask"] = torch.ones_like(base["input_ids"])
+    if "use_cache" in params:
+        base["use_cache"] = False
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        start = _lookup(cfgs, "decoder_start_token_id")
+        vocab = _lookup(cfgs, "vocab_size", "decoder")
+        base["decoder_input_ids"] = ids(vocab, 4, start)
+    full = dict(base)
+    vision = _lookup(cfgs, "image_size", "vision") is not None or any("vision" in k for c in cfgs for k in vars(c))
+    if main != "pixel_values" and "pixel_values" in params and vision:  # the image tower of a dual encoder
+        full["pixel_values"] = pixels()
+    if main != "input_ids" and "input_ids" in params and _lookup(cfgs, "vocab_size", "text"):  # its text tower
+        full["input_ids"] = makers["input_ids"]()
+        if "attention_mask" in params and main == "pixel_values":
+            full["attention_mask"] = torch.ones_like(full["input_ids"])
+    return [full, base] if full.keys() != base.keys() else [base]
 
 
 # ------------------------------------------------------------------- stand-in for large models
@@ -494,9 +616,10 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
             outs.setdefault(owner, set()).add(n)
 
     for down in ins:
-        if _ATTN_ROLES & out.get(down, set()):
+        if _ATTN_ROLES & out.get(down, set()) or _mixes_positions(flow.mods[down]):
             continue
-        srcs = {p: s for p, s in _ffn_sources(flow, ins[down]).items() if not _ATTN_ROLES & out.get(p, set())}
+        srcs = {p: s for p, s in _ffn_sources(flow, ins[down]).items()
+                if not _ATTN_ROLES & out.get(p, set()) and not _mixes_positions(flow.mods[p])}
         activated = {p for p, s in srcs.items() if any(a for a, _ in s)}
         plain = {p for p, s in srcs.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
         joins = any(flow.forward(o, _VIEW | _SCALE, want=_RESIDUAL)[1] for o in outs[down])
@@ -516,6 +639,12 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
     for path in flow.embeds:
         give(path, "embed")
     return {p: frozenset(r) for p, r in out.items()}
+
+
+def _mixes_positions(module: nn.Module) -> bool:
+    """A convolution with a kernel wider than 1 mixes neighbouring positions: never part of an FFN,
+    which works on each position alone (Mamba's causal conv1d -> silu -> x_proj is no FFN)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and any(k > 1 for k in module.kernel_size)
 
 
 def _heads(flow: _Flow) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 import warnings
 import weakref
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.nn.modules import module as torch_module
 
+import surgery
 from surgery import graph
-from surgery.errors import GraphError
+from surgery.errors import GraphError, SelectorError
 
 TIMINGS: dict[str, float] = {}
 
@@ -554,6 +556,198 @@ def test_factories_run_on_their_batch(factory):
     logits = out if isinstance(out, torch.Tensor) else out[0]
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- roles out of the box (issue 9)
+
+_FINE = ("q", "k", "v", "qkv", "o", "mlp.gate", "mlp.up", "mlp.down", "head")
+_L = r"\d+"  # any layer index
+
+
+def _attn(prefix: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj", o: str = "o_proj") -> dict[str, str]:
+    return {"q": f"{prefix}\\.{q}", "k": f"{prefix}\\.{k}", "v": f"{prefix}\\.{v}", "o": f"{prefix}\\.{o}"}
+
+
+def _ffn(prefix: str, up: str, down: str, gate: str | None = None) -> dict[str, str]:
+    out = {"mlp.up": f"{prefix}\\.{up}", "mlp.down": f"{prefix}\\.{down}"}
+    return out | ({"mlp.gate": f"{prefix}\\.{gate}"} if gate else {})
+
+
+_BERTISH = _attn(f"encoder\\.layer\\.{_L}\\.attention", "self.query", "self.key", "self.value", "output.dense") \
+    | _ffn(f"encoder\\.layer\\.{_L}", "intermediate.dense", "output.dense")
+_SEQ2SEQ = _attn(f"model\\.(en|de)coder\\.layers\\.{_L}\\.(self_attn|encoder_attn)", o="out_proj") \
+    | _ffn(f"model\\.(en|de)coder\\.layers\\.{_L}", "fc1", "fc2")
+_CLIPISH = _attn(f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.self_attn", o="out_proj") \
+    | _ffn(f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.mlp", "fc1", "fc2")
+
+
+def _untowered(spec: dict[str, str]) -> dict[str, str]:
+    """CLIPTextModel / CLIPVisionModel hold one tower's modules at the top (no text_model. prefix)."""
+    return {k: v.replace("(text|vision)_model\\.", "") for k, v in spec.items()}
+
+
+_LLAMA_ATTN = _attn(f"model\\.layers\\.{_L}\\.self_attn")
+_FALCONISH = {"qkv": f"transformer\\.h\\.{_L}\\.self_attention\\.query_key_value",
+              "o": f"transformer\\.h\\.{_L}\\.self_attention\\.dense", "head": "lm_head"} \
+    | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "dense_h_to_4h", "dense_4h_to_h")
+
+# name -> (factory, {fine role: regex over the module paths it must hit exactly}); a fine role not
+# listed must hit nothing (a SelectorError, not a crash). Every factory lives in tests/models.py.
+OUT_OF_THE_BOX = {
+    "llama": (models.tiny_llama, _LLAMA_ATTN | {"head": "lm_head"}
+              | _ffn(f"model\\.layers\\.{_L}\\.mlp", "up_proj", "down_proj", "gate_proj")),
+    "gpt2": (models.tiny_gpt2, {"qkv": f"transformer\\.h\\.{_L}\\.attn\\.c_attn", "head": "lm_head",
+                                "o": f"transformer\\.h\\.{_L}\\.attn\\.c_proj"}
+             | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "c_fc", "c_proj")),
+    "gptj": (models.tiny_gptj, _attn(f"transformer\\.h\\.{_L}\\.attn", o="out_proj") | {"head": "lm_head"}
+             | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "fc_in", "fc_out")),
+    "bert": (models.tiny_bert, _BERTISH),
+    "roberta": (models.tiny_roberta, _BERTISH),
+    "deberta_v2": (models.tiny_deberta_v2, _BERTISH | _attn(f"encoder\\.layer\\.{_L}\\.attention", "self.query_proj",
+                                                            "self.key_proj", "self.value_proj", "output.dense")),
+    "t5": (models.tiny_t5, {"head": "lm_head"}
+           | {r: f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.(SelfAttention|EncDecAttention)\\.{r}" for r in "qkvo"}
+           | _ffn(f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.DenseReluDense", "wi", "wo")),
+    "bart": (models.tiny_bart, _SEQ2SEQ | {"head": "lm_head"}),
+    "whisper": (models.tiny_whisper, _SEQ2SEQ | {"head": "proj_out"}),
+    "clip": (models.tiny_clip, _CLIPISH | {"head": "(text|visual)_projection"}),
+    "clip_text": (models.tiny_clip_text, _untowered(_CLIPISH)),
+    "clip_vision": (models.tiny_clip_vision, _untowered(_CLIPISH)),
+    # SigLIP's vision tower ends in an attention-pooling head: an nn.MultiheadAttention (fused raw
+    # in_proj_weight, no q/k/v modules) followed by an MLP, which is found as one.
+    "siglip": (models.tiny_siglip, _CLIPISH | {"head": "text_model\\.head",
+                                               "mlp.up": _CLIPISH["mlp.up"] + "|vision_model\\.head\\.mlp\\.fc1",
+                                               "mlp.down": _CLIPISH["mlp.down"] + "|vision_model\\.head\\.mlp\\.fc2"}),
+    "vit": (models.tiny_vit, _attn(f"vit\\.layers\\.{_L}\\.attention") | {"head": "classifier"}
+            | _ffn(f"vit\\.layers\\.{_L}\\.mlp", "fc1", "fc2")),
+    # Convolutional nets: no attention; ResNet has no FFN either (conv -> batch norm -> relu -> conv).
+    "resnet": (models.tiny_resnet, {"head": "classifier\\.1"}),
+    "convnext": (models.tiny_convnext, {"head": "classifier"}
+                 | _ffn(f"convnext\\.encoder\\.stages\\.{_L}\\.layers\\.{_L}", "pwconv1", "pwconv2")),
+    "bloom": (models.tiny_bloom, _FALCONISH),
+    "falcon": (models.tiny_falcon, _FALCONISH),
+    # Mixtral / Qwen3-MoE experts are fused 3-D parameters (no linear modules), so only attention is found;
+    # Qwen2-MoE's shared expert is a plain gated MLP.
+    "mixtral": (models.tiny_mixtral, _LLAMA_ATTN | {"head": "lm_head"}),
+    "qwen2_moe": (models.tiny_qwen2_moe, _LLAMA_ATTN | {"head": "lm_head"}
+                  | _ffn(f"model\\.layers\\.{_L}\\.mlp\\.shared_expert", "up_proj", "down_proj", "gate_proj")),
+    "qwen3_moe": (models.tiny_qwen3_moe, _LLAMA_ATTN | {"head": "lm_head"}),
+    # Mamba: no attention; its mixer is gated, out_proj(ssm(x) * silu(z)) with x, z from in_proj, which reads
+    # as an FFN pair; the causal conv1d mixes positions, so conv1d -> silu -> x_proj is not one.
+    "mamba": (models.tiny_mamba, {"head": "lm_head"} | _ffn(f"backbone\\.layers\\.{_L}\\.mixer", "in_proj", "out_proj")),
+    "mlp": (models.tiny_mlp, {"head": "head"}),  # no residual stream: fc1 -> relu -> fc2 is not an FFN block
+    "cnn": (models.tiny_cnn, {"head": "fc"}),
+}
+
+
+def _hits(model: nn.Module, selector: str) -> set[str]:
+    try:
+        return {site.path for site in surgery.find(model, selector)}
+    except SelectorError as err:
+        assert "hits no module" in str(err), err  # the usual "selector hits nothing" error, nothing else
+        return set()
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_THE_BOX))
+def test_roles_out_of_the_box(name):
+    factory, spec = OUT_OF_THE_BOX[name]
+    model = factory()
+    paths = [p for p, _ in model.named_modules() if p]
+    start = time.perf_counter()
+    linear = _hits(model, "@linear")  # no inputs given: transformers models get dummy ones from their config
+    TIMINGS[f"out of the box: {name}"] = time.perf_counter() - start
+    want: dict[str, set[str]] = {}
+    for role in _FINE:
+        want[role] = {p for p in paths if role in spec and re.fullmatch(spec[role], p)}
+        assert (role in spec) == bool(want[role]), f"spec for {role} matches no module: {spec.get(role)}"
+        assert _hits(model, "@" + role) == want[role], role
+    assert _hits(model, "@attn") == want["q"] | want["k"] | want["v"] | want["qkv"] | want["o"]
+    assert _hits(model, "@mlp") == want["mlp.gate"] | want["mlp.up"] | want["mlp.down"]
+    # @linear: every linear-like leaf (Linear, Conv1d/2d, transformers' Conv1D) except the head.
+    leaves = {p for p, m in model.named_modules() if isinstance(m, graph._linear_types())}
+    assert linear == leaves - want["head"] and linear
+
+
+def test_roles_out_of_the_box_on_a_real_batch_agree():
+    # The dummy inputs are only a way to run the model: a real batch gives the same roles.
+    for factory in (models.tiny_whisper, models.tiny_clip, models.tiny_resnet):
+        model = factory()
+        dummy = graph.roles(model)
+        surgery.trace(model, models.batch_for(model))
+        assert graph._CACHE[model].graph is not None and graph.roles(model) == dummy, factory.__name__
+
+
+def test_dummy_inputs_are_built_from_the_model():
+    whisper, clip, resnet = models.tiny_whisper(), models.tiny_clip(), models.tiny_resnet()
+    (w,) = graph._hf_inputs(whisper)
+    assert w["input_features"].shape == (1, 16, 2 * whisper.config.max_source_positions)
+    assert w["decoder_input_ids"][0, 0] == whisper.config.decoder_start_token_id
+    full, minimal = graph._hf_inputs(clip)  # both towers first, the main input alone next
+    assert full["pixel_values"].shape == (1, 3, 32, 32) and "input_ids" in full
+    assert "pixel_values" not in minimal
+    (r,) = graph._hf_inputs(resnet)  # no image_size in ResNetConfig: a small size that fits
+    assert r["pixel_values"].shape == (1, 3, graph._IMAGE, graph._IMAGE)
+    assert graph._hf_inputs(models.tiny_mlp()) == []
+
+
+class NeedsInputsMLP(nn.Module):
+    """A plain module symbolic_trace cannot follow (int() of a traced shape) and that has no config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x[:, : int(x.shape[1])])
+
+
+def test_untraceable_plain_module_names_surgery_trace():
+    model = NeedsInputsMLP()
+    with pytest.raises(GraphError, match=re.escape("surgery.trace(model, inputs)")):
+        surgery.find(model, "@linear")
+    surgery.trace(model, torch.ones(2, 4))
+    assert [s.path for s in surgery.find(model, "@head")] == ["fc"]
+
+
+def test_dummy_inputs_that_do_not_run_name_surgery_trace():
+    model = models.tiny_whisper()
+    model.config.max_source_positions = 7  # dummy features of the wrong length: the encoder refuses them
+    with pytest.raises(GraphError, match=re.escape("surgery.trace(model, inputs)")) as err:
+        surgery.find(model, "@q")
+    assert "dummy inputs" in str(err.value) and "input_features" in str(err.value)
+    model.config.max_source_positions = 16
+    surgery.trace(model, models.batch_for(model))  # a real batch fixes it
+    assert len(surgery.find(model, "@q")) == 6
+
+
+def test_internal_errors_become_graph_errors(monkeypatch):
+    model = models.tiny_resnet()
+
+    def broken_builder(m: nn.Module) -> list:
+        raise AttributeError("'FancyConfig' object has no attribute 'image_size'")
+
+    monkeypatch.setattr(graph, "_hf_inputs", broken_builder)
+    with pytest.raises(GraphError, match=re.escape("surgery.trace(model, inputs)")) as err:
+        surgery.find(model, "@head")
+    assert "AttributeError" in str(err.value)
+    monkeypatch.undo()
+
+    def broken_reader(*a: object) -> dict:
+        raise TypeError("unexpected node")
+
+    monkeypatch.setattr(graph, "_find_roles", broken_reader)
+    graph.clear_cache(model)
+    with pytest.raises(GraphError, match="TypeError: unexpected node"):
+        graph.roles(model)
+
+
+def test_trace_with_inputs_replaces_the_cached_graph():
+    model = models.tiny_llama()
+    first = graph.build_graph(model)
+    surgery.trace(model, models.batch_for(model))
+    assert graph.build_graph(model) is not first
+    surgery.trace(model)  # without inputs: the cached graph stays
+    assert graph.build_graph(model) is graph.build_graph(model)
 
 
 def test_zz_print_timings(capsys):
