@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -31,7 +33,14 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
 from surgery import compose
-from surgery.errors import CompositionError, InjectionError, MergeError, SelectorError, SurgeryError
+from surgery.errors import (
+    CompositionError,
+    InjectionError,
+    MergeError,
+    ModelTypeError,
+    SelectorError,
+    SurgeryError,
+)
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight
 from surgery.methods.base import Adapter, Method, get_method
 from surgery.selectors import no_hit_error, sel, select
@@ -84,6 +93,7 @@ class _Site:
             raise InjectionError(f"module {path!r} already has a child named {CHILD!r}; cannot inject there")
         module.add_module(CHILD, nn.ModuleDict())
         self.handle = module.register_forward_hook(self.hook, with_kwargs=True)
+        self.hook_id = self.handle.id  # a plain int: dynamo cannot represent a RemovableHandle
 
     @property
     def adapters(self) -> nn.ModuleDict:
@@ -106,7 +116,7 @@ class _Site:
         spec = self.state.active()
         # the output may be updated in place only if no hook before ours has seen it
         inplace = out is not None and not _global_forward_hooks \
-            and next(iter(module._forward_hooks)) == self.handle.id
+            and next(iter(module._forward_hooks)) == self.hook_id
         if any(type(n) is not str for n in spec):
             return compose.run(self, spec, x, out)
         if self.bypass:  # a replacing delta makes the output: it runs first, the others add to it
@@ -206,6 +216,10 @@ class _State:
         self.params: list[nn.Parameter] = []
         self.requires_grad: list[bool] = []  # flags of `params` before the first injection
         self.fingerprint: str | None = None  # the base's, cached by surgery.fingerprint
+        # merged delta -> its tensors and their requires_grad flags before merge (frozen while merged)
+        self.frozen: dict[str, list[tuple[nn.Parameter, bool]]] = {}
+        self.spec_now: tuple[Any, ...] = ()  # the active spec the last model call pinned (read under torch.compile)
+        self.specs: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # interned specs: stable objects for dynamo's guards
 
     def __deepcopy__(self, memo: dict) -> _State:
         # a copied model gets its own context token: use()/disable() on one must not switch the other
@@ -231,8 +245,19 @@ class _State:
         return x
 
     def root_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        spec = self.active()
+        # read once per model call; under torch.compile the sites read this pinned plain value
+        spec = _pin(self) if torch.compiler.is_compiling() else self.pin()
+        if self.frozen and torch.is_grad_enabled():
+            self.check_frozen()
         n = compose.parallel_copies(spec)
+        if n > 1 and _in_generate():
+            raise CompositionError(
+                f"Parallel cannot run inside generate(): it repeats the batch once per delta, so each step "
+                f"returns {n}x the rows (and the KV cache) that generate() expects. Generate with one delta "
+                "at a time (with surgery.use(model, 'a'): model.generate(...)), or repeat the prompts yourself "
+                f"and give each copy its delta: surgery.use(model, surgery.BatchSplit('a', 'b', "
+                "batch_sizes=[B, B])) around model.generate(input_ids=ids.repeat(2, 1), ...)"
+            )
         out = None if n == 1 else _repeat_batch(args, kwargs, n)
         # methods that change the model's inputs (prompts) see them after Parallel's repeat
         for method in {id(e.method): e.method for e in self.entries.values() if e.method.changes_inputs}.values():
@@ -241,7 +266,30 @@ class _State:
                 out = new
         return out
 
+    def pin(self) -> tuple[Any, ...]:
+        """The active spec of this call, kept in `spec_now` (interned: equal specs are one object)."""
+        spec = self.active()
+        if len(self.specs) > 256:  # bounded: blocks built with ever new weights would otherwise pile up
+            self.specs.clear()
+        self.spec_now = spec = self.specs.setdefault(spec, spec)
+        return spec
+
+    def check_frozen(self) -> None:
+        """A merged delta's tensors take no part in the forward: training them would silently do
+        nothing, so a forward under autograd refuses once something made them trainable again."""
+        for name, params in self.frozen.items():
+            if any(p.requires_grad for p, _ in params):
+                raise MergeError(
+                    f"delta {name!r} is merged into the base weights: its tensors take no part in the forward "
+                    f"and would get no gradient, yet some of them require grad again. surgery.unmerge(model, "
+                    f"{name!r}) to train it, or run under torch.no_grad() for inference"
+                )
+
     def active(self) -> tuple[Any, ...]:
+        if torch.compiler.is_compiling():
+            # dynamo cannot read a ContextVar (a graph break at every site, a recompile per adapter):
+            # the root hook pinned this call's spec, a plain value dynamo guards on
+            return self.spec_now
         ov = _OVERRIDE.get()
         if ov is not None:
             names = ov.get(self.token)
@@ -274,7 +322,47 @@ def _repeat_batch(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict]:
     return tuple(rep(a) for a in args), {k: rep(v) if k in _BATCH_KWARGS else v for k, v in kwargs.items()}
 
 
+@torch._disable_dynamo  # runs eagerly (a graph break at the model's root only): it reads the ContextVar
+def _pin(st: _State) -> tuple[Any, ...]:
+    return st.pin()
+
+
+_GENERATE_CODES: set[Any] | None = None
+
+
+@torch._disable_dynamo  # walks the Python stack
+def _in_generate() -> bool:
+    """Whether a transformers `generate()` is on the call stack (checked only under Parallel)."""
+    global _GENERATE_CODES
+    gen = sys.modules.get("transformers.generation.utils")
+    if gen is None:
+        return False
+    if _GENERATE_CODES is None:
+        _GENERATE_CODES = {inspect.unwrap(gen.GenerationMixin.generate).__code__}
+    f: Any = sys._getframe(1)
+    while f is not None:
+        if f.f_code in _GENERATE_CODES:
+            return True
+        f = f.f_back
+    return False
+
+
+def check_model(model: Any) -> None:
+    """Refuse anything but a module where the model goes (every public verb comes through here)."""
+    if not isinstance(model, nn.Module):
+        hint = (" (a model id or path? load it first, e.g. transformers.AutoModel.from_pretrained(...))"
+                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+        shown = repr(model)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ModelTypeError(
+            f"expected the model, a torch.nn.Module, as the first argument; got {type(model).__name__} "
+            f"{shown}{hint}. Pass the model object itself, e.g. surgery.inject(model, 'lora')"
+        )
+
+
 def state_of(model: nn.Module) -> _State | None:
+    if not isinstance(model, nn.Module):
+        check_model(model)
     return model.__dict__.get(_STATE_ATTR)
 
 
@@ -358,6 +446,7 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
     Only the injected tensors are trainable afterwards. The new delta joins the
     model's default active set (see `activate`, `use`).
     """
+    check_model(model)
     m = get_method(method)
     cfg = m.config(**config)
     check_name(model, name)
@@ -454,6 +543,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             unmerge(model, n)
     for n in todo:
         entry = st.entries.pop(n)
+        st.frozen.pop(n, None)
         gone: dict[str, Adapter] = {}
         for path in entry.injection.sites:
             site = st.sites[path]
@@ -621,7 +711,9 @@ def merge(model: nn.Module, name: str | None = None) -> None:
                 f"delta {n!r} is switched off in this surgery.use()/disable() context; merging it here "
                 "would put it back into every output. Merge outside the context."
             )
+        flags = [(p, p.requires_grad) for ad in adapters(model, n).values() for p in ad.parameters()]
         if entry.method.fold(adapters(model, n)):  # merged within its own tensors: no base weight changes
+            _freeze_merged(st, n, flags)
             continue
         shared = _shared_weights(model)
         factors = []
@@ -649,8 +741,22 @@ def merge(model: nn.Module, name: str | None = None) -> None:
             for s in done:  # all sites or none
                 _unmerge_site(s, n)
             raise
+        _freeze_merged(st, n, flags)
         if n not in st.default_active:
             st.default_active = st.default_active + (n,)
+
+
+def _freeze_merged(st: _State, name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """A merged delta's tensors get no gradient (the forward does not read them): freeze them,
+    remembering their flags for unmerge."""
+    st.frozen[name] = flags
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+
+def _thaw_merged(st: _State, name: str) -> None:
+    for p, flag in st.frozen.pop(name, ()):
+        p.requires_grad_(flag)
 
 
 def _unmerge_site(s: _Site, name: str) -> MergeRecord:
@@ -688,6 +794,7 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
     entry = _entry(model, name)
     assert st is not None
     if entry.method.unfold(adapters(model, name)):
+        _thaw_merged(st, name)
         return
     sites = [st.sites[p] for p in entry.injection.sites]
     if not any(name == mn for s in sites for mn, _ in s.merged):
@@ -701,6 +808,7 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
             s.merged.append((name, merge_weight(_weight(s), rec.factors)))
             s.live.pop(name, None)
         raise
+    _thaw_merged(st, name)
 
 
 def merged(model: nn.Module) -> list[str]:
@@ -725,6 +833,7 @@ def unfreeze(model: nn.Module, targets: Any = None) -> int:
 
 
 def _set_trainable(model: nn.Module, targets: Any, flag: bool) -> int:
+    check_model(model)
     if targets is None:
         params = list(model.parameters())
     else:
@@ -738,6 +847,10 @@ def _set_trainable(model: nn.Module, targets: Any, flag: bool) -> int:
             for p in mod.parameters():
                 seen.setdefault(id(p), p)
         params = list(seen.values())
+    st = state_of(model)
+    if flag and st is not None and st.frozen:  # a merged delta's tensors cannot train until unmerged
+        merged_ids = {id(p) for ps in st.frozen.values() for p, _ in ps}
+        params = [p for p in params if id(p) not in merged_ids]
     n = 0
     for p in params:
         if p.requires_grad != flag and (p.is_floating_point() or p.is_complex()):

@@ -100,7 +100,9 @@ class LinearLoRA(_LoRABase):
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
         x2 = self._drop(x.reshape(-1, A.shape[1]).to(A.dtype))
-        h = self.shared.project(self, x, x2) if self.shared is not None else F.linear(x2, A)  # [tokens, r]
+        # under torch.compile each site projects alone (the group's bookkeeping cannot be traced)
+        shared = self.shared is not None and not torch.compiler.is_compiling()
+        h = self.shared.project(self, x, x2) if shared else F.linear(x2, A)  # type: ignore[union-attr]
         return add_low_rank(out, h, B, self.scale, inplace)
 
     def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
