@@ -33,3 +33,7 @@ class DeltaMismatchError(SurgeryError):
 
 class CompositionError(SurgeryError, ValueError):
     """A composition of deltas (Stack, Fuse, Average, Parallel, BatchSplit) is not possible as given."""
+
+
+class FusedExpertsWarning(UserWarning):
+    """A method's targets cover less than they say: the model's experts are fused tensors it cannot attach to."""

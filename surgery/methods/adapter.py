@@ -35,7 +35,16 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, register
-from surgery.sublayers import ffn_sublayers, out_width
+from surgery.sublayers import (
+    check_forward,
+    ffn_sublayers,
+    fused_beside,
+    fused_refusal,
+    fused_warning,
+    out_width,
+    split_fused,
+    with_fused,
+)
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 _ACTIVATIONS = {
@@ -111,7 +120,8 @@ class BottleneckAdapter(Method):
 
     def targets(self, cfg: AdapterConfig | None) -> Any:
         style = cfg.style if cfg is not None else "pfeiffer"
-        return {"houlsby": ["@o", "@mlp.down"], "pfeiffer": "@mlp.down", "parallel": "@mlp"}[style]
+        # fused experts are hit too: refused by name (or warned about, for houlsby's attention half)
+        return with_fused({"houlsby": ["@o", "@mlp.down"], "pfeiffer": "@mlp.down", "parallel": "@mlp"}[style])
 
     def validate(self, cfg: AdapterConfig) -> None:
         if cfg.style not in STYLES:
@@ -135,9 +145,21 @@ class BottleneckAdapter(Method):
         return out_width(module) is not None
 
     def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: AdapterConfig) -> list:
+        who = f"adapter (style={cfg.style!r})"
+        fused, hits = split_fused(model, hits)
         if cfg.style == "parallel":
-            return [(s.path, s.module) for s in ffn_sublayers(model, hits)]
-        return super().place(model, hits, cfg)
+            if fused:
+                raise fused_refusal(model, who, fused)
+            sites = [(s.path, s.module) for s in ffn_sublayers(model, hits)]
+        else:
+            sites = super().place(model, hits, cfg)
+            if fused and (cfg.style != "houlsby" or not sites):
+                raise fused_refusal(model, who, fused)
+            if fused:  # houlsby: the attention half is there, the FFN half is not
+                fused_warning(model, who, fused, [p for p, _ in sites])
+                return sites
+        fused_beside(model, who, sites)
+        return sites
 
     def make(self, module: nn.Module, path: str, cfg: AdapterConfig,
              shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
@@ -151,7 +173,10 @@ class BottleneckAdapter(Method):
             entry, d_in, d_out = sub.entry, sub.d_in, sub.d_out
             if sub.path != path:
                 raise ConfigError(f"adapter: {path!r} is not an FFN site (its FFN is {sub.path!r})")
-        assert d_in is not None and d_out is not None
+            check_forward(model, sub, "adapter (style='parallel')", alone=False)
+        if d_in is None or d_out is None:
+            raise ConfigError(f"adapter: cannot tell the output width of {path!r} ({type(module).__name__}); "
+                              "point targets at linear layers or modules holding them")
         if shapes:
             b = int(shapes["adapter_down.weight"][0])
         elif cfg.bottleneck is not None:

@@ -35,10 +35,19 @@ from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, register
 from surgery.methods.lora import _adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
+from surgery.sublayers import fused_beside, fused_refusal, split_fused
 
 
 @dataclass
 class LoRAMoEConfig:
+    """Attributes:
+        experts: number of LoRA experts at each site.
+        r: rank of each expert's update.
+        alpha: scale numerator: each expert's update is scaled by alpha / r.
+        top_k: experts each token is routed to.
+        dropout: dropout on the experts' input, in training only.
+        router_std: the router's weights start ~ N(0, router_std).
+    """
     experts: int = 4
     r: int = 8
     alpha: float = 8  # scale alpha / r
@@ -102,6 +111,14 @@ class LoRAMoE(Method):
 
     def supports(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) or is_conv1d_transformers(module)
+
+    def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: LoRAMoEConfig) -> list:
+        fused, hits = split_fused(model, hits)
+        if fused:  # say so, rather than leave them out without a word
+            raise fused_refusal(model, "lora_moe", fused)
+        sites = [(p, m) for p, m in hits if self.supports(m)]
+        fused_beside(model, "lora_moe", sites)
+        return sites
 
     def make(self, module: nn.Module, path: str, cfg: LoRAMoEConfig,
              shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:

@@ -71,7 +71,16 @@ from torch import nn
 
 from surgery.errors import ConfigError, InjectionError, SelectorError
 from surgery.methods.base import Adapter, Method, register
-from surgery.sublayers import ffn_sublayers, out_width
+from surgery.sublayers import (
+    check_forward,
+    ffn_sublayers,
+    fused_beside,
+    fused_experts,
+    fused_refusal,
+    out_width,
+    split_fused,
+    with_fused,
+)
 
 CHILD = "surgery"  # the engine's child holding adapters (surgery.engine.CHILD)
 
@@ -175,6 +184,13 @@ class Routed(Adapter):
 
 @dataclass
 class MoEConfig:
+    """Attributes:
+        experts: number of experts, each a copy of the feed-forward block (upcycling).
+        top_k: experts each token is routed to.
+        capacity_factor: tokens an expert takes, as a multiple of its even share; None: no token is dropped.
+        router_std: the router's weights start ~ N(0, router_std).
+        jitter: multiplicative router-input noise in training (Switch Transformer uses 1e-2).
+    """
     experts: int = 8
     top_k: int = 1
     capacity_factor: float | None = None  # None: no token is dropped
@@ -311,6 +327,9 @@ class MoE(Method):
     tensor_suffixes = ("router.weight", "experts.*")
     routing: ClassVar[bool] = True
 
+    def targets(self, cfg: MoEConfig | None) -> Any:
+        return with_fused(self.default_targets)  # fused experts are hit too, to be refused by name
+
     def validate(self, cfg: MoEConfig) -> None:
         check_routing("moe", cfg.experts, cfg.top_k, cfg.router_std)
         cf = cfg.capacity_factor
@@ -323,7 +342,12 @@ class MoE(Method):
         return out_width(module) is not None
 
     def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: MoEConfig) -> list:
-        return [(s.path, s.module) for s in ffn_sublayers(model, hits)]
+        fused, hits = split_fused(model, hits)
+        if fused:
+            raise fused_refusal(model, "moe", fused)
+        sites = [(s.path, s.module) for s in ffn_sublayers(model, hits)]
+        fused_beside(model, "moe", sites)
+        return sites
 
     def make(self, module: nn.Module, path: str, cfg: MoEConfig,
              shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
@@ -335,6 +359,10 @@ class MoE(Method):
         n = int(shapes["router.weight"][0]) if shapes and "router.weight" in shapes else cfg.experts
         if cfg.top_k > n:
             raise ConfigError(f"moe: top_k={cfg.top_k} is larger than the {n} experts at {path!r}")
+        inner = [f for f in fused_experts(model) if f.path.startswith(path + ".")]
+        if inner:  # a sparse MoE block as a whole: n copies of all its experts
+            raise fused_refusal(model, "moe", inner)
+        check_forward(model, sub, "moe", alone=True)
         if sub.entry is None:
             roots = [(path, module)]
         else:

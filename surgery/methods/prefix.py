@@ -31,7 +31,9 @@ Without reparameterisation there is nothing to fold and `surgery.merge` raises.
 
 Sites are the attention modules: the parents of the linears with roles ``@q @k @v @qkv``
 (``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``, or a plain block calling
-``F.scaled_dot_product_attention``), cross-attention left out; ``layers="6:"`` (or any
+``F.scaled_dot_product_attention``), cross-attention left out (found by its ``is_cross_attention``
+flag, a ``*CrossAttention`` class, or the names transformers gives it: ``EncDecAttention``,
+``encoder_attn``, ``crossattention``, ``cross_attn``; see `_is_cross`); ``layers="6:"`` (or any
 `surgery.layers` form, or a selector) keeps some depths. See `surgery.attention` for how
 the attention call is reached. Stored tensors per site: ``prefix_key`` [n_kv, P, d_k],
 ``prefix_value`` [n_kv, P, d_v]; with ``reparam="mlp"``: ``prefix_embedding`` [P, h],
@@ -42,6 +44,7 @@ Parameters: :math:`P\,n_{kv}(d_k+d_v)` per layer (Llama-2-7B, P = 20: 164 k per 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,6 +63,13 @@ _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
 
 @dataclass
 class PrefixConfig:
+    """Attributes:
+        n_tokens: P, the positions (keys and values) added to every attention layer.
+        reparam: "mlp": keys/values come from an embedding through an MLP (foldable by merge); None: direct.
+        hidden: width of that MLP.
+        layers: which depths get a prefix: "6:", an int, a range, a list, or a selector; None: all.
+        init_std: keys/values (or the embedding, with reparam) start ~ N(0, init_std).
+    """
     n_tokens: int = 20  # P: positions added to every attention layer
     reparam: str | None = None  # "mlp": keys/values from an embedding through an MLP (foldable by merge)
     hidden: int = 512  # width of that MLP
@@ -160,8 +170,29 @@ def _is_leaf(m: nn.Module) -> bool:
     return not any(n != engine.CHILD for n, _ in m.named_children())
 
 
-def _is_cross(m: nn.Module) -> bool:
-    return bool(getattr(m, "is_cross_attention", False)) or "CrossAttention" in type(m).__name__
+# names transformers gives cross-attention (keys and values from the encoder's output):
+# T5's EncDecAttention, BART / Whisper / Marian's encoder_attn, BERT's crossattention, cross_attn
+_CROSS_NAME = re.compile(r"cross|encdec|enc_dec|encoder_?att", re.IGNORECASE)
+
+
+def _cross_flag(m: nn.Module) -> bool:
+    return getattr(m, "is_cross_attention", False) is True or "crossattention" in type(m).__name__.lower()
+
+
+def _is_cross(path: str, m: nn.Module, mods: dict[str, nn.Module]) -> bool:
+    """Whether the attention module at `path` is a cross-attention: by its flag or class name
+    (``is_cross_attention``, ``*CrossAttention``), or by the names of it and its ancestors inside
+    its layer (the path after the last layer index: ``layer.1.EncDecAttention``, ``encoder_attn``,
+    ``crossattention.self``)."""
+    if _cross_flag(m):
+        return True
+    parts = path.split(".")
+    start = max((i + 1 for i, seg in enumerate(parts) if seg.isdigit()), default=0)
+    for i in range(len(parts), start, -1):
+        anc = mods.get(".".join(parts[:i]))
+        if _CROSS_NAME.search(parts[i - 1]) or anc is not None and _cross_flag(anc):
+            return True
+    return False
 
 
 def _reach(module: nn.Module, path: str) -> tuple[str | None, list[str]]:
@@ -309,7 +340,15 @@ class PrefixTuning(Method):
                     found.setdefault(parent, mods[parent])
             elif _direct(mod):
                 found.setdefault(path, mod)
-        found = {p: m for p, m in found.items() if not _is_cross(m)}
+        cross = [p for p, m in found.items() if _is_cross(p, m, mods)]
+        found = {p: m for p, m in found.items() if p not in cross}
+        if cross and not found:
+            raise InjectionError(
+                f"prefix: the attention modules hit are cross-attention ({', '.join(cross[:3])}"
+                f"{', ...' if len(cross) > 3 else ''}): their keys and values come from the encoder's output, "
+                "and a prefix attaches to self-attention only; point targets at self-attention modules, or "
+                "leave targets= out"
+            )
         if not found:
             shown = ", ".join(p for p, _ in hits[:6])
             raise InjectionError(
