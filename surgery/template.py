@@ -53,8 +53,16 @@ class Template:
     the ``[soft:N]`` vectors as `"prompt"`'s ``init=`` does (default ``"vocab"``).
     """
 
-    def __init__(self, text: str, verbalizer: Mapping[Any, str | Sequence[str]], tokenizer: Any, *,
-                 name: str = "template", kind: str | None = None, soft_init: Any = "vocab") -> None:
+    def __init__(
+        self,
+        text: str,
+        verbalizer: Mapping[Any, str | Sequence[str]],
+        tokenizer: Any,
+        *,
+        name: str = "template",
+        kind: str | None = None,
+        soft_init: Any = "vocab",
+    ) -> None:
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"Template: the pattern must be a non-empty string, got {text!r}")
         if tokenizer is None:
@@ -66,7 +74,7 @@ class Template:
         at = 0
         for m in _PART.finditer(text):
             if m.start() > at:
-                self.parts.append(("text", text[at:m.start()]))
+                self.parts.append(("text", text[at : m.start()]))
             if m.group(0) == "[MASK]":
                 self.parts.append(("mask", None))
             elif m.group(2) is not None:
@@ -74,7 +82,9 @@ class Template:
             else:
                 raw = m.group(1).strip()
                 if not raw.isdigit() or int(raw) <= 0:
-                    raise ConfigError(f"Template: [soft:{m.group(1)}] needs a positive number of vectors, e.g. [soft:4]")
+                    raise ConfigError(
+                        f"Template: [soft:{m.group(1)}] needs a positive number of vectors, e.g. [soft:4]"
+                    )
                 self.parts.append(("soft", int(raw)))
             at = m.end()
         if at < len(text):
@@ -121,6 +131,25 @@ class Template:
         if getattr(self.tokenizer, "mask_token_id", None) is None:
             raise ConfigError("Template: the tokenizer has no mask token, which a masked LM needs at [MASK]")
 
+    def _check_vocab(self, model: nn.Module, ids: torch.Tensor) -> None:
+        """Every token id the template feeds or scores must be a row of the model's vocabulary (a larger
+        tokenizer's ids would crash deep inside torch's embedding lookup)."""
+        emb = _prompt.token_embedding(model)
+        vocab = (
+            emb[1].num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+        )
+        if not isinstance(vocab, int):
+            return
+        words = [i for ws in self.word_ids.values() for _, w in ws for i in w]
+        top = max(int(ids.max()) if ids.numel() else -1, max(words, default=-1))
+        if top >= vocab:
+            size = len(self.tokenizer) if callable(getattr(self.tokenizer, "__len__", None)) else "more"
+            raise ConfigError(
+                f"Template: the tokenizer gives token id {top}, but {type(model).__name__} has a vocabulary of "
+                f"{vocab} (ids 0..{vocab - 1}); the tokenizer ({size} ids) is not this model's. Use the model's own "
+                "tokenizer, or grow the model's vocabulary first: model.resize_token_embeddings(len(tokenizer))"
+            )
+
     def model_kind(self, model: nn.Module) -> str:
         if self.kind is not None:
             return self.kind
@@ -140,15 +169,25 @@ class Template:
             return None
         if self.name in engine.names(model):
             inj = engine.injection(model, self.name)
-            if inj.method != "prompt" or inj.config.get("placement") != "inline" \
-                    or inj.config.get("n_tokens") != self.n_soft:
+            if (
+                inj.method != "prompt"
+                or inj.config.get("placement") != "inline"
+                or inj.config.get("n_tokens") != self.n_soft
+            ):
                 raise ConfigError(
                     f"Template: the model already has a delta named {self.name!r} that is not this template's "
                     f"{self.n_soft} soft vectors ({inj.method}, {inj.config}); give the template another name="
                 )
             return inj
-        return engine.inject(model, "prompt", n_tokens=self.n_soft, init=self.soft_init, tokenizer=self.tokenizer,
-                             placement="inline", name=self.name)
+        return engine.inject(
+            model,
+            "prompt",
+            n_tokens=self.n_soft,
+            init=self.soft_init,
+            tokenizer=self.tokenizer,
+            placement="inline",
+            name=self.name,
+        )
 
     # ------------------------------------------------------------------ encoding
 
@@ -196,7 +235,7 @@ class Template:
                 else:
                     segs.append((k, v))
             if kind == "causal" and self.has_mask:
-                segs = segs[:next(i for i, (k, _) in enumerate(segs) if k == "mask")]
+                segs = segs[: next(i for i, (k, _) in enumerate(segs) if k == "mask")]
                 if segs and segs[-1][0] == "text":
                     segs[-1] = ("text", segs[-1][1].rstrip())
             ids, slot, at, k_soft = list(self._head), [-1] * len(self._head), -1, 0
@@ -219,21 +258,23 @@ class Template:
             else:
                 at = len(ids) - 1
                 if at < 0:
-                    raise ConfigError(f"Template: nothing comes before [MASK] in {self.text!r}; "
-                                      "a causal LM needs some text to predict the label word from")
+                    raise ConfigError(
+                        f"Template: nothing comes before [MASK] in {self.text!r}; "
+                        "a causal LM needs some text to predict the label word from"
+                    )
             rows.append(ids)
             slots.append(slot)
             ats.append(at)
         pad = getattr(tok, "pad_token_id", None)
         pad = pad if pad is not None else 0
-        t = max(len(r) for r in rows)
-        ids_t = torch.full((len(rows), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), t), dtype=torch.long)
-        slot_t = torch.full((len(rows), t), -1, dtype=torch.long)
+        width = max(len(r) for r in rows)
+        ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        slot_t = torch.full((len(rows), width), -1, dtype=torch.long)
         for i, (r, s) in enumerate(zip(rows, slots, strict=True)):
-            ids_t[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-            slot_t[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            ids_t[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+            slot_t[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return {"input_ids": ids_t, "attention_mask": mask, "at": torch.tensor(ats), "slots": slot_t}
 
     # ------------------------------------------------------------------ scoring
@@ -254,6 +295,7 @@ class Template:
         """Label scores s(y) [batch, labels] (mean log-probabilities of the label words), with gradients."""
         kind = self.model_kind(model)
         batch = self.encode(inputs, kind)  # every check on the input before the model is touched
+        self._check_vocab(model, batch["input_ids"])
         limit = _prompt.max_positions(model)
         t = batch["input_ids"].shape[1]
         if limit is not None and t + _prompt.prompt_length(model) > limit:
@@ -307,8 +349,8 @@ def _special_tokens(tok: Any) -> tuple[list[int], list[int]]:
         full = list(tok(probe)["input_ids"])
         if bare:
             for i in range(len(full) - len(bare) + 1):
-                if full[i:i + len(bare)] == bare:
-                    return full[:i], full[i + len(bare):]
+                if full[i : i + len(bare)] == bare:
+                    return full[:i], full[i + len(bare) :]
     return [], []
 
 

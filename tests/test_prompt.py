@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import surgery
 from surgery import engine
 from tests._helpers import assert_snapshot_equal, bits, snapshot, train_lm_with_trainer
-from tests.models import batch_for, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tests.models import batch_for, tiny_bart, tiny_bert_cls, tiny_gpt2, tiny_gptj, tiny_llama, tiny_mixtral, tiny_t5
 
 N = 4
 
@@ -41,8 +42,15 @@ def tiny_bert_mlm(vocab: int = 128):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return BertForMaskedLM(cfg).float().eval()
@@ -104,7 +112,9 @@ def test_causal_lm_equals_hand_built_embeds_and_extends_mask_labels(factory):
     kw = seen.kw
     assert kw["input_ids"].shape == (2, 8 + N) and torch.equal(kw["input_ids"][:, N:], x["input_ids"])
     assert torch.equal(kw["attention_mask"], torch.cat([torch.ones(2, N, dtype=torch.long), x["attention_mask"]], 1))
-    assert torch.equal(kw["labels"][:, :N], torch.full((2, N), -100)) and torch.equal(kw["labels"][:, N:], x["input_ids"])
+    assert torch.equal(kw["labels"][:, :N], torch.full((2, N), -100)) and torch.equal(
+        kw["labels"][:, N:], x["input_ids"]
+    )
     assert out.logits.shape == (2, 8 + N, 128)
     emb = hand_embeds(model, "default", x["input_ids"])
     with surgery.disable(model), torch.no_grad():
@@ -198,19 +208,50 @@ def greedy_by_hand(model, ids, mask, steps):
     return out, torch.stack(scores, 1)
 
 
-def generate(model, x):
+def greedy_config(model):
+    # BART forces an end-of-sequence token at max_length (a None here would fall back to the model's)
+    model.generation_config.forced_eos_token_id = None
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = -1  # (None would fall back to the model's)
+    return gc
+
+
+def generate(model, x, steps=6):
+    """Greedy generate() with the cache; no end-of-sequence token (a row that emits one would get pad
+    tokens after it, which greedy decoding by hand does not do)."""
+    gc = greedy_config(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = model.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True, output_logits=True)
+        out = model.generate(
+            **x,
+            generation_config=gc,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     return out.sequences, torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-def test_generate_with_cache_equals_greedy_by_hand(factory):
+@pytest.mark.parametrize(
+    "factory, padded",
+    [
+        (tiny_llama, True),
+        (tiny_llama, False),
+        (tiny_gpt2, True),
+        (tiny_gpt2, False),
+        (tiny_gptj, True),
+        (tiny_mixtral, True),
+    ],
+)
+def test_generate_with_cache_equals_greedy_by_hand(factory, padded):
+    """transformers 5.x passes the cache as `cache=` and drops an all-ones mask: each decode step must
+    continue the cache (holding the prompt) instead of putting the prompt in front again."""
     model = factory()
     x = batch_for(model, batch=2, seq=6)
-    x["attention_mask"][1, :2] = 0  # left padding
+    if padded:
+        x["attention_mask"][1, :2] = 0  # left padding
     surgery.inject(model, "prompt", n_tokens=N, init="vocab")
     jolt(model, "default", std=1.0)
     got, got_logits = generate(model, x)
@@ -224,6 +265,280 @@ def test_generate_with_cache_equals_greedy_by_hand(factory):
     # generate(inputs_embeds=...): the prompt goes in front of the embeddings at the first step
     seq, _ = generate(model, {"inputs_embeds": e, "attention_mask": x["attention_mask"]})
     assert torch.equal(seq, got[:, 6:])
+
+
+@pytest.mark.parametrize("key", ["cache", "past_key_values"])
+def test_a_cache_is_continued_whatever_its_keyword(key):
+    """Decoding by hand with a DynamicCache under either name gives generate()'s logits: the prompt is
+    put in only on the call whose cache is empty."""
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    x = batch_for(model, batch=2, seq=6)
+    surgery.inject(model, "prompt", n_tokens=N, init="vocab")
+    jolt(model, "default", std=1.0)
+    want, want_logits = generate(model, x, steps=4)
+    cache, ids, logits = DynamicCache(config=model.config), x["input_ids"], []
+    with torch.no_grad():
+        for _ in range(4):
+            out = model(input_ids=ids, **{key: cache}, use_cache=True).logits[:, -1]
+            logits.append(out)
+            ids = out.argmax(-1, keepdim=True)
+    assert cache.get_seq_length() == N + 6 + 3
+    torch.testing.assert_close(torch.stack(logits, 1), want_logits, rtol=0, atol=1e-4)
+
+
+def test_cache_length_of_every_kind():
+    from transformers import DynamicCache
+
+    from surgery.methods.prompt import _cache_len, _find_cache
+
+    k = torch.zeros(1, 2, 5, 4)
+    assert _cache_len(None) == 0 and _cache_len(((k, k), (k, k))) == 5  # legacy tuples
+    c = DynamicCache()
+    assert _cache_len(c) == 0
+    c.update(k, k, 0)
+    assert _cache_len(c) == 5
+    assert _find_cache({"cache": c}) is c and _find_cache({"past_key_values": c}) is c
+    assert _find_cache({"some_new_name": c}) is c and _find_cache({"x": 1}) is None
+
+
+# ------------------------------------------------------------------------- encoder-decoders
+
+
+def seq2seq_model(factory, scale):
+    """A tiny seq2seq model; `scale` multiplies its matrices (the random tiny BART, at std 0.02, reads
+    next to nothing from its encoder: no input there, prompt or not, moves its loss)."""
+    model = factory()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
+SEQ2SEQ = [(tiny_t5, 1.0), (tiny_bart, 10.0)]
+
+
+def seq2seq_batch(model):
+    x = batch_for(model, batch=2, seq=6)
+    x["attention_mask"][1, 4:] = 0  # right padding on the encoder side
+    return x
+
+
+def enc_embeds(model, ids):
+    """The encoder's input embeddings with the prompt in front, built by hand (base alone)."""
+    p = prompt_of(model)
+    with surgery.disable(model):
+        e = model.get_encoder().get_input_embeddings()(ids)
+    return torch.cat([p.expand(ids.shape[0], -1, -1).to(e.dtype), e], 1)
+
+
+def with_prompt_mask(mask, n=N):
+    return torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype), mask], 1)
+
+
+@pytest.mark.parametrize("factory, scale", SEQ2SEQ)
+def test_seq2seq_prompt_goes_in_front_of_the_encoder_input(factory, scale):
+    model = seq2seq_model(factory, scale)
+    x = seq2seq_batch(model)
+    labels = x["decoder_input_ids"].clone()
+    before = snapshot(model)
+    with torch.no_grad():
+        base = model(**x, labels=labels)
+    surgery.inject(model, "prompt", n_tokens=N, init="vocab")
+    enc = model.get_encoder().get_input_embeddings()
+    path = next(p for p, m in model.named_modules() if m is enc)
+    assert path.endswith("encoder.embed_tokens")
+    assert surgery.delta(model, "default").tensors.keys() == {f"{path}.prompt_embeddings"}
+    jolt(model, "default")
+    seen = Seen(model)
+    out = model(**x, labels=labels)
+    seen.h.remove()
+    # the decoder's inputs and the labels are not touched; the encoder mask covers the prompt
+    assert torch.equal(seen.kw["decoder_input_ids"], x["decoder_input_ids"]) and torch.equal(seen.kw["labels"], labels)
+    assert torch.equal(seen.kw["attention_mask"], with_prompt_mask(x["attention_mask"]))
+    assert out.logits.shape == base.logits.shape and out.encoder_last_hidden_state.shape[1] == 6 + N
+    with surgery.disable(model), torch.no_grad():
+        ref = model(
+            inputs_embeds=enc_embeds(model, x["input_ids"]),
+            attention_mask=with_prompt_mask(x["attention_mask"]),
+            decoder_input_ids=x["decoder_input_ids"],
+            labels=labels,
+        )
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
+    assert (out.logits - base.logits).abs().max() > 1e-3  # the vectors are used
+    # inputs_embeds instead of input_ids: the prompt goes in front of them
+    with surgery.disable(model):
+        e = enc(x["input_ids"])
+    out2 = model(inputs_embeds=e, attention_mask=x["attention_mask"], decoder_input_ids=x["decoder_input_ids"])
+    torch.testing.assert_close(out2.logits, out.logits, rtol=0, atol=1e-5)
+    # only the prompt gets gradients, and training it lowers the loss
+    out.loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".surgery.default." in n for n in grads)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    first = None
+    for _ in range(10):
+        loss = model(**x, labels=labels).loss
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.9 * first
+    # a delta moves to a fresh model (apply puts the encoder's hook there too)
+    with torch.no_grad():
+        trained = model(**x).logits
+    fresh = seq2seq_model(factory, scale)
+    surgery.apply(fresh, surgery.delta(model, "default"))
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, trained)
+    with surgery.disable(model), torch.no_grad():
+        assert torch.equal(bits(model(**x).logits), bits(base.logits))
+    surgery.remove(model)
+    assert_snapshot_equal(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(bits(model(**x).logits), bits(base.logits))
+
+
+def seq2seq_greedy_by_hand(model, ids, mask, steps):
+    """Greedy decoding with the encoder run once by hand on the prompt-extended input and the
+    decoder recomputed in full each step (no cache), base alone."""
+    full = with_prompt_mask(mask)
+    dec = torch.full((ids.shape[0], 1), model.generation_config.decoder_start_token_id, dtype=torch.long)
+    scores = []
+    with surgery.disable(model), torch.no_grad():
+        enc = model.get_encoder()(inputs_embeds=enc_embeds(model, ids), attention_mask=full)
+        for _ in range(steps):
+            logits = model(encoder_outputs=enc, attention_mask=full, decoder_input_ids=dec, use_cache=False).logits
+            scores.append(logits[:, -1])
+            dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return dec, torch.stack(scores, 1)
+
+
+@pytest.mark.parametrize("factory, scale", SEQ2SEQ)
+def test_seq2seq_generate_equals_greedy_by_hand(factory, scale):
+    model = seq2seq_model(factory, scale)
+    x = seq2seq_batch(model)
+    x = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    surgery.inject(model, "prompt", n_tokens=N, init="vocab")
+    jolt(model, "default", std=1.0)
+    calls = []
+    h = model.get_encoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    got, got_logits = generate(model, x)
+    h.remove()
+    assert len(calls) == 1  # the encoder runs once
+    want, want_logits = seq2seq_greedy_by_hand(model, x["input_ids"], x["attention_mask"], 6)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+    gc = greedy_config(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model.generate(**x, generation_config=gc, max_new_tokens=6, use_cache=False), got)
+    with surgery.disable(model):
+        _, base_logits = generate(model, x)
+    assert (base_logits - got_logits).abs().max() > 1e-3
+
+
+def test_seq2seq_prompts_stack_in_order_and_the_hook_follows_the_first():
+    model = tiny_t5()
+    x = seq2seq_batch(model)
+    before = snapshot(model)
+    surgery.inject(model, "prompt", n_tokens=2, name="a", init="vocab")
+    surgery.inject(model, "prompt", n_tokens=3, name="b", init="vocab")
+    jolt(model, "a")
+    jolt(model, "b", seed=2)
+    with torch.no_grad(), surgery.use(model, "b", "a"):
+        out = model(**x)
+    assert out.encoder_last_hidden_state.shape[1] == 6 + 5
+    emb = model.get_encoder().get_input_embeddings()
+    with surgery.disable(model):
+        e = emb(x["input_ids"])
+    hand = torch.cat([prompt_of(model, "b").expand(2, -1, -1), prompt_of(model, "a").expand(2, -1, -1), e], 1)
+    with surgery.disable(model), torch.no_grad():
+        ref = model(
+            inputs_embeds=hand,
+            attention_mask=with_prompt_mask(x["attention_mask"], 5),
+            decoder_input_ids=x["decoder_input_ids"],
+        )
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    surgery.remove(model, "a")  # the first prompt's hook goes; b's takes over
+    with torch.no_grad():
+        assert model(**x).encoder_last_hidden_state.shape[1] == 6 + 3
+    surgery.remove(model)
+    assert_snapshot_equal(before, snapshot(model))
+
+
+def test_t5_encoder_model_reads_the_encoder_embedding():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    x = batch_for(model, batch=2, seq=6)
+    surgery.inject(model, "prompt", n_tokens=N, init=[5, 6, 7, 8])
+    out = model(**x).last_hidden_state
+    # a prompt initialised from token rows equals those tokens in front of the input
+    ids = torch.cat([torch.tensor([[5, 6, 7, 8]]).expand(2, -1), x["input_ids"]], 1)
+    with surgery.disable(model), torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=with_prompt_mask(x["attention_mask"])).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_clip_text_prompt_equals_those_tokens_in_front():
+    from tests.models import tiny_clip
+
+    model = tiny_clip()
+    x = batch_for(model, batch=2, seq=6)
+    x["input_ids"][:, -1] = 2  # CLIP pools at the end-of-text token
+    surgery.inject(model, "prompt", n_tokens=N, init=[5, 6, 7, 8])
+    with torch.no_grad():
+        out = model(**x)
+    ids = torch.cat([torch.tensor([[5, 6, 7, 8]]).expand(2, -1), x["input_ids"]], 1)
+    with surgery.disable(model), torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=with_prompt_mask(x["attention_mask"]), pixel_values=x["pixel_values"])
+    torch.testing.assert_close(out.text_embeds, ref.text_embeds, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- refused at inject
+
+
+def test_whisper_and_vision_models_are_refused_at_inject():
+    from tests.models import tiny_clip_vision, tiny_whisper
+
+    for model in (tiny_whisper(), tiny_clip_vision()):
+        before = snapshot(model)
+        with pytest.raises(surgery.ConfigError, match="main input is '(input_features|pixel_values)', not token ids"):
+            surgery.inject(model, "prompt", n_tokens=N)
+        assert_snapshot_equal(before, snapshot(model))
+
+
+@pytest.mark.parametrize(
+    "factory, target, where",
+    [
+        (tiny_t5, "shared", "encoder.embed_tokens"),
+        (tiny_bart, "decoder.embed_tokens", "model.encoder.embed_tokens"),
+        (tiny_gpt2, "wpe", "transformer.wte"),
+    ],
+)
+def test_an_embedding_the_input_does_not_go_through_is_refused(factory, target, where):
+    model = factory()
+    before = snapshot(model)
+    with pytest.raises(surgery.ConfigError, match=f"reads its token ids through '{where}'"):
+        surgery.inject(model, "prompt", targets=target, n_tokens=N)
+    assert_snapshot_equal(before, snapshot(model))
+    # a delta stored at such a site (as older versions put T5's on `shared`) is refused by apply too
+    if factory is tiny_t5:
+        d = surgery.Delta(
+            "prompt",
+            "old",
+            {"n_tokens": N},
+            {"shared.prompt_embeddings": torch.zeros(N, 64)},
+            surgery.fingerprint(model),
+        )
+        with pytest.raises(surgery.ConfigError, match="Inject it at 'encoder.embed_tokens'"):
+            surgery.apply(model, d)
+        assert_snapshot_equal(before, snapshot(model))
 
 
 # ------------------------------------------------------------------------- training
@@ -267,8 +582,14 @@ def test_delta_apply_remove_use_disable_and_two_named_prompts():
     assert both.shape[1] == 6 + 8 and only_a.shape[1] == 6 + 3 and only_b.shape[1] == 6 + 5
     assert torch.equal(bits(off), bits(base))
     # active prompts are put in front in the order of the active set: a, then b
-    emb = torch.cat([prompt_of(model, "a").expand(2, -1, -1), prompt_of(model, "b").expand(2, -1, -1),
-                     model.get_input_embeddings().weight[x["input_ids"]]], 1)
+    emb = torch.cat(
+        [
+            prompt_of(model, "a").expand(2, -1, -1),
+            prompt_of(model, "b").expand(2, -1, -1),
+            model.get_input_embeddings().weight[x["input_ids"]],
+        ],
+        1,
+    )
     with surgery.disable(model), torch.no_grad():
         ref = model(inputs_embeds=emb, attention_mask=torch.ones(2, 14, dtype=torch.long)).logits
     torch.testing.assert_close(both, ref, rtol=0, atol=1e-5)
@@ -276,8 +597,11 @@ def test_delta_apply_remove_use_disable_and_two_named_prompts():
         assert not torch.allclose(model(**x).logits, both)
 
     da, db = surgery.delta(model, "a"), surgery.delta(model, "b")
-    assert set(db.tensors) >= {"model.embed_tokens.prompt_embeddings", "model.embed_tokens.lstm.weight_ih_l1_reverse",
-                               "model.embed_tokens.lstm_head.2.weight"}
+    assert set(db.tensors) >= {
+        "model.embed_tokens.prompt_embeddings",
+        "model.embed_tokens.lstm.weight_ih_l1_reverse",
+        "model.embed_tokens.lstm_head.2.weight",
+    }
     fresh = tiny_llama()
     surgery.apply(fresh, da)
     surgery.apply(fresh, db)
@@ -346,15 +670,18 @@ def test_init_from_text_vocab_and_ids():
 # ------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"n_tokens": 0}, "positive integer"),
-    ({"n_tokens": -3}, "positive integer"),
-    ({}, "n_tokens= is required"),
-    ({"n_tokens": 2, "init": "text:hello"}, "needs the model's tokenizer"),
-    ({"n_tokens": 2, "init": [5, 999]}, "outside the vocabulary"),
-    ({"n_tokens": 2, "init": "glove"}, "init must be"),
-    ({"n_tokens": 2, "encoder": "gru"}, "encoder must be"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"n_tokens": 0}, "positive integer"),
+        ({"n_tokens": -3}, "positive integer"),
+        ({}, "n_tokens= is required"),
+        ({"n_tokens": 2, "init": "text:hello"}, "needs the model's tokenizer"),
+        ({"n_tokens": 2, "init": [5, 999]}, "outside the vocabulary"),
+        ({"n_tokens": 2, "init": "glove"}, "init must be"),
+        ({"n_tokens": 2, "encoder": "gru"}, "encoder must be"),
+    ],
+)
 def test_bad_config_is_refused_and_model_unchanged(kw, match):
     model = tiny_llama()
     surgery.inject(model, "prompt", n_tokens=2, name="keep")
@@ -384,15 +711,19 @@ def test_template_masked_lm_zero_shot_equals_manual_scoring_and_averages_split_w
     split = "unwatchable"
     pieces = tok(split, add_special_tokens=False)["input_ids"]
     assert len(pieces) > 1
-    tpl = surgery.Template("Review: {text} It was [MASK].", verbalizer={"pos": "great", "neg": ["bad", split]},
-                           tokenizer=tok)
+    tpl = surgery.Template(
+        "Review: {text} It was [MASK].", verbalizer={"pos": "great", "neg": ["bad", split]}, tokenizer=tok
+    )
     assert tpl.split_words == [split]
     before = snapshot(model)
     probs = tpl.predict(model, ["a wonderful film", "the plot was a mess and far too long"])
     assert_snapshot_equal(before, snapshot(model))  # no soft part: nothing injected
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
-    enc = tok(["Review: a wonderful film It was [MASK].", "Review: the plot was a mess and far too long It was [MASK]."],
-              padding=True, return_tensors="pt")
+    enc = tok(
+        ["Review: a wonderful film It was [MASK].", "Review: the plot was a mess and far too long It was [MASK]."],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         lp = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.log_softmax(-1)
     at = (enc["input_ids"] == tok.mask_token_id).nonzero()[:, 1]
@@ -407,8 +738,9 @@ def test_mixed_template_soft_tokens_train_and_round_trip():
     model = tiny_bert_mlm()
     x = ["a wonderful film", "a boring plot", "great film", "the plot was bad"]
     y = ["pos", "neg", "pos", "neg"]
-    tpl = surgery.Template("{text} [soft:4] it was [MASK] .", verbalizer={"pos": "great", "neg": "bad"},
-                           tokenizer=tok, name="sst")
+    tpl = surgery.Template(
+        "{text} [soft:4] it was [MASK] .", verbalizer={"pos": "great", "neg": "bad"}, tokenizer=tok, name="sst"
+    )
     before = snapshot(model)
     inj = tpl.attach(model)
     assert inj.config["placement"] == "inline" and inj.config["n_tokens"] == 4
@@ -450,11 +782,13 @@ def test_mixed_template_soft_tokens_train_and_round_trip():
 def test_causal_template_scores_the_next_token():
     tok = word_tokenizer(WORDS)
     model = tiny_llama()
-    tpl = surgery.Template("review : {text} . it was [MASK] and more", verbalizer={"pos": "great", "neg": "bad"},
-                           tokenizer=tok)
+    tpl = surgery.Template(
+        "review : {text} . it was [MASK] and more", verbalizer={"pos": "great", "neg": "bad"}, tokenizer=tok
+    )
     probs = tpl.predict(model, ["a wonderful film", "boring"])
-    ids = tok(["review : a wonderful film . it was", "review : boring . it was"], padding=True,
-              return_tensors="pt")  # right-padded; text after [MASK] is never fed to a causal LM
+    ids = tok(
+        ["review : a wonderful film . it was", "review : boring . it was"], padding=True, return_tensors="pt"
+    )  # right-padded; text after [MASK] is never fed to a causal LM
     with torch.no_grad():
         logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     last = ids["attention_mask"].sum(-1) - 1
@@ -496,6 +830,22 @@ def test_template_bad_input():
     assert tpl.predict(model, [{"a": "film", "b": "plot"}]).shape == (1, 2)
 
 
+def test_template_with_a_tokenizer_larger_than_the_vocabulary_is_refused():
+    tok = minilm_tokenizer()  # 30522 ids
+    model = tiny_bert_mlm()  # vocab 128
+    before = snapshot(model)
+    tpl = surgery.Template(
+        "Review: {text} [soft:2] It was [MASK].", verbalizer={"pos": "great", "neg": "bad"}, tokenizer=tok
+    )
+    with pytest.raises(surgery.ConfigError, match="vocabulary of 128.*resize_token_embeddings"):
+        tpl.predict(model, ["a wonderful film"])
+    with pytest.raises(surgery.ConfigError, match="is not this model's"):
+        tpl.loss(model, ["a wonderful film"], ["pos"])
+    assert_snapshot_equal(before, snapshot(model))  # refused before anything was injected
+    model.resize_token_embeddings(len(tok))
+    assert tpl.predict(model, ["a wonderful film"]).shape == (1, 2)
+
+
 def test_template_on_the_real_minilm_encoder():
     """The pretrained MiniLM loaded as a masked LM (its package ships the encoder only: the MLM
     head's transform is new, the decoder tied to the word embeddings) runs a mixed template end to end."""
@@ -511,8 +861,13 @@ def test_template_on_the_real_minilm_encoder():
     finally:
         logging.set_verbosity(verbosity)
     before = snapshot(model)
-    tpl = surgery.Template("Review: {text} [soft:3] It was [MASK].", verbalizer={"pos": "great", "neg": "terrible"},
-                           tokenizer=tok, name="minilm", soft_init="text:the sentiment")
+    tpl = surgery.Template(
+        "Review: {text} [soft:3] It was [MASK].",
+        verbalizer={"pos": "great", "neg": "terrible"},
+        tokenizer=tok,
+        name="minilm",
+        soft_init="text:the sentiment",
+    )
     probs = tpl.predict(model, ["a wonderful film", "a dull, lifeless plot"])
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
     assert surgery.delta(model, "minilm").tensors["bert.embeddings.word_embeddings.prompt_embeddings"].shape == (3, 384)
@@ -545,9 +900,18 @@ def test_quality_prompt_tuning_learns_a_new_task_pattern():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -577,8 +941,10 @@ def test_quality_prompt_tuning_learns_a_new_task_pattern():
         tuned = model(input_ids=held, labels=held_labels).loss.item()
         with surgery.disable(model):
             assert model(input_ids=held, labels=held_labels).loss.item() == frozen
-    print(f"\nprompt quality: held-out loss frozen {frozen:.4f}, prompt at init {at_init:.4f}, "
-          f"prompt-tuned {tuned:.4f}, with the task token {with_cue:.4f}")
+    print(
+        f"\nprompt quality: held-out loss frozen {frozen:.4f}, prompt at init {at_init:.4f}, "
+        f"prompt-tuned {tuned:.4f}, with the task token {with_cue:.4f}"
+    )
     assert with_cue < 0.05  # the base learned its tasks
     assert frozen > 0.3
     assert tuned < frozen / 10

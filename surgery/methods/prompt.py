@@ -52,7 +52,7 @@ import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import torch
 from torch import nn
@@ -69,13 +69,26 @@ IGNORE_INDEX = -100
 _INLINE: ContextVar[dict[tuple[int, str], torch.Tensor] | None] = ContextVar("surgery_prompt_inline", default=None)
 
 _MLP = tuple(f"mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias"))
-_LSTM = tuple(f"lstm.{w}_{k}_l{layer}{rev}" for layer in (0, 1) for rev in ("", "_reverse")
-              for w in ("weight", "bias") for k in ("ih", "hh"))
+_LSTM = tuple(
+    f"lstm.{w}_{k}_l{layer}{rev}"
+    for layer in (0, 1)
+    for rev in ("", "_reverse")
+    for w in ("weight", "bias")
+    for k in ("ih", "hh")
+)
 _HEAD = tuple(f"lstm_head.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
 
 
 @dataclass
 class PromptConfig:
+    """Attributes:
+        n_tokens: number of prompt vectors (required).
+        init: how the vectors start: "random", "vocab" (random token embeddings), "text:<text>", or token ids.
+        tokenizer: the tokenizer for init="text:..."; not stored in a Delta.
+        encoder: None (plain prompt tuning), "mlp" or "lstm" (P-tuning's prompt encoder).
+        encoder_hidden: the encoder's width (default: the embedding width).
+        placement: "prepend" (in front of the input) or "inline" (at a Template's [soft:N] slots).
+    """
     n_tokens: int | None = None  # number of prompt vectors (required)
     init: Any = "random"  # "random" | "vocab" | "text:<text>" | list of token ids
     tokenizer: Any = None  # for init="text:..."; not stored in a Delta
@@ -84,27 +97,32 @@ class PromptConfig:
     placement: str = "prepend"  # "prepend" | "inline" (a Template's [soft:N])
 
 
-def _int(v: Any) -> bool:
+def _int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Prompt(Adapter):
     """The prompt vectors of one delta, at the model's input embedding."""
 
-    def __init__(self, n: int, dim: int, encoder: str | None, hidden: int, placement: str,
-                 like: torch.Tensor) -> None:
+    def __init__(self, n: int, dim: int, encoder: str | None, hidden: int, placement: str, like: torch.Tensor) -> None:
         super().__init__()
-        kw = {"device": like.device,
-              "dtype": torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype}
+        kw: dict[str, Any] = {
+            "device": like.device,
+            "dtype": torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype,
+        }
         self.n, self.dim, self.encoder, self.placement = n, dim, encoder, placement
         self.prompt_embeddings = nn.Parameter(torch.zeros(n, dim, **kw))
         if encoder == "mlp":
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden, **kw), nn.ReLU(), nn.Linear(hidden, hidden, **kw),
-                                     nn.ReLU(), nn.Linear(hidden, dim, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(dim, hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(hidden, dim, **kw),
+            )
         elif encoder == "lstm":
             self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True, **kw)
-            self.lstm_head = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(),
-                                           nn.Linear(hidden, dim, **kw))
+            self.lstm_head = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw))
         # thread -> (shape of the ids, rows, cols, prompt rows) for the next call of the embedding
         self.pending: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -143,7 +161,7 @@ class Prompt(Adapter):
         self.pending[threading.get_ident()] = (tuple(slots.shape), rows, cols, slots[rows, cols])
 
 
-def _embed(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _embed(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     # the module's own forward (so scaled embeddings stay scaled), without hooks
     return type(module).forward(module, ids.to(module.weight.device))
 
@@ -187,24 +205,44 @@ class PromptTuning(Method):
 
     def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: PromptConfig) -> list:
         embs = [(p, m) for p, m in hits if self.supports(m)]
+        check_token_input(model)
+        want = token_embedding(model)
+        if want is not None:
+            for p, m in embs:
+                if m is want[1]:
+                    return [(p, m)]
+            if embs:
+                raise ConfigError(
+                    f"prompt: targets= hits {', '.join(p for p, _ in embs[:6])}, but {type(model).__name__} reads "
+                    f"its token ids through {want[0]!r}: a prompt must sit on that embedding to be used; leave "
+                    "targets= out (the default finds it) or point it there"
+                )
+            return embs
         if len(embs) <= 1:
             return embs
-        get = getattr(model, "get_input_embeddings", None)
-        inp = None
-        if callable(get):
-            with contextlib.suppress(NotImplementedError, AttributeError):
-                inp = get()
-        for p, m in embs:
-            if m is inp:
-                return [(p, m)]
         raise ConfigError(
             f"prompt: the selector hits {len(embs)} embeddings ({', '.join(p for p, _ in embs[:6])}) and the "
             "model names no input embedding (get_input_embeddings); point targets= at the token embedding"
         )
 
-    def make(self, module: nn.Module, path: str, cfg: PromptConfig, shapes: dict[str, torch.Size] | None = None,
-             *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: PromptConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         assert isinstance(module, nn.Embedding)
+        if model is not None:  # apply() builds sites without place(): the same rule
+            check_token_input(model)
+            want = token_embedding(model)
+            if want is not None and module is not want[1]:
+                raise ConfigError(
+                    f"prompt: {path!r} is not the embedding {type(model).__name__} reads its token ids through "
+                    f"({want[0]!r}); a prompt there would never be used. Inject it at {want[0]!r}"
+                )
         dim, like = module.embedding_dim, module.weight
         n = int(shapes["prompt_embeddings"][0]) if shapes and "prompt_embeddings" in shapes else cfg.n_tokens
         hidden = cfg.encoder_hidden or dim
@@ -219,7 +257,26 @@ class PromptTuning(Method):
             with torch.no_grad():
                 ad.prompt_embeddings.copy_(rows.to(ad.prompt_embeddings.dtype))
             cfg.tokenizer = None  # used once, for init; the model does not keep it
+        get_encoder = getattr(model, "get_encoder", None)
+        if model is not None and cfg.placement == "prepend" and is_seq2seq(model) and callable(get_encoder):
+            # a plain tuple, not an attribute nn.Module would register; `attached` takes it
+            ad.__dict__["_seq2seq"] = (model, get_encoder())
         return ad
+
+    def attached(self, adapters: dict[str, Adapter]) -> None:
+        for ad in adapters.values():
+            got = ad.__dict__.pop("_seq2seq", None)
+            if got is not None and isinstance(ad, Prompt):
+                model, encoder = got
+                ad.__dict__["encoder_hook"] = encoder.register_forward_pre_hook(
+                    _EncoderInputs(model, ad), with_kwargs=True
+                )
+
+    def detached(self, adapters: dict[str, Adapter]) -> None:
+        for ad in adapters.values():
+            handle = ad.__dict__.pop("encoder_hook", None)
+            if handle is not None:
+                handle.remove()
 
     def _init_rows(self, module: nn.Embedding, cfg: PromptConfig, n: int) -> torch.Tensor:
         init, vocab = cfg.init, module.num_embeddings
@@ -233,8 +290,7 @@ class PromptTuning(Method):
                 tok = cfg.tokenizer
                 if tok is None:
                     raise ConfigError(
-                        f"prompt: init={init!r} needs the model's tokenizer: pass tokenizer=tok "
-                        "(or init=[token ids])"
+                        f"prompt: init={init!r} needs the model's tokenizer: pass tokenizer=tok (or init=[token ids])"
                     )
                 ids = list(tok(init[5:], add_special_tokens=False)["input_ids"])
                 if not ids:
@@ -249,42 +305,205 @@ class PromptTuning(Method):
 
     # ------------------------------------------------------------------ the model's inputs
 
-    def prepare_inputs(self, model: nn.Module, spec: tuple[Any, ...], args: tuple,
-                       kwargs: dict) -> tuple[tuple, dict] | None:
-        from surgery import engine
-
-        st = engine.state_of(model)
-        if st is None:
+    def prepare_inputs(
+        self, model: nn.Module, spec: tuple[Any, ...], args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        got = _active(model, spec)
+        if got is None:
             return None
-        mine = {n for n, e in st.entries.items() if e.injection.method == self.name}
-        ads: dict[str, Prompt] = {n: next(iter(engine.adapters(model, n).values())) for n in mine}  # type: ignore[misc]
-        tid = threading.get_ident()
-        for ad in ads.values():  # what a failed call may have left
-            ad.pending.pop(tid, None)
-        nested = [n for b in spec if not isinstance(b, str) for n in b.names() if n in mine]
-        if nested:
-            raise CompositionError(
-                f"prompt {nested[0]!r} sits inside a composition block; a prompt extends the model's input "
-                f"for every row, so activate it by name: surgery.use(model, {nested[0]!r}, <block>)"
-            )
-        front = [ads[n] for n in spec if isinstance(n, str) and n in mine and ads[n].placement == "prepend"]
-        given = _INLINE.get() or {}
-        inline = [(ads[n], given[(st.token, n)]) for n in spec
-                  if isinstance(n, str) and n in mine and ads[n].placement == "inline" and (st.token, n) in given]
-        if not front and not inline:
-            return None
+        front, inline = got
+        if is_seq2seq(model):
+            # the encoder's own pre-hook (`_EncoderInputs`) extends its input; here only the mask the
+            # decoder's cross-attention reads over the encoder's output gets the prompt's positions
+            return _seq2seq_mask(front, args, kwargs)
         return _extend(model, front, inline, args, kwargs)
 
 
-def _cache_len(past: Any) -> int:
+def _active(model: nn.Module, spec: tuple[Any, ...]) -> tuple[list[Prompt], list[tuple[Prompt, torch.Tensor]]] | None:
+    """The prompts active in `spec` that put vectors in front, and the inline ones with their slots."""
+    from surgery import engine
+
+    st = engine.state_of(model)
+    if st is None:
+        return None
+    mine = {n for n, e in st.entries.items() if e.injection.method == PromptTuning.name}
+    if not mine:
+        return None
+    ads: dict[str, Prompt] = {n: next(iter(engine.adapters(model, n).values())) for n in mine}  # type: ignore[misc]
+    tid = threading.get_ident()
+    for ad in ads.values():  # what a failed call may have left
+        ad.pending.pop(tid, None)
+    nested = [n for b in spec if not isinstance(b, str) for n in b.names() if n in mine]
+    if nested:
+        raise CompositionError(
+            f"prompt {nested[0]!r} sits inside a composition block; a prompt extends the model's input "
+            f"for every row, so activate it by name: surgery.use(model, {nested[0]!r}, <block>)"
+        )
+    front = [ads[n] for n in spec if isinstance(n, str) and n in mine and ads[n].placement == "prepend"]
+    given = _INLINE.get() or {}
+    inline = [
+        (ads[n], given[(st.token, n)])
+        for n in spec
+        if isinstance(n, str) and n in mine and ads[n].placement == "inline" and (st.token, n) in given
+    ]
+    if not front and not inline:
+        return None
+    return front, inline
+
+
+class _EncoderInputs:
+    """Forward pre-hook on a seq2seq model's encoder: the prompt goes in front of the encoder's input
+    there, because generate() runs the encoder by itself before any call of the whole model. Each
+    prepend prompt has one; only the first prompt injected acts (for all active ones, in order)."""
+
+    def __init__(self, model: nn.Module, adapter: Prompt) -> None:
+        self.model, self.adapter = model, adapter
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        from surgery import engine
+
+        st = engine.state_of(self.model)
+        if st is None:
+            return None
+        lead = next(
+            (
+                n
+                for n, e in st.entries.items()
+                if e.injection.method == PromptTuning.name and e.cfg.placement == "prepend"
+            ),
+            None,
+        )
+        if lead is None or next(iter(engine.adapters(self.model, lead).values())) is not self.adapter:
+            return None
+        got = _active(self.model, st.active())
+        if got is None:
+            return None
+        return _extend(self.model, got[0], got[1], args, kwargs, encoder=True)
+
+
+def _seq2seq_mask(front: list[Prompt], args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    n = sum(ad.n for ad in front)
+    mask = kwargs.get("attention_mask")
+    if not n or not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() != 2:
+        raise SurgeryError(
+            f"a prompt is active and the attention mask has {mask.dim()} dimensions; only a 2-D [batch, length] "
+            "mask can be extended to cover the prompt"
+        )
+    enc = kwargs.get("encoder_outputs")
+    if enc is not None:  # the encoder ran already (generate): its output has the prompt's positions or not
+        h = enc[0] if isinstance(enc, (tuple, list)) else getattr(enc, "last_hidden_state", None)
+        if h is None:
+            h = enc[0]
+        length = h.shape[1]
+        if mask.shape[-1] == length:
+            return None
+        if mask.shape[-1] != length - n:
+            raise SurgeryError(
+                f"prompt: the attention mask has {mask.shape[-1]} positions and the encoder's output {length}; "
+                f"with the active prompts' {n} it must have {length - n} (or {length} counting them)"
+            )
+    else:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+        if x is None or mask.shape[-1] != x.shape[1]:
+            return None  # the model reports the mismatch itself
+    kwargs = dict(kwargs)
+    kwargs["attention_mask"] = _front(mask, n, 1)
+    return args, kwargs
+
+
+# the names transformers has given the KV cache argument (5.x: `cache`; 4.x: `past_key_values`)
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "cache_params", "layer_past", "past", "mems")
+
+
+def _find_cache(kwargs: dict) -> Any:
+    """The KV cache of a call, whatever its keyword: a known name, else any `transformers.Cache` value."""
+    for key in _CACHE_KEYS:
+        v = kwargs.get(key)
+        if v is not None:
+            return v
+    try:
+        from transformers import Cache
+    except ImportError:  # a plain torch model
+        return None
+    return next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+
+
+def _cache_len(past: Any) -> int | None:
+    """How many positions a KV cache holds (0: none, or empty: the call starts a sequence); None for
+    a recurrent state that has seen input but has no length (Mamba's): a continuing call."""
     if past is None:
         return 0
     get = getattr(past, "get_seq_length", None)
     if callable(get):
-        return int(get())
+        try:
+            return int(get())
+        except ValueError:  # transformers: a cache of recurrent layers only has no sequence length
+            has = getattr(past, "has_previous_state", None)
+            seen = False
+            if callable(has):
+                with contextlib.suppress(ValueError):
+                    seen = bool(has())
+            return None if seen else 0
     if isinstance(past, (tuple, list)) and past and isinstance(past[0], (tuple, list)) and past[0]:
-        return int(past[0][0].shape[-2])
+        return int(past[0][0].shape[-2])  # legacy tuples: ((key [B, H, T, D], value), ...) per layer
     return 0
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    """An encoder-decoder (T5, BART, ...): the prompt goes in front of the encoder's input."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+
+
+def check_token_input(model: nn.Module) -> None:
+    """Refuse a model whose main input is not token ids (speech, vision): a prompt is vectors put in
+    front of token embeddings, and such a model's input never goes through a token embedding."""
+    main = getattr(model, "main_input_name", None)
+    if getattr(model, "config", None) is None or not isinstance(main, str) or main in _TOKEN_INPUTS:
+        return
+    raise ConfigError(
+        f"prompt: {type(model).__name__}'s main input is {main!r}, not token ids; a prompt puts learned vectors "
+        "in front of the token embeddings of the input, which this model's input never goes through. "
+        "Use 'prefix' (learned keys and values in every attention layer), 'lora' or 'adapter' instead"
+    )
+
+
+def token_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:
+    """The embedding the model reads its main input's token ids through, or None when the model
+    does not say (a plain module): the encoder's input embedding when the model has an encoder of
+    its own with one (T5's `encoder.embed_tokens`, not the `shared` it is tied to), else
+    `get_input_embeddings()`, else the one embedding whose size is the config's vocabulary."""
+    found: nn.Module | None = None
+    get_enc = getattr(model, "get_encoder", None)
+    if callable(get_enc):
+        with contextlib.suppress(Exception):  # a best-effort lookup in transformers
+            enc = get_enc()
+            if enc is not model and callable(getattr(enc, "get_input_embeddings", None)):
+                found = enc.get_input_embeddings()
+    if not isinstance(found, nn.Embedding):
+        found = None
+        get = getattr(model, "get_input_embeddings", None)
+        if callable(get):
+            with contextlib.suppress(NotImplementedError, AttributeError):
+                found = get()
+    if not isinstance(found, nn.Embedding):
+        cfg = getattr(model, "config", None)
+        text = cfg.get_text_config() if cfg is not None and callable(getattr(cfg, "get_text_config", None)) else cfg
+        vocab = getattr(text, "vocab_size", None)
+        same = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab]
+        found = same[0] if _int(vocab) and len(same) == 1 else None
+    if found is None:
+        return None
+    path = next((p for p, m in model.named_modules() if m is found), None)
+    return None if path is None else (path, found)
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -314,23 +533,34 @@ def _positions(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([head, t + n], dim=-1)
 
 
-def _extend(model: nn.Module, front: list[Prompt], inline: list[tuple[Prompt, torch.Tensor]],
-            args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _extend(
+    model: nn.Module,
+    front: list[Prompt],
+    inline: list[tuple[Prompt, torch.Tensor]],
+    args: tuple,
+    kwargs: dict,
+    *,
+    encoder: bool = False,
+) -> tuple[tuple, dict]:
+    """The call's inputs with the prompts in front. `encoder`: the call of a seq2seq model's encoder
+    (no cache, no labels; its mask may already count the prompt, put there by the model's own hook)."""
     kwargs = dict(kwargs)
     hf = getattr(model, "config", None) is not None
     embeds = kwargs.get("inputs_embeds")
     ids, positional = kwargs.get("input_ids"), False
     if ids is None and embeds is None and args and isinstance(args[0], torch.Tensor):
         if hf and len(args) > 1:
-            raise SurgeryError("a prompt is active: pass the model's inputs as keywords (input_ids=..., "
-                               "attention_mask=...) so they can be extended to match")
+            raise SurgeryError(
+                "a prompt is active: pass the model's inputs as keywords (input_ids=..., "
+                "attention_mask=...) so they can be extended to match"
+            )
         ids, positional = args[0], True
     x = ids if ids is not None else embeds
     if x is None:
         raise SurgeryError("a prompt is active but the call has neither input_ids nor inputs_embeds")
     b, t = x.shape[0], x.shape[1]
     n = sum(ad.n for ad in front)
-    past = _cache_len(kwargs.get("past_key_values"))
+    past = 0 if encoder else _cache_len(_find_cache(kwargs))
     limit = max_positions(model)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2 and n:
@@ -350,14 +580,14 @@ def _extend(model: nn.Module, front: list[Prompt], inline: list[tuple[Prompt, to
                 at = 0
                 for ad in front:
                     slots = torch.full((b, t + n), -1, dtype=torch.long, device=ids.device)
-                    slots[:, at:at + ad.n] = torch.arange(ad.n, device=ids.device)
+                    slots[:, at : at + ad.n] = torch.arange(ad.n, device=ids.device)
                     ad.arm(slots)
                     at += ad.n
             else:
                 assert embeds is not None
                 ps = [ad.prompt().to(embeds.dtype).to(embeds.device).expand(b, ad.n, -1) for ad in front]
                 embeds = torch.cat([*ps, embeds], dim=1)
-            if isinstance(mask, torch.Tensor):
+            if isinstance(mask, torch.Tensor) and not (encoder and mask.shape[-1] == t + n):
                 kwargs["attention_mask"] = _front(mask, n, 1)
             for key in ("token_type_ids",):
                 v = kwargs.get(key)
@@ -367,14 +597,20 @@ def _extend(model: nn.Module, front: list[Prompt], inline: list[tuple[Prompt, to
                 v = kwargs.get(key)
                 if isinstance(v, torch.Tensor) and v.shape[-1] == t:
                     kwargs[key] = _positions(v, n)
-            labels = kwargs.get("labels")
-            if (isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape == (b, t)
-                    and not labels.is_floating_point()):
+            labels = None if encoder else kwargs.get("labels")
+            if (
+                isinstance(labels, torch.Tensor)
+                and labels.dim() == 2
+                and labels.shape == (b, t)
+                and not labels.is_floating_point()
+            ):
                 kwargs["labels"] = _front(labels, n, IGNORE_INDEX)
         for ad, slots in inline:
             if slots.shape != (b, t):
-                raise SurgeryError(f"prompt: the template's soft positions are for inputs of shape "
-                                   f"{tuple(slots.shape)}, the call has {(b, t)}")
+                raise SurgeryError(
+                    f"prompt: the template's soft positions are for inputs of shape "
+                    f"{tuple(slots.shape)}, the call has {(b, t)}"
+                )
             slots = _front(slots.to(x.device), n, -1) if n else slots.to(x.device)
             if ids is not None:
                 ad.arm(slots)
@@ -382,10 +618,12 @@ def _extend(model: nn.Module, front: list[Prompt], inline: list[tuple[Prompt, to
                 assert embeds is not None
                 rows, cols = (slots >= 0).nonzero(as_tuple=True)
                 embeds = embeds.index_put((rows, cols), ad.prompt().to(embeds.dtype)[slots[rows, cols]])
-    elif n:  # continuing a cache that holds the prompt (generate's later steps)
+    elif n and past is not None:  # continuing a cache that holds the prompt (generate's later steps)
         if limit is not None and past + t > limit:
-            raise SurgeryError(f"the cache holds {past} positions (with the prompt) and the call adds {t}: "
-                               f"more than the model's maximum of {limit}")
+            raise SurgeryError(
+                f"the cache holds {past} positions (with the prompt) and the call adds {t}: "
+                f"more than the model's maximum of {limit}"
+            )
         shift = True
         if isinstance(mask, torch.Tensor):
             if mask.shape[-1] == past + t - n:
@@ -442,9 +680,19 @@ def prompt_length(model: nn.Module) -> int:
     for n in st.active():
         if isinstance(n, str) and st.entries[n].injection.method == PromptTuning.name:
             ad = next(iter(engine.adapters(model, n).values()))
-            if getattr(ad, "placement", None) == "prepend":
-                total += ad.n  # type: ignore[operator]
+            if isinstance(ad, Prompt) and ad.placement == "prepend":
+                total += ad.n
     return total
 
 
-__all__ = ["PromptConfig", "Prompt", "PromptTuning", "inline", "max_positions", "prompt_length"]
+__all__ = [
+    "PromptConfig",
+    "Prompt",
+    "PromptTuning",
+    "check_token_input",
+    "inline",
+    "is_seq2seq",
+    "max_positions",
+    "prompt_length",
+    "token_embedding",
+]
