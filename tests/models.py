@@ -448,5 +448,5 @@ def smollm2():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF).float().eval()
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
     return model, tok
