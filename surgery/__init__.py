@@ -43,6 +43,8 @@ from surgery.selectors import Sel, Site, layers, sel
 from surgery.summary import Summary, summary
 from surgery.template import Template
 
+__import__("surgery.help").help.document(inject)  # help(surgery.inject) lists every method's config keys
+
 __version__ = "0.1.0"
 
 

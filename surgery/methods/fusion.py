@@ -29,6 +29,10 @@ from surgery.sublayers import out_width
 
 @dataclass
 class FusionConfig:
+    """Attributes:
+        adapters: names of the trained adapters the fusion attends over (set by surgery.fuse).
+        temperature: softmax temperature of the attention over the adapters' outputs.
+    """
     adapters: list[str] = field(default_factory=list)
     temperature: float = 1.0
 

@@ -37,6 +37,15 @@ def is_conv1d_transformers(module: nn.Module) -> bool:
 
 @dataclass
 class LoRAConfig:
+    """Attributes:
+        r: rank of the update B A.
+        alpha: scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora); PEFT's default.
+        dropout: dropout on the LoRA branch's input, in training only.
+        init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
+        rslora: rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
+        rank_pattern: module path pattern (glob or 're:') -> rank, overriding r at the sites it matches.
+        alpha_pattern: module path pattern -> alpha, overriding alpha at the sites it matches.
+    """
     r: int = 8
     alpha: float = 8  # scale alpha / r, PEFT's default
     dropout: float = 0.0
