@@ -518,3 +518,160 @@ def test_a_replacing_delta_runs_first_whatever_the_order_of_plain_names():
     assert torch.equal(outs[("par", "sw")], outs[("sw", "par")])
     assert torch.equal(outs[("par", "sw")], outs[(surgery.Stack("sw", "par"),)])
     assert (outs[("par", "sw")] - outs[("sw",)]).abs().max() > 1e-4  # the parallel adapter still adds
+
+
+# ------------------------------------------------------------------ architectures moe cannot upcycle (issue 9)
+
+from surgery.errors import FusedExpertsWarning, SurgeryError  # noqa: E402
+from surgery.sublayers import fused_experts  # noqa: E402
+from tests.models import (  # noqa: E402
+    tiny_bloom,
+    tiny_convnext,
+    tiny_mamba,
+    tiny_mixtral,
+    tiny_qwen2_moe,
+    tiny_qwen3_moe,
+)
+
+FUSED = [tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe]
+
+
+def _lifecycle(model, x) -> None:
+    """After inject (identity checked by the caller): only the delta trains, gradients reach it,
+    and a step on it changes the output."""
+    base = run(model, x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(".surgery." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.train()
+    out = model(**x) if isinstance(x, dict) else model(x)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    (logits.float() ** 2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    assert (run(model, x) - base).abs().max() > 1e-4
+
+
+def test_fused_experts_are_found_from_tensors_not_model_names():
+    for factory in FUSED:
+        found = fused_experts(factory())
+        assert [f.path for f in found] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)], factory.__name__
+        assert all(len(s) == 3 and s[0] == 4 for f in found for _, s in f.shapes)
+    # conv kernels (Mamba's conv1d, ConvNeXt's 2-D convs) and dense models hold no fused experts
+    for factory in (tiny_llama, tiny_mamba, tiny_convnext, tiny_bloom):
+        assert fused_experts(factory()) == [], factory.__name__
+
+    class Bank(nn.Module):  # a plain module: found by its leading dimension matching nothing named "expert"
+        def __init__(self, name_hint: bool) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4, 4))
+            if name_hint:
+                self.my_experts = nn.Module()
+                self.my_experts.w = nn.Parameter(torch.zeros(3, 4, 4))
+
+    assert [f.path for f in fused_experts(Bank(True))] == ["my_experts"]  # named as experts; `w` is not
+
+
+@pytest.mark.parametrize("factory", FUSED, ids=lambda f: f.__name__)
+def test_moe_on_fused_experts_is_refused_at_inject_naming_them(factory):
+    model = factory()
+    before = snapshot(model)
+    with pytest.raises(InjectionError, match=r"model\.layers\.0\.mlp\.experts .*fused 3-D|fused 3-D.*mlp\.experts") as e:
+        surgery.inject(model, "moe", experts=2)
+    assert "target the attention" in str(e.value)
+    if factory is tiny_qwen2_moe:  # the shared expert is made of linears: the error says how to target it
+        assert "targets='mlp.shared_expert'" in str(e.value)
+    assert_snapshot_equal(before, snapshot(model))
+
+
+@pytest.mark.parametrize("factory", FUSED, ids=lambda f: f.__name__)
+def test_lora_moe_on_fused_experts_is_refused_and_attention_works(factory):
+    model = factory()
+    before = snapshot(model)
+    with pytest.raises(InjectionError, match="fused 3-D"):
+        surgery.inject(model, "lora_moe", targets="mlp.*", name="m")
+    assert_snapshot_equal(before, snapshot(model))
+    x = batch_for(model)
+    base = run(model, x)
+    inj = surgery.inject(model, "lora_moe", experts=2, r=2, name="m")  # default: the attention's q, v
+    assert all(p.endswith(("q_proj", "v_proj")) for p in inj.sites)
+    torch.testing.assert_close(run(model, x), base, atol=0, rtol=0)
+    _lifecycle(model, x)
+    surgery.remove(model, "m")
+    assert_snapshot_equal(before, snapshot(model))
+
+
+def test_moe_on_qwen2_moe_shared_expert_works_and_warns_the_routed_experts_stay():
+    model = tiny_qwen2_moe()
+    x = batch_for(model)
+    base = run(model, x)
+    before = snapshot(model)
+    with pytest.warns(FusedExpertsWarning, match=r"shared_expert.*mlp\.experts"):
+        inj = surgery.inject(model, "moe", targets="mlp.shared_expert", experts=2, name="sw")
+    assert inj.sites == ("model.layers.0.mlp.shared_expert", "model.layers.1.mlp.shared_expert")
+    torch.testing.assert_close(run(model, x), base, atol=1e-6, rtol=0)
+    _lifecycle(model, x)
+    surgery.remove(model, "sw")
+    assert_snapshot_equal(before, snapshot(model))
+    torch.testing.assert_close(run(model, x), base, atol=0, rtol=0)
+
+
+def test_moe_on_bloom_is_refused_its_mlp_takes_the_residual():
+    model = tiny_bloom()
+    before = snapshot(model)
+    with pytest.raises(InjectionError, match=r"transformer\.h\.0\.mlp.*\['residual'\].*lora_moe"):
+        surgery.inject(model, "moe", experts=2)
+    assert_snapshot_equal(before, snapshot(model))
+
+
+def test_moe_on_convnext_is_refused_at_inject():
+    model = tiny_convnext()
+    before = snapshot(model)
+    with pytest.raises(SurgeryError, match=r"pwconv"):  # its FFN's input side is a bare linear
+        surgery.inject(model, "moe", experts=2)
+    # the whole ConvNeXt layer named as the FFN: it works on NCHW images, not [tokens, features]
+    with pytest.raises(InjectionError, match=r"layers\.0' \(ConvNextLayer\) cannot be an expert"):
+        surgery.inject(model, "moe", targets="stages.0.layers.0", experts=2)
+    assert_snapshot_equal(before, snapshot(model))
+    run(model, batch_for(model))
+
+
+def test_moe_on_mamba_is_refused_with_the_package_error():
+    model = tiny_mamba()
+    before = snapshot(model)
+    for targets in (None, "mixer"):
+        with pytest.raises(SurgeryError):  # never a bare AssertionError, never a crash at the forward
+            surgery.inject(model, "moe", targets=targets, experts=2)
+    with pytest.raises(InjectionError, match=r"mixer' \(MambaMixer\) cannot be an expert"):
+        surgery.inject(model, "moe", targets="mixer", experts=2)
+    assert_snapshot_equal(before, snapshot(model))
+
+
+def test_moe_refuses_an_ffn_that_mixes_positions():
+    class MixingFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(F.gelu(self.up(x))).cumsum(-2)  # a running sum over the tokens
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ffn = MixingFFN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.ffn(x)
+
+    model = Net()
+    with pytest.raises(InjectionError, match="depends on the other tokens"):
+        surgery.inject(model, "moe", targets="ffn", experts=2)
+    # the same FFN without the running sum is position-wise: upcycled
+    MixingFFN.forward = lambda self, x: self.down(F.gelu(self.up(x)))  # type: ignore[method-assign]
+    x = torch.randn(2, 5, 8)
+    base = model(x)
+    surgery.inject(model, "moe", targets="ffn", experts=2)
+    torch.testing.assert_close(model(x), base, atol=1e-6, rtol=0)
