@@ -54,7 +54,7 @@ class HfTransferError(SurgeryError):
 # ------------------------------------------------------------------ progress
 
 
-class _DelayedTqdm(tqdm):  # type: ignore[misc]
+class _DelayedTqdm(tqdm):
     """huggingface_hub's download bars, shown only once a download has run PROGRESS_DELAY_S."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -213,6 +213,7 @@ def pull_hf(hub: Any, repo_id: str, revision: str = "main", name: str | None = N
     offline = _offline()
     where = f"{repo_id}@{revision}"
     names: set[str] | None = None
+    sha: str | None
     if _SHA_RX.fullmatch(revision):
         sha = revision
     elif offline:

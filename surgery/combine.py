@@ -52,7 +52,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -131,7 +131,7 @@ def _delta_weight(ad: Any, mod: nn.Module) -> torch.Tensor:
         out = (out.T if ad.fan_in_fan_out else out) * ad.scale
     elif isinstance(ad, EmbeddingLoRA):
         out = (B @ A).T * ad.scale
-    elif tuple(mod.weight.shape[2:4]) == (1, 1):  # conv2d 1x1
+    elif tuple(mod.get_parameter("weight").shape[2:4]) == (1, 1):  # conv2d 1x1
         out = (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * ad.scale
     else:
         out = ad.conv(A.transpose(0, 1), B).transpose(0, 1) * ad.scale
@@ -375,7 +375,8 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
     _check_sites(kind, sites, new_rank)
 
     first_cfg: LoRAConfig = entries[0].cfg
-    devices = {t.device for _, _, present in sites for ad, _ in present for t in (ad.lora_A, ad.lora_B)}
+    devices = {cast(torch.Tensor, t).device for _, _, present in sites for ad, _ in present
+               for t in (ad.lora_A, ad.lora_B)}
     devices.add(torch.empty(0).device)  # PEFT initialises the new adapter on the default device
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad(), (_rng(devices, seed) if seed is not None else contextlib.nullcontext()):
@@ -408,7 +409,8 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
             ad = lora.make(mod, path, cfg, shapes={"lora_A.weight": A.shape, "lora_B.weight": B.shape})
             made.append((path, mod, ad))
     with torch.no_grad():
-        for path, _, ad in made:
+        for path, _, made_ad in made:
+            ad = cast(LinearLoRA, made_ad)  # any LoRA adapter: lora_A / lora_B are parameters
             ad.lora_A.copy_(out[path][0])
             ad.lora_B.copy_(out[path][1])
     return engine.attach(model, name, lora, cfg, made, activate=False)

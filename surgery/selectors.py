@@ -303,7 +303,7 @@ def layers(spec: str | int | range | Iterable[int]) -> Sel:
         hi = int(m[2]) if m[2] else 1 << 30
         return _Layers(range(lo, hi))
     try:
-        return _Layers({int(i) for i in spec})
+        return _Layers({int(i) for i in spec})  # type: ignore[union-attr]  # a bool is refused here
     except (TypeError, ValueError):
         raise SelectorError(f"layer range {spec!r} must be 'a:b', an int, a range or ints") from None
 

@@ -17,6 +17,7 @@ forward per site, for a plot. Stored tensors: ``query.weight`` / ``.bias``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class FusionLayer(Adapter):
     def __init__(self, d: int, members: tuple[str, ...], temperature: float, like: torch.Tensor) -> None:
         super().__init__()
         dt = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-        kw = {"device": like.device, "dtype": dt}
+        kw: dict[str, Any] = {"device": like.device, "dtype": dt}
         self.query = nn.Linear(d, d, **kw)
         self.key = nn.Linear(d, d, **kw)
         self.value = nn.Linear(d, d, **kw)
