@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -195,8 +196,12 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
     flags = {m: m.training for m in model.modules()}
     errors: list[str] = []
     program = None
+    # A failed export logs a full traceback from fake-tensor dispatch; our GraphError says it in one line.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
     try:
         model.eval()  # dropout and training-only branches are noise for dataflow
+        fake_log.setLevel(logging.CRITICAL)
         for inputs in candidates:
             args, kwargs = _split(inputs)
             try:
@@ -205,6 +210,7 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
             except Exception as err:  # the next candidate (fewer optional inputs) may run
                 errors.append(f"{sorted(kwargs) or 'positional args'}: {_short(err)}" if built else _short(err))
     finally:
+        fake_log.setLevel(level)
         for m, flag in flags.items():
             m.training = flag
     if program is None:
@@ -227,7 +233,7 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
 def _split(inputs: tuple | dict | torch.Tensor) -> tuple[tuple, dict]:
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
-    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    return ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
 
 
 def _complete(model: nn.Module, inputs: tuple | dict | torch.Tensor) -> tuple | dict | torch.Tensor:
@@ -237,6 +243,8 @@ def _complete(model: nn.Module, inputs: tuple | dict | torch.Tensor) -> tuple | 
         return inputs
     if isinstance(inputs, torch.Tensor):
         inputs = {getattr(model, "main_input_name", "input_ids"): inputs}
+    if isinstance(inputs, Mapping):  # a tokenizer's BatchEncoding is a Mapping, not a dict
+        inputs = dict(inputs)
     if isinstance(inputs, dict) and "use_cache" not in inputs \
             and "use_cache" in inspect.signature(model.forward).parameters:
         inputs = {**inputs, "use_cache": False}

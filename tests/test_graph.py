@@ -744,8 +744,8 @@ def test_internal_errors_become_graph_errors(monkeypatch):
 def test_trace_with_inputs_replaces_the_cached_graph():
     model = models.tiny_llama()
     first = graph.build_graph(model)
-    surgery.trace(model, models.batch_for(model))
-    assert graph.build_graph(model) is not first
+    surgery.trace(model, T.BatchEncoding(models.batch_for(model)))  # a tokenizer's output: a Mapping, not a dict
+    assert graph.build_graph(model) is not first and graph.roles(model) == LLAMA
     surgery.trace(model)  # without inputs: the cached graph stays
     assert graph.build_graph(model) is graph.build_graph(model)
 
