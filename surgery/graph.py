@@ -314,10 +314,15 @@ def _hf_inputs(model: nn.Module) -> list[dict]:
     def features() -> torch.Tensor:
         mels = _lookup(cfgs, "num_mel_bins", "audio")
         positions = _lookup(cfgs, "max_source_positions", "audio")
-        if not (mels and positions):
-            raise GraphError("no num_mel_bins / max_source_positions in the config for input_features")
-        # Whisper-style encoders take 2 frames per position (a stride-2 conv) and insist on the full length.
-        return torch.zeros(1, mels, 2 * positions, dtype=dtype, device=device)
+        if mels and positions:
+            # Whisper-style encoders take 2 frames per position (a stride-2 conv) and insist on the full length.
+            return torch.zeros(1, mels, 2 * positions, dtype=dtype, device=device)
+        per_channel = _lookup(cfgs, "input_feat_per_channel", "audio")
+        if per_channel:  # Speech2Text-style: [batch, frames, features], any frame count
+            width = per_channel * (_lookup(cfgs, "input_channels", "audio") or 1)
+            return torch.zeros(1, 4 * _SEQ, width, dtype=dtype, device=device)
+        raise GraphError("no num_mel_bins + max_source_positions or input_feat_per_channel in the config "
+                         "to size input_features")
 
     makers = {
         "input_ids": lambda: ids(_lookup(cfgs, "vocab_size", "text")),
