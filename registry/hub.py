@@ -86,13 +86,24 @@ class Hub:
         self.blobs = self.root / "blobs" / "sha256"
         self.names_dir = self.root / "names"
         self.tmp = self.root / "tmp"
+        self._gc_lock = self.root / ".gc.lock"
+        # nothing is created here: reading a mistyped path must not leave a hub behind; push creates it
+
+    def _create(self) -> None:
+        """Make the hub's folders (push, the only command that may start a hub)."""
         try:
             for d in (self.blobs, self.names_dir, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RegistryError(f"cannot create the hub at {self.root}: {e}; pass Hub(path=...) or set "
                                 "$SURGERY_HUB to a writable folder") from e
-        self._gc_lock = self.root / ".gc.lock"
+
+    def _require(self) -> None:
+        """Reads need an existing hub folder: a missing one is a mistyped path more often than an empty hub."""
+        if not self.root.is_dir():
+            what = "is a file, not a hub folder" if self.root.exists() else "does not exist"
+            raise NotFoundError(f"no hub at {self.root} ({what}); push creates one (hub.push, surgery hub "
+                                "import-peft / pull-hf); check the path (--hub, $SURGERY_HUB)")
 
     def __repr__(self) -> str:
         return f"Hub({str(self.root)!r})"
@@ -168,6 +179,7 @@ class Hub:
                        for k, t in tensors.items()]
         ndir = self._name_dir(name)
         vdir = ndir / "versions"
+        self._create()
         with store.file_lock(self._gc_lock, shared=True):
             self._ensure_dirs(vdir)
             blob = self._blob_path(digest)
@@ -264,6 +276,7 @@ class Hub:
         return self._resolve(parse(ref))[0]
 
     def _resolve(self, spec: Spec, recheck: bool = True) -> tuple[Ref, dict[str, Any]]:
+        self._require()
         name = spec.name
         if spec.kind == "latest":
             nums = self._version_numbers(name)
@@ -430,6 +443,7 @@ class Hub:
         return [_ref(name, v, index[v]) for v in sorted(index)]
 
     def names(self) -> list[str]:
+        self._require()
         out = []
         try:
             orgs = sorted(os.scandir(self.names_dir), key=lambda e: e.name)
@@ -470,6 +484,7 @@ class Hub:
 
     def aliases(self, name: str) -> dict[str, int]:
         """alias -> version for `name` (replayed from its append-only aliases.log)."""
+        self._require()
         table: dict[str, int] = {}
         for e in self._alias_log(name):
             if e["version"] is None:
@@ -488,6 +503,7 @@ class Hub:
     def _name_locked(self, name: str) -> Iterator[Path]:
         """Hold the name's lock (and keep gc out) for an alias change; the name must exist."""
         ndir = self._name_dir(name)
+        self._require()
         with store.file_lock(self._gc_lock, shared=True):
             if not ndir.is_dir():
                 raise self._no_name(name)
@@ -577,6 +593,7 @@ class Hub:
         """Every problem in the hub, one line each (an empty list when it is clean): unreadable or
         tampered manifests, missing, truncated or corrupted blobs, blobs whose bytes do not match
         their name, a digest index or alias that disagrees with the versions."""
+        self._require()
         problems: list[str] = []
         checked: dict[str, str | None] = {}  # blob digest -> problem (None: fine)
         for name in self._all_name_dirs(problems):
@@ -667,6 +684,7 @@ class Hub:
         """Remove blobs no manifest references and temp files left by interrupted writes.
         Returns {"blobs": [digests removed], "temp": [file names removed], "bytes": bytes freed}.
         Blobs are kept if any manifest cannot be read (it might reference them)."""
+        self._require()
         removed: dict[str, Any] = {"blobs": [], "temp": [], "bytes": 0, "skipped": []}
         with store.file_lock(self._gc_lock):
             referenced: set[str] = set()
@@ -677,7 +695,7 @@ class Hub:
                         referenced.add(self._manifest(name, v, f"{name}@{v}")["blob"]["digest"])
                     except RegistryError as e:
                         unreadable.append(str(e))
-            for p in sorted(self.tmp.iterdir()):
+            for p in sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []:
                 size = p.stat().st_size if p.is_file() else 0
                 _unlink(p)
                 removed["temp"].append(p.name)

@@ -133,7 +133,47 @@ def test_hub_path_from_env(hub, capsys, monkeypatch):
     monkeypatch.setenv("SURGERY_HUB", str(hub.root.parent / "elsewhere"))
     assert cli.main(["--hub", str(hub.root), "hub", "list", "--json"]) == 0  # --hub before `hub` too
     assert len(json.loads(capsys.readouterr().out)) == 2
-    assert cli.main(["hub", "list"]) == 0 and "no deltas" in capsys.readouterr().out
+    # $SURGERY_HUB names a folder that does not exist: an error, and nothing is created there
+    assert cli.main(["hub", "list"]) == 2
+    assert "no hub at" in capsys.readouterr().err
+    assert not (hub.root.parent / "elsewhere").exists()
+    (hub.root.parent / "empty").mkdir()  # an existing empty folder is an empty hub
+    assert cli.main(["--hub", str(hub.root.parent / "empty"), "hub", "list"]) == 0
+    assert "no deltas" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", [["list"], ["versions", "acme/sql"], ["show", "acme/sql@1"], ["verify"], ["gc"],
+                                 ["history", "acme/sql@prod"], ["alias", "acme/sql", "prod"],
+                                 ["alias", "acme/sql", "prod", "--delete"],
+                                 ["export-peft", "acme/sql", "OUT"], ["push-hf", "acme/sql", "--repo-id", "a/b"]])
+def test_commands_on_a_missing_hub_create_nothing(tmp_path, capsys, cmd):
+    typo = tmp_path / "typo"
+    cmd = [str(tmp_path / "out") if c == "OUT" else c for c in cmd]
+    assert cli.main(["hub", "--hub", str(typo), *cmd]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no hub at {typo} (does not exist); push creates one" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no hub folder, no export folder
+
+
+def test_a_file_in_place_of_the_hub_is_named(tmp_path, capsys):
+    f = tmp_path / "hubfile"
+    f.write_bytes(b"not a hub")
+    assert cli.main(["hub", "--hub", str(f), "list"]) == 2
+    assert "is a file, not a hub folder" in capsys.readouterr().err
+    assert f.read_bytes() == b"not a hub"
+
+
+def test_hub_object_reads_on_a_missing_folder(tmp_path, trained):
+    hub = Hub(tmp_path / "nohub")
+    assert not hub.root.exists()  # constructing one creates nothing
+    for read in (hub.list, hub.names, hub.verify, hub.gc, lambda: hub.versions("acme/sql"),
+                 lambda: hub.pull("acme/sql"), lambda: hub.aliases("acme/sql"), lambda: hub.show("acme/sql@1")):
+        with pytest.raises(NotFoundError, match="no hub at .*push creates one"):
+            read()
+    assert not hub.root.exists()
+    model, _ = trained
+    hub.push(model, "acme/sql", adapter="sql")  # push is the one that creates it
+    assert [r.name for r in hub.list()] == ["acme/sql"]
 
 
 # ------------------------------------------------------------------ aliases, history

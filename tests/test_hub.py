@@ -231,13 +231,19 @@ def test_show_and_list(hub: Hub) -> None:
     s["meta"]["eval"]["acc"] = 0  # a copy: the hub's cached manifest is untouched
     assert hub.show("acme/sql@1")["meta"] == {"eval": {"acc": 0.71}}
     assert [str(r) for r in hub.list()] == ["acme/sql@1", "zeta/x@1"]
+    (hub.root / "empty").mkdir()  # an existing empty folder is an empty hub
     assert Hub(hub.root / "empty").list() == []
+    with pytest.raises(NotFoundError, match="no hub at .* push creates one"):  # a missing one is an error
+        Hub(hub.root / "typo").list()
+    assert not (hub.root / "typo").exists()
 
 
 def test_not_found_messages(hub: Hub) -> None:
-    with pytest.raises(NotFoundError, match="push one"):
+    with pytest.raises(NotFoundError, match="no hub at .*push creates one"):  # nothing pushed yet: no folder
         hub.pull("acme/none")
     hub.push(lora_model(), "acme/sql", adapter="sql")
+    with pytest.raises(NotFoundError, match="push one"):
+        hub.pull("acme/none")
     with pytest.raises(NotFoundError, match="no version 5"):
         hub.pull("acme/sql@5")
     with pytest.raises(NotFoundError, match="sha256:ffff"):
