@@ -557,3 +557,72 @@ def test_prefix_tuning_learns_a_new_pattern():
         with surgery.disable(model):
             assert loss(held).item() == pytest.approx(frozen)
     assert frozen > 3.0 and tuned < 0.2, (frozen, tuned)
+
+
+# ------------------------------------------------------------------ encoder-decoders: self-attention only (issue 9)
+
+from tests._helpers import state_bits  # noqa: E402
+from tests.models import batch_for, tiny_bart, tiny_t5, tiny_whisper  # noqa: E402
+
+SELF_ATTN = {
+    tiny_t5: ["encoder.block.{i}.layer.0.SelfAttention", "decoder.block.{i}.layer.0.SelfAttention"],
+    tiny_bart: ["model.encoder.layers.{i}.self_attn", "model.decoder.layers.{i}.self_attn"],
+    tiny_whisper: ["model.encoder.layers.{i}.self_attn", "model.decoder.layers.{i}.self_attn"],
+}
+CROSS = {tiny_t5: "EncDecAttention", tiny_bart: "encoder_attn", tiny_whisper: "encoder_attn"}
+
+
+@pytest.mark.parametrize("factory", list(SELF_ATTN), ids=lambda f: f.__name__)
+def test_encoder_decoder_prefix_on_self_attention_only(factory):
+    model = factory()
+    x = batch_for(model)
+    with torch.no_grad():
+        base = _out(model(**x))
+    before = snapshot(model)
+    inj = surgery.inject(model, "prefix", n_tokens=3, name="p")
+    assert sorted(inj.sites) == sorted(t.format(i=i) for t in SELF_ATTN[factory] for i in (0, 1))
+    assert not any(CROSS[factory] in s for s in inj.sites)
+    with torch.no_grad():
+        with surgery.disable(model):  # no prefix: the base, bit for bit
+            assert torch.equal(_out(model(**x)), base)
+        on = _out(model(**x))
+    assert (on - base).abs().max() > 1e-4
+    # training reaches the prefixes alone
+    model.train()
+    _out(model(**x)).float().pow(2).mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {f"{s}.surgery.p.prefix_{w}" for s in inj.sites for w in ("key", "value")}
+    model.eval()
+    surgery.remove(model, "p")
+    assert_snapshot_equal(before, snapshot(model))
+
+
+def test_t5_generate_with_cache_equals_greedy_recompute():
+    # the decoder's self-attention carries the prefix at every step (with the KV cache); cross-attention none
+    model = tiny_t5()
+    ids = _ids(batch=2, seq=7)
+    surgery.inject(model, "prefix", n_tokens=3, name="p")
+    _fill(model, "p", std=1.0)
+    n = 5
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, **kw)
+        cur = gen.sequences[:, :1]
+        for step in range(n):
+            logits = model(input_ids=ids, decoder_input_ids=cur, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-5)
+            cur = torch.cat((cur, gen.sequences[:, step + 1 : step + 2]), dim=1)
+        with surgery.disable(model):
+            plain = model.generate(input_ids=ids, **kw)
+    assert (plain.logits[0] - gen.logits[0]).abs().max() > 1e-3  # the prefix does change the decoder
+
+
+@pytest.mark.parametrize("factory", list(SELF_ATTN), ids=lambda f: f.__name__)
+def test_cross_attention_targets_are_refused(factory):
+    model = factory()
+    before = state_bits(model)
+    with pytest.raises(surgery.InjectionError, match="cross-attention .*self-attention only"):
+        surgery.inject(model, "prefix", targets=CROSS[factory], n_tokens=2)
+    assert not surgery.names(model)
+    for k, v in state_bits(model).items():
+        assert torch.equal(v, before[k]), k
