@@ -542,22 +542,6 @@ def test_build_graph_is_an_fx_graph_with_owners():
     assert "model.layers.0.self_attn.q_proj" in stacks
 
 
-# ----------------------------------------------------------------------------- factories
-
-
-@pytest.mark.parametrize("factory", [models.tiny_gpt2, models.tiny_bert, models.tiny_bert_cls, models.tiny_llama,
-                                     models.tiny_qwen2, models.tiny_mistral, models.TinyTransformer,
-                                     models.FusedQKVTransformer], ids=lambda f: f.__name__)
-def test_factories_run_on_their_batch(factory):
-    model = factory()
-    batch = models.batch_for(model)
-    with torch.no_grad():
-        out = model(**batch) if isinstance(batch, dict) else model(batch)
-    logits = out if isinstance(out, torch.Tensor) else out[0]
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------- roles out of the box (issue 9)
 
 _FINE = ("q", "k", "v", "qkv", "o", "mlp.gate", "mlp.up", "mlp.down", "head")
@@ -748,6 +732,23 @@ def test_trace_with_inputs_replaces_the_cached_graph():
     assert graph.build_graph(model) is not first and graph.roles(model) == LLAMA
     surgery.trace(model)  # without inputs: the cached graph stays
     assert graph.build_graph(model) is graph.build_graph(model)
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+@pytest.mark.parametrize("factory", [models.tiny_gpt2, models.tiny_bert, models.tiny_bert_cls, models.tiny_llama,
+                                     models.tiny_qwen2, models.tiny_mistral, models.TinyTransformer,
+                                     models.FusedQKVTransformer, *(f for f, _ in OUT_OF_THE_BOX.values())],
+                         ids=lambda f: f.__name__)
+def test_factories_run_on_their_batch(factory):
+    model = factory()
+    batch = models.batch_for(model)
+    with torch.no_grad():
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+    logits = out if isinstance(out, torch.Tensor) else out[0]
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_zz_print_timings(capsys):
