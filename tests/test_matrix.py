@@ -232,16 +232,17 @@ def fresh(arch: str) -> nn.Module:
     """A deep copy of the architecture's model, its role graph seeded from earlier cells when known."""
     model = copy.deepcopy(base(arch).model)
     known = _GRAPHS.get(arch)
-    if known is not None:
-        graph._CACHE[model] = graph._Entry(graph=known.graph, roles=known.roles)
+    cache = getattr(graph, "_CACHE", None)  # private: only a speed-up, skipped if it moves
+    if known is not None and cache is not None:
+        cache[model] = type(known)(graph=known.graph, roles=known.roles)
     return model
 
 
 def keep_graph(arch: str, model: nn.Module) -> None:
-    entry = graph._CACHE.get(model)
-    if entry is None:
+    entry = getattr(graph, "_CACHE", {}).get(model)
+    if entry is None or not hasattr(entry, "roles"):
         return
-    known = _GRAPHS.setdefault(arch, graph._Entry())
+    known = _GRAPHS.setdefault(arch, type(entry)())
     known.graph = known.graph if known.graph is not None else entry.graph
     known.roles = known.roles if known.roles is not None else entry.roles
 
