@@ -43,7 +43,7 @@ class Delta:
             else:
                 at = min((i for i in (key.find("." + pre) for pre in prefixes) if i > 0), default=-1)
                 if at > 0:
-                    out.setdefault(key[:at], {})[key[at + 1:]] = t
+                    out.setdefault(key[:at], {})[key[at + 1 :]] = t
                     continue
                 raise DeltaMismatchError(
                     f"tensor {key!r} of delta {self.name!r} does not end in one of {suffixes} "
@@ -56,8 +56,10 @@ class Delta:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __repr__(self) -> str:
-        return (f"Delta(name={self.name!r}, method={self.method!r}, sites={len(self.sites())}, "
-                f"tensors={len(self.tensors)}, bytes={self.nbytes}, base={self.base!r})")
+        return (
+            f"Delta(name={self.name!r}, method={self.method!r}, sites={len(self.sites())}, "
+            f"tensors={len(self.tensors)}, bytes={self.nbytes}, base={self.base!r})"
+        )
 
 
 def _suffixes(method: str) -> tuple[str, ...]:
@@ -106,8 +108,9 @@ def delta(model: nn.Module, name: str = "default") -> Delta:
     return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))
 
 
-def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
-          allow_other_base: bool = False) -> engine.Injection:
+def apply(
+    model: nn.Module, delta: Delta, name: str | None = None, *, allow_other_base: bool = False
+) -> engine.Injection:
     """Put a Delta into the model under `name` (default: the delta's own name).
 
     If a delta of that name, method, sites and shapes is already there, its
@@ -124,12 +127,16 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
         )
     method = get_method(delta.method)
     by_site = delta.sites()
+    _check_finite(delta)
     st = engine.state_of(model)
     if st is not None and name in st.entries:
         current = engine.adapters(model, name)
         entry = st.entries[name]
-        misfit = (f"it is a {entry.method.name!r} delta and the one applied is {delta.method!r}"
-                  if entry.method.name != delta.method else _first_misfit(current, by_site))
+        misfit = (
+            f"it is a {entry.method.name!r} delta and the one applied is {delta.method!r}"
+            if entry.method.name != delta.method
+            else _first_misfit(current, by_site)
+        )
         if misfit:
             raise DeltaMismatchError(
                 f"cannot hot-swap delta {delta.name!r} into the injected delta {name!r}: {misfit}. "
@@ -157,6 +164,29 @@ def apply(model: nn.Module, delta: Delta, name: str | None = None, *,
             for suf, t in ad.tensors().items():
                 t.copy_(by_site[path][suf])
     return engine.attach(model, name, method, cfg, made)
+
+
+def _check_finite(delta: Delta) -> None:
+    """Refuse a Delta holding NaN or Inf before anything is touched: it would silently poison
+    every output (and, merged, the base weights)."""
+    floats = [(k, t) for k, t in delta.tensors.items() if t.is_floating_point() or t.is_complex()]
+    if not floats:
+        return
+    # one reduction per device, not one host sync per tensor: hot-swaps stay cheap
+    by_dev: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in floats:
+        by_dev.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if all(bool(torch.stack(oks).all()) for oks in by_dev.values()):
+        return
+    for k, t in floats:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise DeltaMismatchError(
+                f"delta {delta.name!r}: tensor {k!r} holds {n_nan} NaN and {n_inf} Inf value(s) of {t.numel()}; "
+                "nothing was applied. The training that produced it diverged (lower the learning rate, "
+                "clip gradients) or the file is damaged: apply an earlier version"
+            )
 
 
 def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Tensor]]) -> str | None:
@@ -198,8 +228,7 @@ def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site:
     entry = engine.state_of(model).entries[name]  # type: ignore[union-attr]
     method = entry.method
     # validate before touching anything (a merged delta is unmerged below)
-    cfg = entry.cfg if delta.config == entry.injection.config else method.config(
-        **_config_kwargs(method, delta.config))
+    cfg = entry.cfg if delta.config == entry.injection.config else method.config(**_config_kwargs(method, delta.config))
     was_merged = name in engine.merged(model)
     if was_merged:
         engine.unmerge(model, name)

@@ -115,8 +115,7 @@ class _Site:
         x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
         spec = self.state.active()
         # the output may be updated in place only if no hook before ours has seen it
-        inplace = out is not None and not _global_forward_hooks \
-            and next(iter(module._forward_hooks)) == self.hook_id
+        inplace = out is not None and not _global_forward_hooks and next(iter(module._forward_hooks)) == self.hook_id
         if any(type(n) is not str for n in spec):
             return compose.run(self, spec, x, out)
         if self.bypass:  # a replacing delta makes the output: it runs first, the others add to it
@@ -303,8 +302,19 @@ class _State:
 
 
 # keyword inputs of transformers models that carry the batch in dim 0 (Parallel repeats them)
-_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
-                 "pixel_values", "decoder_input_ids", "decoder_attention_mask", "input_values", "input")
+_BATCH_KWARGS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "inputs_embeds",
+    "labels",
+    "pixel_values",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "input_values",
+    "input",
+)
 
 
 def _repeat_batch(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict]:
@@ -350,8 +360,11 @@ def _in_generate() -> bool:
 def check_model(model: Any) -> None:
     """Refuse anything but a module where the model goes (every public verb comes through here)."""
     if not isinstance(model, nn.Module):
-        hint = (" (a model id or path? load it first, e.g. transformers.AutoModel.from_pretrained(...))"
-                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+        hint = (
+            " (a model id or path? load it first, e.g. transformers.AutoModel.from_pretrained(...))"
+            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+            else ""
+        )
         shown = repr(model)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise ModelTypeError(
@@ -372,7 +385,47 @@ def _state(model: nn.Module) -> _State:
         st = _State()
         model.__dict__[_STATE_ATTR] = st
         st.root = model.register_forward_pre_hook(st.root_hook, with_kwargs=True)
+        if callable(getattr(type(model), "save_pretrained", None)):  # transformers: write the base alone
+            model.__dict__["save_pretrained"] = _SaveBase(model, model.__dict__.get("save_pretrained"))
     return st
+
+
+class _SaveBase:
+    """`save_pretrained` of an injected transformers model, set on the instance while deltas are
+    injected: it writes the base alone (`base_state_dict`), so `from_pretrained` reloads the plain
+    model with no unexpected keys. A `state_dict=` given by the caller (the Trainer's checkpoints,
+    which hold the adapters) is written as given. Deltas travel as Deltas (`surgery.delta`, the hub)."""
+
+    def __init__(self, model: nn.Module, prev: Any) -> None:
+        self.model, self.prev = model, prev  # prev: an instance-level save_pretrained we shadow
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = base_state_dict(self.model)
+        if self.prev is not None:
+            return self.prev(save_directory, *args, **kwargs)
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)  # type: ignore[attr-defined]
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's `state_dict` while deltas are injected: no injected tensors, and the weights
+    of merged sites as they were before the merge (recomputed exactly on a copy; the model is not
+    touched). `model.state_dict()` itself keeps the injected tensors (optimizers, the Trainer's
+    checkpoints and DDP rely on it)."""
+    check_model(model)
+    sd = model.state_dict()
+    st = state_of(model)
+    if st is None:
+        return sd
+    out = {k: v for k, v in sd.items() if not st.is_adapter_path(k)}
+    for path, site in st.sites.items():
+        key = f"{path}.weight"
+        if site.merged and key in out:
+            w = _weight(site).detach().clone()
+            for _, rec in reversed(site.merged):  # last merged first, as unmerge does
+                unmerge_weight(w, rec)
+            out[key] = w
+    return out
 
 
 def _entry(model: nn.Module, name: str) -> _Entry:
@@ -418,6 +471,10 @@ def resolve_sites(model: nn.Module, method: Method, targets: Any, cfg: Any = Non
     if not hits:
         raise no_hit_error(model, targets, skip=skip)
     sites = method.place(model, hits, cfg)
+    if sites and not getattr(method, "handles_fused", False):  # '@linear' cannot reach fused expert tensors: say so
+        from surgery.sublayers import note_fused
+
+        note_fused(model, repr(method.name), targets, sites)
     if not sites:
         shown = ", ".join(f"{p} ({type(m).__name__})" for p, m in hits[:8])
         more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
@@ -439,8 +496,7 @@ def check_name(model: nn.Module, name: str) -> None:
         )
 
 
-def inject(model: nn.Module, method: str, targets: Any = None, name: str = "default",
-           **config: Any) -> Injection:
+def inject(model: nn.Module, method: str, targets: Any = None, name: str = "default", **config: Any) -> Injection:
     """Inject `method` at the sites `targets` selects, in place; return the record.
 
     Only the injected tensors are trainable afterwards. The new delta joins the
@@ -462,8 +518,9 @@ def check_overlap(model: nn.Module, made: list[tuple[str, nn.Module, Adapter]]) 
     if st is None:
         return
     replaced = [(p, False) for p, s in st.sites.items() if any(a.replaces for a in s.live.values())]
-    replaced += [(a.entry, True) for s in st.sites.values() for a in s.live.values()
-                 if a.replaces and a.entry is not None]
+    replaced += [
+        (a.entry, True) for s in st.sites.values() for a in s.live.values() if a.replaces and a.entry is not None
+    ]
     replaced += [(p, False) for p, _, ad in made if ad.replaces]
     replaced += [(ad.entry, True) for _, _, ad in made if ad.replaces and ad.entry is not None]
     paths = list(st.sites) + [p for p, _, _ in made]
@@ -486,8 +543,15 @@ def check_overlap(model: nn.Module, made: list[tuple[str, nn.Module, Adapter]]) 
             )
 
 
-def attach(model: nn.Module, name: str, method: Method, cfg: Any,
-           made: list[tuple[str, nn.Module, Adapter]], *, activate: bool = True) -> Injection:
+def attach(
+    model: nn.Module,
+    name: str,
+    method: Method,
+    cfg: Any,
+    made: list[tuple[str, nn.Module, Adapter]],
+    *,
+    activate: bool = True,
+) -> Injection:
     """Attach built adapters under `name` (the step of `inject` that cannot fail).
     With `activate=False` the delta does not join the default active set."""
     check_overlap(model, made)
@@ -535,9 +599,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
     todo = list(st.entries) if name is None else [_entry(model, name).injection.name]
     users = [f for f, e in st.entries.items() if f not in todo and set(e.method.members(e.cfg)) & set(todo)]
     if users:
-        raise InjectionError(
-            f"delta {todo[0]!r} is fused in {users}; surgery.remove(model, {users[0]!r}) first"
-        )
+        raise InjectionError(f"delta {todo[0]!r} is fused in {users}; surgery.remove(model, {users[0]!r}) first")
     for n in reversed(todo):
         if not keep_merged and any(n == mn for s in st.sites.values() for mn, _ in s.merged):
             unmerge(model, n)
@@ -568,8 +630,9 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
         members = entry.method.members(entry.cfg)
         # a fusion active by name gives its place back to its adapters, which run on their own again
         back = tuple(m for m in members if m in st.entries and m not in _spec_names(st.default_active))
-        st.default_active = tuple(x for a in st.default_active
-                                  for x in (back if a == n else () if n in _spec_names((a,)) else (a,)))
+        st.default_active = tuple(
+            x for a in st.default_active for x in (back if a == n else () if n in _spec_names((a,)) else (a,))
+        )
         if members:  # the members it froze become trainable again (unless another fusion holds them)
             held = {m for e in st.entries.values() for m in e.method.members(e.cfg)}
             for m in members:
@@ -581,6 +644,12 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             p.requires_grad_(flag)
         st.root.remove()
         del model.__dict__[_STATE_ATTR]
+        save = model.__dict__.get("save_pretrained")
+        if isinstance(save, _SaveBase):
+            if save.prev is None:
+                del model.__dict__["save_pretrained"]
+            else:
+                model.__dict__["save_pretrained"] = save.prev
 
 
 def activate(model: nn.Module, *names: Any) -> None:
@@ -696,8 +765,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
     todo = [name] if name is not None else list(st.active() if st else ())
     if any(not isinstance(n, str) for n in todo):
         raise MergeError(
-            f"the active set {todo} holds a composition block; merge deltas by name, "
-            "e.g. surgery.merge(model, 'a')"
+            f"the active set {todo} holds a composition block; merge deltas by name, e.g. surgery.merge(model, 'a')"
         )
     for n in todo:
         entry = _entry(model, n)
@@ -774,7 +842,7 @@ def _unmerge_site(s: _Site, name: str) -> MergeRecord:
             mn, rec = s.merged[i]
             s.merged[i] = (mn, merge_weight(w, rec.factors))
         raise
-    mine, rest = s.merged[k][1], s.merged[k + 1:]
+    mine, rest = s.merged[k][1], s.merged[k + 1 :]
     del s.merged[k:]
     for mn, rec in rest:
         s.merged.append((mn, merge_weight(w, rec.factors)))

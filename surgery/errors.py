@@ -19,6 +19,10 @@ class ConfigError(SurgeryError, ValueError):
     """A method name or configuration value is not valid."""
 
 
+class ModelTypeError(SurgeryError, TypeError):
+    """A verb got something other than the model (a `torch.nn.Module`) where the model goes."""
+
+
 class InjectionError(SurgeryError):
     """An injection cannot be done or undone as asked (name taken, unknown name, ...)."""
 

@@ -41,6 +41,7 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Trainable / total parameters, and per delta: method, sites, parameters,
     and whether it is active, merged or off in the current context."""
+    engine.check_model(model)
     seen: set[int] = set()
     total = trainable = 0
     for p in model.parameters():

@@ -59,7 +59,11 @@ def _mlp(widths, biases, frozen, dtype, embed):
     return model
 
 
-@settings(max_examples=int(os.environ.get("SURGERY_HYPOTHESIS_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("SURGERY_HYPOTHESIS_EXAMPLES", 40)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     widths=st.lists(st.integers(1, 12), min_size=2, max_size=5),
     biases=st.lists(st.booleans(), min_size=1, max_size=4),
@@ -72,8 +76,9 @@ def _mlp(widths, biases, frozen, dtype, embed):
     remove_all_at_once=st.booleans(),
     seed=st.integers(0, 1000),
 )
-def test_inject_then_remove_is_identity(widths, biases, frozen, dtype, embed, ranks, merge_mask, remove_order,
-                                        remove_all_at_once, seed):
+def test_inject_then_remove_is_identity(
+    widths, biases, frozen, dtype, embed, ranks, merge_mask, remove_order, remove_all_at_once, seed
+):
     torch.manual_seed(seed)
     model = _mlp(widths, biases, frozen, dtype, embed)
     x = torch.randint(0, 11, (2, 3)) if embed else torch.randn(2, widths[0]).to(dtype)
@@ -159,7 +164,8 @@ def test_default_targets_are_q_and_v():
     model = tiny_llama()
     inj = surgery.inject(model, "lora", r=2)
     assert sorted(inj.sites) == sorted(
-        p for p, _ in model.named_modules() if p.endswith(("q_proj", "v_proj")) and ".surgery" not in p)
+        p for p, _ in model.named_modules() if p.endswith(("q_proj", "v_proj")) and ".surgery" not in p
+    )
     g = tiny_gpt2()
     assert surgery.inject(g, "lora", r=2).sites == ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")
 
@@ -338,11 +344,14 @@ def _bad_calls():
         ("dropout-1", ConfigError, lambda m: surgery.inject(m, "lora", targets="q", dropout=1.0, name="n"), "dropout"),
         ("bad-init", ConfigError, lambda m: surgery.inject(m, "lora", targets="q", init="zeros", name="n"), "init"),
         ("unknown-key", ConfigError, lambda m: surgery.inject(m, "lora", targets="q", rank=4, name="n"), "rank"),
-        ("bad-rank-pattern", ConfigError,
-         lambda m: surgery.inject(m, "lora", targets="q", rank_pattern={"q": 0}, name="n"), "rank_pattern"),
+        (
+            "bad-rank-pattern",
+            ConfigError,
+            lambda m: surgery.inject(m, "lora", targets="q", rank_pattern={"q": 0}, name="n"),
+            "rank_pattern",
+        ),
         ("no-hit", SelectorError, lambda m: surgery.inject(m, "lora", targets="fc3", name="n"), "fc1"),
-        ("unsupported-only", SelectorError, lambda m: surgery.inject(m, "lora", targets="ln1", name="n"),
-         "LayerNorm"),
+        ("unsupported-only", SelectorError, lambda m: surgery.inject(m, "lora", targets="ln1", name="n"), "LayerNorm"),
         ("bad-regex", SelectorError, lambda m: surgery.inject(m, "lora", targets="re:(", name="n"), "re:"),
         ("unknown-role", SelectorError, lambda m: surgery.inject(m, "lora", targets="@nope", name="n"), "@nope"),
         ("bad-name", SurgeryError, lambda m: surgery.inject(m, "lora", targets="q", name="a b"), "a b"),
@@ -436,9 +445,13 @@ def test_merge_errors_leave_model_unchanged(state):
     before = full_snapshot(model)
     other = "b" if state == "merged" else "a"
     if state == "merged":
-        calls = [lambda: surgery.unmerge(model, "b"), lambda: surgery.merge(model, "a"),
-                 lambda: surgery.disable(model).__enter__(), lambda: surgery.use(model, "b").__enter__(),
-                 lambda: surgery.activate(model, "b")]
+        calls = [
+            lambda: surgery.unmerge(model, "b"),
+            lambda: surgery.merge(model, "a"),
+            lambda: surgery.disable(model).__enter__(),
+            lambda: surgery.use(model, "b").__enter__(),
+            lambda: surgery.activate(model, "b"),
+        ]
     else:
         calls = [lambda: surgery.unmerge(model, other)]
     for call in calls:
@@ -476,8 +489,9 @@ def test_hot_swap_with_bad_config_into_merged_delta_changes_nothing():
 
 def test_delta_contents():
     model = tiny_llama()
-    surgery.inject(model, "lora", targets=["q_proj", "v_proj", "embed_tokens"], r=4, alpha=16, name="x",
-                   rank_pattern={"v_proj": 2})
+    surgery.inject(
+        model, "lora", targets=["q_proj", "v_proj", "embed_tokens"], r=4, alpha=16, name="x", rank_pattern={"v_proj": 2}
+    )
     randomize(model, "x")
     d = surgery.delta(model, "x")
     assert isinstance(d, surgery.Delta)
@@ -510,8 +524,7 @@ def test_delta_contents():
 def test_delta_apply_round_trip(factory):
     src = factory()
     x = batch_for(src)
-    surgery.inject(src, "lora", targets=["attn.*", "mlp.*"], r=3, alpha=5, name="t",
-                   rank_pattern={"re:.*\\.1\\..*": 5})
+    surgery.inject(src, "lora", targets=["attn.*", "mlp.*"], r=3, alpha=5, name="t", rank_pattern={"re:.*\\.1\\..*": 5})
     randomize(src, "t", std=0.2)
     want = run(src, x)
     d = surgery.delta(src, "t")
@@ -677,8 +690,9 @@ def test_summary_counts():
         n = 0
         for p in paths:
             m = mods[p]
-            n += r * ((m.in_features + m.out_features) if isinstance(m, nn.Linear)
-                      else (m.num_embeddings + m.embedding_dim))
+            n += r * (
+                (m.in_features + m.out_features) if isinstance(m, nn.Linear) else (m.num_embeddings + m.embedding_dim)
+            )
         return n
 
     qv = [p for p in mods if p.endswith(("q_proj", "v_proj")) and ".surgery" not in p]
@@ -689,13 +703,15 @@ def test_summary_counts():
         s = surgery.summary(model)
     assert s.base == total0
     assert s.total == total0 + na + nb
-    assert s.trainable == na + nb
+    assert s.trainable == na  # a merged delta is frozen (it takes no part in the forward) until unmerged
     assert s.deltas["a"]["params"] == na and s.deltas["a"]["sites"] == 4
     assert s.deltas["b"]["params"] == nb and s.deltas["b"]["sites"] == 3
     assert s.deltas["a"]["state"] == "off" and s.deltas["b"]["state"] == "merged"
     assert surgery.summary(model).deltas["a"]["state"] == "active"
-    assert s.trainable_fraction == pytest.approx((na + nb) / (total0 + na + nb))
+    assert s.trainable_fraction == pytest.approx(na / (total0 + na + nb))
     assert "a" in str(s) and "b" in str(s)
+    surgery.unmerge(model, "b")
+    assert surgery.summary(model).trainable == na + nb
 
 
 def test_freeze_unfreeze_layers():
@@ -729,5 +745,142 @@ def test_freeze_without_injection():
     n = surgery.freeze(model, surgery.layers(0))
     assert n == sum(p.numel() for p in model.blocks[0].parameters())
     assert {nm for nm, p in model.named_parameters() if not p.requires_grad} == {
-        nm for nm, _ in model.named_parameters() if nm.startswith("blocks.0.")}
+        nm for nm, _ in model.named_parameters() if nm.startswith("blocks.0.")
+    }
     assert surgery.unfreeze(model) == n
+
+
+# ---------------------------------------------------------------- the model argument
+
+
+def _verb_calls():
+    """Every public verb that takes the model first, called as a user would."""
+    d = surgery.Delta("lora", "a", {}, {}, "arch:0")
+    return {
+        "inject": lambda m: surgery.inject(m, "lora"),
+        "inject-bad-method": lambda m: surgery.inject(m, "no-such-method"),  # the model is checked first
+        "remove": lambda m: surgery.remove(m),
+        "remove-one": lambda m: surgery.remove(m, "a"),
+        "merge": lambda m: surgery.merge(m),
+        "merge-one": lambda m: surgery.merge(m, "a"),
+        "unmerge": lambda m: surgery.unmerge(m),
+        "unmerge-one": lambda m: surgery.unmerge(m, "a"),
+        "activate": lambda m: surgery.activate(m, "a"),
+        "use": lambda m: surgery.use(m, "a").__enter__(),
+        "disable": lambda m: surgery.disable(m).__enter__(),
+        "active": surgery.active,
+        "names": surgery.names,
+        "merged": surgery.merged,
+        "delta": surgery.delta,
+        "apply": lambda m: surgery.apply(m, d),
+        "fingerprint": surgery.fingerprint,
+        "find": lambda m: surgery.find(m, "q"),
+        "trace": surgery.trace,
+        "summary": surgery.summary,
+        "freeze": surgery.freeze,
+        "unfreeze": surgery.unfreeze,
+        "freeze-targets": lambda m: surgery.freeze(m, "q"),
+        "fuse": lambda m: surgery.fuse(m, ["a", "b"]),
+        "fusion_weights": surgery.fusion_weights,
+        "combine": lambda m: surgery.combine(m, {"a": 0.5, "b": 0.5}),
+        "aux_loss": surgery.aux_loss,
+        "base_state_dict": engine.base_state_dict,
+    }
+
+
+@pytest.mark.parametrize("verb", list(_verb_calls()))
+@pytest.mark.parametrize("bad", ["notamodel", None, {"q.weight": torch.zeros(2)}], ids=["str", "none", "dict"])
+def test_verbs_refuse_what_is_not_a_model(verb, bad):
+    from surgery.errors import ModelTypeError
+
+    with pytest.raises(ModelTypeError) as ei:
+        _verb_calls()[verb](bad)
+    assert isinstance(ei.value, SurgeryError) and isinstance(ei.value, TypeError)
+    msg = str(ei.value)
+    assert "torch.nn.Module" in msg and type(bad).__name__ in msg, msg
+    if isinstance(bad, str):
+        assert "from_pretrained" in msg, msg  # a model id: say how to load it
+
+
+# ---------------------------------------------------------------- NaN / Inf deltas
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", ["fresh", "hot-swap", "hot-swap-merged"])
+def test_apply_refuses_a_delta_with_nan_or_inf(path, value):
+    src = _states()["injected"]()
+    d = surgery.delta(src, "a")
+    key = sorted(d.tensors)[1]
+    d.tensors[key][0, -1] = value
+    model = {"fresh": TinyTransformer, "hot-swap": _states()["injected"], "hot-swap-merged": _states()["merged"]}[
+        path
+    ]()
+    x = batch_for(model)
+    out = run(model, x)
+    before = full_snapshot(model)
+    with pytest.raises(DeltaMismatchError) as ei:
+        surgery.apply(model, d)
+    msg = str(ei.value)
+    assert key in msg and ("NaN" in msg and "Inf" in msg) and "nothing was applied" in msg, msg
+    assert_full_equal(before, full_snapshot(model))
+    assert torch.equal(run(model, x), out)
+
+
+def test_apply_of_finite_delta_still_works_after_the_check():
+    src = _states()["injected"]()
+    model = TinyTransformer()
+    surgery.apply(model, surgery.delta(src, "a"))
+    x = batch_for(model)
+    assert torch.equal(run(model, x), run(src, x))
+
+
+# ---------------------------------------------------------------- training a merged delta
+
+
+def test_merge_freezes_the_delta_and_unmerge_gives_its_flags_back():
+    """A merged delta takes no part in the forward: its tensors would get no gradient. Merge freezes
+    them (no optimizer picks them up), unmerge restores each tensor's own flag."""
+    model = _states()["injected"]()
+    ads = engine.adapters(model, "a")
+    ads["q" if "q" in ads else next(iter(ads))]  # noqa: B018
+    params = [p for ad in ads.values() for p in ad.parameters()]
+    params[0].requires_grad_(False)  # a flag of the user's own: kept through merge / unmerge
+    flags = [p.requires_grad for p in params]
+    surgery.merge(model, "a")
+    assert not any(p.requires_grad for p in params)
+    assert surgery.unfreeze(model) > 0  # the base may be unfrozen, the merged delta stays frozen
+    assert not any(p.requires_grad for p in params)
+    x = batch_for(model)
+    model(x).sum().backward()  # full fine-tuning of the merged base runs
+    assert all(p.grad is None for p in params)
+    surgery.unmerge(model, "a")
+    assert [p.requires_grad for p in params] == flags
+
+
+@pytest.mark.parametrize("how", ["requires_grad", "hot-swap"])
+def test_training_a_merged_delta_is_refused_not_silent(how):
+    model = _states()["injected"]()
+    surgery.merge(model, "a")
+    x = batch_for(model)
+    params = [p for ad in engine.adapters(model, "a").values() for p in ad.parameters()]
+    if how == "hot-swap":  # unmerge, swap, merge again: still frozen
+        surgery.apply(model, surgery.delta(model, "a"))
+        assert not any(p.requires_grad for p in params)
+    params[1].requires_grad_(True)  # someone makes it trainable again
+    with pytest.raises(MergeError) as ei:
+        model(x)
+    assert "'a'" in str(ei.value) and "unmerge" in str(ei.value)
+    with torch.no_grad():  # inference is fine
+        model(x)
+    surgery.unmerge(model, "a")
+    out = model(x).sum()
+    out.backward()
+    assert params[1].grad is not None and params[1].grad.abs().sum() > 0
+
+
+def test_remove_keep_merged_forgets_the_frozen_delta():
+    model = _states()["injected"]()
+    surgery.merge(model, "a")
+    surgery.remove(model, "a", keep_merged=True)
+    assert surgery.names(model) == []
+    model(batch_for(model))  # nothing left to refuse

@@ -27,10 +27,14 @@ def _kinds():
         "linear": (lambda: nn.Sequential(nn.Linear(16, 12)), lambda: torch.randn(3, 5, 16, generator=g)),
         "conv1d_tf": (lambda: nn.Sequential(Conv1D(12, 16)), lambda: torch.randn(3, 5, 16, generator=g)),
         "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 6, 3, padding=1)), lambda: torch.randn(2, 4, 9, generator=g)),
-        "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1)),
-                   lambda: torch.randn(2, 3, 9, 9, generator=g)),
-        "embedding": (lambda: nn.Sequential(nn.Embedding(20, 8, padding_idx=0)),
-                      lambda: torch.randint(0, 20, (3, 7), generator=g)),
+        "conv2d": (
+            lambda: nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1)),
+            lambda: torch.randn(2, 3, 9, 9, generator=g),
+        ),
+        "embedding": (
+            lambda: nn.Sequential(nn.Embedding(20, 8, padding_idx=0)),
+            lambda: torch.randint(0, 20, (3, 7), generator=g),
+        ),
     }
 
 
@@ -202,29 +206,46 @@ def _check_same_grads(ours, pm, x, ads, theirs) -> None:
 
 def test_peft_equivalence_linear_llama():
     m = tiny_llama()
-    check_peft_equivalence(tiny_llama, batch_for(m), ["q_proj", "v_proj", "o_proj", "gate_proj"],
-                           dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"]),
-                           dict(r=4, alpha=16))
+    check_peft_equivalence(
+        tiny_llama,
+        batch_for(m),
+        ["q_proj", "v_proj", "o_proj", "gate_proj"],
+        dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"]),
+        dict(r=4, alpha=16),
+    )
 
 
 def test_peft_equivalence_conv1d_gpt2():
     m = tiny_gpt2()
-    check_peft_equivalence(tiny_gpt2, batch_for(m), ["c_attn", "c_proj", "c_fc"],
-                           dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
-                           dict(r=4, alpha=8))
+    check_peft_equivalence(
+        tiny_gpt2,
+        batch_for(m),
+        ["c_attn", "c_proj", "c_fc"],
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        dict(r=4, alpha=8),
+    )
 
 
 def test_peft_equivalence_embedding():
     m = tiny_llama()
-    check_peft_equivalence(tiny_llama, batch_for(m), ["embed_tokens"],
-                           dict(r=4, lora_alpha=12, target_modules=["embed_tokens"]), dict(r=4, alpha=12))
+    check_peft_equivalence(
+        tiny_llama,
+        batch_for(m),
+        ["embed_tokens"],
+        dict(r=4, lora_alpha=12, target_modules=["embed_tokens"]),
+        dict(r=4, alpha=12),
+    )
 
 
 def test_peft_equivalence_embedding_gpt2_tied():
     m = tiny_gpt2()
-    check_peft_equivalence(tiny_gpt2, batch_for(m), ["wte", "c_attn"],
-                           dict(r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True),
-                           dict(r=2, alpha=4))
+    check_peft_equivalence(
+        tiny_gpt2,
+        batch_for(m),
+        ["wte", "c_attn"],
+        dict(r=2, lora_alpha=4, target_modules=["wte", "c_attn"], fan_in_fan_out=True),
+        dict(r=2, alpha=4),
+    )
 
 
 class ConvNet(nn.Module):
@@ -250,20 +271,34 @@ def _conv_input():
 
 
 def test_peft_equivalence_conv2d():
-    check_peft_equivalence(ConvNet, _conv_input(), ["conv1", "conv2", "proj"],
-                           dict(r=3, lora_alpha=6, target_modules=["conv1", "conv2", "proj"]), dict(r=3, alpha=6))
+    check_peft_equivalence(
+        ConvNet,
+        _conv_input(),
+        ["conv1", "conv2", "proj"],
+        dict(r=3, lora_alpha=6, target_modules=["conv1", "conv2", "proj"]),
+        dict(r=3, alpha=6),
+    )
 
 
 def test_peft_equivalence_conv1d_and_linear_plain():
-    check_peft_equivalence(ConvNet, _conv_input(), ["seq", "head"],
-                           dict(r=2, lora_alpha=5, target_modules=["seq", "head"]), dict(r=2, alpha=5))
+    check_peft_equivalence(
+        ConvNet,
+        _conv_input(),
+        ["seq", "head"],
+        dict(r=2, lora_alpha=5, target_modules=["seq", "head"]),
+        dict(r=2, alpha=5),
+    )
 
 
 def test_peft_equivalence_rslora():
     m = tiny_llama()
-    check_peft_equivalence(tiny_llama, batch_for(m), ["q_proj", "v_proj", "down_proj"],
-                           dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
-                           dict(r=4, alpha=16, rslora=True))
+    check_peft_equivalence(
+        tiny_llama,
+        batch_for(m),
+        ["q_proj", "v_proj", "down_proj"],
+        dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(r=4, alpha=16, rslora=True),
+    )
 
 
 def test_peft_equivalence_rank_and_alpha_patterns():
@@ -272,14 +307,20 @@ def test_peft_equivalence_rank_and_alpha_patterns():
     rank_pattern = {"q_proj": 2, "model.layers.1.self_attn.v_proj": 6}
     alpha_pattern = {"v_proj": 32, "down_proj": 3}
     ours, _ = check_peft_equivalence(
-        tiny_llama, batch_for(m), targets,
+        tiny_llama,
+        batch_for(m),
+        targets,
         dict(r=4, lora_alpha=8, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern),
-        dict(r=4, alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+        dict(r=4, alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern),
+    )
     ranks = {p: ad.lora_A.shape[0] for p, ad in engine.adapters(ours, "default").items()}
     assert ranks == {
-        "model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2,
-        "model.layers.0.self_attn.v_proj": 4, "model.layers.1.self_attn.v_proj": 6,
-        "model.layers.0.mlp.down_proj": 4, "model.layers.1.mlp.down_proj": 4,
+        "model.layers.0.self_attn.q_proj": 2,
+        "model.layers.1.self_attn.q_proj": 2,
+        "model.layers.0.self_attn.v_proj": 4,
+        "model.layers.1.self_attn.v_proj": 6,
+        "model.layers.0.mlp.down_proj": 4,
+        "model.layers.1.mlp.down_proj": 4,
     }
 
 
@@ -287,10 +328,19 @@ def test_peft_equivalence_rslora_with_patterns():
     m = tiny_llama()
     targets = ["q_proj", "v_proj"]
     check_peft_equivalence(
-        tiny_llama, batch_for(m), targets,
-        dict(r=4, lora_alpha=8, use_rslora=True, target_modules=targets, rank_pattern={"v_proj": 9},
-             alpha_pattern={"q_proj": 2}),
-        dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 9}, alpha_pattern={"q_proj": 2}))
+        tiny_llama,
+        batch_for(m),
+        targets,
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=targets,
+            rank_pattern={"v_proj": 9},
+            alpha_pattern={"q_proj": 2},
+        ),
+        dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 9}, alpha_pattern={"q_proj": 2}),
+    )
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2", "conv"])
@@ -303,8 +353,9 @@ def test_merged_weights_match_peft_merge(which):
         factory, x, targets, extra = tiny_gpt2, batch_for(tiny_gpt2()), ["c_attn", "c_fc"], {"fan_in_fan_out": True}
     else:
         factory, x, targets, extra = ConvNet, _conv_input(), ["conv1", "conv2", "seq"], {}
-    ours, pm = check_peft_equivalence(factory, x, targets, dict(r=3, lora_alpha=7, target_modules=targets, **extra),
-                                      dict(r=3, alpha=7))
+    ours, pm = check_peft_equivalence(
+        factory, x, targets, dict(r=3, lora_alpha=7, target_modules=targets, **extra), dict(r=3, alpha=7)
+    )
     surgery.merge(ours, "default")
     merged_ref = pm.merge_and_unload()
     ref_sd = merged_ref.state_dict()
@@ -454,9 +505,10 @@ def test_adapters_follow_the_models_train_eval_mode():
     assert all(ad.training for ad in engine.adapters(model, "default").values())
 
 
-def test_shared_input_projection_matches_separate_sites_and_learns_who_shares():
+def test_shared_input_projection_matches_separate_sites_and_keeps_its_group():
     """q, k, v (and gate, up) read one tensor: their A projections run as one GEMM; o_proj,
-    under the same parent with the same width but another input, leaves the group."""
+    under the same parent with the same width but another input, projects alone. The group
+    never changes, so the first call gives the very bits of later ones."""
     import copy
 
     from surgery.methods.lora import _SharedInput
@@ -474,20 +526,31 @@ def test_shared_input_projection_matches_separate_sites_and_learns_who_shares():
             ad.lora_A.copy_(src.lora_A)
             ad.lora_B.copy_(src.lora_B)
         ad.shared = None
+    first = run(model, x)
     for _ in range(2):
-        torch.testing.assert_close(run(model, x), run(ref, x), atol=1e-5, rtol=1e-5)
+        out = run(model, x)
+        assert torch.equal(out, first)
+        torch.testing.assert_close(out, run(ref, x), atol=1e-5, rtol=1e-5)
     ads = engine.adapters(model, "default")
     q = ads["model.layers.0.self_attn.q_proj"]
     assert isinstance(q.shared, _SharedInput)
-    names = {p.rsplit(".", 1)[-1] for p, a in ads.items() if a.shared is q.shared and any(m is a for m in q.shared.members)}
-    assert names == {"q_proj", "k_proj", "v_proj"}, names
+    names = {
+        p.rsplit(".", 1)[-1] for p, a in ads.items() if a.shared is q.shared and any(m is a for m in q.shared.members)
+    }
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}, names
+    assert not q.shared.pending  # o_proj took its entry out (and projected alone)
     # gradients equal too
     for m in (model, ref):
         m.zero_grad(set_to_none=True)
         _loss(m, x).backward()
     for path, ad in engine.adapters(ref, "default").items():
         torch.testing.assert_close(ads[path].lora_A.grad, ad.lora_A.grad, atol=1e-5, rtol=1e-4)
-    copy.deepcopy(model)  # nothing in flight blocks a copy
+    twin = copy.deepcopy(model)  # nothing in flight blocks a copy
+    tq = engine.adapters(twin, "default")["model.layers.0.self_attn.q_proj"]
+    tk = engine.adapters(twin, "default")["model.layers.0.self_attn.k_proj"]
+    assert tq.shared is tk.shared and tq.shared is not q.shared  # one group per copy, its own
+    assert any(m is tk for m in tq.shared.members)
+    assert torch.equal(run(twin, x), run(model, x))
 
 
 def test_shared_input_projection_is_per_input_across_threads():

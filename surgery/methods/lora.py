@@ -38,14 +38,15 @@ def is_conv1d_transformers(module: nn.Module) -> bool:
 @dataclass
 class LoRAConfig:
     """Attributes:
-        r: rank of the update B A.
-        alpha: scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora); PEFT's default.
-        dropout: dropout on the LoRA branch's input, in training only.
-        init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
-        rslora: rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
-        rank_pattern: module path pattern (glob or 're:') -> rank, overriding r at the sites it matches.
-        alpha_pattern: module path pattern -> alpha, overriding alpha at the sites it matches.
+    r: rank of the update B A.
+    alpha: scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora); PEFT's default.
+    dropout: dropout on the LoRA branch's input, in training only.
+    init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
+    rslora: rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
+    rank_pattern: module path pattern (glob or 're:') -> rank, overriding r at the sites it matches.
+    alpha_pattern: module path pattern -> alpha, overriding alpha at the sites it matches.
     """
+
     r: int = 8
     alpha: float = 8  # scale alpha / r, PEFT's default
     dropout: float = 0.0
@@ -124,16 +125,16 @@ class _SharedInput:
     """LoRA sites of one delta, under one parent, that may read the same input tensor
     (q, k, v; gate, up). The first of them to run projects the input through all their A
     matrices in one GEMM; the others take their slice if, and only if, they are called
-    with that very tensor. A site called with another input leaves the group, so after
-    one forward the group holds the sites that really share (o_proj drops out).
+    with that very tensor, and otherwise project alone (o_proj, say: its slice of the
+    group's GEMM, r columns, is computed and dropped).
     Entries keep a weak reference to the input they were computed from, so a slice is
     never used for another input, from another thread or another call.
 
-    The group changes only in a call that autograd does not record (inference, no_grad):
-    gradient checkpointing runs a forward again in backward and requires the very same
-    operations and saved tensors, so a site that leaves the group in the recorded forward
-    would change the recomputation (torch's CheckpointError). Under autograd such a site
-    computes its own projection and stays a member until an unrecorded call."""
+    The group never changes after injection. A group that dropped the sites it found
+    reading another input changed the GEMMs between the first call and the next, so the
+    first call's outputs differed from later ones in the last bits, and gradient
+    checkpointing, which runs a forward again in backward and requires the very same
+    operations and saved tensors, raised torch's CheckpointError on the first backward."""
 
     def __init__(self, members: list[LinearLoRA]) -> None:
         self.members = members
@@ -152,15 +153,10 @@ class _SharedInput:
 
     def project(self, ad: LinearLoRA, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         entry = self.pending.pop(id(ad), None)
-        if entry is not None:
-            if entry[0]() is x:
-                return entry[1]
-            # it reads another input: it leaves the group, but only in a call autograd does not record
-            if torch.is_grad_enabled() and (x2.requires_grad or ad.lora_A.requires_grad):
-                return F.linear(x2, ad.lora_A)
-            self.members = [m for m in self.members if m is not ad]
+        if entry is not None and entry[0]() is x:
+            return entry[1]
         members = self.members
-        if len(members) < 2 or not any(m is ad for m in members):
+        if entry is not None or len(members) < 2:  # it reads another input than the group's first site
             return F.linear(x2, ad.lora_A)
         hs = F.linear(x2, torch.cat([m.lora_A for m in members])).split([m.lora_A.shape[0] for m in members], dim=1)
         ref = weakref.ref(x)
