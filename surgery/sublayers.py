@@ -452,3 +452,31 @@ def fused_beside(model: nn.Module, who: str, sites: list[tuple[str, nn.Module]])
             "modules targeted change (filter FusedExpertsWarning if that is what you want)",
             FusedExpertsWarning, stacklevel=5,
         )
+
+
+_FFN_ROLE_TEXT = frozenset({"linear", "mlp", "mlp.up", "mlp.gate", "mlp.down"})
+
+
+def _names_ffn_roles(targets: Any) -> bool:
+    """Whether a selector (as given) asks for FFN linears by role: '@linear', '@mlp', '@mlp.*'."""
+    if isinstance(targets, _WithFused):
+        return False  # a method's own defaults: that method says what it covers itself
+    if isinstance(targets, str):
+        return targets.startswith("@") and targets[1:] in _FFN_ROLE_TEXT
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        return any(_names_ffn_roles(t) for t in targets)
+    role = getattr(targets, "role", None)
+    if isinstance(role, str):
+        return role in _FFN_ROLE_TEXT
+    return any(_names_ffn_roles(p) for p in getattr(targets, "parts", ()))
+
+
+def note_fused(model: nn.Module, who: str, targets: Any, sites: list[tuple[str, nn.Module]]) -> None:
+    """For methods that do not check fused experts themselves (LoRA, ...): warn when `targets` ask
+    for the FFN's linears by role ('@linear', '@mlp', ...) on a model whose experts are fused 3-D
+    tensors, which no role reaches: the sites then cover less than the selector says."""
+    if not _names_ffn_roles(targets):
+        return
+    fused = fused_experts(model)
+    if fused:
+        fused_warning(model, who, fused, [p for p, _ in sites])

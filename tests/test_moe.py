@@ -675,3 +675,14 @@ def test_moe_refuses_an_ffn_that_mixes_positions():
     base = model(x)
     surgery.inject(model, "moe", targets="ffn", experts=2)
     torch.testing.assert_close(model(x), base, atol=1e-6, rtol=0)
+
+
+def test_lora_on_linear_roles_warns_that_fused_experts_are_not_covered():
+    model = tiny_mixtral()
+    with pytest.warns(FusedExpertsWarning, match=r"'lora'.*mlp\.experts .*it covers only model\.layers\.0\.self_attn"):
+        inj = surgery.inject(model, "lora", targets="@linear", r=2, name="l")
+    assert all(".self_attn." in p for p in inj.sites)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedExpertsWarning)  # asked for the attention only: nothing to say
+        surgery.inject(model, "lora", targets=["@q", "@v"], r=2, name="qv")
+        surgery.inject(tiny_llama(), "lora", targets="@linear", r=2)  # no fused experts: nothing to say

@@ -27,7 +27,7 @@ activation is in the way): `surgery.merge` raises.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +56,6 @@ _DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
 
 @dataclass
 class AdapterConfig:
-    """Attributes:
-        style: "houlsby" (after attention and FFN), "pfeiffer" (after the FFN) or "parallel" (beside the FFN).
-        bottleneck: the adapter's width in units; give this or reduction.
-        reduction: hidden size / bottleneck (default 16 when neither is given).
-        scale: output scale s: 4.0 for parallel, 1.0 otherwise.
-        activation: the bottleneck's nonlinearity: swish for houlsby, relu otherwise.
-        dropout: dropout on the adapter's input, in training only.
-    """
     style: str = "pfeiffer"
     bottleneck: int | None = None  # units; or
     reduction: float | None = None  # hidden size / bottleneck (default 16 when neither is given)
@@ -125,6 +117,7 @@ class BottleneckAdapter(Method):
     name = "adapter"
     Config = AdapterConfig
     tensor_suffixes = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    handles_fused: ClassVar[bool] = True  # refuses / warns about fused experts itself (surgery.sublayers)
 
     def targets(self, cfg: AdapterConfig | None) -> Any:
         style = cfg.style if cfg is not None else "pfeiffer"

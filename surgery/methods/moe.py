@@ -326,6 +326,7 @@ class MoE(Method):
     default_targets = "@mlp"
     tensor_suffixes = ("router.weight", "experts.*")
     routing: ClassVar[bool] = True
+    handles_fused: ClassVar[bool] = True  # refuses / warns about fused experts itself (surgery.sublayers)
 
     def targets(self, cfg: MoEConfig | None) -> Any:
         return with_fused(self.default_targets)  # fused experts are hit too, to be refused by name
