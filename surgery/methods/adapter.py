@@ -56,6 +56,14 @@ _DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
 
 @dataclass
 class AdapterConfig:
+    """Attributes:
+        style: "houlsby" (after attention and FFN), "pfeiffer" (after the FFN) or "parallel" (beside the FFN).
+        bottleneck: the adapter's width in units; give this or reduction.
+        reduction: hidden size / bottleneck (default 16 when neither is given).
+        scale: output scale s: 4.0 for parallel, 1.0 otherwise.
+        activation: the bottleneck's nonlinearity: swish for houlsby, relu otherwise.
+        dropout: dropout on the adapter's input, in training only.
+    """
     style: str = "pfeiffer"
     bottleneck: int | None = None  # units; or
     reduction: float | None = None  # hidden size / bottleneck (default 16 when neither is given)
