@@ -475,10 +475,6 @@ def resolve_sites(model: nn.Module, method: Method, targets: Any, cfg: Any = Non
         from surgery.sublayers import note_fused
 
         note_fused(model, repr(method.name), targets, sites)
-    if sites and not getattr(method, "handles_fused", False):  # '@linear' cannot reach fused expert tensors: say so
-        from surgery.sublayers import note_fused
-
-        note_fused(model, repr(method.name), targets, sites)
     if not sites:
         shown = ", ".join(f"{p} ({type(m).__name__})" for p, m in hits[:8])
         more = f" and {len(hits) - 8} more" if len(hits) > 8 else ""
