@@ -3,6 +3,7 @@ generate(), save_pretrained / from_pretrained, the Trainer, torch.compile and DD
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
@@ -291,3 +292,138 @@ def test_trainer_with_gradient_checkpointing(tmp_path, reentrant, monkeypatch):
     named = dict(model.named_parameters())
     still = [n for n, t in lora.items() if torch.equal(named[n].detach(), t)]
     assert not still, f"LoRA tensors that did not train under checkpointing: {still[:5]}"
+
+
+# ---------------------------------------------------------------- Parallel and generate()
+
+
+def test_parallel_inside_generate_refuses_and_batchsplit_generates():
+    """Parallel repeats the batch once per delta: generate() cannot take that many rows back.
+    It refuses at the first step; repeating the prompts and BatchSplit does what was meant."""
+    from surgery.errors import CompositionError
+
+    model = tiny_llama()
+    for i, name in enumerate("ab"):
+        surgery.inject(model, "lora", targets="attn.*", r=4, name=name)
+        randomize(model, name, seed=i + 1, std=0.5)
+    ids = batch_for(model)["input_ids"]
+    with surgery.use(model, surgery.Parallel("a", "b")):
+        assert run(model, ids).shape[0] == 2 * ids.shape[0]  # a plain forward still works
+        for kw in ({}, {"use_cache": False}):
+            with pytest.raises(CompositionError) as ei:
+                _generate(model, ids, **kw)
+            assert "generate()" in str(ei.value) and "BatchSplit" in str(ei.value)
+    b = ids.shape[0]
+    with surgery.use(model, surgery.BatchSplit("a", "b", batch_sizes=[b, b])):
+        both = _generate(model, ids.repeat(2, 1))
+    for i, name in enumerate("ab"):
+        with surgery.use(model, name):
+            assert torch.equal(both[i * b : (i + 1) * b], _generate(model, ids))
+
+
+# ---------------------------------------------------------------- save_pretrained writes the base
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["live", "merged"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_bert_cls], ids=lambda f: f.__name__)
+def test_save_pretrained_writes_the_base_alone_and_reloads_quietly(factory, merged, tmp_path):
+    from safetensors import safe_open
+
+    from surgery import engine
+
+    model = factory()
+    base = state_bits(model)
+    x = batch_for(model)
+    want = run(model, x)
+    # (GPT-2's lm_head is tied to its embeddings: a merge there is refused, so not a target)
+    surgery.inject(model, "lora", targets=["c_attn", "c_fc"] if factory is tiny_gpt2 else torch.nn.Linear, r=4)
+    randomize(model, std=0.5)
+    if merged:
+        surgery.merge(model)
+    assert any(".surgery." in k for k in model.state_dict())  # state_dict keeps the adapters (Trainer, DDP)
+    injected = run(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if ".surgery." in k]
+    assert torch.equal(run(model, x), injected)  # saving touched nothing
+    records = _Records()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(model).from_pretrained(tmp_path).float().eval()
+    finally:
+        hf_logger.removeHandler(records)
+    noisy = [m for m in records.messages if "UNEXPECTED" in m or "unexpected" in m.lower()]
+    assert not noisy, noisy[0]
+    got = state_bits(fresh)
+    bad = [k for k in base if not torch.equal(base[k], got[k])]
+    assert not bad, f"reloaded weights differ from the base: {bad[:5]}"
+    assert torch.equal(run(fresh, x), want)
+    # the caller's own state_dict (the Trainer's checkpoints) is written as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "full", state_dict=model.state_dict())
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        assert any(".surgery." in k for k in f.keys())
+    assert engine.base_state_dict(model).keys() == {k for k in model.state_dict() if ".surgery." not in k}
+    surgery.remove(model)
+    assert "save_pretrained" not in model.__dict__
+
+
+# ---------------------------------------------------------------- dtype after injection
+
+
+def test_to_half_precision_after_injection_casts_adapters_too():
+    """`.to(dtype)` casts every parameter, the adapters included (as PEFT's do): documented in
+    docs/engine.md. fp32 adapters on a bf16 base come from injecting into (or applying a Delta to)
+    the bf16 base."""
+    model = tiny_llama()
+    x = batch_for(model)
+    surgery.inject(model, "lora", targets="attn.*", r=4)
+    randomize(model, std=0.5)
+    want = run(model, x)
+    model.to(torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.bfloat16}
+    out = model(**x).logits
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in trainable)
+    torch.testing.assert_close(out.detach().float(), want, atol=0.1, rtol=0.05)
+    # the recipe for fp32 adapters on a bf16 base: take the delta, remove, cast, apply
+    model.zero_grad(set_to_none=True)
+    model.float()
+    d = surgery.delta(model)
+    surgery.remove(model)
+    model.to(torch.bfloat16)
+    surgery.apply(model, d)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    torch.testing.assert_close(run(model, x).float(), want, atol=0.1, rtol=0.05)
+
+
+def test_cast_while_merged_refuses_to_unmerge():
+    from surgery.errors import MergeError
+
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets="attn.*", r=4)
+    randomize(model, std=0.5)
+    surgery.merge(model)
+    model.to(torch.bfloat16)
+    with pytest.raises(MergeError, match="cast"):
+        surgery.unmerge(model)
+    assert surgery.merged(model) == ["default"]
