@@ -288,6 +288,24 @@ def test_a_cache_is_continued_whatever_its_keyword(key):
     torch.testing.assert_close(torch.stack(logits, 1), want_logits, rtol=0, atol=1e-4)
 
 
+def test_generate_with_a_static_cache_is_refused_clearly():
+    model = tiny_llama()
+    x = batch_for(model, batch=2, seq=6)
+    surgery.inject(model, "prompt", n_tokens=N)
+    x["attention_mask"][1, :2] = 0  # with and without padding (generate drops an all-ones mask)
+    for mask in (None, x["attention_mask"]):
+        with pytest.raises(surgery.SurgeryError, match="static"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.generate(
+                input_ids=x["input_ids"],
+                attention_mask=mask,
+                max_new_tokens=2,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=0,
+            )
+
+
 def test_cache_length_of_every_kind():
     from transformers import DynamicCache
 

@@ -82,13 +82,14 @@ _HEAD = tuple(f"lstm_head.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
 @dataclass
 class PromptConfig:
     """Attributes:
-        n_tokens: number of prompt vectors (required).
-        init: how the vectors start: "random", "vocab" (random token embeddings), "text:<text>", or token ids.
-        tokenizer: the tokenizer for init="text:..."; not stored in a Delta.
-        encoder: None (plain prompt tuning), "mlp" or "lstm" (P-tuning's prompt encoder).
-        encoder_hidden: the encoder's width (default: the embedding width).
-        placement: "prepend" (in front of the input) or "inline" (at a Template's [soft:N] slots).
+    n_tokens: number of prompt vectors (required).
+    init: how the vectors start: "random", "vocab" (random token embeddings), "text:<text>", or token ids.
+    tokenizer: the tokenizer for init="text:..."; not stored in a Delta.
+    encoder: None (plain prompt tuning), "mlp" or "lstm" (P-tuning's prompt encoder).
+    encoder_hidden: the encoder's width (default: the embedding width).
+    placement: "prepend" (in front of the input) or "inline" (at a Template's [soft:N] slots).
     """
+
     n_tokens: int | None = None  # number of prompt vectors (required)
     init: Any = "random"  # "random" | "vocab" | "text:<text>" | list of token ids
     tokenizer: Any = None  # for init="text:..."; not stored in a Delta
@@ -434,6 +435,20 @@ def _find_cache(kwargs: dict) -> Any:
     return next((v for v in kwargs.values() if isinstance(v, Cache)), None)
 
 
+def _fixed_length(cache: Any) -> bool:
+    """Whether a transformers cache has layers of a fixed length that do not roll (StaticCache's)."""
+    try:
+        from transformers import cache_utils
+    except ImportError:  # a plain torch model
+        return False
+    static = getattr(cache_utils, "StaticLayer", None)
+    rolling = getattr(cache_utils, "StaticSlidingWindowLayer", ())
+    layers = getattr(cache, "layers", None)
+    if static is None or not isinstance(layers, (list, tuple)):
+        return False
+    return any(isinstance(la, static) and not isinstance(la, rolling) for la in layers)
+
+
 def _cache_len(past: Any) -> int | None:
     """How many positions a KV cache holds (0: none, or empty: the call starts a sequence); None for
     a recurrent state that has seen input but has no length (Mamba's): a continuing call."""
@@ -560,13 +575,20 @@ def _extend(
         raise SurgeryError("a prompt is active but the call has neither input_ids nor inputs_embeds")
     b, t = x.shape[0], x.shape[1]
     n = sum(ad.n for ad in front)
-    past = 0 if encoder else _cache_len(_find_cache(kwargs))
+    cache = None if encoder else _find_cache(kwargs)
+    past = _cache_len(cache)
     limit = max_positions(model)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2 and n:
         raise SurgeryError(
             f"a prompt is active and the attention mask has {mask.dim()} dimensions; only a 2-D [batch, length] "
-            "mask can be extended to cover the prompt"
+            "mask can be extended to cover the prompt (generate() with a static cache builds 4-D masks: "
+            "use the default dynamic cache)"
+        )
+    if past == 0 and n and _fixed_length(cache):
+        raise SurgeryError(
+            "a prompt is active and the call fills a static (fixed-length) KV cache, sized without the prompt's "
+            f"{n} positions (generate() with cache_implementation='static'); use the default dynamic cache"
         )
     if past == 0:
         if limit is not None and t + n > limit:
