@@ -15,6 +15,7 @@ from surgery.engine import (
     Injection,
     activate,
     active,
+    base_state_dict,
     disable,
     freeze,
     inject,
@@ -33,6 +34,7 @@ from surgery.errors import (
     GraphError,
     InjectionError,
     MergeError,
+    ModelTypeError,
     SelectorError,
     SurgeryError,
 )
@@ -99,4 +101,5 @@ __all__ = [
     "layers", "merge", "merged", "names", "remove", "sel", "summary", "trace", "unfreeze",
     "unmerge", "use",
     "combine", "aux_loss",
+    "ModelTypeError", "base_state_dict",
 ]
