@@ -966,3 +966,23 @@ def test_quality_prompt_tuning_learns_a_new_task_pattern():
     assert with_cue < 0.05  # the base learned its tasks
     assert frozen > 0.3
     assert tuned < frozen / 10
+
+
+def test_a_deep_copy_of_a_prompted_seq2seq_model_has_its_own_encoder_hook():
+    model = tiny_t5()
+    x = seq2seq_batch(model)
+    before = snapshot(model)
+    surgery.inject(model, "prompt", n_tokens=N, init="vocab")
+    with torch.no_grad():
+        y = model(**x).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(**x).logits, y)
+    surgery.remove(twin)  # the copy's hook goes with the copy's prompt; the original keeps its own
+    after = snapshot(twin)
+    assert after["hooks"] == before["hooks"] and after["modules"] == before["modules"]
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, y)
+        assert twin(**x).encoder_last_hidden_state.shape[1] == 6
+    surgery.remove(model)
+    assert_snapshot_equal(before, snapshot(model))
