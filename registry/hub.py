@@ -77,9 +77,13 @@ class Hub:
     >>> hub = registry.Hub()                       # $SURGERY_HUB or ~/.cache/model-surgery/hub
     >>> ref = hub.push(model, "acme/sql", adapter="sql", alias="staging")
     >>> hub.load(model2, "acme/sql@staging")       # verified, hot-swapped in place if it fits
+
+    `Hub(path)` creates nothing: reads of a folder that does not exist raise NotFoundError ("no hub
+    at PATH"), so a mistyped path leaves nothing behind. `push` creates the hub; so does `create=True`.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, recheck: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, recheck: bool = False, *,
+                 create: bool = False) -> None:
         self.recheck = recheck
         self._checked = store.CheckedCache()
         self.root = Path(path).expanduser() if path is not None else default_path()
@@ -87,7 +91,9 @@ class Hub:
         self.names_dir = self.root / "names"
         self.tmp = self.root / "tmp"
         self._gc_lock = self.root / ".gc.lock"
-        # nothing is created here: reading a mistyped path must not leave a hub behind; push creates it
+        # reading a mistyped path must not leave a hub behind: only push (or create=True) makes the folders
+        if create:
+            self._create()
 
     def _create(self) -> None:
         """Make the hub's folders (push, the only command that may start a hub)."""

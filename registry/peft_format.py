@@ -216,11 +216,28 @@ def save_peft_delta(delta: surgery.Delta, out_dir: str | os.PathLike[str],
         tensors[ka] = A.detach().to("cpu").contiguous()
         tensors[kb] = B.detach().to("cpu").contiguous()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _check_out_dir(out)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    try:  # an existing folder keeps its other files; these two are replaced, each atomically
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise PeftFormatError(f"cannot write the PEFT adapter into {out}: {e.strerror or e} "
+                              f"({e.filename or out}); pass a folder you can write to") from None
     return out
+
+
+def _check_out_dir(out: Path) -> None:
+    """PEFT's layout is a folder: refuse a path that is a file or lies inside one (nothing is touched)."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"lies inside {p}, which is a file"
+                raise PeftFormatError(
+                    f"{out} {where}: PEFT's layout is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}; "
+                    "pass a folder path (it is created if missing)")
+            return
 
 
 def save_peft(model: nn.Module, out_dir: str | os.PathLike[str], adapter: str = "default",

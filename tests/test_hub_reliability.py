@@ -107,7 +107,7 @@ def log_lines(log: Path) -> list[dict]:
 
 def test_kill_9_during_pushes_leaves_a_clean_hub(zygote: Zygote, tmp_path: Path) -> None:
     root = tmp_path / "hub"
-    Hub(root)
+    Hub(root, create=True)
     rng = random.Random(1234)
     returned: list[dict] = []
     kills = 0
@@ -143,7 +143,7 @@ def test_kill_9_during_pushes_leaves_a_clean_hub(zygote: Zygote, tmp_path: Path)
 
 def test_four_processes_push_one_name(zygote: Zygote, tmp_path: Path) -> None:
     root = tmp_path / "hub"
-    Hub(root)
+    Hub(root, create=True)
     logs = [tmp_path / f"log{i}" for i in range(4)]
     pids = [zygote.fork(root, "acme/c", 25, log, 100 + i) for i, log in enumerate(logs)]
     for pid in pids:
@@ -284,7 +284,7 @@ def test_malformed_manifests_raise_cleanly(tmp_path: Path, kind: str, raw: bytes
        | st.from_regex(r"[a-zA-Z0-9./@:_-]{0,30}", fullmatch=True)
        | st.builds(lambda a, b: f"{a}@{b}", st.sampled_from(["acme/sql", "../x", "a/b"]), st.text(max_size=70)))
 def test_fuzzed_refs_raise_cleanly(tmp_path: Path, ref: str) -> None:
-    hub = Hub(tmp_path / "h")
+    hub = Hub(tmp_path / "h", create=True)
     if not hub.names():
         d = surgery.Delta("lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3),
                                                      "a.lora_B.weight": torch.ones(3, 2)}, "arch:x")

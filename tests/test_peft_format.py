@@ -333,3 +333,51 @@ def test_sites_the_model_lacks_leave_it_unchanged(tmp_path):
     with pytest.raises(PeftFormatError, match="no such module"):
         load_peft(model, tmp_path)
     assert_snapshot_equal(before, snapshot(model))
+
+
+# ------------------------------------------------------------------ where save_peft may write
+
+
+@pytest.fixture(scope="module")
+def small_lora():
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets=["q_proj"], r=2, name="a")
+    randomize(model, "a", std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("where", ["file", "inside_file"])
+def test_save_peft_to_a_file_path_is_refused_and_the_file_untouched(small_lora, tmp_path, where):
+    f = tmp_path / "adapter.bin"
+    f.write_bytes(b"precious")
+    target = f if where == "file" else f / "sub" / "dir"
+    with pytest.raises(PeftFormatError, match="a file: PEFT's layout is a folder.*pass a folder path"):
+        save_peft(small_lora, target, adapter="a")
+    assert f.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.bin"]
+
+
+def test_save_peft_into_a_non_empty_folder_keeps_other_files(small_lora, tmp_path):
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"an older adapter")
+    out = save_peft(small_lora, tmp_path, adapter="a")
+    assert (tmp_path / "README.md").read_text() == "mine"  # like PEFT: the two adapter files are replaced
+    d = load_peft_delta(out)
+    want = surgery.delta(small_lora, "a").tensors
+    assert d.tensors.keys() == want.keys()
+    for k in want:
+        assert torch.equal(d.tensors[k], want[k])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]
+
+
+def test_save_peft_into_an_unwritable_folder_is_a_clear_error(small_lora, tmp_path, monkeypatch):
+    import registry.peft_format as pf
+
+    def denied(*a, **kw):  # what a read-only folder answers (tests may run as root, who may write anyway)
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(pf.tempfile, "mkstemp", denied)
+    with pytest.raises(PeftFormatError, match="cannot write the PEFT adapter into .*Permission denied.*pass a folder you can write to"):
+        save_peft(small_lora, tmp_path / "out", adapter="a")
+    assert not [p for p in (tmp_path / "out").iterdir()]
