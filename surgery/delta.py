@@ -172,16 +172,18 @@ def _check_finite(delta: Delta) -> None:
     floats = [(k, t) for k, t in delta.tensors.items() if t.is_floating_point() or t.is_complex()]
     if not floats:
         return
-    # one reduction per device, not one host sync per tensor: hot-swaps stay cheap
-    by_dev: dict[torch.device, list[torch.Tensor]] = {}
+    # Fast path: NaN and Inf survive a sum, so one read pass per tensor and one host sync per device
+    # (about a tenth of the hot-swap's copy; an isfinite mask per tensor cost as much as the copy).
+    # A sum that overflows a finite tensor only sends us to the exact check below.
+    sums: dict[torch.device, list[torch.Tensor]] = {}
     for _, t in floats:
-        by_dev.setdefault(t.device, []).append(torch.isfinite(t).all())
-    if all(bool(torch.stack(oks).all()) for oks in by_dev.values()):
+        acc = t.dtype if t.dtype in (torch.float64, torch.complex128) or t.is_complex() else torch.float32
+        sums.setdefault(t.device, []).append(t.sum(dtype=acc))
+    if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in sums.values()):
         return
     for k, t in floats:
-        bad = ~torch.isfinite(t)
-        if bool(bad.any()):
-            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if n_nan or n_inf:
             raise DeltaMismatchError(
                 f"delta {delta.name!r}: tensor {k!r} holds {n_nan} NaN and {n_inf} Inf value(s) of {t.numel()}; "
                 "nothing was applied. The training that produced it diverged (lower the learning rate, "

@@ -884,3 +884,16 @@ def test_remove_keep_merged_forgets_the_frozen_delta():
     surgery.remove(model, "a", keep_merged=True)
     assert surgery.names(model) == []
     model(batch_for(model))  # nothing left to refuse
+
+
+def test_apply_accepts_huge_finite_values():
+    """The fast check sums each tensor; a sum that overflows a finite tensor must not refuse it."""
+    src = _states()["injected"]()
+    d = surgery.delta(src, "a")
+    key = sorted(d.tensors)[0]
+    d.tensors[key].fill_(3e38)
+    model = TinyTransformer()
+    surgery.apply(model, d)
+    assert torch.equal(
+        dict(engine.adapters(model, "a"))[key.rsplit(".", 2)[0]].tensors()["lora_A.weight"], d.tensors[key]
+    )
