@@ -29,11 +29,24 @@ TARGET = 1.15
 BOTTLENECK = 64
 MODELS = {
     # BERT-base shape, 4 layers: an encoder with post-norm, GELU FFN
-    "bert": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
-                 vocab_size=8192, max_position_embeddings=512),
+    "bert": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        vocab_size=8192,
+        max_position_embeddings=512,
+    ),
     # a Llama-style decoder: RMSNorm, SwiGLU, GQA
-    "llama": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=8192, max_position_embeddings=512),
+    "llama": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=8192,
+        max_position_embeddings=512,
+    ),
 }
 BATCH, SEQ = 8, 128
 
@@ -82,21 +95,29 @@ def bench_model(kind: str, dev: str, rounds: int, warmup: int, batch: int) -> di
         def call():  # type: ignore[no-untyped-def]
             with surgery.use(ours, *spec):
                 return ours(**kw)
+
         return call
 
     fns = {"base": lambda: base(**kw), "houlsby": with_(("houlsby",))}
-    fns.update({"pfeiffer": with_(("pfeiffer",)), "parallel": with_(("parallel",)),
-                "fusion_of_3": with_(("fusion",)), "disabled": with_(())})
+    fns.update(
+        {
+            "pfeiffer": with_(("pfeiffer",)),
+            "parallel": with_(("parallel",)),
+            "fusion_of_3": with_(("fusion",)),
+            "disabled": with_(()),
+        }
+    )
     with torch.inference_mode():
         with surgery.disable(ours):
             same = torch.equal(ours(**kw)[0], base(**kw)[0])
         st = C.interleaved(fns, rounds, warmup, device=dev, min_sample_s=0.05 if dev == "cuda" else 0)
-    out: dict[str, Any] = {"stats": st, "disabled_equals_base": same, "config": MODELS[kind],
-                           "batch": [batch, SEQ]}
+    out: dict[str, Any] = {"stats": st, "disabled_equals_base": same, "config": MODELS[kind], "batch": [batch, SEQ]}
     for k in fns:
         if k != "base":
             out[f"{k}_over_base"] = C.ratio(st, k, "base")
-    out["params"] = {n: surgery.summary(ours).deltas[n]["params"] for n in ("houlsby", "pfeiffer", "parallel", "fusion")}
+    out["params"] = {
+        n: surgery.summary(ours).deltas[n]["params"] for n in ("houlsby", "pfeiffer", "parallel", "fusion")
+    }
     return out
 
 
@@ -118,31 +139,43 @@ def markdown(results: dict[str, Any]) -> str:
     for dev, per in results["devices"].items():
         for kind, r in per.items():
             cfg = r["config"]
-            shape = (f"{kind} h{cfg['hidden_size']} ffn{cfg['intermediate_size']} x{cfg['num_hidden_layers']} "
-                     f"layers, batch {r['batch'][0]}x{r['batch'][1]}")
+            shape = (
+                f"{kind} h{cfg['hidden_size']} ffn{cfg['intermediate_size']} x{cfg['num_hidden_layers']} "
+                f"layers, batch {r['batch'][0]}x{r['batch'][1]}"
+            )
             base_ms = r["stats"]["base"]["median_s"] * 1e3
             for k in ("houlsby", "pfeiffer", "parallel", "fusion_of_3", "disabled"):
                 ratio = r[f"{k}_over_base"]["ratio"]
-                rows.append({
-                    "device": dev, "model": shape, "adapter": k,
-                    "params": f"{r['params'][k.replace('_of_3', '')]:,}" if k not in ("disabled",) else "",
-                    "ms": f"{r['stats'][k]['median_s'] * 1e3:.2f}", "base ms": f"{base_ms:.2f}",
-                    "ratio": f"{ratio:.3f}",
-                    "target": f"<= {TARGET}" if k == "houlsby" else "",
-                    "met?": (ratio <= TARGET) if k == "houlsby" else None,
-                })
-    lines.append(C.markdown_table(rows, ["device", "model", "adapter", "params", "ms", "base ms", "ratio",
-                                         "target", "met?"]))
-    lines += ["", "Notes:", "",
-              "- `disabled`: the adapters injected but switched off with `surgery.disable` (hooks still run).",
-              "- `fusion_of_3`: AdapterFusion over three Pfeiffer adapters (each adapter runs, then the fusion "
-              "attention at every FFN output).",
-              "- `params` of the fusion row counts the fusion layer only (query, key, value per site).",
-              "- Threads: on this shared 2-core machine, with another job on one core, a 2-thread run measured "
-              "Houlsby at 1.36x (BERT shape) and 1.25x (Llama shape) with the *base* itself slower than at one "
-              "thread (1062 ms vs 545 ms): torch's two threads wait on each other at every small op, and the "
-              "adapters add small ops. FLOPs put Houlsby at +2.8 % for bottleneck 64 at hidden 768; one thread "
-              "shows that. Re-run with every core on a quiet machine to read the multi-thread figure."]
+                rows.append(
+                    {
+                        "device": dev,
+                        "model": shape,
+                        "adapter": k,
+                        "params": f"{r['params'][k.replace('_of_3', '')]:,}" if k not in ("disabled",) else "",
+                        "ms": f"{r['stats'][k]['median_s'] * 1e3:.2f}",
+                        "base ms": f"{base_ms:.2f}",
+                        "ratio": f"{ratio:.3f}",
+                        "target": f"<= {TARGET}" if k == "houlsby" else "",
+                        "met?": (ratio <= TARGET) if k == "houlsby" else None,
+                    }
+                )
+    lines.append(
+        C.markdown_table(rows, ["device", "model", "adapter", "params", "ms", "base ms", "ratio", "target", "met?"])
+    )
+    lines += [
+        "",
+        "Notes:",
+        "",
+        "- `disabled`: the adapters injected but switched off with `surgery.disable` (hooks still run).",
+        "- `fusion_of_3`: AdapterFusion over three Pfeiffer adapters (each adapter runs, then the fusion "
+        "attention at every FFN output).",
+        "- `params` of the fusion row counts the fusion layer only (query, key, value per site).",
+        "- Threads: on this shared 2-core machine, with another job on one core, a 2-thread run measured "
+        "Houlsby at 1.36x (BERT shape) and 1.25x (Llama shape) with the *base* itself slower than at one "
+        "thread (1062 ms vs 545 ms): torch's two threads wait on each other at every small op, and the "
+        "adapters add small ops. FLOPs put Houlsby at +2.8 % for bottleneck 64 at hidden 768; one thread "
+        "shows that. Re-run with every core on a quiet machine to read the multi-thread figure.",
+    ]
     return "\n".join(lines)
 
 
@@ -153,27 +186,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--devices", default="auto")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: every core; on a machine other work shares, 1 "
-                         "avoids threads waiting on each other at every small op)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: every core; on a machine other work shares, 1 "
+        "avoids threads waiting on each other at every small op)",
+    )
     args = ap.parse_args(argv)
     threads = C.set_threads()
     if args.threads:
         threads = args.threads
         torch.set_num_threads(threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
         else [d.strip() for d in args.devices.split(",") if d.strip()]
+    )
     rounds = args.rounds or (2 if args.quick else 15)
-    results: dict[str, Any] = {"benchmark": "bench_adapters", "quick": args.quick, "started": time.time(),
-                               "env": C.environment(), "rounds": rounds, "threads": threads,
-                               "devices": {}}
+    results: dict[str, Any] = {
+        "benchmark": "bench_adapters",
+        "quick": args.quick,
+        "started": time.time(),
+        "env": C.environment(),
+        "rounds": rounds,
+        "threads": threads,
+        "devices": {},
+    }
     with contextlib.redirect_stderr(sys.stderr):
         for dev in devices:
             results["devices"][dev] = {}
             for kind in MODELS:
                 print(f"[{dev}] {kind}", file=sys.stderr, flush=True)
-                results["devices"][dev][kind] = bench_model(kind, dev, rounds, 1 if args.quick else 3,
-                                                            2 if args.quick else BATCH)
+                results["devices"][dev][kind] = bench_model(
+                    kind, dev, rounds, 1 if args.quick else 3, 2 if args.quick else BATCH
+                )
     md = markdown(results)
     if args.quick and args.md is None and args.out == C.RESULTS_DIR / "bench_adapters.json":
         print(md)

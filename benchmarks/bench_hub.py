@@ -83,21 +83,32 @@ def bench_push_pull(work: Path, delta: Any, rounds: int) -> dict[str, Any]:
         "hub_push_new": lambda: hub.push(delta, "bench/push"),
     }
     st = C.interleaved(fns, rounds, warmup=2, setup={"raw_save_file_fsync": bump, "hub_push_new": bump})
-    st_dedupe = C.interleaved({"raw_save_file_fsync": fns["raw_save_file_fsync"],
-                               "hub_push_same": lambda: hub.push(delta, "bench/same")}, rounds, warmup=2)
+    st_dedupe = C.interleaved(
+        {"raw_save_file_fsync": fns["raw_save_file_fsync"], "hub_push_same": lambda: hub.push(delta, "bench/same")},
+        rounds,
+        warmup=2,
+    )
     ref = hub.push(delta, "bench/pull")
     save_file(tensors, str(raw))
     time.sleep(1.1)  # files changed in the last second are never trusted as already checked
     hub.pull(ref)
-    pulls = C.interleaved({
-        "raw_load_file": lambda: load_file(str(raw)),
-        "hub_pull": lambda: hub.pull(ref),
-        "hub_pull_recheck": lambda: hub.pull(ref, recheck=True),
-    }, rounds * 2, warmup=3, min_sample_s=0.01)
+    pulls = C.interleaved(
+        {
+            "raw_load_file": lambda: load_file(str(raw)),
+            "hub_pull": lambda: hub.pull(ref),
+            "hub_pull_recheck": lambda: hub.pull(ref, recheck=True),
+        },
+        rounds * 2,
+        warmup=3,
+        min_sample_s=0.01,
+    )
     return {
-        "push": st, "push_ratio": C.ratio(st, "hub_push_new", "raw_save_file_fsync"),
-        "push_same": st_dedupe, "push_same_ratio": C.ratio(st_dedupe, "hub_push_same", "raw_save_file_fsync"),
-        "pull": pulls, "pull_ratio": C.ratio(pulls, "hub_pull", "raw_load_file"),
+        "push": st,
+        "push_ratio": C.ratio(st, "hub_push_new", "raw_save_file_fsync"),
+        "push_same": st_dedupe,
+        "push_same_ratio": C.ratio(st_dedupe, "hub_push_same", "raw_save_file_fsync"),
+        "pull": pulls,
+        "pull_ratio": C.ratio(pulls, "hub_pull", "raw_load_file"),
         "pull_recheck_ratio": C.ratio(pulls, "hub_pull_recheck", "raw_load_file"),
         "blob_bytes": raw.stat().st_size,
     }
@@ -146,17 +157,26 @@ def bench_load(work: Path, base: Any, ours: Any, delta: Any, rounds: int) -> dic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        st = C.interleaved({
-            "hub_load": ours_load,
-            "peft_load_adapter": lambda: pm.load_adapter(dirs[1], adapter_name="swap", torch_device="cpu"),
-            "peft_hotswap_adapter": peft_hot,
-        }, rounds, warmup=2, setup={"peft_load_adapter": drop_swap})
+        st = C.interleaved(
+            {
+                "hub_load": ours_load,
+                "peft_load_adapter": lambda: pm.load_adapter(dirs[1], adapter_name="swap", torch_device="cpu"),
+                "peft_hotswap_adapter": peft_hot,
+            },
+            rounds,
+            warmup=2,
+            setup={"peft_load_adapter": drop_swap},
+        )
     # correctness: after loading version 2 the live model holds its tensors
     hub.load(live, refs[1], as_name="default")
     now = surgery.delta(live, "default")
     same = all(torch.equal(now.tensors[k], d2.tensors[k]) for k in d2.tensors)
-    return {"stats": st, "over_load_adapter": C.ratio(st, "hub_load", "peft_load_adapter"),
-            "over_hotswap_adapter": C.ratio(st, "hub_load", "peft_hotswap_adapter"), "tensors_equal_after": same}
+    return {
+        "stats": st,
+        "over_load_adapter": C.ratio(st, "hub_load", "peft_load_adapter"),
+        "over_hotswap_adapter": C.ratio(st, "hub_load", "peft_hotswap_adapter"),
+        "tensors_equal_after": same,
+    }
 
 
 def bench_many(work: Path, n: int, rounds: int) -> dict[str, Any]:
@@ -166,8 +186,9 @@ def bench_many(work: Path, n: int, rounds: int) -> dict[str, Any]:
     from registry.store import append_line
 
     hub = registry.Hub(work / "hub-many")
-    d = surgery.Delta("lora", "x", {"r": 1}, {"a.lora_A.weight": torch.ones(1, 4), "a.lora_B.weight": torch.ones(4, 1)},
-                      "arch:x")
+    d = surgery.Delta(
+        "lora", "x", {"r": 1}, {"a.lora_A.weight": torch.ones(1, 4), "a.lora_B.weight": torch.ones(4, 1)}, "arch:x"
+    )
     first = hub.push(d, "bench/many")
     vdir = hub._name_dir("bench/many") / "versions"
     doc = json.loads((vdir / "1.json").read_text())
@@ -183,13 +204,17 @@ def bench_many(work: Path, n: int, rounds: int) -> dict[str, Any]:
     mid = hub.resolve(f"bench/many@{n // 2}")
     assert len(hub.versions("bench/many")) == n and first.version == 1
     fresh = registry.Hub(work / "hub-many")
-    st = C.interleaved({
-        "versions": lambda: fresh.versions("bench/many"),
-        "resolve_latest": lambda: fresh.resolve("bench/many"),
-        "resolve_version": lambda: fresh.resolve(f"bench/many@{n // 3}"),
-        "resolve_alias": lambda: fresh.resolve("bench/many@prod"),
-        "resolve_digest_prefix": lambda: fresh.resolve(f"bench/many@{mid.digest[:19]}"),
-    }, rounds, warmup=1)
+    st = C.interleaved(
+        {
+            "versions": lambda: fresh.versions("bench/many"),
+            "resolve_latest": lambda: fresh.resolve("bench/many"),
+            "resolve_version": lambda: fresh.resolve(f"bench/many@{n // 3}"),
+            "resolve_alias": lambda: fresh.resolve("bench/many@prod"),
+            "resolve_digest_prefix": lambda: fresh.resolve(f"bench/many@{mid.digest[:19]}"),
+        },
+        rounds,
+        warmup=1,
+    )
     return {"n": n, "build_s": build_s, "stats": st}
 
 
@@ -229,46 +254,92 @@ def write(res: dict[str, Any], out: Path, md: Path, quick: bool) -> None:
     f = C.fmt_seconds
     rows = []
     ps = pp["push"]
-    rows.append({"measurement": "push, new delta (blob + manifest, fsync'd) vs save_file + 1 fsync",
-                 "ours": f(ps["hub_push_new"]["median_s"]), "peer": f(ps["raw_save_file_fsync"]["median_s"]),
-                 "ratio": f"{pp['push_ratio']['ratio']:.2f}", "target": f"<= {TARGET['push_over_raw']}x",
-                 "met?": pp["push_ratio"]["ratio"] <= TARGET["push_over_raw"]})
+    rows.append(
+        {
+            "measurement": "push, new delta (blob + manifest, fsync'd) vs save_file + 1 fsync",
+            "ours": f(ps["hub_push_new"]["median_s"]),
+            "peer": f(ps["raw_save_file_fsync"]["median_s"]),
+            "ratio": f"{pp['push_ratio']['ratio']:.2f}",
+            "target": f"<= {TARGET['push_over_raw']}x",
+            "met?": pp["push_ratio"]["ratio"] <= TARGET["push_over_raw"],
+        }
+    )
     ps2 = pp["push_same"]
-    rows.append({"measurement": "push, same tensors again (dedupe: manifest only) vs save_file + 1 fsync",
-                 "ours": f(ps2["hub_push_same"]["median_s"]), "peer": f(ps2["raw_save_file_fsync"]["median_s"]),
-                 "ratio": f"{pp['push_same_ratio']['ratio']:.2f}"})
+    rows.append(
+        {
+            "measurement": "push, same tensors again (dedupe: manifest only) vs save_file + 1 fsync",
+            "ours": f(ps2["hub_push_same"]["median_s"]),
+            "peer": f(ps2["raw_save_file_fsync"]["median_s"]),
+            "ratio": f"{pp['push_same_ratio']['ratio']:.2f}",
+        }
+    )
     pl = pp["pull"]
-    rows.append({"measurement": "pull (blob checked before by this Hub, unchanged since) vs load_file",
-                 "ours": f(pl["hub_pull"]["median_s"]), "peer": f(pl["raw_load_file"]["median_s"]),
-                 "ratio": f"{pp['pull_ratio']['ratio']:.2f}", "target": f"<= {TARGET['pull_over_raw']}x",
-                 "met?": pp["pull_ratio"]["ratio"] <= TARGET["pull_over_raw"]})
-    rows.append({"measurement": "pull, recheck=True (sha256 of every byte) vs load_file",
-                 "ours": f(pl["hub_pull_recheck"]["median_s"]), "peer": f(pl["raw_load_file"]["median_s"]),
-                 "ratio": f"{pp['pull_recheck_ratio']['ratio']:.2f}", "target": f"<= {TARGET['pull_over_raw']}x",
-                 "met?": pp["pull_recheck_ratio"]["ratio"] <= TARGET["pull_over_raw"]})
+    rows.append(
+        {
+            "measurement": "pull (blob checked before by this Hub, unchanged since) vs load_file",
+            "ours": f(pl["hub_pull"]["median_s"]),
+            "peer": f(pl["raw_load_file"]["median_s"]),
+            "ratio": f"{pp['pull_ratio']['ratio']:.2f}",
+            "target": f"<= {TARGET['pull_over_raw']}x",
+            "met?": pp["pull_ratio"]["ratio"] <= TARGET["pull_over_raw"],
+        }
+    )
+    rows.append(
+        {
+            "measurement": "pull, recheck=True (sha256 of every byte) vs load_file",
+            "ours": f(pl["hub_pull_recheck"]["median_s"]),
+            "peer": f(pl["raw_load_file"]["median_s"]),
+            "ratio": f"{pp['pull_recheck_ratio']['ratio']:.2f}",
+            "target": f"<= {TARGET['pull_over_raw']}x",
+            "met?": pp["pull_recheck_ratio"]["ratio"] <= TARGET["pull_over_raw"],
+        }
+    )
     ls = ld["stats"]
     hl = ls["hub_load"]["median_s"]
-    rows.append({"measurement": "hub.load warm (hot-swap) vs PEFT load_adapter", "ours": f(hl),
-                 "peer": f(ls["peft_load_adapter"]["median_s"]), "ratio": f"{ld['over_load_adapter']['ratio']:.3f}",
-                 "target": f"<= {TARGET['load_ms']:.0f} ms", "met?": hl * 1e3 <= TARGET["load_ms"]})
-    rows.append({"measurement": "hub.load warm (hot-swap) vs PEFT hotswap_adapter", "ours": f(hl),
-                 "peer": f(ls["peft_hotswap_adapter"]["median_s"]),
-                 "ratio": f"{ld['over_hotswap_adapter']['ratio']:.3f}", "target": f"<= {TARGET['load_ms']:.0f} ms",
-                 "met?": hl * 1e3 <= TARGET["load_ms"]})
-    for k, label in (("versions", "hub.versions"), ("resolve_latest", "resolve name (latest)"),
-                     ("resolve_version", "resolve name@N"), ("resolve_alias", "resolve name@alias"),
-                     ("resolve_digest_prefix", "resolve name@sha256:<12 hex>")):
+    rows.append(
+        {
+            "measurement": "hub.load warm (hot-swap) vs PEFT load_adapter",
+            "ours": f(hl),
+            "peer": f(ls["peft_load_adapter"]["median_s"]),
+            "ratio": f"{ld['over_load_adapter']['ratio']:.3f}",
+            "target": f"<= {TARGET['load_ms']:.0f} ms",
+            "met?": hl * 1e3 <= TARGET["load_ms"],
+        }
+    )
+    rows.append(
+        {
+            "measurement": "hub.load warm (hot-swap) vs PEFT hotswap_adapter",
+            "ours": f(hl),
+            "peer": f(ls["peft_hotswap_adapter"]["median_s"]),
+            "ratio": f"{ld['over_hotswap_adapter']['ratio']:.3f}",
+            "target": f"<= {TARGET['load_ms']:.0f} ms",
+            "met?": hl * 1e3 <= TARGET["load_ms"],
+        }
+    )
+    for k, label in (
+        ("versions", "hub.versions"),
+        ("resolve_latest", "resolve name (latest)"),
+        ("resolve_version", "resolve name@N"),
+        ("resolve_alias", "resolve name@alias"),
+        ("resolve_digest_prefix", "resolve name@sha256:<12 hex>"),
+    ):
         s = many["stats"][k]["median_s"]
-        rows.append({"measurement": f"{label}, {many['n']:,} versions", "ours": f(s),
-                     "target": f"< {TARGET['versions_ms']:.0f} ms", "met?": s * 1e3 < TARGET["versions_ms"]})
+        rows.append(
+            {
+                "measurement": f"{label}, {many['n']:,} versions",
+                "ours": f(s),
+                "target": f"< {TARGET['versions_ms']:.0f} ms",
+                "met?": s * 1e3 < TARGET["versions_ms"],
+            }
+        )
     e = res["env"]
     text = f"""# Hub: model-surgery registry vs raw safetensors and PEFT
 
-Generated by `benchmarks/bench_hub.py{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}: torch {e['torch']}, peft {e['peft']}, {e.get('cpu')} x{e['cpu_count']} (load average at start {e['load_average_at_start']}).
+Generated by `benchmarks/bench_hub.py{" --quick" if quick else ""}` on {time.strftime("%Y-%m-%d %H:%M")}: torch {e["torch"]}, peft {e["peft"]}, {e.get("cpu")} x{e["cpu_count"]} (load average at start {e["load_average_at_start"]}).
 
-Delta: LoRA r=16 on the seven linear kinds of a 4-layer hidden-512 Llama, fp32, {C.fmt_bytes(res['delta_bytes'])} ({C.fmt_bytes(pp['blob_bytes'])} as safetensors). Interleaved rounds ({res['rounds']}), medians; `ratio` is the median over rounds of ours / peer within a round. Files in a temp folder on the machine's disk (fsync cost is the disk's).
+Delta: LoRA r=16 on the seven linear kinds of a 4-layer hidden-512 Llama, fp32, {C.fmt_bytes(res["delta_bytes"])} ({C.fmt_bytes(pp["blob_bytes"])} as safetensors). Interleaved rounds ({res["rounds"]}), medians; `ratio` is the median over rounds of ours / peer within a round. Files in a temp folder on the machine's disk (fsync cost is the disk's).
 
-{C.markdown_table(rows, ['measurement', 'ours', 'peer', 'ratio', 'target', 'met?'])}
+{C.markdown_table(rows, ["measurement", "ours", "peer", "ratio", "target", "met?"])}
 
 Notes:
 
@@ -281,8 +352,8 @@ Notes:
   the check are never remembered. So a repeated pull of an unchanged blob skips the hashing (first row), a
   `recheck=True` pull always hashes (second row), and `hub.verify()` always hashes everything.
 - hub.load = pull + fingerprint check + `surgery.apply` (in-place copy into the live LoRA tensors); after the
-  benchmark the live model's tensors equal the last version loaded: {ld['tensors_equal_after']}.
-- 10,000 versions: manifests written as a push writes them (without 10,000 fsyncs: {many['build_s']:.1f} s);
+  benchmark the live model's tensors equal the last version loaded: {ld["tensors_equal_after"]}.
+- 10,000 versions: manifests written as a push writes them (without 10,000 fsyncs: {many["build_s"]:.1f} s);
   `versions` lists the folder and reads `digests.log` once.
 """
     C.write_results(res, out, md, text)

@@ -43,8 +43,14 @@ import common as C  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-SMALL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=8, vocab_size=1000)
+SMALL = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=1000,
+)
 EXPERTS, LORA_EXPERTS, LORA_R = 8, 4, 8
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BATCH, SEQ = 8, 256
@@ -148,8 +154,11 @@ def bench_ffn(dev: str, models: dict[str, nn.Module], ids: torch.Tensor, rounds:
     fns = {k: (lambda m=m: m(x)) for k, m in mlps.items()}
     with torch.inference_mode():
         st = C.interleaved(fns, rounds * 2, warmup, device=dev, min_sample_s=0.05 if dev == "cuda" else 0)
-    return {"stats": st, "moe_top1_over_dense": C.ratio(st, "moe_top1", "base"),
-            "moe_top2_over_dense": C.ratio(st, "moe_top2", "base")}
+    return {
+        "stats": st,
+        "moe_top1_over_dense": C.ratio(st, "moe_top1", "base"),
+        "moe_top2_over_dense": C.ratio(st, "moe_top2", "base"),
+    }
 
 
 def profile_moe(dev: str, model: nn.Module, ids: torch.Tensor) -> list[dict]:
@@ -171,8 +180,14 @@ def run_device(dev: str, args: argparse.Namespace) -> dict:
     rounds = args.rounds or (2 if quick else 15)
     warmup = 1 if quick else 2
     seq = QUICK_SEQ if quick else SEQ
-    res: dict[str, Any] = {"device": dev, "rounds": rounds, "warmup": warmup, "batch": [BATCH, seq],
-                           "load_average": {"start": C.load_average()}, "section_s": {}}
+    res: dict[str, Any] = {
+        "device": dev,
+        "rounds": rounds,
+        "warmup": warmup,
+        "batch": [BATCH, seq],
+        "load_average": {"start": C.load_average()},
+        "section_s": {},
+    }
 
     @contextlib.contextmanager
     def section(name: str) -> Iterator[None]:
@@ -195,8 +210,10 @@ def run_device(dev: str, args: argparse.Namespace) -> dict:
         with section(f"forward, {n} threads"):
             run["forward"] = bench_forward(dev, models, ids, rounds, warmup)
         f = run["forward"]
-        log(f"[{dev}]    moe top-1 / base {f['moe_top1_over_base']['ratio']:.3f}, "
-            f"top-2 {f['moe_top2_over_base']['ratio']:.3f}, lora_moe {f['lora_moe_over_base']['ratio']:.3f}")
+        log(
+            f"[{dev}]    moe top-1 / base {f['moe_top1_over_base']['ratio']:.3f}, "
+            f"top-2 {f['moe_top2_over_base']['ratio']:.3f}, lora_moe {f['lora_moe_over_base']['ratio']:.3f}"
+        )
         with section(f"ffn alone, {n} threads"):
             run["ffn"] = bench_ffn(dev, models, ids, rounds, warmup)
         log(f"[{dev}]    FFN alone: moe top-1 / dense {run['ffn']['moe_top1_over_dense']['ratio']:.3f}")
@@ -231,23 +248,39 @@ def rows_for_run(dev: str, r: dict, run: dict) -> list[dict]:
     top1 = f["moe_top1_over_base"]["ratio"]
     rows = [
         {"measurement": f"[{dev}] base forward, {bs} tokens", "time (median / min)": t("base")},
-        {"measurement": f"[{dev}] moe, {EXPERTS} experts, top-1, every FFN", "time (median / min)": t("moe_top1"),
-         "x base": ratio("moe_top1"), "target": f"<= {TARGET['moe_top1_over_base']}x",
-         "met?": top1 <= TARGET["moe_top1_over_base"]},
-        {"measurement": f"[{dev}] moe, {EXPERTS} experts, top-2 (2x FFN FLOPs)", "time (median / min)": t("moe_top2"),
-         "x base": ratio("moe_top2")},
-        {"measurement": f"[{dev}] lora_moe, {LORA_EXPERTS} experts r={LORA_R} top-2 on q/k/v/o",
-         "time (median / min)": t("lora_moe"), "x base": ratio("lora_moe")},
-        {"measurement": f"[{dev}] moe top-1 under surgery.disable (base path through the bypass)",
-         "time (median / min)": t("moe_top1_disabled"), "x base": ratio("moe_top1_disabled")},
+        {
+            "measurement": f"[{dev}] moe, {EXPERTS} experts, top-1, every FFN",
+            "time (median / min)": t("moe_top1"),
+            "x base": ratio("moe_top1"),
+            "target": f"<= {TARGET['moe_top1_over_base']}x",
+            "met?": top1 <= TARGET["moe_top1_over_base"],
+        },
+        {
+            "measurement": f"[{dev}] moe, {EXPERTS} experts, top-2 (2x FFN FLOPs)",
+            "time (median / min)": t("moe_top2"),
+            "x base": ratio("moe_top2"),
+        },
+        {
+            "measurement": f"[{dev}] lora_moe, {LORA_EXPERTS} experts r={LORA_R} top-2 on q/k/v/o",
+            "time (median / min)": t("lora_moe"),
+            "x base": ratio("lora_moe"),
+        },
+        {
+            "measurement": f"[{dev}] moe top-1 under surgery.disable (base path through the bypass)",
+            "time (median / min)": t("moe_top1_disabled"),
+            "x base": ratio("moe_top1_disabled"),
+        },
     ]
     ff, fs = run["ffn"], run["ffn"]["stats"]
     for k, label in (("moe_top1", "top-1"), ("moe_top2", "top-2")):
         q = ff[f"{k}_over_dense"]
-        rows.append({"measurement": f"[{dev}] layer-0 FFN alone: MoE {label} vs dense MLP",
-                     "time (median / min)": f"{C.fmt_seconds(fs[k]['median_s'])} vs "
-                                            f"{C.fmt_seconds(fs['base']['median_s'])}",
-                     "x base": f"{q['ratio']:.3f}x (mins {q['ratio_of_mins']:.3f})"})
+        rows.append(
+            {
+                "measurement": f"[{dev}] layer-0 FFN alone: MoE {label} vs dense MLP",
+                "time (median / min)": f"{C.fmt_seconds(fs[k]['median_s'])} vs {C.fmt_seconds(fs['base']['median_s'])}",
+                "x base": f"{q['ratio']:.3f}x (mins {q['ratio_of_mins']:.3f})",
+            }
+        )
     return rows
 
 
@@ -262,7 +295,8 @@ def markdown(results: dict) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(results['started']))}: torch {env['torch']}, "
         f"transformers {env['transformers']}, {env.get('cpu')} x{env['cpu_count']} (torch threads {results['setup']['thread_counts']}, "
         f"load average at start {env['load_average_at_start']})"
-        + (f", {env['cuda_device']}" if env.get("cuda_device") else "") + ".",
+        + (f", {env['cuda_device']}" if env.get("cuda_device") else "")
+        + ".",
         "",
         f"Model: LlamaForCausalLM {SMALL}, fp32, eval, `torch.inference_mode()`; batch {BATCH} x "
         f"{QUICK_SEQ if quick else SEQ} tokens{' (--quick: 2 rounds, smoke test only)' if quick else ''}. "
@@ -285,14 +319,19 @@ def markdown(results: dict) -> str:
     for dev, r in results["devices"].items():
         c = next(iter(r["runs"].values()))["forward"]["check"]
         b = r["balance"]
-        notes.append(f"- [{dev}] logits vs base, max |diff|: " + ", ".join(
-            f"{k.removeprefix('max_abs_diff_').removesuffix('_vs_base')} {v:.3g}" for k, v in c.items())
-            + " (the perturbed deltas are live).")
-        notes.append(f"- [{dev}] layer-0 tokens per expert (top-1): {b['layer0_tokens_per_expert']}; "
-                     f"aux loss (sum over 4 layers) {b['aux_loss']:.3f}.")
+        notes.append(
+            f"- [{dev}] logits vs base, max |diff|: "
+            + ", ".join(f"{k.removeprefix('max_abs_diff_').removesuffix('_vs_base')} {v:.3g}" for k, v in c.items())
+            + " (the perturbed deltas are live)."
+        )
+        notes.append(
+            f"- [{dev}] layer-0 tokens per expert (top-1): {b['layer0_tokens_per_expert']}; "
+            f"aux loss (sum over 4 layers) {b['aux_loss']:.3f}."
+        )
         p = r["params"]
-        notes.append(f"- [{dev}] parameters: base {p['base']:,}, upcycled {p['moe_top1']:,}, "
-                     f"lora_moe {p['lora_moe']:,}.")
+        notes.append(
+            f"- [{dev}] parameters: base {p['base']:,}, upcycled {p['moe_top1']:,}, lora_moe {p['lora_moe']:,}."
+        )
         if r.get("profile_moe_top1"):
             top = ", ".join(f"{e['op']} {e['self_cpu_ms']:.1f} ms" for e in r["profile_moe_top1"][:6])
             notes.append(f"- [{dev}] profile of one moe top-1 forward (self CPU time): {top}.")
@@ -301,17 +340,27 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"smoke run (< 60 s): batch {BATCH} x {QUICK_SEQ}, 2 rounds, 1 thread; not judged")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run (< 60 s): batch {BATCH} x {QUICK_SEQ}, 2 rounds, 1 thread; not judged",
+    )
     ap.add_argument("--out", type=Path, default=C.RESULTS_DIR / "bench_moe.json", help="JSON results path")
     ap.add_argument("--md", type=Path, default=None, help="markdown table path (default: --out with .md)")
     ap.add_argument("--devices", default="auto", help="comma list of cpu,cuda (default: cpu, and cuda if present)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per measurement (default 15; quick 2)")
-    ap.add_argument("--threads", default=None,
-                    help="comma list of torch intra-op thread counts to time the CPU at (default: the cores "
-                         "this process may use, then 1; --quick: 1)")
-    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
-                    help="profile one upcycled forward (default: on, off with --quick)")
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="comma list of torch intra-op thread counts to time the CPU at (default: the cores "
+        "this process may use, then 1; --quick: 1)",
+    )
+    ap.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="profile one upcycled forward (default: on, off with --quick)",
+    )
     args = ap.parse_args(argv)
     if args.profile is None:
         args.profile = not args.quick
@@ -323,16 +372,27 @@ def main(argv: list[str] | None = None) -> int:
         args.thread_counts = [1] if args.quick else list(dict.fromkeys([cores, 1]))
     threads = args.thread_counts[0]
     torch.set_num_threads(threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
         else [d.strip() for d in args.devices.split(",") if d.strip()]
+    )
     t_start = time.time()
     results: dict[str, Any] = {
-        "benchmark": "bench_moe", "quick": args.quick, "started": t_start, "env": C.environment(),
-        "setup": {"model": SMALL, "dtype": "float32", "batch": [BATCH, QUICK_SEQ if args.quick else SEQ],
-                  "moe": {"experts": EXPERTS, "top_k": [1, 2], "targets": "@mlp"},
-                  "lora_moe": {"experts": LORA_EXPERTS, "r": LORA_R, "top_k": 2, "targets": ATTN},
-                  "thread_counts": args.thread_counts},
-        "targets": TARGET, "devices": {},
+        "benchmark": "bench_moe",
+        "quick": args.quick,
+        "started": t_start,
+        "env": C.environment(),
+        "setup": {
+            "model": SMALL,
+            "dtype": "float32",
+            "batch": [BATCH, QUICK_SEQ if args.quick else SEQ],
+            "moe": {"experts": EXPERTS, "top_k": [1, 2], "targets": "@mlp"},
+            "lora_moe": {"experts": LORA_EXPERTS, "r": LORA_R, "top_k": 2, "targets": ATTN},
+            "thread_counts": args.thread_counts,
+        },
+        "targets": TARGET,
+        "devices": {},
     }
     with _quiet():
         import surgery  # noqa: F401

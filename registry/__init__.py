@@ -28,5 +28,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'registry' has no attribute {name!r}")
 
 
-__all__ = ["BaseMismatchError", "Hub", "IntegrityError", "NotFoundError", "Ref", "RefError", "RegistryError",
-           "load_peft", "save_peft"]
+__all__ = [
+    "BaseMismatchError",
+    "Hub",
+    "IntegrityError",
+    "NotFoundError",
+    "Ref",
+    "RefError",
+    "RegistryError",
+    "load_peft",
+    "save_peft",
+]

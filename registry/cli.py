@@ -84,8 +84,9 @@ def progress(desc: str, delay: float | None = None, stream: TextIO | None = None
             return
         from tqdm import tqdm
 
-        bar = tqdm(desc=desc, total=None, file=out, leave=False, dynamic_ncols=True,
-                   bar_format="{desc}: {elapsed} elapsed")
+        bar = tqdm(
+            desc=desc, total=None, file=out, leave=False, dynamic_ncols=True, bar_format="{desc}: {elapsed} elapsed"
+        )
         try:
             while not done.wait(0.2):
                 bar.refresh()
@@ -170,16 +171,33 @@ def _cmd_list(hub: Any, args: argparse.Namespace) -> int:
     rows = []
     for r in hub.list():
         aliases = hub.aliases(r.name)
-        rows.append({**_ref_dict(r), "versions": len(hub.versions(r.name)),
-                     "aliases": {a: v for a, v in sorted(aliases.items())}})
+        rows.append(
+            {
+                **_ref_dict(r),
+                "versions": len(hub.versions(r.name)),
+                "aliases": {a: v for a, v in sorted(aliases.items())},
+            }
+        )
     if args.json:
         _print_json(rows)
     elif not rows:
         print(f"no deltas in the hub at {hub.root}")
     else:
-        print(table([[d["name"], d["version"], d["versions"], _short(d["digest"]),
-                      " ".join(f"{a}->{v}" for a, v in d["aliases"].items())] for d in rows],
-                    ["NAME", "LATEST", "VERSIONS", "DIGEST", "ALIASES"]))
+        print(
+            table(
+                [
+                    [
+                        d["name"],
+                        d["version"],
+                        d["versions"],
+                        _short(d["digest"]),
+                        " ".join(f"{a}->{v}" for a, v in d["aliases"].items()),
+                    ]
+                    for d in rows
+                ],
+                ["NAME", "LATEST", "VERSIONS", "DIGEST", "ALIASES"],
+            )
+        )
     return 0
 
 
@@ -199,9 +217,21 @@ def _cmd_versions(hub: Any, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(table([[d["version"], _short(d["digest"]), d["created"] or "unreadable", _size(d["nbytes"]),
-                      " ".join(d["aliases"])] for d in rows],
-                    ["VERSION", "DIGEST", "CREATED", "SIZE", "ALIASES"]))
+        print(
+            table(
+                [
+                    [
+                        d["version"],
+                        _short(d["digest"]),
+                        d["created"] or "unreadable",
+                        _size(d["nbytes"]),
+                        " ".join(d["aliases"]),
+                    ]
+                    for d in rows
+                ],
+                ["VERSION", "DIGEST", "CREATED", "SIZE", "ALIASES"],
+            )
+        )
     return 0
 
 
@@ -212,21 +242,30 @@ def _cmd_show(hub: Any, args: argparse.Namespace) -> int:
         return 0
     p = man["parent"]
     fields = [
-        ("ref", man["ref"]), ("digest", man["digest"]), ("method", man["method"]),
-        ("delta_name", man["delta_name"]), ("base", man["base"]),
+        ("ref", man["ref"]),
+        ("digest", man["digest"]),
+        ("method", man["method"]),
+        ("delta_name", man["delta_name"]),
+        ("base", man["base"]),
         ("parent", f"{p['name']}@{p['version']} ({_short(p['digest'])})" if p else "-"),
-        ("created", man["created"]), ("user", man.get("user", "")),
+        ("created", man["created"]),
+        ("user", man.get("user", "")),
         ("aliases", " ".join(man["aliases"]) or "-"),
         ("size", f"{_size(man['nbytes'])} ({man['nbytes']} bytes), blob {man['blob']['digest']}"),
-        ("config", _compact(man["config"])), ("meta", _compact(man["meta"])),
+        ("config", _compact(man["config"])),
+        ("meta", _compact(man["meta"])),
         ("lineage", _compact(man["lineage"])),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k + ':':<{width + 1}} {v}")
     print(f"tensors ({len(man['tensors'])}):")
-    print(table([["  " + k, info["dtype"], "x".join(map(str, info["shape"])) or "scalar"]
-                 for k, info in man["tensors"]], ["  KEY", "DTYPE", "SHAPE"]))
+    print(
+        table(
+            [["  " + k, info["dtype"], "x".join(map(str, info["shape"])) or "scalar"] for k, info in man["tensors"]],
+            ["  KEY", "DTYPE", "SHAPE"],
+        )
+    )
     return 0
 
 
@@ -263,9 +302,15 @@ def _cmd_history(hub: Any, args: argparse.Namespace) -> int:
         return 0
     kind = parse(args.ref).kind
     if kind == "alias":
-        rows = [[e.get("time", ""), e.get("user", ""),
-                 "deleted" if e["version"] is None else e["version"],
-                 "-" if e.get("previous") is None else e["previous"]] for e in events]
+        rows = [
+            [
+                e.get("time", ""),
+                e.get("user", ""),
+                "deleted" if e["version"] is None else e["version"],
+                "-" if e.get("previous") is None else e["previous"],
+            ]
+            for e in events
+        ]
         print(table(rows, ["TIME", "USER", "VERSION", "PREVIOUS"]))
     elif kind == "latest":
         rows = []
@@ -278,15 +323,16 @@ def _cmd_history(hub: Any, args: argparse.Namespace) -> int:
                 if e.get("error"):
                     what += f" [{e['error']}]"
             else:
-                what = (f"@{e['alias']} deleted" if e["version"] is None
-                        else f"@{e['alias']} -> {e['version']}")
+                what = f"@{e['alias']} deleted" if e["version"] is None else f"@{e['alias']} -> {e['version']}"
                 if e.get("previous") is not None:
                     what += f" (was {e['previous']})"
             rows.append([e.get("time", ""), e["event"], e.get("user", ""), what])
         print(table(rows, ["TIME", "EVENT", "USER", "WHAT"]))
     else:
-        rows = [[e["ref"], _short(e.get("digest")), e.get("created", ""), e.get("error") or _short(e.get("base"), 16)]
-                for e in events]
+        rows = [
+            [e["ref"], _short(e.get("digest")), e.get("created", ""), e.get("error") or _short(e.get("base"), 16)]
+            for e in events
+        ]
         print(table(rows, ["REF", "DIGEST", "CREATED", "BASE"]))
     return 0
 
@@ -309,8 +355,7 @@ def _cmd_gc(hub: Any, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
         return 0
-    print(f"removed {len(out['blobs'])} blob(s) and {len(out['temp'])} temp file(s), "
-          f"{_size(out['bytes'])} freed")
+    print(f"removed {len(out['blobs'])} blob(s) and {len(out['temp'])} temp file(s), {_size(out['bytes'])} freed")
     for d in out["blobs"]:
         print(f"  blob {d}")
     for s in out.get("skipped") or []:
@@ -375,8 +420,12 @@ def _common() -> argparse.ArgumentParser:
     """--hub and --json, accepted before or after the command (SUPPRESS: a later parser's
     default never overwrites a value given earlier)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--hub", metavar="PATH", default=argparse.SUPPRESS,
-                   help="the hub folder (default: $SURGERY_HUB, else ~/.cache/model-surgery/hub)")
+    p.add_argument(
+        "--hub",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the hub folder (default: $SURGERY_HUB, else ~/.cache/model-surgery/hub)",
+    )
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     return p
 
@@ -384,16 +433,22 @@ def _common() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="surgery", description="model-surgery command line",
-                                     epilog=EXAMPLES, formatter_class=raw, parents=[common])
+    parser = argparse.ArgumentParser(
+        prog="surgery", description="model-surgery command line", epilog=EXAMPLES, formatter_class=raw, parents=[common]
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", metavar="{demo,hub}")
     demo = sub.add_parser("demo", help="inject LoRA into a small model, train, merge, move the delta, remove")
     demo.add_argument("--steps", type=int, default=60)
 
-    hub = sub.add_parser("hub", parents=[common], formatter_class=raw, epilog=HUB_EXAMPLES,
-                         help="the local hub of versioned deltas: list, show, alias, verify, PEFT, Hugging Face",
-                         description="The local hub of versioned deltas (registry.Hub).")
+    hub = sub.add_parser(
+        "hub",
+        parents=[common],
+        formatter_class=raw,
+        epilog=HUB_EXAMPLES,
+        help="the local hub of versioned deltas: list, show, alias, verify, PEFT, Hugging Face",
+        description="The local hub of versioned deltas (registry.Hub).",
+    )
     hs = hub.add_subparsers(dest="hub_cmd", metavar="COMMAND")
 
     def add(name: str, fn: Callable[[Any, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -409,16 +464,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("--version", dest="target", metavar="N", help="a version number, or an alias / ref of the same name")
     p.add_argument("--delete", action="store_true", help="remove the alias (recorded in its history)")
-    add("history", _cmd_history, "alias moves (NAME@ALIAS), lineage (NAME@N) or every event (NAME)"
-        ).add_argument("ref", metavar="REF")
+    add("history", _cmd_history, "alias moves (NAME@ALIAS), lineage (NAME@N) or every event (NAME)").add_argument(
+        "ref", metavar="REF"
+    )
     add("verify", _cmd_verify, "hash every blob and manifest; exit 1 and list every problem")
     add("gc", _cmd_gc, "remove unreferenced blobs and leftover temp files")
     p = add("import-peft", _cmd_import_peft, "push a PEFT LoRA adapter folder as the next version of NAME")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--alias", help="also move this alias to the new version")
-    p = add("export-peft", _cmd_export_peft, "write a version in PEFT's layout (adapter_config.json + "
-            "adapter_model.safetensors)")
+    p = add(
+        "export-peft",
+        _cmd_export_peft,
+        "write a version in PEFT's layout (adapter_config.json + adapter_model.safetensors)",
+    )
     p.add_argument("ref", metavar="REF")
     p.add_argument("dir", metavar="DIR")
     p = add("push-hf", _cmd_push_hf, "upload a version to the Hugging Face Hub (PEFT layout + manifest), tag v{N}")

@@ -51,8 +51,15 @@ def main(steps: int = 60, hub_path: str | None = None) -> int:
     logging.set_verbosity_error()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     print(f"model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -107,8 +114,9 @@ def main(steps: int = 60, hub_path: str | None = None) -> int:
         hub.load(serving, "demo/count3@2", as_name="tenant")  # same shapes: tensors copied in place
         swap_ms = (time.perf_counter() - t) * 1e3
         same2 = torch.equal(serving(input_ids=test).logits, want2)
-    print(f"9. serving copy: loaded @prod (v1) identical: {same1}; hot-swap to v2 in {swap_ms:.1f} ms, "
-          f"identical: {same2}")
+    print(
+        f"9. serving copy: loaded @prod (v1) identical: {same1}; hot-swap to v2 in {swap_ms:.1f} ms, identical: {same2}"
+    )
     hub.alias("demo/count3", "prod", version=v2.version)
     print("   alias history:", [(h.get("alias"), h.get("version")) for h in hub.history("demo/count3@prod")])
     problems = hub.verify()

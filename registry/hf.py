@@ -115,8 +115,16 @@ def _files_for(delta: surgery.Delta, manifest: dict[str, Any]) -> dict[str, byte
     return files
 
 
-def push_hf(hub: Any, ref: str, repo_id: str, *, token: str | None = None, private: bool | None = None,
-            api: Any = None, commit_message: str | None = None) -> str:
+def push_hf(
+    hub: Any,
+    ref: str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    api: Any = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload the version `ref` of `hub` to the model repo `repo_id` as one commit
     (``adapter_config.json``, ``adapter_model.safetensors``, ``surgery_manifest.json``),
     create the repo first if needed, tag the commit ``v{version}``; return the commit sha.
@@ -134,21 +142,28 @@ def push_hf(hub: Any, ref: str, repo_id: str, *, token: str | None = None, priva
         ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
         message = commit_message or f"{r.name}@{r.version} ({r.digest})"
         with _Progress(f"push {repo_id}", sum(map(len, files.values()))) as progress:
-            info = api.create_commit(repo_id, operations=ops, commit_message=message, token=token,
-                                     repo_type="model")
+            info = api.create_commit(repo_id, operations=ops, commit_message=message, token=token, repo_type="model")
             progress.update(sum(map(len, files.values())))
         sha = getattr(info, "oid", None)
         if not sha:
             raise HfTransferError(f"push to {repo_id}: the Hub returned no commit sha ({info!r})")
-        api.create_tag(repo_id, tag=tag, revision=sha, tag_message=f"{r.name}@{r.version} {r.digest}",
-                       token=token, repo_type="model")
+        api.create_tag(
+            repo_id,
+            tag=tag,
+            revision=sha,
+            tag_message=f"{r.name}@{r.version} {r.digest}",
+            token=token,
+            repo_type="model",
+        )
     except HfTransferError:
         raise
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status == 409:
-            raise HfTransferError(f"push to {repo_id}: tag {tag!r} already exists there (a version is pushed once; "
-                                  f"delete the tag on the Hub to push it again): {e}") from None
+            raise HfTransferError(
+                f"push to {repo_id}: tag {tag!r} already exists there (a version is pushed once; "
+                f"delete the tag on the Hub to push it again): {e}"
+            ) from None
         raise HfTransferError(f"push of {ref!r} to {repo_id} failed: {e}") from None
     except OSError as e:  # no network, DNS, ...
         raise HfTransferError(f"push of {ref!r} to {repo_id} failed: {e}") from None
@@ -189,19 +204,30 @@ def _merge_manifest(delta: surgery.Delta, manifest: dict[str, Any]) -> None:
     cfg = manifest.get("config")
     if manifest.get("method", "lora") == "lora" and isinstance(cfg, dict):
         paths = list(delta.sites())
-        if (_site_alphas(cfg, paths) == _site_alphas(delta.config, paths)
-                and bool(cfg.get("rslora")) == bool(delta.config.get("rslora"))):
+        if _site_alphas(cfg, paths) == _site_alphas(delta.config, paths) and bool(cfg.get("rslora")) == bool(
+            delta.config.get("rslora")
+        ):
             delta.config = dict(cfg)
         else:
-            warnings.warn(f"{MANIFEST_NAME}: its config does not give the alphas the PEFT config gives; "
-                          "the PEFT config is used", stacklevel=3)
+            warnings.warn(
+                f"{MANIFEST_NAME}: its config does not give the alphas the PEFT config gives; the PEFT config is used",
+                stacklevel=3,
+            )
     if isinstance(manifest.get("lineage"), dict):
         delta.lineage = {**manifest["lineage"], **delta.lineage}
 
 
-def pull_hf(hub: Any, repo_id: str, revision: str = "main", name: str | None = None, *,
-            token: str | None = None, api: Any = None, cache_dir: str | os.PathLike[str] | None = None,
-            meta: dict[str, Any] | None = None) -> Any:
+def pull_hf(
+    hub: Any,
+    repo_id: str,
+    revision: str = "main",
+    name: str | None = None,
+    *,
+    token: str | None = None,
+    api: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Any:
     """Download the LoRA adapter at `revision` (branch, tag such as ``v3``, or commit sha)
     of `repo_id`, pinned to the commit sha it resolves to, and push it into `hub` as
     `name` (default: from the repo id) with ``{"hf_repo", "hf_revision", "hf_sha"}`` in
@@ -236,7 +262,8 @@ def pull_hf(hub: Any, repo_id: str, revision: str = "main", name: str | None = N
         if offline:
             raise HfTransferError(
                 f"HF_HUB_OFFLINE is set and {where} is not in the local Hugging Face cache "
-                f"({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset HF_HUB_OFFLINE")
+                f"({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset HF_HUB_OFFLINE"
+            )
         raise HfTransferError(f"the Hub gave no commit sha for {where}")
     if names is not None:
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in names]
@@ -246,8 +273,15 @@ def pull_hf(hub: Any, repo_id: str, revision: str = "main", name: str | None = N
 
     def get(filename: str, required: bool) -> str | None:
         try:
-            return hfh.hf_hub_download(repo_id, filename, revision=sha, token=token, cache_dir=cache,
-                                       local_files_only=offline, tqdm_class=_DelayedTqdm)
+            return hfh.hf_hub_download(
+                repo_id,
+                filename,
+                revision=sha,
+                token=token,
+                cache_dir=cache,
+                local_files_only=offline,
+                tqdm_class=_DelayedTqdm,
+            )
         except hf_errors.LocalEntryNotFoundError:
             if not required:
                 return None
@@ -255,9 +289,11 @@ def pull_hf(hub: Any, repo_id: str, revision: str = "main", name: str | None = N
                 raise HfTransferError(
                     f"HF_HUB_OFFLINE is set and {filename} of {where} ({sha[:12]}) is not in the local Hugging Face "
                     f"cache ({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset "
-                    "HF_HUB_OFFLINE") from None
-            raise HfTransferError(f"cannot download {filename} of {where}: not cached and the Hub cannot be "
-                                  "reached") from None
+                    "HF_HUB_OFFLINE"
+                ) from None
+            raise HfTransferError(
+                f"cannot download {filename} of {where}: not cached and the Hub cannot be reached"
+            ) from None
         except hf_errors.EntryNotFoundError:
             if not required:
                 return None

@@ -82,8 +82,9 @@ class Hub:
     at PATH"), so a mistyped path leaves nothing behind. `push` creates the hub; so does `create=True`.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, recheck: bool = False, *,
-                 create: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, recheck: bool = False, *, create: bool = False
+    ) -> None:
         self.recheck = recheck
         self._checked = store.CheckedCache()
         self.root = Path(path).expanduser() if path is not None else default_path()
@@ -101,15 +102,19 @@ class Hub:
             for d in (self.blobs, self.names_dir, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RegistryError(f"cannot create the hub at {self.root}: {e}; pass Hub(path=...) or set "
-                                "$SURGERY_HUB to a writable folder") from e
+            raise RegistryError(
+                f"cannot create the hub at {self.root}: {e}; pass Hub(path=...) or set "
+                "$SURGERY_HUB to a writable folder"
+            ) from e
 
     def _require(self) -> None:
         """Reads need an existing hub folder: a missing one is a mistyped path more often than an empty hub."""
         if not self.root.is_dir():
             what = "is a file, not a hub folder" if self.root.exists() else "does not exist"
-            raise NotFoundError(f"no hub at {self.root} ({what}); push creates one (hub.push, surgery hub "
-                                "import-peft / pull-hf); check the path (--hub, $SURGERY_HUB)")
+            raise NotFoundError(
+                f"no hub at {self.root} ({what}); push creates one (hub.push, surgery hub "
+                "import-peft / pull-hf); check the path (--hub, $SURGERY_HUB)"
+            )
 
     def __repr__(self) -> str:
         return f"Hub({str(self.root)!r})"
@@ -130,16 +135,25 @@ class Hub:
             entries = os.listdir(vdir)
         except FileNotFoundError:
             return []
-        nums = [int(n[:-5]) for n in entries
-                if n.endswith(".json") and n[:-5].isdigit() and n[0] != "0" and n.isascii() and len(n) <= 17]
+        nums = [
+            int(n[:-5])
+            for n in entries
+            if n.endswith(".json") and n[:-5].isdigit() and n[0] != "0" and n.isascii() and len(n) <= 17
+        ]
         nums.sort()
         return nums
 
     # ------------------------------------------------------------------------- push
 
-    def push(self, model_or_delta: nn.Module | surgery.Delta, name: str, adapter: str = "default",
-             alias: str | None = None, meta: dict[str, Any] | None = None,
-             parent: int | str | Ref | None = None) -> Ref:
+    def push(
+        self,
+        model_or_delta: nn.Module | surgery.Delta,
+        name: str,
+        adapter: str = "default",
+        alias: str | None = None,
+        meta: dict[str, Any] | None = None,
+        parent: int | str | Ref | None = None,
+    ) -> Ref:
         """Store a delta (a `surgery.Delta`, or the delta `adapter` of a model) as the next version
         of `name`; move `alias` to it if given. All or nothing: blob first, manifest last.
         Pushing the same tensors again stores no new tensor bytes (the blob is shared)."""
@@ -152,8 +166,9 @@ class Hub:
         try:
             canonical(meta)
         except (TypeError, ValueError) as e:
-            raise RegistryError(f"meta must hold only JSON values (str, int, float, bool, None, lists, dicts; "
-                                f"no NaN): {e}") from None
+            raise RegistryError(
+                f"meta must hold only JSON values (str, int, float, bool, None, lists, dicts; no NaN): {e}"
+            ) from None
         if isinstance(model_or_delta, surgery.Delta):
             delta = model_or_delta
         elif isinstance(model_or_delta, nn.Module):
@@ -172,8 +187,10 @@ class Hub:
         tensors = {}
         for key, t in delta.tensors.items():
             if not isinstance(t, torch.Tensor) or t.dtype not in store.DTYPE_NAMES:
-                raise RegistryError(f"delta {delta.name!r}: tensor {key!r} is not a tensor of a dtype "
-                                    f"safetensors stores ({sorted(store.DTYPES)})")
+                raise RegistryError(
+                    f"delta {delta.name!r}: tensor {key!r} is not a tensor of a dtype "
+                    f"safetensors stores ({sorted(store.DTYPES)})"
+                )
             tensors[key] = t
         parent_info = self._parent(name, parent) if parent is not None else None
 
@@ -181,8 +198,7 @@ class Hub:
         chunk = store.chunk_size_for(len(data))
         whole, chunks = store.digests(data, chunk, whole=True)
         digest = f"sha256:{whole}"
-        tensor_list = [[k, {"dtype": store.DTYPE_NAMES[t.dtype], "shape": list(t.shape)}]
-                       for k, t in tensors.items()]
+        tensor_list = [[k, {"dtype": store.DTYPE_NAMES[t.dtype], "shape": list(t.shape)}] for k, t in tensors.items()]
         ndir = self._name_dir(name)
         vdir = ndir / "versions"
         self._create()
@@ -195,10 +211,18 @@ class Hub:
                     nums = self._version_numbers(name)
                     version = (nums[-1] if nums else 0) + 1
                     manifest: dict[str, Any] = {
-                        "format": FORMAT, "name": name, "version": version,
-                        "method": delta.method, "delta_name": delta.name, "config": config,
-                        "base": delta.base, "parent": parent_info, "lineage": lineage,
-                        "created": _now(), "user": _user(), "meta": meta,
+                        "format": FORMAT,
+                        "name": name,
+                        "version": version,
+                        "method": delta.method,
+                        "delta_name": delta.name,
+                        "config": config,
+                        "base": delta.base,
+                        "parent": parent_info,
+                        "lineage": lineage,
+                        "created": _now(),
+                        "user": _user(),
+                        "meta": meta,
                         "blob": {"digest": digest, "size": len(data), "chunk_size": chunk, "chunks": chunks},
                         "tensors": tensor_list,
                     }
@@ -296,23 +320,28 @@ class Hub:
             if spec.value not in table:
                 if not self._version_numbers(name):
                     raise self._no_name(name)
-                raise NotFoundError(f"{name} has no alias {spec.value!r}; its aliases are {sorted(table) or 'none'}; "
-                                    f"set one with hub.alias({name!r}, {spec.value!r}, version=N)")
+                raise NotFoundError(
+                    f"{name} has no alias {spec.value!r}; its aliases are {sorted(table) or 'none'}; "
+                    f"set one with hub.alias({name!r}, {spec.value!r}, version=N)"
+                )
             version = table[spec.value]  # type: ignore[index]
         else:
             version = self._by_digest(name, str(spec.value))
         man = self._manifest(name, version, str(spec), recheck)
         if spec.kind == "digest" and not man["digest"].removeprefix("sha256:").startswith(str(spec.value)):
-            raise IntegrityError(f"{spec}: version {version}'s manifest has digest {man['digest']}, not the one "
-                                 "asked for; the digest index is damaged: run hub.verify()")
+            raise IntegrityError(
+                f"{spec}: version {version}'s manifest has digest {man['digest']}, not the one "
+                "asked for; the digest index is damaged: run hub.verify()"
+            )
         return Ref(name, version, man["digest"]), man
 
     def _no_name(self, name: str) -> NotFoundError:
         known = [r.name for r in self.list()]
         close = [k for k in known if k.split("/")[-1] == name.split("/")[-1] or k.split("/")[0] == name.split("/")[0]]
         hint = f"; names like it: {close[:5]}" if close else ""
-        return NotFoundError(f"no delta named {name!r} in the hub at {self.root}{hint}; push one with "
-                             f"hub.push(model, {name!r})")
+        return NotFoundError(
+            f"no delta named {name!r} in the hub at {self.root}{hint}; push one with hub.push(model, {name!r})"
+        )
 
     def _digest_index(self, name: str) -> dict[int, str]:
         """version -> manifest digest, from digests.log, completed from the manifests it lacks."""
@@ -336,8 +365,9 @@ class Hub:
         if not hits:
             if not index:
                 raise self._no_name(name)
-            raise NotFoundError(f"no version of {name} has a digest starting with sha256:{hexprefix}; "
-                                f"see hub.versions({name!r})")
+            raise NotFoundError(
+                f"no version of {name} has a digest starting with sha256:{hexprefix}; see hub.versions({name!r})"
+            )
         if len(hits) > 1:
             raise RefError(f"sha256:{hexprefix} is ambiguous in {name}: versions {hits}; give more hex digits")
         return hits[0]
@@ -357,8 +387,9 @@ class Hub:
             nums = self._version_numbers(name)
             if not nums:
                 raise self._no_name(name) from None
-            raise NotFoundError(f"{name} has no version {version} (versions {nums[0]}..{nums[-1]}, "
-                                f"{len(nums)} in all)") from None
+            raise NotFoundError(
+                f"{name} has no version {version} (versions {nums[0]}..{nums[-1]}, {len(nums)} in all)"
+            ) from None
         except OSError as e:
             raise IntegrityError(f"{what}: cannot read manifest {path}: {e}") from None
         man = check_manifest(raw, name, version, f"{what} (manifest {path})")
@@ -380,8 +411,9 @@ class Hub:
         tensors = self._read_blob(man, str(r), recheck)
         lineage = copy.deepcopy(man["lineage"])
         lineage["hub"] = {"name": r.name, "version": r.version, "digest": r.digest, "parent": man["parent"]}
-        return surgery.Delta(man["method"], man["delta_name"], copy.deepcopy(man["config"]), tensors, man["base"],
-                             lineage)
+        return surgery.Delta(
+            man["method"], man["delta_name"], copy.deepcopy(man["config"]), tensors, man["base"], lineage
+        )
 
     def _read_blob(self, man: dict[str, Any], what: str, recheck: bool = True) -> dict[str, torch.Tensor]:
         b = man["blob"]
@@ -390,13 +422,16 @@ class Hub:
         try:
             data, skey = store.read_file(path)
         except FileNotFoundError:
-            raise IntegrityError(f"{what}: {name} is missing ({path}); push the delta again or restore "
-                                 "the file") from None
+            raise IntegrityError(
+                f"{what}: {name} is missing ({path}); push the delta again or restore the file"
+            ) from None
         except OSError as e:
             raise IntegrityError(f"{what}: cannot read {name}: {e}") from None
         if len(data) != b["size"]:
-            raise IntegrityError(f"{what}: {name} is {len(data)} bytes but the manifest records {b['size']}: "
-                                 "the file is damaged; push the delta again to repair it")
+            raise IntegrityError(
+                f"{what}: {name} is {len(data)} bytes but the manifest records {b['size']}: "
+                "the file is damaged; push the delta again to repair it"
+            )
         known = not recheck and self._checked.get(str(path), skey) == (b["digest"], b["chunk_size"], tuple(b["chunks"]))
         started = [] if known else store.start_chunk_check(data, b["chunk_size"])
         header_error: IntegrityError | None = None
@@ -407,26 +442,32 @@ class Hub:
         got = b["chunks"] if known else store.finish_chunk_check(started)
         if got != b["chunks"]:
             bad = [i for i, (x, y) in enumerate(zip(got, b["chunks"], strict=False)) if x != y]
-            raise IntegrityError(f"{what}: {name} is corrupted: sha256 mismatch in chunk(s) {bad} of "
-                                 f"{b['chunk_size']} bytes ({path}); push the delta again to repair it, "
-                                 "and run hub.verify() for other damage")
+            raise IntegrityError(
+                f"{what}: {name} is corrupted: sha256 mismatch in chunk(s) {bad} of "
+                f"{b['chunk_size']} bytes ({path}); push the delta again to repair it, "
+                "and run hub.verify() for other damage"
+            )
         if header_error is not None:
             raise header_error
         order = [k for k, _ in man["tensors"]]
         if set(entries) != set(order):
-            raise IntegrityError(f"{what}: {name} holds tensors {sorted(set(entries) ^ set(order))[:5]} "
-                                 "that disagree with the manifest")
+            raise IntegrityError(
+                f"{what}: {name} holds tensors {sorted(set(entries) ^ set(order))[:5]} that disagree with the manifest"
+            )
         for key, info in man["tensors"]:
             e = entries[key]
             if e["dtype"] != info["dtype"] or e["shape"] != info["shape"]:
-                raise IntegrityError(f"{what}: {name}: tensor {key!r} is {e['dtype']}{e['shape']} in the blob "
-                                     f"but {info['dtype']}{info['shape']} in the manifest")
+                raise IntegrityError(
+                    f"{what}: {name}: tensor {key!r} is {e['dtype']}{e['shape']} in the blob "
+                    f"but {info['dtype']}{info['shape']} in the manifest"
+                )
         if not known:
             self._checked.put(str(path), skey, (b["digest"], b["chunk_size"], tuple(b["chunks"])))
         return store.tensors_from(data, entries, start, order)
 
-    def load(self, model: nn.Module, ref: str | Ref, as_name: str | None = None,
-             allow_other_base: bool = False) -> surgery.Injection:
+    def load(
+        self, model: nn.Module, ref: str | Ref, as_name: str | None = None, allow_other_base: bool = False
+    ) -> surgery.Injection:
         """Pull `ref` and put it into `model` under `as_name` (default: the delta's own name): a hot-swap
         in place when a delta of that name and shapes is there, else an injection."""
         delta = self.pull(ref)
@@ -436,7 +477,8 @@ class Hub:
             if base != arch:
                 raise BaseMismatchError(
                     f"{ref} was trained on base {base}, but this model is {arch}: another architecture. "
-                    "Load it into the base it was trained on, or pass allow_other_base=True if you know it fits")
+                    "Load it into the base it was trained on, or pass allow_other_base=True if you know it fits"
+                )
         return surgery.apply(model, delta, name=as_name, allow_other_base=True)
 
     # ------------------------------------------------------------------------- queries
@@ -548,8 +590,10 @@ class Hub:
 
     def _move_alias_locked(self, name: str, alias: str, version: int | None) -> None:
         previous = self.aliases(name).get(alias)
-        store.append_line(self._name_dir(name) / "aliases.log", {
-            "alias": alias, "version": version, "previous": previous, "time": _now(), "user": _user()})
+        store.append_line(
+            self._name_dir(name) / "aliases.log",
+            {"alias": alias, "version": version, "previous": previous, "time": _now(), "user": _user()},
+        )
 
     def history(self, ref: str | Ref) -> list[dict[str, Any]]:
         """`name@alias`: every move of the alias, oldest first. `name@N` or a digest: the lineage,
@@ -567,11 +611,20 @@ class Hub:
             for r in self.versions(name):
                 try:
                     m = self._manifest(name, r.version, str(r))
-                    events.append({"event": "push", "version": r.version, "digest": r.digest,
-                                   "time": m["created"], "user": m.get("user"), "parent": m["parent"]})
+                    events.append(
+                        {
+                            "event": "push",
+                            "version": r.version,
+                            "digest": r.digest,
+                            "time": m["created"],
+                            "user": m.get("user"),
+                            "parent": m["parent"],
+                        }
+                    )
                 except RegistryError as e:
-                    events.append({"event": "push", "version": r.version, "digest": r.digest, "time": "",
-                                   "error": str(e)})
+                    events.append(
+                        {"event": "push", "version": r.version, "digest": r.digest, "time": "", "error": str(e)}
+                    )
             for e in self._alias_log(name):
                 events.append({"event": "alias", **e})
             events.sort(key=lambda e: str(e.get("time", "")))
@@ -580,9 +633,18 @@ class Hub:
         chain: list[dict[str, Any]] = []
         seen: set[tuple[str, int]] = set()
         while True:
-            chain.append({"ref": str(r), "name": r.name, "version": r.version, "digest": r.digest,
-                          "created": man["created"], "base": man["base"], "meta": man["meta"],
-                          "parent": man["parent"]})
+            chain.append(
+                {
+                    "ref": str(r),
+                    "name": r.name,
+                    "version": r.version,
+                    "digest": r.digest,
+                    "created": man["created"],
+                    "base": man["base"],
+                    "meta": man["meta"],
+                    "parent": man["parent"],
+                }
+            )
             seen.add((r.name, r.version))
             p = man["parent"]
             if p is None or (p["name"], p["version"]) in seen or len(chain) > 10_000:
@@ -630,8 +692,7 @@ class Hub:
             for line in store.read_lines(self._name_dir(name) / "digests.log"):
                 v, d = line.get("v"), line.get("d")
                 if type(v) is int and v in digests and d != digests[v]:
-                    problems.append(f"{name}@{v}: digests.log records {d} but the manifest's digest is "
-                                    f"{digests[v]}")
+                    problems.append(f"{name}@{v}: digests.log records {d} but the manifest's digest is {digests[v]}")
                 elif type(v) is int and v not in nums:
                     problems.append(f"{name}: digests.log names version {v}, which has no manifest")
             for alias, v in self.aliases(name).items():
@@ -707,8 +768,9 @@ class Hub:
                 removed["temp"].append(p.name)
                 removed["bytes"] += size
             if unreadable:
-                removed["skipped"] = [f"blobs kept: {len(unreadable)} manifest(s) cannot be read ({unreadable[0]}); "
-                                      "run hub.verify()"]
+                removed["skipped"] = [
+                    f"blobs kept: {len(unreadable)} manifest(s) cannot be read ({unreadable[0]}); run hub.verify()"
+                ]
                 return removed
             for path in self._blob_files():
                 if not _HEX64.fullmatch(path.name) or "sha256:" + path.name in referenced:
@@ -766,8 +828,10 @@ def _unlink(path: Path) -> None:
 
 
 def _fail(what: str, why: str) -> IntegrityError:
-    return IntegrityError(f"{what}: {why}; the manifest is damaged (run hub.verify(); versions are immutable, so "
-                          "restore the file from a backup or push the delta again)")
+    return IntegrityError(
+        f"{what}: {why}; the manifest is damaged (run hub.verify(); versions are immutable, so "
+        "restore the file from a backup or push the delta again)"
+    )
 
 
 def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, Any]:
@@ -780,9 +844,21 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
         raise _fail(what, f"not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(man, dict):
         raise _fail(what, "not a JSON object")
-    types = {"format": str, "name": str, "version": int, "method": str, "delta_name": str, "config": dict,
-             "base": str, "lineage": dict, "created": str, "meta": dict, "blob": dict, "tensors": list,
-             "digest": str}
+    types = {
+        "format": str,
+        "name": str,
+        "version": int,
+        "method": str,
+        "delta_name": str,
+        "config": dict,
+        "base": str,
+        "lineage": dict,
+        "created": str,
+        "meta": dict,
+        "blob": dict,
+        "tensors": list,
+        "digest": str,
+    }
     for k, t in types.items():
         if k not in man:
             raise _fail(what, f"field {k!r} is missing")
@@ -795,25 +871,40 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
     if "parent" not in man:
         raise _fail(what, "field 'parent' is missing")
     p = man["parent"]
-    if p is not None and not (isinstance(p, dict) and isinstance(p.get("name"), str)
-                              and type(p.get("version")) is int and isinstance(p.get("digest"), str)):
+    if p is not None and not (
+        isinstance(p, dict)
+        and isinstance(p.get("name"), str)
+        and type(p.get("version")) is int
+        and isinstance(p.get("digest"), str)
+    ):
         raise _fail(what, "field 'parent' is not null or {name, version, digest}")
     b = man["blob"]
-    if not (isinstance(b.get("digest"), str) and b["digest"].startswith("sha256:")
-            and _HEX64.fullmatch(b["digest"][7:])):
+    if not (
+        isinstance(b.get("digest"), str) and b["digest"].startswith("sha256:") and _HEX64.fullmatch(b["digest"][7:])
+    ):
         raise _fail(what, "blob digest is not 'sha256:' + 64 hex digits")
     size, chunk, chunks = b.get("size"), b.get("chunk_size"), b.get("chunks")
     if type(size) is not int or size < 0 or type(chunk) is not int or chunk < 1:
         raise _fail(what, "blob size / chunk_size are not valid integers")
     n = max(1, math.ceil(size / chunk))
-    if not isinstance(chunks, list) or len(chunks) != n or not all(
-            isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks):
+    if (
+        not isinstance(chunks, list)
+        or len(chunks) != n
+        or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks)
+    ):
         raise _fail(what, f"blob chunks must be {n} sha256 hex digests")
     seen = set()
     for item in man["tensors"]:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)
-                and isinstance(item[1].get("dtype"), str) and item[1]["dtype"] in store.DTYPES and isinstance(item[1].get("shape"), list)
-                and all(type(d) is int and d >= 0 for d in item[1]["shape"])):
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], dict)
+            and isinstance(item[1].get("dtype"), str)
+            and item[1]["dtype"] in store.DTYPES
+            and isinstance(item[1].get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in item[1]["shape"])
+        ):
             raise _fail(what, f"tensor entry {str(item)[:80]} is not [key, {{dtype, shape}}]")
         if item[0] in seen:
             raise _fail(what, f"tensor {item[0][:80]!r} is listed twice")

@@ -50,8 +50,17 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormatError", "load_peft", "load_peft_delta",
-           "read_peft_files", "save_peft", "save_peft_delta", "site_kinds"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PeftFormatError",
+    "load_peft",
+    "load_peft_delta",
+    "read_peft_files",
+    "save_peft",
+    "save_peft_delta",
+    "site_kinds",
+]
 
 
 class PeftFormatError(SurgeryError, ValueError):
@@ -59,6 +68,7 @@ class PeftFormatError(SurgeryError, ValueError):
 
 
 # ------------------------------------------------------------------ site kinds
+
 
 def _kind_of(module: nn.Module) -> str:
     from surgery.methods.lora import is_conv1d_transformers
@@ -100,6 +110,7 @@ def _kinds_for(delta: surgery.Delta, model: nn.Module | None, kinds: dict[str, s
 
 
 # ------------------------------------------------------------------ writing
+
 
 def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -143,16 +154,23 @@ def _target_modules(sites: list[str], model: nn.Module | None) -> list[str] | st
     if model is not None:
         st = engine.state_of(model)
         suffixes = sorted({p.rsplit(".", 1)[-1] for p in sites})
-        hit = {n for n, _ in model.named_modules()
-               if n and not (st and st.is_adapter_path(n))
-               and any(n == s or n.endswith("." + s) for s in suffixes)}
+        hit = {
+            n
+            for n, _ in model.named_modules()
+            if n and not (st and st.is_adapter_path(n)) and any(n == s or n.endswith("." + s) for s in suffixes)
+        }
         if hit == set(sites):
             return suffixes
     return "^(?:" + "|".join(re.escape(p) for p in sorted(sites)) + ")$"
 
 
-def _peft_config(delta: surgery.Delta, kinds: dict[str, str], model: nn.Module | None,
-                 base_model_name_or_path: str | None, task_type: str | None) -> dict[str, Any]:
+def _peft_config(
+    delta: surgery.Delta,
+    kinds: dict[str, str],
+    model: nn.Module | None,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
     cfg = delta.config
     alpha0 = cfg.get("alpha", 8)
     alpha_pat = cfg.get("alpha_pattern") or {}
@@ -190,9 +208,15 @@ def _peft_config(delta: surgery.Delta, kinds: dict[str, str], model: nn.Module |
     }
 
 
-def save_peft_delta(delta: surgery.Delta, out_dir: str | os.PathLike[str],
-                    base_model_name_or_path: str | None = None, *, model: nn.Module | None = None,
-                    kinds: dict[str, str] | None = None, task_type: str | None = None) -> Path:
+def save_peft_delta(
+    delta: surgery.Delta,
+    out_dir: str | os.PathLike[str],
+    base_model_name_or_path: str | None = None,
+    *,
+    model: nn.Module | None = None,
+    kinds: dict[str, str] | None = None,
+    task_type: str | None = None,
+) -> Path:
     """Write a LoRA Delta in PEFT's layout; returns the folder.
 
     `model` (the base the delta fits, injected or not) tells embedding and GPT-2
@@ -202,8 +226,9 @@ def save_peft_delta(delta: surgery.Delta, out_dir: str | os.PathLike[str],
     mis-keyed: pass the model). Each file is written to a temp file, fsynced and
     renamed; the config last."""
     if delta.method != "lora":
-        raise PeftFormatError(f"delta {delta.name!r} is a {delta.method!r} delta; PEFT's LoRA layout holds LoRA only "
-                              "(field: method)")
+        raise PeftFormatError(
+            f"delta {delta.name!r} is a {delta.method!r} delta; PEFT's LoRA layout holds LoRA only (field: method)"
+        )
     kinds_ = _kinds_for(delta, model, kinds)
     config = _peft_config(delta, kinds_, model, base_model_name_or_path, task_type)
     tensors: dict[str, torch.Tensor] = {}
@@ -223,8 +248,10 @@ def save_peft_delta(delta: surgery.Delta, out_dir: str | os.PathLike[str],
         _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     except OSError as e:
-        raise PeftFormatError(f"cannot write the PEFT adapter into {out}: {e.strerror or e} "
-                              f"({e.filename or out}); pass a folder you can write to") from None
+        raise PeftFormatError(
+            f"cannot write the PEFT adapter into {out}: {e.strerror or e} "
+            f"({e.filename or out}); pass a folder you can write to"
+        ) from None
     return out
 
 
@@ -236,30 +263,62 @@ def _check_out_dir(out: Path) -> None:
                 where = "is a file" if p == out else f"lies inside {p}, which is a file"
                 raise PeftFormatError(
                     f"{out} {where}: PEFT's layout is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}; "
-                    "pass a folder path (it is created if missing)")
+                    "pass a folder path (it is created if missing)"
+                )
             return
 
 
-def save_peft(model: nn.Module, out_dir: str | os.PathLike[str], adapter: str = "default",
-              base_model_name_or_path: str | None = None, *, task_type: str | None = None) -> Path:
+def save_peft(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    adapter: str = "default",
+    base_model_name_or_path: str | None = None,
+    *,
+    task_type: str | None = None,
+) -> Path:
     """Write the injected delta `adapter` of `model` in PEFT's layout, readable by
     ``peft.PeftModel.from_pretrained(base, out_dir)``. ``base_model_name_or_path``
     defaults to the model's ``name_or_path`` when it has one."""
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    return save_peft_delta(surgery.delta(model, adapter), out_dir, base_model_name_or_path,
-                           model=model, task_type=task_type)
+    return save_peft_delta(
+        surgery.delta(model, adapter), out_dir, base_model_name_or_path, model=model, task_type=task_type
+    )
 
 
 # ------------------------------------------------------------------ reading
 
 # fields that only choose sites (the tensors name the sites) or carry no math
 _IGNORED = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
-    "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "runtime_config", "ensure_weight_tying",
-    "megatron_core", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "loftq_config",
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "fan_in_fan_out",
+    "bias",
+    "use_rslora",
+    "modules_to_save",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "runtime_config",
+    "ensure_weight_tying",
+    "megatron_core",
+    "qalora_group_size",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "loftq_config",
 }
 _UNSUPPORTED = {
     "use_dora": "DoRA adds a magnitude vector and a normalised update; not a LoRA delta",
@@ -301,9 +360,12 @@ def _check_config(cfg: dict[str, Any]) -> None:
         raise bad("bias", "trained biases of the base layers are not part of a LoRA delta")
     init = cfg.get("init_lora_weights", True)
     if init not in _SAFE_INIT:
-        raise bad("init_lora_weights", "this initialisation rewrites the base weights (or is a LoRA variant), so the "
-                  "adapter does not fit the original base; convert it with PEFT first "
-                  "(save_pretrained(path_initial_model_for_weight_conversion=...))")
+        raise bad(
+            "init_lora_weights",
+            "this initialisation rewrites the base weights (or is a LoRA variant), so the "
+            "adapter does not fit the original base; convert it with PEFT first "
+            "(save_pretrained(path_initial_model_for_weight_conversion=...))",
+        )
     if _truthy(cfg.get("loftq_config")):
         raise bad("loftq_config", "LoftQ rewrites the (quantized) base weights")
     for field, v in cfg.items():
@@ -335,19 +397,30 @@ def _peft_pattern_value(patterns: dict[str, Any], path: str, default: Any) -> An
 
 def _split_key(key: str) -> tuple[str, str]:
     """A PEFT tensor key -> (site path, our suffix or a marker)."""
-    k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for peft_suf, ours in ((".lora_A.weight", "lora_A.weight"), (".lora_B.weight", "lora_B.weight"),
-                           (".lora_embedding_A", "lora_A.weight"), (".lora_embedding_B", "lora_B.weight"),
-                           (".base_layer.weight", "base_layer.weight")):
+    k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for peft_suf, ours in (
+        (".lora_A.weight", "lora_A.weight"),
+        (".lora_B.weight", "lora_B.weight"),
+        (".lora_embedding_A", "lora_A.weight"),
+        (".lora_embedding_B", "lora_B.weight"),
+        (".base_layer.weight", "base_layer.weight"),
+    ):
         if k.endswith(peft_suf):
             return k[: -len(peft_suf)], ours
-    for marker, field in (("lora_magnitude_vector", "use_dora"), ("lora_B.bias", "lora_bias"),
-                          ("modules_to_save", "modules_to_save"), ("trainable_tokens", "trainable_token_indices")):
+    for marker, field in (
+        ("lora_magnitude_vector", "use_dora"),
+        ("lora_B.bias", "lora_bias"),
+        ("modules_to_save", "modules_to_save"),
+        ("trainable_tokens", "trainable_token_indices"),
+    ):
         if marker in k:
-            raise PeftFormatError(f"PEFT adapter tensor {key!r} belongs to field {field}, which cannot be represented "
-                                  "as a LoRA delta")
-    raise PeftFormatError(f"PEFT adapter tensor {key!r} is not a LoRA A/B tensor (bias, resized embeddings or "
-                          "another method's tensor?); it cannot be represented as a LoRA delta")
+            raise PeftFormatError(
+                f"PEFT adapter tensor {key!r} belongs to field {field}, which cannot be represented as a LoRA delta"
+            )
+    raise PeftFormatError(
+        f"PEFT adapter tensor {key!r} is not a LoRA A/B tensor (bias, resized embeddings or "
+        "another method's tensor?); it cannot be represented as a LoRA delta"
+    )
 
 
 def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
@@ -357,8 +430,12 @@ def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def read_peft_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str],
-                    model: nn.Module | None = None, name: str | None = None) -> surgery.Delta:
+def read_peft_files(
+    config_path: str | os.PathLike[str],
+    weights_path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    name: str | None = None,
+) -> surgery.Delta:
     """`load_peft_delta` for a config file and a safetensors file given one by one
     (as ``hf_hub_download`` returns them)."""
     try:
@@ -394,24 +471,35 @@ def read_peft_files(config_path: str | os.PathLike[str], weights_path: str | os.
             raise PeftFormatError(f"PEFT adapter site {path!r} lacks {sorted(missing)}")
         A, B = ts["lora_A.weight"], ts["lora_B.weight"]
         if A.dim() < 2 or B.dim() != A.dim() or A.shape[0] != B.shape[1]:
-            raise PeftFormatError(f"PEFT adapter site {path!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
-                                  "are not a LoRA pair (A [r, in], B [out, r])")
+            raise PeftFormatError(
+                f"PEFT adapter site {path!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                "are not a LoRA pair (A [r, in], B [out, r])"
+            )
     ignored = []
     for path, w in base_layer.items():
         if path not in by_site:
-            raise PeftFormatError(f"PEFT adapter tensor {PREFIX}{path}.base_layer.weight is a base weight without a "
-                                  "LoRA site (save_embedding_layers / resized vocabulary): cannot be represented")
+            raise PeftFormatError(
+                f"PEFT adapter tensor {PREFIX}{path}.base_layer.weight is a base weight without a "
+                "LoRA site (save_embedding_layers / resized vocabulary): cannot be represented"
+            )
         mod = _module_or_none(model, path) if model is not None else None
         if model is not None:
             weight = getattr(mod, "weight", None)
-            if weight is None or tuple(weight.shape) != tuple(w.shape) or not torch.equal(
-                    weight.detach().cpu().to(w.dtype), w):
+            if (
+                weight is None
+                or tuple(weight.shape) != tuple(w.shape)
+                or not torch.equal(weight.detach().cpu().to(w.dtype), w)
+            ):
                 raise PeftFormatError(
                     f"PEFT adapter carries the base weight {path}.base_layer.weight (save_embedding_layers) and it "
-                    "differs from this model's: the adapter needs a modified base, which a delta cannot represent")
+                    "differs from this model's: the adapter needs a modified base, which a delta cannot represent"
+                )
         else:
-            warnings.warn(f"PEFT adapter carries the base weight {path}.base_layer.weight (save_embedding_layers); "
-                          "it is not part of the delta and was not checked (pass model= to check it)", stacklevel=3)
+            warnings.warn(
+                f"PEFT adapter carries the base weight {path}.base_layer.weight (save_embedding_layers); "
+                "it is not part of the delta and was not checked (pass model= to check it)",
+                stacklevel=3,
+            )
         ignored.append(f"{path}.base_layer.weight")
 
     r0, alpha0 = cfg["r"], cfg["lora_alpha"]
@@ -422,8 +510,9 @@ def read_peft_files(config_path: str | os.PathLike[str], weights_path: str | os.
     for p in by_site:  # the config's rank must agree with the tensors, else the scale is off
         want = _peft_pattern_value(rank_pat, p, r0)
         if want != ranks[p]:
-            raise PeftFormatError(f"PEFT adapter field rank_pattern / r says rank {want} for {p!r} but its tensors "
-                                  f"have rank {ranks[p]}")
+            raise PeftFormatError(
+                f"PEFT adapter field rank_pattern / r says rank {want} for {p!r} but its tensors have rank {ranks[p]}"
+            )
     for p, a in alphas.items():
         if not isinstance(a, (int, float)) or isinstance(a, bool) or a <= 0:
             raise PeftFormatError(f"PEFT adapter field alpha_pattern gives {p!r} alpha {a!r}; it must be positive")
@@ -449,23 +538,30 @@ def read_peft_files(config_path: str | os.PathLike[str], weights_path: str | os.
             kinds[p] = _kind_of(mod)
             if (kinds[p] == "embedding") != (p in embedding_sites):
                 how = "lora_embedding_A/B" if p in embedding_sites else "lora_A/B"
-                raise PeftFormatError(f"PEFT adapter stores {p!r} as {how} but the model's module there is a "
-                                      f"{type(mod).__name__}")
+                raise PeftFormatError(
+                    f"PEFT adapter stores {p!r} as {how} but the model's module there is a {type(mod).__name__}"
+                )
         base = surgery.fingerprint(model)
     else:
-        kinds = {p: "embedding" if p in embedding_sites else ("conv" if by_site[p]["lora_A.weight"].dim() > 2
-                                                              else "linear") for p in by_site}
+        kinds = {
+            p: "embedding" if p in embedding_sites else ("conv" if by_site[p]["lora_A.weight"].dim() > 2 else "linear")
+            for p in by_site
+        }
         base = ""
-    peft_info = {k: cfg.get(k) for k in ("base_model_name_or_path", "revision", "task_type", "peft_version",
-                                         "fan_in_fan_out") if cfg.get(k) is not None}
+    peft_info = {
+        k: cfg.get(k)
+        for k in ("base_model_name_or_path", "revision", "task_type", "peft_version", "fan_in_fan_out")
+        if cfg.get(k) is not None
+    }
     if ignored:
         peft_info["ignored_tensors"] = ignored
     lineage = {"source": "peft", "peft": peft_info, "site_kinds": kinds}
     return surgery.Delta("lora", name or "default", config, tensors, base, lineage)
 
 
-def load_peft_delta(peft_dir: str | os.PathLike[str], model: nn.Module | None = None,
-                    name: str | None = None) -> surgery.Delta:
+def load_peft_delta(
+    peft_dir: str | os.PathLike[str], model: nn.Module | None = None, name: str | None = None
+) -> surgery.Delta:
     """Read a LoRA adapter PEFT saved (``adapter_config.json`` + ``adapter_model.safetensors``)
     as a Delta. Ranks come from the tensors; alphas are resolved per site with PEFT's
     pattern rule. What a LoRA Delta cannot represent raises `PeftFormatError` naming
@@ -476,8 +572,10 @@ def load_peft_delta(peft_dir: str | os.PathLike[str], model: nn.Module | None = 
         raise PeftFormatError(f"{d} has no {CONFIG_NAME}; is it a PEFT adapter folder?")
     if not (d / WEIGHTS_NAME).is_file():
         if (d / "adapter_model.bin").exists():
-            raise PeftFormatError(f"{d} holds adapter_model.bin (pickle), which is never loaded here; convert it to "
-                                  f"{WEIGHTS_NAME} (PEFT: save_pretrained(..., safe_serialization=True)) in a sandbox")
+            raise PeftFormatError(
+                f"{d} holds adapter_model.bin (pickle), which is never loaded here; convert it to "
+                f"{WEIGHTS_NAME} (PEFT: save_pretrained(..., safe_serialization=True)) in a sandbox"
+            )
         raise PeftFormatError(f"{d} has no {WEIGHTS_NAME}")
     return read_peft_files(d / CONFIG_NAME, d / WEIGHTS_NAME, model=model, name=name)
 
@@ -494,4 +592,3 @@ def load_peft(model: nn.Module, peft_dir: str | os.PathLike[str], name: str = "d
     for path, ad in engine.adapters(model, name).items():
         ad.train(engine.site_module(model, path).training)
     return inj
-

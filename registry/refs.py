@@ -18,8 +18,10 @@ _ALIAS = re.compile(r"[a-z][a-z0-9._-]*")
 _HEX = re.compile(r"[0-9a-f]{4,64}")
 RESERVED_ALIASES = frozenset({"latest"})
 
-NAME_RULES = (f"a name is 'org/name', each part 1-{MAX_PART} characters of [a-z0-9._-] starting with a "
-              f"letter or digit, without '..'")
+NAME_RULES = (
+    f"a name is 'org/name', each part 1-{MAX_PART} characters of [a-z0-9._-] starting with a "
+    f"letter or digit, without '..'"
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ def check_alias(alias: object) -> str:
         raise RefError(f"an alias must be a string like 'prod', not {type(alias).__name__}")
     shown = alias if len(alias) <= 80 else alias[:77] + "..."
     if not alias or len(alias) > MAX_ALIAS or not _ALIAS.fullmatch(alias) or ".." in alias:
-        raise RefError(f"invalid alias {shown!r}: 1-{MAX_ALIAS} characters of [a-z0-9._-] starting with a letter, "
-                       "without '..'")
+        raise RefError(
+            f"invalid alias {shown!r}: 1-{MAX_ALIAS} characters of [a-z0-9._-] starting with a letter, without '..'"
+        )
     if alias in RESERVED_ALIASES or alias.startswith("sha256"):
         raise RefError(f"invalid alias {shown!r}: 'latest' and names starting with 'sha256' are reserved")
     return alias
@@ -118,7 +121,7 @@ def parse(ref: object) -> Spec:
 
 
 def _digest_hex(digest: str, ref: str) -> str:
-    hexpart = digest[len("sha256:"):] if isinstance(digest, str) and digest.startswith("sha256:") else None
+    hexpart = digest[len("sha256:") :] if isinstance(digest, str) and digest.startswith("sha256:") else None
     if hexpart is None or not _HEX.fullmatch(hexpart):
         raise RefError(f"invalid ref {ref!r}: a digest is 'sha256:' and 4 to 64 lowercase hex digits")
     return hexpart

@@ -25,12 +25,24 @@ import torch
 from registry.errors import IntegrityError, RegistryError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _st, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                   ("U32", "uint32"), ("U64", "uint64")):
+for _st, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         DTYPES[_st] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -87,7 +99,7 @@ def _sha(view: memoryview | bytes) -> str:
 def digests(data: bytes | bytearray, chunk_size: int, whole: bool) -> tuple[str | None, list[str]]:
     """(sha256 of all of `data` if `whole`, sha256 of each `chunk_size` piece), hashed in parallel."""
     view = memoryview(data)
-    pieces = [view[i:i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
+    pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
     if whole and len(pieces) == 1:  # one chunk: its digest is the whole file's
         d = _sha(view)
         return d, [d]
@@ -108,7 +120,7 @@ def start_chunk_check(data: bytearray, chunk_size: int) -> list:
     """Start hashing the chunks of `data` on the pool; `finish_chunk_check` collects them.
     The caller parses the header meanwhile (hashlib releases the GIL on big buffers)."""
     view = memoryview(data)
-    pieces = [view[i:i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
+    pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
     if len(pieces) == 1:
         return [pieces[0]]
     pool = _get_pool()
@@ -262,7 +274,7 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
     if n > MAX_HEADER or n > size - 8:
         raise IntegrityError(f"{what}: safetensors header length {n} exceeds the file ({size} bytes)")
     try:
-        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+        header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise IntegrityError(f"{what}: safetensors header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -280,28 +292,38 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
         dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dt, str) or dt not in DTYPES:
             raise IntegrityError(f"{what}: tensor {key!r} has unknown dtype {dt!r}")
-        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
+        ):
             raise IntegrityError(f"{what}: tensor {key!r} has an invalid shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise IntegrityError(f"{what}: tensor {key!r} has invalid data_offsets {offs!r} "
-                                 f"(data is {data_len} bytes)")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_len
+        ):
+            raise IntegrityError(f"{what}: tensor {key!r} has invalid data_offsets {offs!r} (data is {data_len} bytes)")
         numel = 1
         for d in shape:
             numel *= d
         item = ITEMSIZE[dt]
         if numel * item != offs[1] - offs[0]:
-            raise IntegrityError(f"{what}: tensor {key!r} of shape {shape} and dtype {dt} needs "
-                                 f"{numel * item} bytes but its offsets span {offs[1] - offs[0]}")
+            raise IntegrityError(
+                f"{what}: tensor {key!r} of shape {shape} and dtype {dt} needs "
+                f"{numel * item} bytes but its offsets span {offs[1] - offs[0]}"
+            )
         spans.append((offs[0], offs[1], key))
         entries[key] = {"dtype": dt, "shape": shape, "offsets": offs}
     spans.sort()
     end = 0
     for b, e, key in spans:  # as safetensors requires: the tensors tile the data, no gap, no overlap
         if b != end:
-            raise IntegrityError(f"{what}: tensor {key!r} starts at byte {b} of the data, not at {end} "
-                                 "(tensors must tile the data without gaps or overlaps)")
+            raise IntegrityError(
+                f"{what}: tensor {key!r} starts at byte {b} of the data, not at {end} "
+                "(tensors must tile the data without gaps or overlaps)"
+            )
         end = e
     if end != data_len:
         raise IntegrityError(f"{what}: the tensors cover {end} bytes of data but the file holds {data_len}")
@@ -322,7 +344,7 @@ def tensors_from(buf: bytearray, entries: dict[str, dict], start: int, order: Se
         elif (start + b) % item == 0:
             out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + b).view(e["shape"])
         else:
-            out[key] = torch.frombuffer(bytearray(buf[start + b:start + end]), dtype=dtype).view(e["shape"])
+            out[key] = torch.frombuffer(bytearray(buf[start + b : start + end]), dtype=dtype).view(e["shape"])
     return out
 
 

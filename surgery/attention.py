@@ -53,8 +53,15 @@ from surgery import compose, engine
 from surgery.errors import CompositionError, SurgeryError
 
 __all__ = [
-    "SUPPORTED", "active_kv", "calls_interface", "extend_mask", "find_sdpa_calls", "install_interface",
-    "prefixed_scaled_dot_product_attention", "rewrite_sdpa", "uninstall_interface",
+    "SUPPORTED",
+    "active_kv",
+    "calls_interface",
+    "extend_mask",
+    "find_sdpa_calls",
+    "install_interface",
+    "prefixed_scaled_dot_product_attention",
+    "rewrite_sdpa",
+    "uninstall_interface",
 ]
 
 WRAP = "surgery_"
@@ -117,8 +124,9 @@ def adapters_kv(holder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
-def _prepend(pk: torch.Tensor, pv: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepend(
+    pk: torch.Tensor, pv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """key, value [batch, heads, seq, d] with the prefix [heads, P, d] in front of seq."""
     if pk.dtype != key.dtype or pk.device != key.device:
         pk, pv = pk.to(key), pv.to(value)
@@ -140,8 +148,9 @@ def _prepend(pk: torch.Tensor, pv: torch.Tensor, key: torch.Tensor, value: torch
         ) from None
 
 
-def extend_mask(mask: torch.Tensor | None, p: int, q_len: int, kv_len: int, causal: bool,
-                device: torch.device) -> torch.Tensor | None:
+def extend_mask(
+    mask: torch.Tensor | None, p: int, q_len: int, kv_len: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """The attention mask with `p` always-visible key columns in front.
 
     `mask` None: None unless `causal` (sdpa's flag, top-left aligned) with more than one
@@ -196,8 +205,15 @@ def _base_fn(impl: str, module: nn.Module) -> Callable[..., Any]:
 def _wrapper(impl: str) -> Callable[..., Any]:
     eager = impl == "eager"
 
-    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         base = _base_fn(impl, module)
         holder = module._modules.get(engine.CHILD)
         kv = None if holder is None else adapters_kv(holder)
@@ -261,15 +277,17 @@ def impl_of(config: Any) -> str:
     impl = config._attn_implementation
     if impl is None:
         return "eager"
-    return impl[len(WRAP):] if impl.startswith(WRAP) else impl
+    return impl[len(WRAP) :] if impl.startswith(WRAP) else impl
 
 
 def check_interface(module: nn.Module, path: str) -> str | None:
     """None if the wrapper can serve `module`'s attention implementation, else why not."""
     impl = impl_of(module.config)
     if impl not in SUPPORTED:
-        return (f"{path!r} uses attn_implementation={impl!r}, which extra attention positions do not support; "
-                f"use one of {list(SUPPORTED)} (model.set_attn_implementation('sdpa'))")
+        return (
+            f"{path!r} uses attn_implementation={impl!r}, which extra attention positions do not support; "
+            f"use one of {list(SUPPORTED)} (model.set_attn_implementation('sdpa'))"
+        )
     if impl == "eager":
         try:
             _eager_of(module)
@@ -309,26 +327,41 @@ def interface_active(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- plain modules (fx)
 
 
-def prefixed_scaled_dot_product_attention(holder: Any, query: torch.Tensor, key: torch.Tensor,
-                                          value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                                          dropout_p: float = 0.0, is_causal: bool = False,
-                                          scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+def prefixed_scaled_dot_product_attention(
+    holder: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the active extra positions of the module whose
     adapters `holder` holds (the ``surgery`` child, None when it has none)."""
     # under torch.fx tracing (roles of a rewritten model): the plain call, for the dataflow graph
     kv = None if holder is None or isinstance(query, fx.Proxy) else adapters_kv(holder)
     if kv is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
     if is_causal and attn_mask is not None:
         raise SurgeryError("scaled_dot_product_attention got both attn_mask and is_causal=True")
     pk, pv = kv
     p, q_len, kv_len = pk.shape[1], query.shape[-2], key.shape[-2]
     key, value = _prepend(pk, pv, key, value, "scaled_dot_product_attention")
     attn_mask = extend_mask(attn_mask, p, q_len, kv_len, is_causal, query.device)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=False, scale=scale, enable_gqa=enable_gqa)
-
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 class _ChildLeaves(fx.Tracer):

@@ -65,8 +65,16 @@ from surgery.methods.lora import ConvLoRA, EmbeddingLoRA, LinearLoRA, LoRAConfig
 _FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINE_METHODS = _FACTORWISE + ("cat",) + _SVD
-_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune",
-            "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+_DENSITY = (
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+)
 _RANDOM = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 
 
@@ -101,8 +109,9 @@ def _ties_merge(ts: torch.Tensor, w: torch.Tensor, majority: str) -> torch.Tenso
     return (_weighted(ts, w) * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
-def _merge(kind: str, tensors: list[torch.Tensor], w: torch.Tensor, density: float | None,
-           majority: str) -> torch.Tensor:
+def _merge(
+    kind: str, tensors: list[torch.Tensor], w: torch.Tensor, density: float | None, majority: str
+) -> torch.Tensor:
     base = kind.removesuffix("_svd")
     if base in ("linear", "svd"):
         return _weighted(torch.stack(tensors, dim=0), w).sum(dim=0)
@@ -138,8 +147,9 @@ def _delta_weight(ad: Any, mod: nn.Module) -> torch.Tensor:
     return out.to(dtype) if cast else out
 
 
-def _factorwise(kind: str, present: list[tuple[Any, float]], density: float | None,
-                majority: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _factorwise(
+    kind: str, present: list[tuple[Any, float]], density: float | None, majority: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     wa, wb = [], []
     for ad, w in present:
         ws = w * ad.scale
@@ -173,8 +183,16 @@ def _svd_matrix_shape(ad: Any) -> tuple[int, int]:
     return ad.lora_B.shape[0], math.prod(ad.lora_A.shape[1:])
 
 
-def _svd(kind: str, present: list[tuple[Any, float]], mod: nn.Module, rank: int, density: float | None,
-         majority: str, clamp: float | None, full_matrices: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd(
+    kind: str,
+    present: list[tuple[Any, float]],
+    mod: nn.Module,
+    rank: int,
+    density: float | None,
+    majority: str,
+    clamp: float | None,
+    full_matrices: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     ad0 = present[0][0]
     deltas = [_delta_weight(ad, mod) for ad, _ in present]
     d = _merge(kind, deltas, torch.tensor([w for _, w in present]).to(deltas[0].device), density, majority)
@@ -251,14 +269,23 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_args(weights: Any, method: Any, r: Any, density: Any, majority_sign_method: Any, seed: Any,
-                svd_clamp: Any, svd_full_matrices: Any) -> None:
+def _check_args(
+    weights: Any,
+    method: Any,
+    r: Any,
+    density: Any,
+    majority_sign_method: Any,
+    seed: Any,
+    svd_clamp: Any,
+    svd_full_matrices: Any,
+) -> None:
     if method not in COMBINE_METHODS:
         raise ConfigError(f"combine: unknown method {method!r}; known methods: {list(COMBINE_METHODS)}")
     if not isinstance(weights, Mapping) or not weights:
         raise ConfigError(
             f"combine: weights must be a non-empty dict of delta name -> weight, e.g. {{'a': 0.5, 'b': 0.5}}; "
-            f"got {weights!r}")
+            f"got {weights!r}"
+        )
     for k, v in weights.items():
         if not isinstance(k, str) or not _number(v):
             raise ConfigError(f"combine: weights[{k!r}] must map a delta name to a finite number, got {v!r}")
@@ -282,8 +309,9 @@ def _check_args(weights: Any, method: Any, r: Any, density: Any, majority_sign_m
         for key, v in (("r", r), ("svd_clamp", svd_clamp)):
             if v is not None:
                 hint = " (cat sums the input ranks; the others keep the common rank)" if key == "r" else ""
-                raise ConfigError(f"combine: {key} is used by the svd methods {list(_SVD)} only, "
-                                  f"not by {method!r}{hint}")
+                raise ConfigError(
+                    f"combine: {key} is used by the svd methods {list(_SVD)} only, not by {method!r}{hint}"
+                )
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"combine: seed must be an integer or None, got {seed!r}")
 
@@ -298,10 +326,19 @@ def _exact(path: str) -> str:
     return "re:" + re.escape(path)
 
 
-def combine(model: nn.Module, weights: dict[str, float], method: str = "linear", *, name: str = "combined",
-            r: int | None = None, density: float | None = None, majority_sign_method: str = "total",
-            seed: int | None = None, svd_clamp: float | None = None,
-            svd_full_matrices: bool = True) -> engine.Injection:
+def combine(
+    model: nn.Module,
+    weights: dict[str, float],
+    method: str = "linear",
+    *,
+    name: str = "combined",
+    r: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+) -> engine.Injection:
     """Combine injected LoRA deltas into a new LoRA delta `name`, as PEFT's
     ``add_weighted_adapter(list(weights), list(weights.values()), name, method, ...)`` does.
 
@@ -350,7 +387,8 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
         if len(set(ranks.values())) != 1:
             raise ConfigError(
                 f"combine: method {kind!r} needs deltas of one rank (PEFT's rule), got ranks {ranks}; "
-                "use 'cat' or an svd method for deltas of different ranks")
+                "use 'cat' or an svd method for deltas of different ranks"
+            )
         new_rank = next(iter(ranks.values()))
     elif kind == "cat":
         new_rank = sum(ranks.values())
@@ -362,7 +400,8 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
         diff = sorted(first ^ set(ads[other]))
         raise ConfigError(
             f"combine: method 'linear' needs deltas on the same sites; {names[0]!r} and {other!r} differ at "
-            f"{diff[:4]}{' ...' if len(diff) > 4 else ''}. Use 'cat' or 'svd' to combine deltas on different sites")
+            f"{diff[:4]}{' ...' if len(diff) > 4 else ''}. Use 'cat' or 'svd' to combine deltas on different sites"
+        )
 
     union = set().union(*ads.values())
     sites = []  # (path, module, first adapter there), in module order: PEFT's loop order
@@ -375,19 +414,21 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
     _check_sites(kind, sites, new_rank)
 
     first_cfg: LoRAConfig = entries[0].cfg
-    devices = {cast(torch.Tensor, t).device for _, _, present in sites for ad, _ in present
-               for t in (ad.lora_A, ad.lora_B)}
+    devices = {
+        cast(torch.Tensor, t).device for _, _, present in sites for ad, _ in present for t in (ad.lora_A, ad.lora_B)
+    }
     devices.add(torch.empty(0).device)  # PEFT initialises the new adapter on the default device
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad(), (_rng(devices, seed) if seed is not None else contextlib.nullcontext()):
+    with torch.no_grad(), _rng(devices, seed) if seed is not None else contextlib.nullcontext():
         if kind in _RANDOM:
             _draw_like_peft_injection([(p, m, present[0][0]) for p, m, present in sites], new_rank, first_cfg.init)
         for path, mod, present in sites:
             if kind == "cat":
                 out[path] = _cat(present, new_rank)
             elif kind in _SVD:
-                out[path] = _svd(kind, present, mod, new_rank, density, majority_sign_method, svd_clamp,
-                                 svd_full_matrices)
+                out[path] = _svd(
+                    kind, present, mod, new_rank, density, majority_sign_method, svd_clamp, svd_full_matrices
+                )
             else:
                 out[path] = _factorwise(kind, present, density, majority_sign_method)
 
@@ -400,8 +441,15 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
         if rs != new_rank:
             rank_pattern[_exact(path)] = rs
             alpha_pattern[_exact(path)] = target * (math.sqrt(rs) if first_cfg.rslora else rs)
-    cfg = lora.config(r=new_rank, alpha=new_rank, dropout=first_cfg.dropout, init=first_cfg.init,
-                      rslora=first_cfg.rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    cfg = lora.config(
+        r=new_rank,
+        alpha=new_rank,
+        dropout=first_cfg.dropout,
+        init=first_cfg.init,
+        rslora=first_cfg.rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
     made = []
     with _rng(devices):  # make() draws an init that is overwritten: leave the caller's generators alone
         for path, mod, _ in sites:
@@ -424,14 +472,17 @@ def _check_sites(kind: str, sites: list[tuple[str, nn.Module, list[tuple[Any, fl
                 raise ConfigError(
                     f"combine: at {path!r} the deltas' tensors differ in dtype or device "
                     f"({ad0.lora_A.dtype} on {ad0.lora_A.device} vs {ad.lora_A.dtype} on {ad.lora_A.device}); "
-                    "bring the model to one dtype and device first")
+                    "bring the model to one dtype and device first"
+                )
             if kind in _FACTORWISE and ad.lora_A.shape != ad0.lora_A.shape:
                 raise ConfigError(
                     f"combine: method {kind!r} needs one rank per site, but at {path!r} the deltas have ranks "
-                    f"{[a.lora_A.shape[0] for a, _ in present]}; use 'cat' or an svd method")
+                    f"{[a.lora_A.shape[0] for a, _ in present]}; use 'cat' or an svd method"
+                )
         if kind in _SVD:
             rows, cols = _svd_matrix_shape(ad0)
             if rank > min(rows, cols):
                 raise ConfigError(
                     f"combine: r={rank} exceeds the largest rank {min(rows, cols)} of an update at {path!r} "
-                    f"([{rows}, {cols}]); pass a smaller r")
+                    f"([{rows}, {cols}]); pass a smaller r"
+                )

@@ -128,7 +128,8 @@ class BatchSplit(Block):
         super().__init__(*children)
         sizes = tuple(batch_sizes)
         if len(sizes) != len(self.children) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes
+        ):
             raise CompositionError(
                 f"BatchSplit: batch_sizes must be {len(self.children)} non-negative integers "
                 f"(one per child), got {list(sizes)}"
@@ -174,7 +175,9 @@ def _names(items: Iterable[Any]) -> Iterable[str]:
 def _check(state: _State, item: Any, merged: set[str], *, top: bool, inside: Block | None, index: int) -> Any:
     if isinstance(item, str):
         if item not in state.entries:
-            raise CompositionError(f"no delta named {item!r} in this model; injected: {sorted(state.entries) or 'none'}")
+            raise CompositionError(
+                f"no delta named {item!r} in this model; injected: {sorted(state.entries) or 'none'}"
+            )
         if item in merged and not top:
             raise CompositionError(
                 f"delta {item!r} is merged into the base weights, so it runs for every row and branch; "
@@ -293,7 +296,7 @@ def _run(site: _Site, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
         base = rows.start if rows is not None else 0
         for c, s in zip(item.children, item.batch_sizes, strict=True):
             sub = slice(base + start, base + start + s)
-            pieces.append(_run(site, c, x, None if out is None else out[start:start + s], sub))
+            pieces.append(_run(site, c, x, None if out is None else out[start : start + s], sub))
             start += s
         return torch.cat(pieces)
     raise CompositionError(f"{item!r} cannot run at a site")  # Parallel is unwrapped in `run`
@@ -331,4 +334,3 @@ def first_live(spec: tuple[Any, ...], live: dict[str, Any]) -> Any | None:
         if ad is not None:
             return ad
     return None
-

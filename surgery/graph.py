@@ -79,8 +79,9 @@ def _linear_types() -> tuple[type, ...]:
 
 def _is_activation(module: nn.Module) -> bool:
     # torch.nn.modules.activation also holds softmaxes and MultiheadAttention, which are not.
-    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations") \
-        and not isinstance(module, (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin))
+    return type(module).__module__ in ("torch.nn.modules.activation", "transformers.activations") and not isinstance(
+        module, (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin)
+    )
 
 
 @dataclass
@@ -136,9 +137,11 @@ def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None =
 
 # ----------------------------------------------------------------------------- tracing
 
-_FIX = ("call surgery.trace(model, inputs) once with a batch its forward accepts (a tensor, a tuple of "
-        "positional args or a dict of keyword args; `example_inputs=` of surgery.find / graph.roles is the same), "
-        "then role selectors read that graph; or select sites by name instead of role")
+_FIX = (
+    "call surgery.trace(model, inputs) once with a batch its forward accepts (a tensor, a tuple of "
+    "positional args or a dict of keyword args; `example_inputs=` of surgery.find / graph.roles is the same), "
+    "then role selectors read that graph; or select sites by name instead of role"
+)
 
 
 def _guarded(model: nn.Module, what: str, run):  # type: ignore[no-untyped-def]
@@ -245,8 +248,11 @@ def _complete(model: nn.Module, inputs: tuple | dict | torch.Tensor) -> tuple | 
         inputs = {getattr(model, "main_input_name", "input_ids"): inputs}
     if isinstance(inputs, Mapping):  # a tokenizer's BatchEncoding is a Mapping, not a dict
         inputs = dict(inputs)
-    if isinstance(inputs, dict) and "use_cache" not in inputs \
-            and "use_cache" in inspect.signature(model.forward).parameters:
+    if (
+        isinstance(inputs, dict)
+        and "use_cache" not in inputs
+        and "use_cache" in inspect.signature(model.forward).parameters
+    ):
         inputs = {**inputs, "use_cache": False}
     return inputs
 
@@ -321,8 +327,9 @@ def _hf_inputs(model: nn.Module) -> list[dict]:
         if per_channel:  # Speech2Text-style: [batch, frames, features], any frame count
             width = per_channel * (_lookup(cfgs, "input_channels", "audio") or 1)
             return torch.zeros(1, 4 * _SEQ, width, dtype=dtype, device=device)
-        raise GraphError("no num_mel_bins + max_source_positions or input_feat_per_channel in the config "
-                         "to size input_features")
+        raise GraphError(
+            "no num_mel_bins + max_source_positions or input_feat_per_channel in the config to size input_features"
+        )
 
     makers = {
         "input_ids": lambda: ids(_lookup(cfgs, "vocab_size", "text")),
@@ -408,8 +415,12 @@ def _map_back(model: nn.Module, standin: nn.Module, found: dict[str, frozenset[s
         rp, sp = "", ""
         for part in path.split(".") if path else []:
             rlist, slist = real[rp], small.get(sp)
-            if part.isdigit() and isinstance(rlist, nn.ModuleList) and isinstance(slist, nn.ModuleList) \
-                    and len(rlist) != len(slist):
+            if (
+                part.isdigit()
+                and isinstance(rlist, nn.ModuleList)
+                and isinstance(slist, nn.ModuleList)
+                and len(rlist) != len(slist)
+            ):
                 # Layer i maps to a stand-in layer of identical structure (i itself if it can).
                 want = sig(rlist[int(part)])
                 order = sorted(range(len(slist)), key=lambda j: j != int(part) % len(slist))
@@ -512,13 +523,15 @@ class _Flow:
     def data_inputs(self, node: fx.Node) -> list[fx.Node]:
         return self.inputs(node, first_only=self.kind[node] in _VIEW)
 
-    def back(self, starts: Iterable[fx.Node], through: frozenset[str],
-             want: frozenset[str] = frozenset()) -> tuple[set[str], list[fx.Node]]:
+    def back(
+        self, starts: Iterable[fx.Node], through: frozenset[str], want: frozenset[str] = frozenset()
+    ) -> tuple[set[str], list[fx.Node]]:
         """Walk back through ops of kinds `through`: (linear owners reached, nodes of kinds `want` reached)."""
         return self._walk(starts, through, want, lambda n: self.data_inputs(n))
 
-    def forward(self, start: fx.Node, through: frozenset[str],
-                want: frozenset[str] = frozenset()) -> tuple[set[str], list[fx.Node]]:
+    def forward(
+        self, start: fx.Node, through: frozenset[str], want: frozenset[str] = frozenset()
+    ) -> tuple[set[str], list[fx.Node]]:
         """Walk forward from `start`'s users likewise (other owners than `start`'s own count)."""
         return self._walk(start.users, through, want, lambda n: n.users, skip=self.owner[start])
 
@@ -556,8 +569,9 @@ def _attention(flow: _Flow) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node
     for n in flow.graph.nodes:
         kind = flow.kind[n]
         if "scaled_dot_product" in kind or kind == "flex_attention":
-            qkv = [n.args[i] if len(n.args) > i else n.kwargs.get(name)
-                   for i, name in enumerate(("query", "key", "value"))]
+            qkv = [
+                n.args[i] if len(n.args) > i else n.kwargs.get(name) for i, name in enumerate(("query", "key", "value"))
+            ]
             if all(isinstance(x, fx.Node) for x in qkv):
                 yield *qkv, n
         elif kind in _SOFTMAX and isinstance(n.args[0], fx.Node):
@@ -624,15 +638,19 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
         if (owner := flow.owner[n]) is None:
             continue
         ins.setdefault(owner, set()).update(
-            a for a in flow.inputs(n) if flow.owner[a] != owner and flow.param(a) is None)
+            a for a in flow.inputs(n) if flow.owner[a] != owner and flow.param(a) is None
+        )
         if any(flow.owner[u] != owner for u in n.users):
             outs.setdefault(owner, set()).add(n)
 
     for down in ins:
         if _ATTN_ROLES & out.get(down, set()) or _mixes_positions(flow.mods[down]):
             continue
-        srcs = {p: s for p, s in _ffn_sources(flow, ins[down]).items()
-                if not _ATTN_ROLES & out.get(p, set()) and not _mixes_positions(flow.mods[p])}
+        srcs = {
+            p: s
+            for p, s in _ffn_sources(flow, ins[down]).items()
+            if not _ATTN_ROLES & out.get(p, set()) and not _mixes_positions(flow.mods[p])
+        }
         activated = {p for p, s in srcs.items() if any(a for a, _ in s)}
         plain = {p for p, s in srcs.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
         joins = any(flow.forward(o, _VIEW | _SCALE, want=_RESIDUAL)[1] for o in outs[down])
@@ -681,7 +699,11 @@ def _heads(flow: _Flow) -> set[str]:
             starts.extend(flow.data_inputs(n))
         elif kind in _SCALE | {"add", "sub"} and len(flow.tensors(n)) == 1:
             starts.extend(flow.tensors(n))  # scaling by a constant, adding a bias (BART's final_logits_bias)
-        elif kind == "tanh" and flow.scope[n] not in flow.acts and flow.inputs(n) \
-                and flow.kind[flow.inputs(n)[0]] in _SCALE:
+        elif (
+            kind == "tanh"
+            and flow.scope[n] not in flow.acts
+            and flow.inputs(n)
+            and flow.kind[flow.inputs(n)[0]] in _SCALE
+        ):
             starts.extend(flow.inputs(n))  # soft-capping tanh(logits / cap) * cap, not a pooler's tanh
     return found

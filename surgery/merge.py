@@ -28,8 +28,7 @@ import torch
 
 from surgery.errors import MergeError
 
-_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-        torch.float64: torch.int64}
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 _MAX_CHUNK = 1 << 22
 _MIN_CHUNK = 1 << 19
 _SAMPLE = 61  # checksum every 61st element of D: a reproducibility check, not a hash
@@ -153,8 +152,11 @@ def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
             )
         one = len(chunks) == 1  # the usual case: D is computed once
         ds = [_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape) for lo, hi in chunks] if one else None
-        sums = torch.stack([_sample_sum(d) for d in ds] if ds else [
-            _sample_sum(_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape)) for lo, hi in chunks])
+        sums = torch.stack(
+            [_sample_sum(d) for d in ds]
+            if ds
+            else [_sample_sum(_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape)) for lo, hi in chunks]
+        )
         if not torch.equal(sums, rec.sums.to(sums.device)):
             raise MergeError(
                 "unmerge could not recompute the delta exactly as at merge time (another device "

@@ -33,8 +33,7 @@ from torch import nn
 
 from surgery.errors import SelectorError
 
-ROLES = ("q", "k", "v", "qkv", "o", "attn", "mlp.up", "mlp.gate", "mlp.down", "mlp",
-         "linear", "embed", "head")
+ROLES = ("q", "k", "v", "qkv", "o", "attn", "mlp.up", "mlp.gate", "mlp.down", "mlp", "linear", "embed", "head")
 # Roles that stand for a union of finer roles, in case the graph only names the fine ones.
 _ROLE_UNIONS = {"attn": {"q", "k", "v", "qkv", "o"}, "mlp": {"mlp.up", "mlp.gate", "mlp.down"}}
 
@@ -237,7 +236,7 @@ def _compile_glob(text: str) -> tuple[re.Pattern[str], tuple[tuple[int | None, i
                 j = seg.find("]", i)
                 if j < 0:
                     raise SelectorError(f"selector {text!r}: unclosed '['")
-                out.append(seg[i:j + 1])
+                out.append(seg[i : j + 1])
                 i = j
             else:
                 out.append(re.escape(c))
@@ -321,8 +320,10 @@ def sel(selector: Any) -> Sel:
         return _Glob(s)
     if isinstance(selector, type) and issubclass(selector, nn.Module):
         return _Type((selector,))
-    if isinstance(selector, tuple) and selector and all(
-        isinstance(t, type) and issubclass(t, nn.Module) for t in selector
+    if (
+        isinstance(selector, tuple)
+        and selector
+        and all(isinstance(t, type) and issubclass(t, nn.Module) for t in selector)
     ):
         return _Type(selector)
     if isinstance(selector, (list, tuple, set, frozenset)):
@@ -337,7 +338,9 @@ def sel(selector: Any) -> Sel:
     )
 
 
-def select(model: nn.Module, selector: Any, *, skip: Callable[[str], bool] | None = None) -> list[tuple[str, nn.Module]]:
+def select(
+    model: nn.Module, selector: Any, *, skip: Callable[[str], bool] | None = None
+) -> list[tuple[str, nn.Module]]:
     """All (path, module) pairs of `model` that `selector` hits, in module order."""
     s = sel(selector)
     ctx = _Ctx(model)

@@ -61,8 +61,7 @@ def _is_linear(m: nn.Module) -> bool:
 
 def _base_linears(m: nn.Module) -> list[nn.Module]:
     """The linear layers inside `m`, in registration order, leaving out injected adapters."""
-    return [sub for path, sub in m.named_modules()
-            if path and _is_linear(sub) and "surgery" not in path.split(".")]
+    return [sub for path, sub in m.named_modules() if path and _is_linear(sub) and "surgery" not in path.split(".")]
 
 
 def in_width(m: nn.Module) -> int | None:
@@ -149,8 +148,7 @@ def _sublayer(model: nn.Module, down: str, ups: list[str], roles: dict) -> Subla
         raise SelectorError(f"found no up projection feeding {down!r}")
     lca = _common([*mine, down])
     mods = dict(model.named_modules())
-    others = [p for p, r in roles.items()
-              if _under(p, lca) and p not in mine and p != down and r - {"linear"}]
+    others = [p for p, r in roles.items() if _under(p, lca) and p not in mine and p != down and r - {"linear"}]
     down_mod = mods[down]
     d_in = next((w for w in (in_width(mods[u]) for u in mine) if w is not None), None)
     d_out = out_width(down_mod)
@@ -186,8 +184,9 @@ def _required_positional(m: nn.Module) -> list[str]:
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
-def _probe(m: nn.Module, shape: tuple[int, ...], model: nn.Module | None = None,
-           perm: torch.Tensor | None = None) -> tuple[Any, str]:
+def _probe(
+    m: nn.Module, shape: tuple[int, ...], model: nn.Module | None = None, perm: torch.Tensor | None = None
+) -> tuple[Any, str]:
     """Run `m` on a small input of `shape` (its dtype and device), in eval, with no delta active:
     (output, "") or (None, why it failed). (None, "") when it cannot be run here (meta tensors).
     With `perm`, the input's rows are permuted first."""
@@ -225,7 +224,9 @@ def _shape_ok(out: Any, shape: tuple[int, ...]) -> bool:
 def _got(out: Any, why: str) -> str:
     if why:
         return f"it raised {why}"
-    return f"it returned {type(out).__name__}" + (f" of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else "")
+    return f"it returned {type(out).__name__}" + (
+        f" of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else ""
+    )
 
 
 def _takes_tokens(m: nn.Module, d_in: int, d_out: int) -> bool:
@@ -285,8 +286,13 @@ def check_forward(model: nn.Module, sub: Sublayer, who: str, *, alone: bool) -> 
         )
     perm = torch.tensor([3, 0, 4, 1, 2])
     again, _ = _probe(expert, (t, sub.d_in), model, perm)
-    mixed = not isinstance(again, torch.Tensor) or again.shape != out.shape or not torch.allclose(
-        again.float(), out[perm.to(out.device)].float(), rtol=1e-2, atol=1e-3 * (1.0 + float(out.abs().max())))
+    mixed = (
+        not isinstance(again, torch.Tensor)
+        or again.shape != out.shape
+        or not torch.allclose(
+            again.float(), out[perm.to(out.device)].float(), rtol=1e-2, atol=1e-3 * (1.0 + float(out.abs().max()))
+        )
+    )
     if mixed:
         raise InjectionError(
             f"{who}: the FFN site {where!r} ({name}) cannot be an expert: its output for a token depends on the "
@@ -384,8 +390,7 @@ def with_fused(targets: Any) -> Sel:
     return _WithFused(targets)
 
 
-def split_fused(model: nn.Module, hits: list[tuple[str, nn.Module]]
-                ) -> tuple[list[Fused], list[tuple[str, nn.Module]]]:
+def split_fused(model: nn.Module, hits: list[tuple[str, nn.Module]]) -> tuple[list[Fused], list[tuple[str, nn.Module]]]:
     """(the fused expert modules among or above `hits`, the other hits)."""
     fused = fused_experts(model)
     if not fused:
@@ -404,14 +409,21 @@ def split_fused(model: nn.Module, hits: list[tuple[str, nn.Module]]
 def _advice(model: nn.Module, fused: list[Fused]) -> str:
     """What to target instead: the attention, and a shared expert made of linears beside the experts."""
     blocks = {f.block for f in fused}
-    shared = [p for p, m in _walk(model)
-              if p.rpartition(".")[0] in blocks and "shared" in p.rpartition(".")[2] and _base_linears(m)]
-    tip = ("target the attention instead (LoRA on '@q', '@v'; an adapter on '@o'; 'lora_moe' on the attention "
-           "linears for experts of your own)")
+    shared = [
+        p
+        for p, m in _walk(model)
+        if p.rpartition(".")[0] in blocks and "shared" in p.rpartition(".")[2] and _base_linears(m)
+    ]
+    tip = (
+        "target the attention instead (LoRA on '@q', '@v'; an adapter on '@o'; 'lora_moe' on the attention "
+        "linears for experts of your own)"
+    )
     if shared:
         name = ".".join(shared[0].split(".")[-2:])
-        tip += (f", or the shared expert beside them, which is made of linears ({shared[0]}"
-                f"{' ...' if len(shared) > 1 else ''}): targets={name!r}")
+        tip += (
+            f", or the shared expert beside them, which is made of linears ({shared[0]}"
+            f"{' ...' if len(shared) > 1 else ''}): targets={name!r}"
+        )
     return tip
 
 
@@ -433,7 +445,8 @@ def fused_warning(model: nn.Module, who: str, fused: list[Fused], covered: list[
     warnings.warn(
         f"{who}: the feed-forward experts of this model are fused 3-D tensors that it cannot attach to "
         f"({_show(fused)}); it covers only {shown}. To cover an FFN, " + _advice(model, fused),
-        FusedExpertsWarning, stacklevel=5,
+        FusedExpertsWarning,
+        stacklevel=5,
     )
 
 
@@ -450,7 +463,8 @@ def fused_beside(model: nn.Module, who: str, sites: list[tuple[str, nn.Module]])
             f"{who}: {inside[0]}{' and others' if len(inside) > 1 else ''} sit in a sparse MoE block whose routed "
             f"experts are fused 3-D tensors ({_show(near)}); those experts are left as they are, only the "
             "modules targeted change (filter FusedExpertsWarning if that is what you want)",
-            FusedExpertsWarning, stacklevel=5,
+            FusedExpertsWarning,
+            stacklevel=5,
         )
 
 

@@ -44,8 +44,12 @@ def assert_state_equal(before: dict[str, torch.Tensor], after: dict[str, torch.T
 
 def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {
-        p: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-            len(getattr(m, "_forward_hooks_with_kwargs", {})))
+        p: (
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            len(getattr(m, "_forward_hooks_with_kwargs", {})),
+        )
         for p, m in model.named_modules()
     }
 
@@ -71,12 +75,11 @@ def assert_snapshot_equal(before: dict, after: dict) -> None:
 
 
 @torch.no_grad()
-def randomize(model: nn.Module, name: str = "default", seed: int = 1, std: float = 0.1,
-              a_too: bool = True) -> None:
+def randomize(model: nn.Module, name: str = "default", seed: int = 1, std: float = 0.1, a_too: bool = True) -> None:
     """Give a delta random, non-zero A and B (B starts at zero, which would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     for ad in engine.adapters(model, name).values():
-        for p in ([ad.lora_A, ad.lora_B] if a_too else [ad.lora_B]):
+        for p in [ad.lora_A, ad.lora_B] if a_too else [ad.lora_B]:
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
 
 
@@ -122,9 +125,18 @@ def train_lm_with_trainer(model: nn.Module, tmp_path, steps: int = 3, lr: float 
     for _ in range(8):
         ids = torch.randint(3, 128, (12,), generator=g)
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps,
-                             per_device_train_batch_size=4, learning_rate=lr, save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = Trainer(model=model, args=args, train_dataset=rows)

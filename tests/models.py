@@ -23,24 +23,39 @@ def _seeded(build):
 
 
 def _decoder_kw() -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
     return _seeded(lambda: GPT2LMHeadModel(cfg))
 
 
 def _bert_config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
 
 
 def tiny_bert():
@@ -113,8 +128,9 @@ class _Block(nn.Module):
 class TinyTransformer(nn.Module):
     """A plain pre-norm decoder: separate q/k/v, sdpa, GELU MLP (fc1/fc2), optional tied lm head."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, heads: int = 4,
-                 tied: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, heads: int = 4, tied: bool = False, seed: int = 0
+    ) -> None:
         torch.manual_seed(seed)
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
@@ -162,8 +178,7 @@ class _FusedBlock(nn.Module):
 class FusedQKVTransformer(nn.Module):
     """A plain decoder with one fused qkv linear split three ways, eager attention and a SwiGLU MLP."""
 
-    def __init__(self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, heads: int = 4,
-                 seed: int = 0) -> None:
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> None:
         torch.manual_seed(seed)
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
@@ -209,8 +224,11 @@ def batch_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict | torch.Te
             out["pixel_values"] = pixels
     if getattr(config, "is_encoder_decoder", False):
         ids = out.get("input_ids")
-        out["decoder_input_ids"] = ids.clone() if ids is not None else \
-            torch.randint(3, min(config.vocab_size, 1000), (batch, seq), generator=g)
+        out["decoder_input_ids"] = (
+            ids.clone()
+            if ids is not None
+            else torch.randint(3, min(config.vocab_size, 1000), (batch, seq), generator=g)
+        )
     return out
 
 
@@ -220,66 +238,135 @@ def batch_for(model: nn.Module, batch: int = 2, seq: int = 8) -> dict | torch.Te
 def tiny_gptj():
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
-                     bos_token_id=1, eos_token_id=2)
+    cfg = GPTJConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8, bos_token_id=1, eos_token_id=2
+    )
     return _seeded(lambda: GPTJForCausalLM(cfg))
 
 
 def tiny_roberta():
     from transformers import RobertaConfig, RobertaModel
 
-    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=72, pad_token_id=1)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=72,
+        pad_token_id=1,
+    )
     return _seeded(lambda: RobertaModel(cfg))
 
 
 def tiny_deberta_v2():
     from transformers import DebertaV2Config, DebertaV2Model
 
-    cfg = DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=64, pad_token_id=0,
-                          relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"])
+    cfg = DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+    )
     return _seeded(lambda: DebertaV2Model(cfg))
 
 
 def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                   decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return _seeded(lambda: T5ForConditionalGeneration(cfg))
 
 
 def tiny_bart():
     from transformers import BartConfig, BartForConditionalGeneration
 
-    cfg = BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                     max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                     decoder_start_token_id=2)
+    cfg = BartConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
     return _seeded(lambda: BartForConditionalGeneration(cfg))
 
 
 def tiny_whisper():
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    cfg = WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                        decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                        suppress_tokens=[], begin_suppress_tokens=[])
+    cfg = WhisperConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=16,
+        max_source_positions=16,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
     return _seeded(lambda: WhisperForConditionalGeneration(cfg))
 
 
 def _clip_configs():
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
-    text = CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=32, projection_dim=32,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, num_channels=3, projection_dim=32)
+    text = CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        projection_dim=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        projection_dim=32,
+    )
     return text, vision
 
 
@@ -306,11 +393,26 @@ def tiny_clip_vision():
 def tiny_siglip():
     from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
 
-    text = SiglipTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=32, pad_token_id=0,
-                            bos_token_id=1, eos_token_id=2)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=32, patch_size=8, num_channels=3)
+    text = SiglipTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+    )
     cfg = SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
     return _seeded(lambda: SiglipModel(cfg))
 
@@ -318,16 +420,25 @@ def tiny_siglip():
 def tiny_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                    image_size=32, patch_size=8, num_channels=3, num_labels=3)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        num_labels=3,
+    )
     return _seeded(lambda: ViTForImageClassification(cfg))
 
 
 def tiny_resnet():
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    cfg = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
-                       layer_type="basic", num_labels=3)
+    cfg = ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=3
+    )
     return _seeded(lambda: ResNetForImageClassification(cfg))
 
 
@@ -341,17 +452,29 @@ def tiny_convnext():
 def tiny_bloom():
     from transformers import BloomConfig, BloomForCausalLM
 
-    cfg = BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = BloomConfig(
+        vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     return _seeded(lambda: BloomForCausalLM(cfg))
 
 
 def tiny_falcon():
     from transformers import FalconConfig, FalconForCausalLM
 
-    cfg = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False,
-                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=False,
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return _seeded(lambda: FalconForCausalLM(cfg))
 
 
@@ -365,24 +488,46 @@ def tiny_mixtral():
 def tiny_qwen2_moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    cfg = Qwen2MoeConfig(**_decoder_kw(), moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    cfg = Qwen2MoeConfig(
+        **_decoder_kw(),
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
     return _seeded(lambda: Qwen2MoeForCausalLM(cfg))
 
 
 def tiny_qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(**_decoder_kw(), head_dim=16, moe_intermediate_size=32, num_experts=4,
-                         num_experts_per_tok=2, decoder_sparse_step=1)
+    cfg = Qwen3MoeConfig(
+        **_decoder_kw(),
+        head_dim=16,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+    )
     return _seeded(lambda: Qwen3MoeForCausalLM(cfg))
 
 
 def tiny_mamba():
     from transformers import MambaConfig, MambaForCausalLM
 
-    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    cfg = MambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
     return _seeded(lambda: MambaForCausalLM(cfg))
 
 

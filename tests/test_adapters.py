@@ -107,9 +107,11 @@ def _reference_hooks(model, style, adapters):
         s = 4.0 if style == "parallel" else 1.0
         mod = model.get_submodule(path)
         if style != "parallel" or ad.entry is None:
+
             def hook(m, args, out, W1=W1, b1=b1, W2=W2, b2=b2, act=act, s=s):
                 h = args[0] if style == "parallel" else out
                 return out + s * (act(h @ W1.T + b1) @ W2.T + b2)
+
             handles.append(mod.register_forward_hook(hook))
         else:
             seen = {}
@@ -118,6 +120,7 @@ def _reference_hooks(model, style, adapters):
 
             def hook2(m, args, out, W1=W1, b1=b1, W2=W2, b2=b2, act=act, s=s, seen=seen):
                 return out + s * (act(seen["x"] @ W1.T + b1) @ W2.T + b2)
+
             handles.append(mod.register_forward_hook(hook2))
     return handles
 
@@ -148,8 +151,15 @@ def test_houlsby_bert_base_parameter_count_matches_formula():
     assert n == 12 * 2 * (2 * 768 * 64 + 64 + 768) == 2_379_264  # "about 2.4 M"
 
 
-@pytest.mark.parametrize("style,kw,b", [("houlsby", {"reduction": 16}, 4), ("pfeiffer", {"bottleneck": 5}, 5),
-                                        ("parallel", {"reduction": 8}, 8), ("pfeiffer", {}, 4)])
+@pytest.mark.parametrize(
+    "style,kw,b",
+    [
+        ("houlsby", {"reduction": 16}, 4),
+        ("pfeiffer", {"bottleneck": 5}, 5),
+        ("parallel", {"reduction": 8}, 8),
+        ("pfeiffer", {}, 4),
+    ],
+)
 def test_size_by_bottleneck_or_reduction(style, kw, b):
     model = tiny_llama()  # hidden 64
     surgery.inject(model, "adapter", style=style, **kw)
@@ -180,7 +190,13 @@ def test_delta_apply_remove_disable(style):
     with surgery.disable(model):
         torch.testing.assert_close(run(model, x), y0, atol=0, rtol=0)
     d = surgery.delta(model, "a")
-    assert all(k.split(".", )[-2] in ("adapter_down", "adapter_up") for k in d.tensors)
+    assert all(
+        k.split(
+            ".",
+        )[-2]
+        in ("adapter_down", "adapter_up")
+        for k in d.tensors
+    )
     fresh = tiny_bert()
     surgery.apply(fresh, d)
     torch.testing.assert_close(run(fresh, x), y1, atol=0, rtol=0)
@@ -233,15 +249,18 @@ def test_only_adapters_train_and_the_trainer_runs(tmp_path):
 # ---------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    ({"style": "double"}, surgery.ConfigError, "unknown style"),
-    ({"style": "pfeiffer", "bottleneck": 65}, surgery.ConfigError, "larger than the hidden size"),
-    ({"style": "pfeiffer", "bottleneck": 0}, surgery.ConfigError, "positive integer"),
-    ({"style": "pfeiffer", "bottleneck": 8, "reduction": 4}, surgery.ConfigError, "not both"),
-    ({"style": "pfeiffer", "reduction": 0.5}, surgery.ConfigError, ">= 1"),
-    ({"style": "pfeiffer", "activation": "wobble"}, surgery.ConfigError, "unknown activation"),
-    ({"style": "parallel", "targets": "@q"}, surgery.SelectorError, "not part of a feed-forward block"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"style": "double"}, surgery.ConfigError, "unknown style"),
+        ({"style": "pfeiffer", "bottleneck": 65}, surgery.ConfigError, "larger than the hidden size"),
+        ({"style": "pfeiffer", "bottleneck": 0}, surgery.ConfigError, "positive integer"),
+        ({"style": "pfeiffer", "bottleneck": 8, "reduction": 4}, surgery.ConfigError, "not both"),
+        ({"style": "pfeiffer", "reduction": 0.5}, surgery.ConfigError, ">= 1"),
+        ({"style": "pfeiffer", "activation": "wobble"}, surgery.ConfigError, "unknown activation"),
+        ({"style": "parallel", "targets": "@q"}, surgery.SelectorError, "not part of a feed-forward block"),
+    ],
+)
 def test_bad_input_is_refused_and_model_unchanged(kw, exc, match):
     model = tiny_llama()
     surgery.inject(model, "lora", r=2, name="keep")
@@ -301,8 +320,9 @@ def test_fusion_math_and_weights():
             q = out @ f.query.weight.T + f.query.bias
             scores = torch.stack([(q * (c @ f.key.weight.T + f.key.bias)).sum(-1) for c in cs], -1)
             p = scores.softmax(-1)
-            mix = sum(p[..., i:i + 1] * c for i, c in enumerate(cs))
+            mix = sum(p[..., i : i + 1] * c for i, c in enumerate(cs))
             return out + mix @ f.value.weight.T + f.value.bias
+
         return h
 
     hs = [ref.get_submodule(p).register_forward_hook(hook(p)) for p in fus]
@@ -388,8 +408,12 @@ def test_average_is_weighted_mean_of_outputs():
     # at every site y = 0.7 y_nli + 0.3 y_sst: check with hand hooks on the base
     ref = tiny_llama()
     n_ad, s_ad = engine.adapters(model, "nli"), engine.adapters(model, "sst")
-    hs = [ref.get_submodule(p).register_forward_hook(
-        lambda m, a, o, p=p: o + 0.7 * n_ad[p].delta(a[0], o) + 0.3 * s_ad[p].delta(a[0], o)) for p in n_ad]
+    hs = [
+        ref.get_submodule(p).register_forward_hook(
+            lambda m, a, o, p=p: o + 0.7 * n_ad[p].delta(a[0], o) + 0.3 * s_ad[p].delta(a[0], o)
+        )
+        for p in n_ad
+    ]
     torch.testing.assert_close(avg, run(ref, x), atol=1e-5, rtol=1e-5)
     for h in hs:
         h.remove()
@@ -407,7 +431,7 @@ def test_batch_split_and_parallel():
     par = _outputs(model, x, surgery.Parallel("nli", "sst", "qa"))
     assert par.shape[0] == 9
     for i, n in enumerate(("nli", "sst", "qa")):
-        torch.testing.assert_close(par[3 * i:3 * i + 3], per[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(par[3 * i : 3 * i + 3], per[n], atol=1e-6, rtol=0)
     # nested: a stack in one branch of a split
     nest = _outputs(model, x, surgery.BatchSplit(surgery.Stack("nli", "qa"), "sst", batch_sizes=[2, 1]))
     torch.testing.assert_close(nest[:2], _outputs(model, x, "nli", "qa")[:2], atol=1e-6, rtol=0)
@@ -425,12 +449,15 @@ def test_parallel_with_lora_on_a_plain_module():
     torch.testing.assert_close(par[2:], _outputs(model, x, "b"), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("spec,match", [
-    ((surgery.Stack("nli", surgery.Parallel("sst", "qa")),), "Parallel cannot be nested"),
-    ((surgery.Parallel("nli", "sst"), "qa"), "only block"),
-    ((surgery.Stack("nli", "nli"),), "appears twice"),
-    ((surgery.Stack("nli", "nope"),), "no delta named"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ((surgery.Stack("nli", surgery.Parallel("sst", "qa")),), "Parallel cannot be nested"),
+        ((surgery.Parallel("nli", "sst"), "qa"), "only block"),
+        ((surgery.Stack("nli", "nli"),), "appears twice"),
+        ((surgery.Stack("nli", "nope"),), "no delta named"),
+    ],
+)
 def test_impossible_compositions_say_which(spec, match):
     model = _three_adapters(tiny_llama)
     with pytest.raises(surgery.CompositionError, match=match):

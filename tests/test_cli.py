@@ -44,8 +44,14 @@ def hub(tmp_path, trained, monkeypatch):
     monkeypatch.delenv("SURGERY_HUB", raising=False)
     h = Hub(tmp_path / "hub")
     h.push(model, "acme/sql", adapter="sql", alias="staging", meta={"dataset": "spider"})
-    changed = surgery.Delta(first.method, first.name, dict(first.config),
-                            {k: t * 2 for k, t in first.tensors.items()}, first.base, dict(first.lineage))
+    changed = surgery.Delta(
+        first.method,
+        first.name,
+        dict(first.config),
+        {k: t * 2 for k, t in first.tensors.items()},
+        first.base,
+        dict(first.lineage),
+    )
     h.push(changed, "acme/sql", parent=1)
     h.push(first, "team/other")
     return h
@@ -73,8 +79,19 @@ def test_hub_help_lists_commands_and_examples(capsys):
         cli.main(["hub", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for c in ("list", "versions", "show", "alias", "history", "verify", "gc", "import-peft", "export-peft",
-              "push-hf", "pull-hf"):
+    for c in (
+        "list",
+        "versions",
+        "show",
+        "alias",
+        "history",
+        "verify",
+        "gc",
+        "import-peft",
+        "export-peft",
+        "push-hf",
+        "pull-hf",
+    ):
         assert c in out
     assert "surgery hub alias acme/sql prod --version 3" in out  # the epilog keeps its line breaks
     assert cli.main(["hub"]) == 0 and "COMMAND" in capsys.readouterr().out
@@ -115,8 +132,14 @@ def test_list_versions_show(hub, capsys):
 
 
 def test_errors_one_line_exit_2(hub, capsys):
-    for args in (["show", "acme/nope"], ["show", "Acme/SQL"], ["show", "../etc"], ["versions", "acme/sql@x@y"],
-                 ["alias", "acme/sql", "prod", "--version", "9"], ["alias", "acme/sql", "nope", "--delete"]):
+    for args in (
+        ["show", "acme/nope"],
+        ["show", "Acme/SQL"],
+        ["show", "../etc"],
+        ["versions", "acme/sql@x@y"],
+        ["alias", "acme/sql", "prod", "--version", "9"],
+        ["alias", "acme/sql", "nope", "--delete"],
+    ):
         rc, out, err = cli_run(hub, *args, capsys=capsys)
         assert rc == 2, args
         assert out == "" and err.startswith("error: ") and err.count("\n") == 1, (args, err)
@@ -142,10 +165,21 @@ def test_hub_path_from_env(hub, capsys, monkeypatch):
     assert "no deltas" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cmd", [["list"], ["versions", "acme/sql"], ["show", "acme/sql@1"], ["verify"], ["gc"],
-                                 ["history", "acme/sql@prod"], ["alias", "acme/sql", "prod"],
-                                 ["alias", "acme/sql", "prod", "--delete"],
-                                 ["export-peft", "acme/sql", "OUT"], ["push-hf", "acme/sql", "--repo-id", "a/b"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["list"],
+        ["versions", "acme/sql"],
+        ["show", "acme/sql@1"],
+        ["verify"],
+        ["gc"],
+        ["history", "acme/sql@prod"],
+        ["alias", "acme/sql", "prod"],
+        ["alias", "acme/sql", "prod", "--delete"],
+        ["export-peft", "acme/sql", "OUT"],
+        ["push-hf", "acme/sql", "--repo-id", "a/b"],
+    ],
+)
 def test_commands_on_a_missing_hub_create_nothing(tmp_path, capsys, cmd):
     typo = tmp_path / "typo"
     cmd = [str(tmp_path / "out") if c == "OUT" else c for c in cmd]
@@ -166,8 +200,16 @@ def test_a_file_in_place_of_the_hub_is_named(tmp_path, capsys):
 def test_hub_object_reads_on_a_missing_folder(tmp_path, trained):
     hub = Hub(tmp_path / "nohub")
     assert not hub.root.exists()  # constructing one creates nothing
-    for read in (hub.list, hub.names, hub.verify, hub.gc, lambda: hub.versions("acme/sql"),
-                 lambda: hub.pull("acme/sql"), lambda: hub.aliases("acme/sql"), lambda: hub.show("acme/sql@1")):
+    for read in (
+        hub.list,
+        hub.names,
+        hub.verify,
+        hub.gc,
+        lambda: hub.versions("acme/sql"),
+        lambda: hub.pull("acme/sql"),
+        lambda: hub.aliases("acme/sql"),
+        lambda: hub.show("acme/sql@1"),
+    ):
         with pytest.raises(NotFoundError, match="no hub at .*push creates one"):
             read()
     assert not hub.root.exists()
@@ -333,8 +375,9 @@ def test_push_hf_and_pull_hf(hub, trained, monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(hfh, "hf_hub_download", download)
 
-    rc, out, _ = cli_run(hub, "push-hf", "acme/sql@staging", "--repo-id", "acme/sql-lora", "--private",
-                         "--token", "tok", capsys=capsys)
+    rc, out, _ = cli_run(
+        hub, "push-hf", "acme/sql@staging", "--repo-id", "acme/sql-lora", "--private", "--token", "tok", capsys=capsys
+    )
     assert rc == 0 and "tag v1" in out and tokens == ["tok"]
     assert [c[0] for c in api.calls] == ["create_repo", "create_commit", "create_tag"]
     assert api.calls[0][2]["private"] is True and api.calls[2][2]["tag"] == "v1"
@@ -345,8 +388,7 @@ def test_push_hf_and_pull_hf(hub, trained, monkeypatch, tmp_path, capsys):
     got = json.loads(out)
     assert rc == 0 and got["tag"] == "v2" and api.calls[-3][2]["private"] is None
 
-    rc, out, _ = cli_run(hub, "pull-hf", "acme/sql-lora", "--revision", "v1", "--name", "acme/pulled",
-                         capsys=capsys)
+    rc, out, _ = cli_run(hub, "pull-hf", "acme/sql-lora", "--revision", "v1", "--name", "acme/pulled", capsys=capsys)
     assert rc == 0 and "acme/pulled@1" in out
     man = hub.show("acme/pulled@1")
     assert man["meta"]["hf_sha"] == sha and man["meta"]["hf_revision"] == "v1"

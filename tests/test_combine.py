@@ -79,8 +79,12 @@ def _pair(factory, specs: dict, ours_extra: dict | None = None, peft_extra: dict
 
 
 def _input_bits(model) -> dict[str, torch.Tensor]:
-    return {f"{n}:{p}:{k}": bits(t) for n in surgery.names(model)
-            for p, ad in engine.adapters(model, n).items() for k, t in ad.tensors().items()}
+    return {
+        f"{n}:{p}:{k}": bits(t)
+        for n in surgery.names(model)
+        for p, ad in engine.adapters(model, n).items()
+        for k, t in ad.tensors().items()
+    }
 
 
 def check_against_peft(factory, x, specs, weights, method, ours_extra=None, peft_extra=None, atol=1e-5, **kw):
@@ -134,8 +138,15 @@ def _specs(targets: list[str], method: str) -> dict:
 def test_matches_peft(arch, method):
     factory, targets = (tiny_llama, LLAMA_T) if arch == "llama" else (tiny_gpt2, GPT2_T)
     x = batch_for(factory())
-    check_against_peft(factory, x, _specs(targets, method), W3, method,
-                       peft_extra={"fan_in_fan_out": arch == "gpt2"}, density=DENSITY.get(method))
+    check_against_peft(
+        factory,
+        x,
+        _specs(targets, method),
+        W3,
+        method,
+        peft_extra={"fan_in_fan_out": arch == "gpt2"},
+        density=DENSITY.get(method),
+    )
 
 
 @pytest.mark.parametrize("method", COMBINE_METHODS)
@@ -168,8 +179,12 @@ OPTIONS = {
     "svd_r_big": ({}, {}, "svd", dict(r=10)),
     "magnitude_prune_small_density": ({}, {}, "magnitude_prune_svd", dict(density=0.05)),
     "rank_pattern_linear": (dict(rank_pattern={"v_proj": 2}), dict(rank_pattern={"v_proj": 2}), "linear", {}),
-    "rank_pattern_ties_rslora": (dict(rank_pattern={"v_proj": 2}, rslora=True),
-                                 dict(rank_pattern={"v_proj": 2}, use_rslora=True), "ties", dict(density=0.7)),
+    "rank_pattern_ties_rslora": (
+        dict(rank_pattern={"v_proj": 2}, rslora=True),
+        dict(rank_pattern={"v_proj": 2}, use_rslora=True),
+        "ties",
+        dict(density=0.7),
+    ),
 }
 
 
@@ -366,8 +381,11 @@ BAD = {
     "r for cat": (dict(weights=W3, method="cat", r=4), ConfigError, "svd methods"),
     "r too big": (dict(weights=W3, method="svd", r=65), ConfigError, "exceeds"),
     "clamp out of range": (dict(weights=W3, method="svd", svd_clamp=1.5), ConfigError, "quantile"),
-    "bad majority": (dict(weights=W3, method="ties", density=0.5, majority_sign_method="most"), ConfigError,
-                     "majority_sign_method"),
+    "bad majority": (
+        dict(weights=W3, method="ties", density=0.5, majority_sign_method="most"),
+        ConfigError,
+        "majority_sign_method",
+    ),
     "bad seed": (dict(weights=W3, method="dare_ties", density=0.5, seed="1"), ConfigError, "seed"),
     "name taken": (dict(weights=W3, name="taken"), InjectionError, "already injected"),
     "bad name": (dict(weights=W3, name="a b"), InjectionError, "letters"),

@@ -43,21 +43,38 @@ def _expand(spec: str) -> frozenset[str]:
 
 def expect(layers: dict[str, dict[str, str]], top: dict[str, str], n: int = 2) -> dict[str, frozenset[str]]:
     """{layer-list path: {path inside a layer: roles}} for layers 0..n-1, plus top-level paths."""
-    out = {f"{prefix}.{i}.{rel}": _expand(spec) for prefix, rel_specs in layers.items()
-           for i in range(n) for rel, spec in rel_specs.items()}
+    out = {
+        f"{prefix}.{i}.{rel}": _expand(spec)
+        for prefix, rel_specs in layers.items()
+        for i in range(n)
+        for rel, spec in rel_specs.items()
+    }
     out.update({path: _expand(spec) for path, spec in top.items()})
     return out
 
 
-LLAMA_LAYER = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
-               "self_attn.o_proj": "o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
-               "mlp.down_proj": "mlp.down"}
+LLAMA_LAYER = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "mlp.gate",
+    "mlp.up_proj": "mlp.up",
+    "mlp.down_proj": "mlp.down",
+}
 LLAMA = expect({"model.layers": LLAMA_LAYER}, {"model.embed_tokens": "embed", "lm_head": "head"})
-GPT2 = expect({"transformer.h": {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "mlp.up",
-                                 "mlp.c_proj": "mlp.down"}},
-              {"transformer.wte": "embed", "transformer.wpe": "embed", "lm_head": "head"})
-BERT_LAYER = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
-              "attention.output.dense": "o", "intermediate.dense": "mlp.up", "output.dense": "mlp.down"}
+GPT2 = expect(
+    {"transformer.h": {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}},
+    {"transformer.wte": "embed", "transformer.wpe": "embed", "lm_head": "head"},
+)
+BERT_LAYER = {
+    "attention.self.query": "q",
+    "attention.self.key": "k",
+    "attention.self.value": "v",
+    "attention.output.dense": "o",
+    "intermediate.dense": "mlp.up",
+    "output.dense": "mlp.down",
+}
 BERT_EMB = {f"embeddings.{e}_embeddings": "embed" for e in ("word", "position", "token_type")}
 
 
@@ -69,23 +86,50 @@ BERT = _bert(**{"pooler.dense": "linear"})
 BERT_CLS = _bert("bert.", **{"bert.pooler.dense": "linear", "classifier": "head"})
 MINILM = _bert(n=6, **{"pooler.dense": "linear"})
 
-TINY = expect({"blocks": {"q": "q", "k": "k", "v": "v", "out": "o", "fc1": "mlp.up", "fc2": "mlp.down"}},
-              {"embed": "embed", "pos": "embed", "lm_head": "head"})
-FUSED = expect({"layers": {"qkv": "qkv", "proj": "o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}},
-               {"tok": "embed", "head": "head"})
+TINY = expect(
+    {"blocks": {"q": "q", "k": "k", "v": "v", "out": "o", "fc1": "mlp.up", "fc2": "mlp.down"}},
+    {"embed": "embed", "pos": "embed", "lm_head": "head"},
+)
+FUSED = expect(
+    {"layers": {"qkv": "qkv", "proj": "o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}},
+    {"tok": "embed", "head": "head"},
+)
 
 # ----------------------------------------------------------------------------- other architectures
 
-DEC = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DEC = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-ENC = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-           max_position_embeddings=64)
+ENC = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
 
 
 def _t5(gated: bool):
-    cfg = T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                     feed_forward_proj="gated-gelu" if gated else "relu", **IDS)
+    cfg = T.T5Config(
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        **IDS,
+    )
     return T.T5ForConditionalGeneration(cfg)
 
 
@@ -97,9 +141,17 @@ def _t5_expected(gated: bool) -> dict[str, frozenset[str]]:
     dec = {f"layer.{0 if k.startswith('Self') else 1}.{k}": v for k, v in attn.items()}
     dec |= {f"layer.2.DenseReluDense.{k}": v for k, v in ffn.items()}
     bias = "layer.0.SelfAttention.relative_attention_bias"
-    return expect({"encoder.block": enc, "decoder.block": dec},
-                  {"shared": "embed", "encoder.embed_tokens": "embed", "decoder.embed_tokens": "embed",
-                   f"encoder.block.0.{bias}": "embed", f"decoder.block.0.{bias}": "embed", "lm_head": "head"})
+    return expect(
+        {"encoder.block": enc, "decoder.block": dec},
+        {
+            "shared": "embed",
+            "encoder.embed_tokens": "embed",
+            "decoder.embed_tokens": "embed",
+            f"encoder.block.0.{bias}": "embed",
+            f"decoder.block.0.{bias}": "embed",
+            "lm_head": "head",
+        },
+    )
 
 
 def _bart_expected() -> dict[str, frozenset[str]]:
@@ -108,16 +160,24 @@ def _bart_expected() -> dict[str, frozenset[str]]:
 
     ffn = {"fc1": "mlp.up", "fc2": "mlp.down"}
     top = {f"model.{s}.{e}": "embed" for s in ("encoder", "decoder") for e in ("embed_tokens", "embed_positions")}
-    return expect({"model.encoder.layers": attn("self_attn") | ffn,
-                   "model.decoder.layers": attn("self_attn") | attn("encoder_attn") | ffn},
-                  top | {"model.shared": "embed", "lm_head": "head"})
+    return expect(
+        {
+            "model.encoder.layers": attn("self_attn") | ffn,
+            "model.decoder.layers": attn("self_attn") | attn("encoder_attn") | ffn,
+        },
+        top | {"model.shared": "embed", "lm_head": "head"},
+    )
 
 
 QKVO = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
 FC = {"fc1": "mlp.up", "fc2": "mlp.down"}
 # DeBERTa-v2 names them query_proj / key_proj / value_proj, not BERT's query / key / value.
-DEBERTA_LAYER = {k.replace("self.query", "self.query_proj").replace("self.key", "self.key_proj")
-                 .replace("self.value", "self.value_proj"): v for k, v in BERT_LAYER.items()}
+DEBERTA_LAYER = {
+    k.replace("self.query", "self.query_proj")
+    .replace("self.key", "self.key_proj")
+    .replace("self.value", "self.value_proj"): v
+    for k, v in BERT_LAYER.items()
+}
 
 
 def _sub(parent: str, d: dict[str, str]) -> dict[str, str]:
@@ -125,29 +185,74 @@ def _sub(parent: str, d: dict[str, str]) -> dict[str, str]:
 
 
 LLAMA_LIKE_TOP = {"model.embed_tokens": "embed", "lm_head": "head"}
-FALCON_LIKE = expect({"transformer.h": {"self_attention.query_key_value": "qkv", "self_attention.dense": "o",
-                                        "mlp.dense_h_to_4h": "mlp.up", "mlp.dense_4h_to_h": "mlp.down"}},
-                     {"transformer.word_embeddings": "embed", "lm_head": "head"})
+FALCON_LIKE = expect(
+    {
+        "transformer.h": {
+            "self_attention.query_key_value": "qkv",
+            "self_attention.dense": "o",
+            "mlp.dense_h_to_4h": "mlp.up",
+            "mlp.dense_4h_to_h": "mlp.down",
+        }
+    },
+    {"transformer.word_embeddings": "embed", "lm_head": "head"},
+)
 
 # name -> (factory, expected roles)
 ARCHS = {
-    "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-        word_embed_proj_dim=64, max_position_embeddings=64, **IDS)),
-        expect({"model.decoder.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | FC},
-               {"model.decoder.embed_tokens": "embed", "model.decoder.embed_positions": "embed", "lm_head": "head"})),
-    "gpt_neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, **IDS)),
-        expect({"gpt_neox.layers": {"attention.query_key_value": "qkv", "attention.dense": "o",
-                                    "mlp.dense_h_to_4h": "mlp.up", "mlp.dense_4h_to_h": "mlp.down"}},
-               {"gpt_neox.embed_in": "embed", "lm_head": "head"})),
-    "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(**{**DEC, "num_key_value_heads": 4})),
-            expect({"model.layers": _sub("self_attn", QKVO | {"dense": "o"}) | _sub("mlp", FC)},
-                   LLAMA_LIKE_TOP)),
-    "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(**DEC)),
-             expect({"model.layers": {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
-                                      "mlp.gate_up_proj": "mlp.up mlp.gate", "mlp.down_proj": "mlp.down"}},
-                    LLAMA_LIKE_TOP)),
+    "opt": (
+        lambda: T.OPTForCausalLM(
+            T.OPTConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                ffn_dim=128,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                max_position_embeddings=64,
+                **IDS,
+            )
+        ),
+        expect(
+            {"model.decoder.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | FC},
+            {"model.decoder.embed_tokens": "embed", "model.decoder.embed_positions": "embed", "lm_head": "head"},
+        ),
+    ),
+    "gpt_neox": (
+        lambda: T.GPTNeoXForCausalLM(
+            T.GPTNeoXConfig(
+                vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, **IDS
+            )
+        ),
+        expect(
+            {
+                "gpt_neox.layers": {
+                    "attention.query_key_value": "qkv",
+                    "attention.dense": "o",
+                    "mlp.dense_h_to_4h": "mlp.up",
+                    "mlp.dense_4h_to_h": "mlp.down",
+                }
+            },
+            {"gpt_neox.embed_in": "embed", "lm_head": "head"},
+        ),
+    ),
+    "phi": (
+        lambda: T.PhiForCausalLM(T.PhiConfig(**{**DEC, "num_key_value_heads": 4})),
+        expect({"model.layers": _sub("self_attn", QKVO | {"dense": "o"}) | _sub("mlp", FC)}, LLAMA_LIKE_TOP),
+    ),
+    "phi3": (
+        lambda: T.Phi3ForCausalLM(T.Phi3Config(**DEC)),
+        expect(
+            {
+                "model.layers": {
+                    "self_attn.qkv_proj": "qkv",
+                    "self_attn.o_proj": "o",
+                    "mlp.gate_up_proj": "mlp.up mlp.gate",
+                    "mlp.down_proj": "mlp.down",
+                }
+            },
+            LLAMA_LIKE_TOP,
+        ),
+    ),
     "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**DEC, head_dim=16)), LLAMA),
     "gemma2_eager": (lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**DEC, head_dim=16)), LLAMA),
     "gemma3": (lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**DEC, head_dim=16)), LLAMA),
@@ -155,80 +260,224 @@ ARCHS = {
     "olmo2": (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**DEC)), LLAMA),
     "cohere": (lambda: T.CohereForCausalLM(T.CohereConfig(**DEC)), LLAMA),
     "stablelm": (lambda: T.StableLmForCausalLM(T.StableLmConfig(**DEC)), LLAMA),
-    "starcoder2": (lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**DEC)),
-                   expect({"model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})
-                           | {"mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}}, LLAMA_LIKE_TOP)),
+    "starcoder2": (
+        lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**DEC)),
+        expect(
+            {
+                "model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})
+                | {"mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+            },
+            LLAMA_LIKE_TOP,
+        ),
+    ),
     "llama_eager": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**DEC, attn_implementation="eager")), LLAMA),
-    "mixtral_moe": (lambda: T.MixtralForCausalLM(T.MixtralConfig(**DEC, num_local_experts=4, num_experts_per_tok=2)),
-                    expect({"model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})}, LLAMA_LIKE_TOP)),
-    "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
-        **DEC, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)),
-        expect({"model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})
+    "mixtral_moe": (
+        lambda: T.MixtralForCausalLM(T.MixtralConfig(**DEC, num_local_experts=4, num_experts_per_tok=2)),
+        expect({"model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})}, LLAMA_LIKE_TOP),
+    ),
+    "qwen2_moe": (
+        lambda: T.Qwen2MoeForCausalLM(
+            T.Qwen2MoeConfig(
+                **DEC,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+            )
+        ),
+        expect(
+            {
+                "model.layers": _sub("self_attn", QKVO | {"o_proj": "o"})
                 | _sub("mlp.shared_expert", {"gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"})
-                | {"mlp.shared_expert_gate": "linear"}}, LLAMA_LIKE_TOP)),
-    "gpt2_eager": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation="eager", **IDS)), GPT2),
-    "gpt_bigcode": (lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, **IDS)), GPT2),
-    "gptj": (lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                                                    n_positions=64, **IDS)),
-             expect({"transformer.h": _sub("attn", QKVO | {"out_proj": "o"})
-                     | {"mlp.fc_in": "mlp.up", "mlp.fc_out": "mlp.down"}},
-                    {"transformer.wte": "embed", "lm_head": "head"})),
-    "gpt_neo": (lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
-        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=64, **IDS)),
-        expect({"transformer.h": _sub("attn.attention", QKVO | {"out_proj": "o"})
-                | {"mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}},
-               {"transformer.wte": "embed", "transformer.wpe": "embed", "lm_head": "head"})),
-    "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                                          num_attention_heads=4, **IDS)), FALCON_LIKE),
-    "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS)),
-              FALCON_LIKE),
-    "mpt": (lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, **IDS)),
-            expect({"transformer.blocks": {"attn.Wqkv": "qkv", "attn.out_proj": "o", "ffn.up_proj": "mlp.up",
-                                           "ffn.down_proj": "mlp.down"}},
-                   {"transformer.wte": "embed", "lm_head": "head"})),
-    "xglm": (lambda: T.XGLMForCausalLM(T.XGLMConfig(vocab_size=128, d_model=64, num_layers=2, attention_heads=4,
-                                                    ffn_dim=128, **IDS)),
-             expect({"model.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | FC},
-                    LLAMA_LIKE_TOP)),
+                | {"mlp.shared_expert_gate": "linear"}
+            },
+            LLAMA_LIKE_TOP,
+        ),
+    ),
+    "gpt2_eager": (
+        lambda: T.GPT2LMHeadModel(
+            T.GPT2Config(
+                vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation="eager", **IDS
+            )
+        ),
+        GPT2,
+    ),
+    "gpt_bigcode": (
+        lambda: T.GPTBigCodeForCausalLM(
+            T.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, **IDS)
+        ),
+        GPT2,
+    ),
+    "gptj": (
+        lambda: T.GPTJForCausalLM(
+            T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **IDS)
+        ),
+        expect(
+            {
+                "transformer.h": _sub("attn", QKVO | {"out_proj": "o"})
+                | {"mlp.fc_in": "mlp.up", "mlp.fc_out": "mlp.down"}
+            },
+            {"transformer.wte": "embed", "lm_head": "head"},
+        ),
+    ),
+    "gpt_neo": (
+        lambda: T.GPTNeoForCausalLM(
+            T.GPTNeoConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_layers=2,
+                num_heads=4,
+                attention_types=[[["global", "local"], 1]],
+                max_position_embeddings=64,
+                **IDS,
+            )
+        ),
+        expect(
+            {
+                "transformer.h": _sub("attn.attention", QKVO | {"out_proj": "o"})
+                | {"mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+            },
+            {"transformer.wte": "embed", "transformer.wpe": "embed", "lm_head": "head"},
+        ),
+    ),
+    "falcon": (
+        lambda: T.FalconForCausalLM(
+            T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **IDS)
+        ),
+        FALCON_LIKE,
+    ),
+    "bloom": (
+        lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS)),
+        FALCON_LIKE,
+    ),
+    "mpt": (
+        lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, **IDS)),
+        expect(
+            {
+                "transformer.blocks": {
+                    "attn.Wqkv": "qkv",
+                    "attn.out_proj": "o",
+                    "ffn.up_proj": "mlp.up",
+                    "ffn.down_proj": "mlp.down",
+                }
+            },
+            {"transformer.wte": "embed", "lm_head": "head"},
+        ),
+    ),
+    "xglm": (
+        lambda: T.XGLMForCausalLM(
+            T.XGLMConfig(vocab_size=128, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, **IDS)
+        ),
+        expect({"model.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | FC}, LLAMA_LIKE_TOP),
+    ),
     "t5": (lambda: _t5(False), _t5_expected(False)),
     "t5_gated": (lambda: _t5(True), _t5_expected(True)),
-    "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
-        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, **IDS)),
-        _bart_expected()),
+    "bart": (
+        lambda: T.BartForConditionalGeneration(
+            T.BartConfig(
+                vocab_size=128,
+                d_model=64,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                max_position_embeddings=64,
+                **IDS,
+            )
+        ),
+        _bart_expected(),
+    ),
     "bert_eager": (lambda: T.BertModel(T.BertConfig(**ENC, attn_implementation="eager")), BERT),
-    "roberta_cls": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**ENC, pad_token_id=1)),
-                    _bert("roberta.", **{"classifier.dense": "linear", "classifier.out_proj": "head"})),
-    "electra_cls": (lambda: T.ElectraForSequenceClassification(T.ElectraConfig(**ENC, embedding_size=32)),
-                    _bert("electra.", **{"electra.embeddings_project": "linear", "classifier.dense": "linear",
-                                         "classifier.out_proj": "head"})),
-    "distilbert_cls": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
-        vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64)),
-        expect({"distilbert.transformer.layer": {
-            "attention.q_lin": "q", "attention.k_lin": "k", "attention.v_lin": "v", "attention.out_lin": "o",
-            "ffn.lin1": "mlp.up", "ffn.lin2": "mlp.down"}},
-               {"distilbert.embeddings.word_embeddings": "embed", "distilbert.embeddings.position_embeddings": "embed",
-                "pre_classifier": "linear", "classifier": "head"})),
-    "albert": (lambda: T.AlbertModel(T.AlbertConfig(**ENC, embedding_size=32)),
-               expect({"encoder.albert_layer_groups.0.albert_layers": {
-                   "attention.query": "q", "attention.key": "k", "attention.value": "v", "attention.dense": "o",
-                   "ffn": "mlp.up", "ffn_output": "mlp.down"}},
-                   BERT_EMB | {"encoder.embedding_hidden_mapping_in": "linear", "pooler": "linear"}, n=1)),
-    "deberta_v2": (lambda: T.DebertaV2Model(T.DebertaV2Config(**ENC)),
-                   expect({"encoder.layer": DEBERTA_LAYER},
-                          {"embeddings.word_embeddings": "embed", "embeddings.position_embeddings": "embed"})),
-    "clip_text": (lambda: T.CLIPTextModel(T.CLIPTextConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                                           num_hidden_layers=2, num_attention_heads=4)),
-                  expect({"encoder.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | _sub("mlp", FC)},
-                         {"embeddings.token_embedding": "embed", "embeddings.position_embedding": "embed"})),
-    "vit_cls": (lambda: T.ViTForImageClassification(T.ViTConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
-        patch_size=8, num_labels=3)),
-        expect({"vit.layers": _sub("attention", QKVO | {"o_proj": "o"}) | _sub("mlp", FC)},
-               {"vit.embeddings.patch_embeddings.projection": "linear", "classifier": "head"})),
+    "roberta_cls": (
+        lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**ENC, pad_token_id=1)),
+        _bert("roberta.", **{"classifier.dense": "linear", "classifier.out_proj": "head"}),
+    ),
+    "electra_cls": (
+        lambda: T.ElectraForSequenceClassification(T.ElectraConfig(**ENC, embedding_size=32)),
+        _bert(
+            "electra.",
+            **{"electra.embeddings_project": "linear", "classifier.dense": "linear", "classifier.out_proj": "head"},
+        ),
+    ),
+    "distilbert_cls": (
+        lambda: T.DistilBertForSequenceClassification(
+            T.DistilBertConfig(
+                vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64
+            )
+        ),
+        expect(
+            {
+                "distilbert.transformer.layer": {
+                    "attention.q_lin": "q",
+                    "attention.k_lin": "k",
+                    "attention.v_lin": "v",
+                    "attention.out_lin": "o",
+                    "ffn.lin1": "mlp.up",
+                    "ffn.lin2": "mlp.down",
+                }
+            },
+            {
+                "distilbert.embeddings.word_embeddings": "embed",
+                "distilbert.embeddings.position_embeddings": "embed",
+                "pre_classifier": "linear",
+                "classifier": "head",
+            },
+        ),
+    ),
+    "albert": (
+        lambda: T.AlbertModel(T.AlbertConfig(**ENC, embedding_size=32)),
+        expect(
+            {
+                "encoder.albert_layer_groups.0.albert_layers": {
+                    "attention.query": "q",
+                    "attention.key": "k",
+                    "attention.value": "v",
+                    "attention.dense": "o",
+                    "ffn": "mlp.up",
+                    "ffn_output": "mlp.down",
+                }
+            },
+            BERT_EMB | {"encoder.embedding_hidden_mapping_in": "linear", "pooler": "linear"},
+            n=1,
+        ),
+    ),
+    "deberta_v2": (
+        lambda: T.DebertaV2Model(T.DebertaV2Config(**ENC)),
+        expect(
+            {"encoder.layer": DEBERTA_LAYER},
+            {"embeddings.word_embeddings": "embed", "embeddings.position_embeddings": "embed"},
+        ),
+    ),
+    "clip_text": (
+        lambda: T.CLIPTextModel(
+            T.CLIPTextConfig(
+                vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+            )
+        ),
+        expect(
+            {"encoder.layers": _sub("self_attn", QKVO | {"out_proj": "o"}) | _sub("mlp", FC)},
+            {"embeddings.token_embedding": "embed", "embeddings.position_embedding": "embed"},
+        ),
+    ),
+    "vit_cls": (
+        lambda: T.ViTForImageClassification(
+            T.ViTConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                image_size=32,
+                patch_size=8,
+                num_labels=3,
+            )
+        ),
+        expect(
+            {"vit.layers": _sub("attention", QKVO | {"o_proj": "o"}) | _sub("mlp", FC)},
+            {"vit.embeddings.patch_embeddings.projection": "linear", "classifier": "head"},
+        ),
+    ),
 }
 
 
@@ -247,8 +496,11 @@ def _timed_roles(name: str, model: nn.Module, **kw) -> dict[str, frozenset[str]]
 
 
 def _diff(got: dict, want: dict) -> str:
-    lines = [f"{p}: got {sorted(got.get(p, ()))} want {sorted(want.get(p, ()))}"
-             for p in sorted(set(got) | set(want)) if got.get(p) != want.get(p)]
+    lines = [
+        f"{p}: got {sorted(got.get(p, ()))} want {sorted(want.get(p, ()))}"
+        for p in sorted(set(got) | set(want))
+        if got.get(p) != want.get(p)
+    ]
     return "\n".join(lines)
 
 
@@ -337,12 +589,18 @@ class DataDependent(nn.Module):
 def test_plain_transformers_of_any_size(layers, heads, tied, fused):
     if fused:
         got = graph.roles(models.FusedQKVTransformer(layers=layers, heads=heads))
-        want = expect({"layers": {"qkv": "qkv", "proj": "o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}},
-                      {"tok": "embed", "head": "head"}, n=layers)
+        want = expect(
+            {"layers": {"qkv": "qkv", "proj": "o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}},
+            {"tok": "embed", "head": "head"},
+            n=layers,
+        )
     else:
         got = graph.roles(models.TinyTransformer(layers=layers, heads=heads, tied=tied))
-        want = expect({"blocks": {"q": "q", "k": "k", "v": "v", "out": "o", "fc1": "mlp.up", "fc2": "mlp.down"}},
-                      {"embed": "embed", "pos": "embed", "lm_head": "head"}, n=layers)
+        want = expect(
+            {"blocks": {"q": "q", "k": "k", "v": "v", "out": "o", "fc1": "mlp.up", "fc2": "mlp.down"}},
+            {"embed": "embed", "pos": "embed", "lm_head": "head"},
+            n=layers,
+        )
     assert got == want, _diff(got, want)
 
 
@@ -358,8 +616,9 @@ def test_torch_transformer_encoder_mlp_found_through_export():
         def __init__(self) -> None:
             super().__init__()
             self.emb = nn.Embedding(50, 32)
-            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
-                                             enable_nested_tensor=False)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False
+            )
             self.out = nn.Linear(32, 5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -368,8 +627,10 @@ def test_torch_transformer_encoder_mlp_found_through_export():
     model = Encoder().eval()
     got = graph.roles(model, example_inputs=(torch.zeros(2, 8, dtype=torch.long),))
     # MultiheadAttention keeps q/k/v in one raw in_proj_weight, so only its FFN has module roles.
-    want = expect({"enc.layers": {"linear1": "mlp.up", "linear2": "mlp.down", "self_attn.out_proj": "linear"}},
-                  {"emb": "embed", "out": "head"})
+    want = expect(
+        {"enc.layers": {"linear1": "mlp.up", "linear2": "mlp.down", "self_attn.out_proj": "linear"}},
+        {"emb": "embed", "out": "head"},
+    )
     assert got == want, _diff(got, want)
 
 
@@ -423,8 +684,14 @@ def test_standin_matches_full_graph_on_deeper_models():
 def test_standin_maps_heterogeneous_layers_by_structure():
     # Sparse MoE blocks on odd layers, dense MLPs on even ones: each layer maps to a stand-in layer
     # of the same structure, not merely the same index.
-    cfg = T.Qwen2MoeConfig(**{**DEC, "num_hidden_layers": 4}, num_experts=4, num_experts_per_tok=2,
-                           moe_intermediate_size=32, shared_expert_intermediate_size=64, decoder_sparse_step=2)
+    cfg = T.Qwen2MoeConfig(
+        **{**DEC, "num_hidden_layers": 4},
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        decoder_sparse_step=2,
+    )
     model = _build(lambda: T.Qwen2MoeForCausalLM(cfg))
     dense = _sub("mlp", {"gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"})
     sparse = _sub("mlp.shared_expert", {"gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"})
@@ -455,8 +722,15 @@ def test_standin_not_trusted_when_a_layer_was_changed():
 
 
 def test_llama2_7b_shape_on_meta_is_fast(capsys):
-    cfg = T.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    cfg = T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     with torch.device("meta"):
         model = T.LlamaForCausalLM(cfg)
     start = time.perf_counter()
@@ -509,16 +783,20 @@ def test_cache_does_not_keep_the_model_alive():
 
 
 def _snapshot(model: nn.Module):
-    tensors = {k: (v.data_ptr(), v.detach().clone(), v.requires_grad)
-               for k, v in model.state_dict(keep_vars=True).items()}
+    tensors = {
+        k: (v.data_ptr(), v.detach().clone(), v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()
+    }
     flags = [m.training for m in model.modules()]
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()]
     config = model.config.to_dict() if hasattr(model, "config") else None
     return tensors, flags, hooks, config
 
 
-@pytest.mark.parametrize("factory", [models.tiny_gpt2, models.tiny_llama, models.tiny_bert_cls,
-                                     models.TinyTransformer, NeedsInputs], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "factory",
+    [models.tiny_gpt2, models.tiny_llama, models.tiny_bert_cls, models.TinyTransformer, NeedsInputs],
+    ids=lambda f: f.__name__,
+)
 def test_graph_build_leaves_the_model_unchanged(factory):
     model = factory()
     model.train()
@@ -557,12 +835,15 @@ def _ffn(prefix: str, up: str, down: str, gate: str | None = None) -> dict[str, 
     return out | ({"mlp.gate": f"{prefix}\\.{gate}"} if gate else {})
 
 
-_BERTISH = _attn(f"encoder\\.layer\\.{_L}\\.attention", "self.query", "self.key", "self.value", "output.dense") \
-    | _ffn(f"encoder\\.layer\\.{_L}", "intermediate.dense", "output.dense")
-_SEQ2SEQ = _attn(f"model\\.(en|de)coder\\.layers\\.{_L}\\.(self_attn|encoder_attn)", o="out_proj") \
-    | _ffn(f"model\\.(en|de)coder\\.layers\\.{_L}", "fc1", "fc2")
-_CLIPISH = _attn(f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.self_attn", o="out_proj") \
-    | _ffn(f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.mlp", "fc1", "fc2")
+_BERTISH = _attn(f"encoder\\.layer\\.{_L}\\.attention", "self.query", "self.key", "self.value", "output.dense") | _ffn(
+    f"encoder\\.layer\\.{_L}", "intermediate.dense", "output.dense"
+)
+_SEQ2SEQ = _attn(f"model\\.(en|de)coder\\.layers\\.{_L}\\.(self_attn|encoder_attn)", o="out_proj") | _ffn(
+    f"model\\.(en|de)coder\\.layers\\.{_L}", "fc1", "fc2"
+)
+_CLIPISH = _attn(f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.self_attn", o="out_proj") | _ffn(
+    f"(text|vision)_model\\.encoder\\.layers\\.{_L}\\.mlp", "fc1", "fc2"
+)
 
 
 def _untowered(spec: dict[str, str]) -> dict[str, str]:
@@ -571,27 +852,49 @@ def _untowered(spec: dict[str, str]) -> dict[str, str]:
 
 
 _LLAMA_ATTN = _attn(f"model\\.layers\\.{_L}\\.self_attn")
-_FALCONISH = {"qkv": f"transformer\\.h\\.{_L}\\.self_attention\\.query_key_value",
-              "o": f"transformer\\.h\\.{_L}\\.self_attention\\.dense", "head": "lm_head"} \
-    | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "dense_h_to_4h", "dense_4h_to_h")
+_FALCONISH = {
+    "qkv": f"transformer\\.h\\.{_L}\\.self_attention\\.query_key_value",
+    "o": f"transformer\\.h\\.{_L}\\.self_attention\\.dense",
+    "head": "lm_head",
+} | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "dense_h_to_4h", "dense_4h_to_h")
 
 # name -> (factory, {fine role: regex over the module paths it must hit exactly}); a fine role not
 # listed must hit nothing (a SelectorError, not a crash). Every factory lives in tests/models.py.
 OUT_OF_THE_BOX = {
-    "llama": (models.tiny_llama, _LLAMA_ATTN | {"head": "lm_head"}
-              | _ffn(f"model\\.layers\\.{_L}\\.mlp", "up_proj", "down_proj", "gate_proj")),
-    "gpt2": (models.tiny_gpt2, {"qkv": f"transformer\\.h\\.{_L}\\.attn\\.c_attn", "head": "lm_head",
-                                "o": f"transformer\\.h\\.{_L}\\.attn\\.c_proj"}
-             | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "c_fc", "c_proj")),
-    "gptj": (models.tiny_gptj, _attn(f"transformer\\.h\\.{_L}\\.attn", o="out_proj") | {"head": "lm_head"}
-             | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "fc_in", "fc_out")),
+    "llama": (
+        models.tiny_llama,
+        _LLAMA_ATTN | {"head": "lm_head"} | _ffn(f"model\\.layers\\.{_L}\\.mlp", "up_proj", "down_proj", "gate_proj"),
+    ),
+    "gpt2": (
+        models.tiny_gpt2,
+        {
+            "qkv": f"transformer\\.h\\.{_L}\\.attn\\.c_attn",
+            "head": "lm_head",
+            "o": f"transformer\\.h\\.{_L}\\.attn\\.c_proj",
+        }
+        | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "c_fc", "c_proj"),
+    ),
+    "gptj": (
+        models.tiny_gptj,
+        _attn(f"transformer\\.h\\.{_L}\\.attn", o="out_proj")
+        | {"head": "lm_head"}
+        | _ffn(f"transformer\\.h\\.{_L}\\.mlp", "fc_in", "fc_out"),
+    ),
     "bert": (models.tiny_bert, _BERTISH),
     "roberta": (models.tiny_roberta, _BERTISH),
-    "deberta_v2": (models.tiny_deberta_v2, _BERTISH | _attn(f"encoder\\.layer\\.{_L}\\.attention", "self.query_proj",
-                                                            "self.key_proj", "self.value_proj", "output.dense")),
-    "t5": (models.tiny_t5, {"head": "lm_head"}
-           | {r: f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.(SelfAttention|EncDecAttention)\\.{r}" for r in "qkvo"}
-           | _ffn(f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.DenseReluDense", "wi", "wo")),
+    "deberta_v2": (
+        models.tiny_deberta_v2,
+        _BERTISH
+        | _attn(
+            f"encoder\\.layer\\.{_L}\\.attention", "self.query_proj", "self.key_proj", "self.value_proj", "output.dense"
+        ),
+    ),
+    "t5": (
+        models.tiny_t5,
+        {"head": "lm_head"}
+        | {r: f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.(SelfAttention|EncDecAttention)\\.{r}" for r in "qkvo"}
+        | _ffn(f"(en|de)coder\\.block\\.{_L}\\.layer\\.{_L}\\.DenseReluDense", "wi", "wo"),
+    ),
     "bart": (models.tiny_bart, _SEQ2SEQ | {"head": "lm_head"}),
     "whisper": (models.tiny_whisper, _SEQ2SEQ | {"head": "proj_out"}),
     "clip": (models.tiny_clip, _CLIPISH | {"head": "(text|visual)_projection"}),
@@ -599,26 +902,45 @@ OUT_OF_THE_BOX = {
     "clip_vision": (models.tiny_clip_vision, _untowered(_CLIPISH)),
     # SigLIP's vision tower ends in an attention-pooling head: an nn.MultiheadAttention (fused raw
     # in_proj_weight, no q/k/v modules) followed by an MLP, which is found as one.
-    "siglip": (models.tiny_siglip, _CLIPISH | {"head": "text_model\\.head",
-                                               "mlp.up": _CLIPISH["mlp.up"] + "|vision_model\\.head\\.mlp\\.fc1",
-                                               "mlp.down": _CLIPISH["mlp.down"] + "|vision_model\\.head\\.mlp\\.fc2"}),
-    "vit": (models.tiny_vit, _attn(f"vit\\.layers\\.{_L}\\.attention") | {"head": "classifier"}
-            | _ffn(f"vit\\.layers\\.{_L}\\.mlp", "fc1", "fc2")),
+    "siglip": (
+        models.tiny_siglip,
+        _CLIPISH
+        | {
+            "head": "text_model\\.head",
+            "mlp.up": _CLIPISH["mlp.up"] + "|vision_model\\.head\\.mlp\\.fc1",
+            "mlp.down": _CLIPISH["mlp.down"] + "|vision_model\\.head\\.mlp\\.fc2",
+        },
+    ),
+    "vit": (
+        models.tiny_vit,
+        _attn(f"vit\\.layers\\.{_L}\\.attention")
+        | {"head": "classifier"}
+        | _ffn(f"vit\\.layers\\.{_L}\\.mlp", "fc1", "fc2"),
+    ),
     # Convolutional nets: no attention; ResNet has no FFN either (conv -> batch norm -> relu -> conv).
     "resnet": (models.tiny_resnet, {"head": "classifier\\.1"}),
-    "convnext": (models.tiny_convnext, {"head": "classifier"}
-                 | _ffn(f"convnext\\.encoder\\.stages\\.{_L}\\.layers\\.{_L}", "pwconv1", "pwconv2")),
+    "convnext": (
+        models.tiny_convnext,
+        {"head": "classifier"} | _ffn(f"convnext\\.encoder\\.stages\\.{_L}\\.layers\\.{_L}", "pwconv1", "pwconv2"),
+    ),
     "bloom": (models.tiny_bloom, _FALCONISH),
     "falcon": (models.tiny_falcon, _FALCONISH),
     # Mixtral / Qwen3-MoE experts are fused 3-D parameters (no linear modules), so only attention is found;
     # Qwen2-MoE's shared expert is a plain gated MLP.
     "mixtral": (models.tiny_mixtral, _LLAMA_ATTN | {"head": "lm_head"}),
-    "qwen2_moe": (models.tiny_qwen2_moe, _LLAMA_ATTN | {"head": "lm_head"}
-                  | _ffn(f"model\\.layers\\.{_L}\\.mlp\\.shared_expert", "up_proj", "down_proj", "gate_proj")),
+    "qwen2_moe": (
+        models.tiny_qwen2_moe,
+        _LLAMA_ATTN
+        | {"head": "lm_head"}
+        | _ffn(f"model\\.layers\\.{_L}\\.mlp\\.shared_expert", "up_proj", "down_proj", "gate_proj"),
+    ),
     "qwen3_moe": (models.tiny_qwen3_moe, _LLAMA_ATTN | {"head": "lm_head"}),
     # Mamba: no attention; its mixer is gated, out_proj(ssm(x) * silu(z)) with x, z from in_proj, which reads
     # as an FFN pair; the causal conv1d mixes positions, so conv1d -> silu -> x_proj is not one.
-    "mamba": (models.tiny_mamba, {"head": "lm_head"} | _ffn(f"backbone\\.layers\\.{_L}\\.mixer", "in_proj", "out_proj")),
+    "mamba": (
+        models.tiny_mamba,
+        {"head": "lm_head"} | _ffn(f"backbone\\.layers\\.{_L}\\.mixer", "in_proj", "out_proj"),
+    ),
     "mlp": (models.tiny_mlp, {"head": "head"}),  # no residual stream: fc1 -> relu -> fc2 is not an FFN block
     "cnn": (models.tiny_cnn, {"head": "fc"}),
 }
@@ -737,10 +1059,21 @@ def test_trace_with_inputs_replaces_the_cached_graph():
 # ----------------------------------------------------------------------------- factories
 
 
-@pytest.mark.parametrize("factory", [models.tiny_gpt2, models.tiny_bert, models.tiny_bert_cls, models.tiny_llama,
-                                     models.tiny_qwen2, models.tiny_mistral, models.TinyTransformer,
-                                     models.FusedQKVTransformer, *(f for f, _ in OUT_OF_THE_BOX.values())],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "factory",
+    [
+        models.tiny_gpt2,
+        models.tiny_bert,
+        models.tiny_bert_cls,
+        models.tiny_llama,
+        models.tiny_qwen2,
+        models.tiny_mistral,
+        models.TinyTransformer,
+        models.FusedQKVTransformer,
+        *(f for f, _ in OUT_OF_THE_BOX.values()),
+    ],
+    ids=lambda f: f.__name__,
+)
 def test_factories_run_on_their_batch(factory):
     model = factory()
     batch = models.batch_for(model)

@@ -51,8 +51,16 @@ class FakeHub:
     def show(self, ref):
         r = self.resolve(ref)
         delta, meta = self.versions[r.name][r.version - 1]
-        return {"name": r.name, "version": r.version, "digest": r.digest, "method": delta.method,
-                "config": delta.config, "base": delta.base, "meta": meta, "lineage": delta.lineage}
+        return {
+            "name": r.name,
+            "version": r.version,
+            "digest": r.digest,
+            "method": delta.method,
+            "config": delta.config,
+            "base": delta.base,
+            "meta": meta,
+            "lineage": delta.lineage,
+        }
 
     def pull(self, ref):
         r = self.resolve(ref)

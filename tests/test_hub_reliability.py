@@ -26,7 +26,7 @@ from registry import Hub, IntegrityError, RegistryError, store
 from registry.hub import FORMAT, manifest_digest
 from registry.refs import parse
 
-ZYGOTE = r'''
+ZYGOTE = r"""
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
@@ -54,14 +54,15 @@ for line in sys.stdin:
         finally:
             os._exit(0)
     print(pid, flush=True)
-'''
+"""
 
 
 class Zygote:
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, env=env)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         assert self.p.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
 
     def fork(self, root: Path, name: str, n: int, log: Path, seed: int) -> int:
@@ -135,8 +136,10 @@ def test_kill_9_during_pushes_leaves_a_clean_hub(zygote: Zygote, tmp_path: Path)
         hub.pull(f"acme/k@{v}", recheck=True)
     assert len({x["version"] for x in returned}) == len(returned), "no version returned twice"
     gc = hub.gc()
-    print(f"kills {kills}, returned {len(returned)}, versions {len(versions)}, gc {len(gc['temp'])} temp files, "
-          f"{len(gc['blobs'])} blobs")
+    print(
+        f"kills {kills}, returned {len(returned)}, versions {len(versions)}, gc {len(gc['temp'])} temp files, "
+        f"{len(gc['blobs'])} blobs"
+    )
     assert gc["blobs"] == [] or all(b.startswith("sha256:") for b in gc["blobs"])
     assert list(hub.tmp.iterdir()) == [] and hub.verify() == []
 
@@ -173,11 +176,23 @@ def _write_version(hub: Hub, name: str, version: int, blob: bytes, tensors: list
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(blob)
     chunk = 1 << 20
-    chunks = [hashlib.sha256(blob[i:i + chunk]).hexdigest() for i in range(0, max(len(blob), 1), chunk)]
-    man = {"format": FORMAT, "name": name, "version": version, "method": "lora", "delta_name": "x",
-           "config": {"r": 2}, "base": "arch:x", "parent": None, "lineage": {}, "created": "t", "user": "u",
-           "meta": {}, "blob": {"digest": digest, "size": len(blob), "chunk_size": chunk, "chunks": chunks},
-           "tensors": tensors}
+    chunks = [hashlib.sha256(blob[i : i + chunk]).hexdigest() for i in range(0, max(len(blob), 1), chunk)]
+    man = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "method": "lora",
+        "delta_name": "x",
+        "config": {"r": 2},
+        "base": "arch:x",
+        "parent": None,
+        "lineage": {},
+        "created": "t",
+        "user": "u",
+        "meta": {},
+        "blob": {"digest": digest, "size": len(blob), "chunk_size": chunk, "chunks": chunks},
+        "tensors": tensors,
+    }
     if mutate is not None:
         mutate(man)
     man["digest"] = manifest_digest(man)
@@ -187,14 +202,19 @@ def _write_version(hub: Hub, name: str, version: int, blob: bytes, tensors: list
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=12,
+)
 
-header_entry = st.fixed_dictionaries({}, optional={
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F99", "", "f32"]) | json_values,
-    "shape": st.lists(st.integers(-3, 70), max_size=4) | json_values,
-    "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
-})
+header_entry = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F99", "", "f32"]) | json_values,
+        "shape": st.lists(st.integers(-3, 70), max_size=4) | json_values,
+        "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
+    },
+)
 headers = st.one_of(
     st.dictionaries(st.text(max_size=10), header_entry | json_values, max_size=5),
     json_values,
@@ -202,20 +222,34 @@ headers = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(header=headers, data=st.binary(max_size=300), length_delta=st.sampled_from([0, 0, 0, 1, -1, 7, 2**40]),
-       raw=st.none() | st.binary(max_size=64))
-def test_malformed_safetensors_headers_raise_cleanly(tmp_path: Path, header, data: bytes, length_delta: int,
-                                                     raw: bytes | None) -> None:  # type: ignore[no-untyped-def]
+@given(
+    header=headers,
+    data=st.binary(max_size=300),
+    length_delta=st.sampled_from([0, 0, 0, 1, -1, 7, 2**40]),
+    raw=st.none() | st.binary(max_size=64),
+)
+def test_malformed_safetensors_headers_raise_cleanly(
+    tmp_path: Path, header, data: bytes, length_delta: int, raw: bytes | None
+) -> None:  # type: ignore[no-untyped-def]
     if raw is not None:
         blob = raw
     else:
         h = json.dumps(header).encode()
         blob = max(0, len(h) + length_delta).to_bytes(8, "little") + h + data
     hub = Hub(tmp_path / f"h{hashlib.sha256(blob).hexdigest()[:12]}")
-    tensors = [[k, {"dtype": v.get("dtype"), "shape": v.get("shape")}] for k, v in header.items()
-               if isinstance(v, dict)] if isinstance(header, dict) and raw is None else []
-    tensors = [t for t in tensors if isinstance(t[1]["dtype"], str) and t[1]["dtype"] in store.DTYPES and isinstance(t[1]["shape"], list)
-               and all(type(d) is int and d >= 0 for d in t[1]["shape"])]
+    tensors = (
+        [[k, {"dtype": v.get("dtype"), "shape": v.get("shape")}] for k, v in header.items() if isinstance(v, dict)]
+        if isinstance(header, dict) and raw is None
+        else []
+    )
+    tensors = [
+        t
+        for t in tensors
+        if isinstance(t[1]["dtype"], str)
+        and t[1]["dtype"] in store.DTYPES
+        and isinstance(t[1]["shape"], list)
+        and all(type(d) is int and d >= 0 for d in t[1]["shape"])
+    ]
     _write_version(hub, "fuzz/st", 1, blob, tensors)
     try:
         d = hub.pull("fuzz/st@1")
@@ -232,17 +266,46 @@ def test_malformed_safetensors_headers_raise_cleanly(tmp_path: Path, header, dat
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["bytes", "json", "field", "drop"]), raw=st.binary(max_size=200), value=json_values,
-       key=st.sampled_from(["format", "name", "version", "method", "delta_name", "config", "base", "parent", "lineage",
-                            "created", "meta", "blob", "tensors", "digest"]),
-       sub=st.sampled_from([None, "digest", "size", "chunk_size", "chunks"]), fix_digest=st.booleans())
-def test_malformed_manifests_raise_cleanly(tmp_path: Path, kind: str, raw: bytes, value, key: str,  # type: ignore[no-untyped-def]
-                                           sub: str | None, fix_digest: bool) -> None:
+@given(
+    kind=st.sampled_from(["bytes", "json", "field", "drop"]),
+    raw=st.binary(max_size=200),
+    value=json_values,
+    key=st.sampled_from(
+        [
+            "format",
+            "name",
+            "version",
+            "method",
+            "delta_name",
+            "config",
+            "base",
+            "parent",
+            "lineage",
+            "created",
+            "meta",
+            "blob",
+            "tensors",
+            "digest",
+        ]
+    ),
+    sub=st.sampled_from([None, "digest", "size", "chunk_size", "chunks"]),
+    fix_digest=st.booleans(),
+)
+def test_malformed_manifests_raise_cleanly(
+    tmp_path: Path,
+    kind: str,
+    raw: bytes,
+    value,
+    key: str,  # type: ignore[no-untyped-def]
+    sub: str | None,
+    fix_digest: bool,
+) -> None:
     hub = Hub(tmp_path / "h")
     name = "fuzz/man"
     if not (hub._name_dir(name) / "versions" / "1.json").exists():
-        d = surgery.Delta("lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3),
-                                                     "a.lora_B.weight": torch.ones(3, 2)}, "arch:x")
+        d = surgery.Delta(
+            "lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)}, "arch:x"
+        )
         hub.push(d, name)
     path = hub._name_dir(name) / "versions" / "1.json"
     good = path.read_bytes()
@@ -265,8 +328,14 @@ def test_malformed_manifests_raise_cleanly(tmp_path: Path, kind: str, raw: bytes
                 except (TypeError, ValueError):
                     pass
             path.write_text(json.dumps(doc))
-        for call in (lambda: hub.pull(name, recheck=True), lambda: hub.show(f"{name}@1"), lambda: hub.versions(name),
-                     lambda: hub.history(name), lambda: hub.history(f"{name}@1"), lambda: hub.list()):
+        for call in (
+            lambda: hub.pull(name, recheck=True),
+            lambda: hub.show(f"{name}@1"),
+            lambda: hub.versions(name),
+            lambda: hub.history(name),
+            lambda: hub.history(f"{name}@1"),
+            lambda: hub.list(),
+        ):
             try:
                 call()
             except RegistryError:
@@ -280,14 +349,18 @@ def test_malformed_manifests_raise_cleanly(tmp_path: Path, kind: str, raw: bytes
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ref=st.text(max_size=60) | st.binary(max_size=30).map(lambda b: b.decode("latin-1"))
-       | st.from_regex(r"[a-zA-Z0-9./@:_-]{0,30}", fullmatch=True)
-       | st.builds(lambda a, b: f"{a}@{b}", st.sampled_from(["acme/sql", "../x", "a/b"]), st.text(max_size=70)))
+@given(
+    ref=st.text(max_size=60)
+    | st.binary(max_size=30).map(lambda b: b.decode("latin-1"))
+    | st.from_regex(r"[a-zA-Z0-9./@:_-]{0,30}", fullmatch=True)
+    | st.builds(lambda a, b: f"{a}@{b}", st.sampled_from(["acme/sql", "../x", "a/b"]), st.text(max_size=70))
+)
 def test_fuzzed_refs_raise_cleanly(tmp_path: Path, ref: str) -> None:
     hub = Hub(tmp_path / "h", create=True)
     if not hub.names():
-        d = surgery.Delta("lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3),
-                                                     "a.lora_B.weight": torch.ones(3, 2)}, "arch:x")
+        d = surgery.Delta(
+            "lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)}, "arch:x"
+        )
         hub.push(d, "acme/sql", alias="prod")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     for call in (lambda: hub.pull(ref), lambda: hub.resolve(ref), lambda: hub.show(ref), lambda: hub.history(ref)):
@@ -304,10 +377,12 @@ def test_fuzzed_refs_raise_cleanly(tmp_path: Path, ref: str) -> None:
 
 def test_integrity_error_is_raised_not_other_exceptions_for_blob_swap(tmp_path: Path) -> None:
     hub = Hub(tmp_path / "h")
-    d1 = surgery.Delta("lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)},
-                       "arch:x")
-    d2 = surgery.Delta("lora", "x", {"r": 2}, {"a.lora_A.weight": torch.zeros(2, 3),
-                                               "a.lora_B.weight": torch.zeros(3, 2)}, "arch:x")
+    d1 = surgery.Delta(
+        "lora", "x", {"r": 2}, {"a.lora_A.weight": torch.ones(2, 3), "a.lora_B.weight": torch.ones(3, 2)}, "arch:x"
+    )
+    d2 = surgery.Delta(
+        "lora", "x", {"r": 2}, {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}, "arch:x"
+    )
     r1, r2 = hub.push(d1, "a/b"), hub.push(d2, "a/b")
     b1, b2 = hub._blob_path(hub.show(r1)["blob"]["digest"]), hub._blob_path(hub.show(r2)["blob"]["digest"])
     data = b2.read_bytes()

@@ -24,8 +24,12 @@ def _imports(pkg: str) -> set[str]:
 def test_surgery_never_imports_registry():
     assert "registry" not in _imports("surgery")
     # and importing surgery does not pull registry in through a side door
-    out = subprocess.run([sys.executable, "-c", "import sys, surgery; print('registry' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, surgery; print('registry' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -34,11 +38,15 @@ def test_no_pickle_and_no_unsafe_torch_load():
         assert "pickle" not in _imports(pkg), f"{pkg} imports pickle"
         for f in (ROOT / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
-                        getattr(node.func.value, "id", None) == "torch":
+                if (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "attr", None) == "load"
+                    and getattr(node.func.value, "id", None) == "torch"
+                ):
                     kws = {k.arg: k.value for k in node.keywords}
-                    assert isinstance(kws.get("weights_only"), ast.Constant) and kws["weights_only"].value is True, \
+                    assert isinstance(kws.get("weights_only"), ast.Constant) and kws["weights_only"].value is True, (
                         f"{f}:{node.lineno}: torch.load without weights_only=True"
+                    )
 
 
 def test_peft_is_not_a_runtime_dependency():

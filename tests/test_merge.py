@@ -21,7 +21,11 @@ from surgery.errors import InjectionError, MergeError, SurgeryError
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KINDS = ["linear", "conv1d_tf", "conv1d", "conv2d", "embedding"]
 # SURGERY_HYPOTHESIS_EXAMPLES=500 for a deeper search than the default quick run
-FAST = settings(max_examples=int(os.environ.get("SURGERY_HYPOTHESIS_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("SURGERY_HYPOTHESIS_EXAMPLES", 40)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def make_site(kind: str, a: int, b: int, k: int, seed: int, wscale: float) -> tuple[nn.Module, torch.Tensor]:
@@ -52,9 +56,17 @@ shapes = st.integers(1, 24)
 
 
 @FAST
-@given(kind=st.sampled_from(KINDS), a=shapes, b=shapes, k=st.sampled_from([1, 3]), r=st.integers(1, 8),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), std=st.sampled_from([1e-3, 0.1, 1.0, 30.0]),
-       wscale=st.sampled_from([1e-3, 1.0, 100.0]))
+@given(
+    kind=st.sampled_from(KINDS),
+    a=shapes,
+    b=shapes,
+    k=st.sampled_from([1, 3]),
+    r=st.integers(1, 8),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    std=st.sampled_from([1e-3, 0.1, 1.0, 30.0]),
+    wscale=st.sampled_from([1e-3, 1.0, 100.0]),
+)
 def test_merge_unmerge_is_bit_exact(kind, a, b, k, r, dtype, seed, std, wscale):
     model, _ = make_site(kind, a, b, k, seed, wscale)
     model = model.to(dtype)
@@ -71,8 +83,15 @@ def test_merge_unmerge_is_bit_exact(kind, a, b, k, r, dtype, seed, std, wscale):
 
 
 @FAST
-@given(kind=st.sampled_from(KINDS), a=shapes, b=shapes, k=st.sampled_from([1, 3]), r=st.integers(1, 8),
-       seed=st.integers(0, 2**16), rslora=st.booleans())
+@given(
+    kind=st.sampled_from(KINDS),
+    a=shapes,
+    b=shapes,
+    k=st.sampled_from([1, 3]),
+    r=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    rslora=st.booleans(),
+)
 def test_merged_outputs_equal_unmerged_fp32(kind, a, b, k, r, seed, rslora):
     model, x = make_site(kind, a, b, k, seed, 1.0)
     inject_random(model, r, seed, 0.3, alpha=5, rslora=rslora)
@@ -150,8 +169,13 @@ def test_many_cycles_on_a_real_model_bf16():
 
 
 @FAST
-@given(kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
-       first=st.sampled_from(["a", "b"]), std=st.sampled_from([0.01, 1.0, 50.0]))
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    first=st.sampled_from(["a", "b"]),
+    std=st.sampled_from([0.01, 1.0, 50.0]),
+)
 def test_two_deltas_unmerged_in_either_order(kind, dtype, seed, first, std):
     model, x = make_site(kind, 12, 10, 3, seed, 1.0)
     model = model.to(dtype)

@@ -82,7 +82,7 @@ def ref_moe(ad, x: torch.Tensor, cap: int | None = None) -> torch.Tensor:
             if cap is not None and used[e] >= cap:
                 continue
             used[e] += 1
-            out[t] = out[t] + g * ad.experts[e](x2[t:t + 1])[0]
+            out[t] = out[t] + g * ad.experts[e](x2[t : t + 1])[0]
     return torch.stack(out).view(*x.shape[:-1], ad.d_out)
 
 
@@ -92,8 +92,8 @@ def ref_lora_moe(ad, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     for t in range(x2.shape[0]):
         es, gs = ref_gates(ad.router.weight, x2[t], ad.top_k)
         for e, g in zip(es, gs, strict=True):
-            A = ad.lora_A[e * r:(e + 1) * r]
-            B = ad.lora_B[:, e * r:(e + 1) * r]
+            A = ad.lora_A[e * r : (e + 1) * r]
+            B = ad.lora_B[:, e * r : (e + 1) * r]
             o2[t] += ad.scale * g * (B @ (A @ x2[t]))
     return o2.view(out.shape)
 
@@ -107,8 +107,11 @@ def reference_hooks(ref: nn.Module, ads: dict, fn) -> list:
             handles.append(mod.register_forward_hook(lambda m, a, o, ad=ad: fn(ad, a[0], o)))
         else:
             seen = {}
-            handles.append(ref.get_submodule(ad.entry).register_forward_pre_hook(
-                lambda m, a, seen=seen: seen.__setitem__("x", a[0])))
+            handles.append(
+                ref.get_submodule(ad.entry).register_forward_pre_hook(
+                    lambda m, a, seen=seen: seen.__setitem__("x", a[0])
+                )
+            )
             handles.append(mod.register_forward_hook(lambda m, a, o, ad=ad, seen=seen: fn(ad, seen["x"], o)))
     return handles
 
@@ -448,9 +451,17 @@ def test_trainer_runs_moe():
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        args = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[], max_steps=2,
-                                 per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="no",
-                                 disable_tqdm=True, dataloader_num_workers=0)
+        args = TrainingArguments(
+            output_dir=tmp,
+            use_cpu=True,
+            report_to=[],
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
         result = AuxTrainer(model=model, args=args, train_dataset=rows).train()
     assert result.global_step == 2
     named = dict(model.named_parameters())
@@ -578,7 +589,9 @@ def test_fused_experts_are_found_from_tensors_not_model_names():
 def test_moe_on_fused_experts_is_refused_at_inject_naming_them(factory):
     model = factory()
     before = snapshot(model)
-    with pytest.raises(InjectionError, match=r"model\.layers\.0\.mlp\.experts .*fused 3-D|fused 3-D.*mlp\.experts") as e:
+    with pytest.raises(
+        InjectionError, match=r"model\.layers\.0\.mlp\.experts .*fused 3-D|fused 3-D.*mlp\.experts"
+    ) as e:
         surgery.inject(model, "moe", experts=2)
     assert "target the attention" in str(e.value)
     if factory is tiny_qwen2_moe:  # the shared expert is made of linears: the error says how to target it

@@ -62,11 +62,21 @@ SAVE_CASES = {
     "embedding": (tiny_llama, ["embed_tokens", "q_proj"], dict(r=3, alpha=12)),
     "gpt2_tied_embedding": (tiny_gpt2, ["wte", "c_attn"], dict(r=2, alpha=4)),
     "rslora": (tiny_llama, ["q_proj", "v_proj", "down_proj"], dict(r=4, alpha=16, rslora=True)),
-    "patterns": (tiny_llama, ["q_proj", "v_proj", "down_proj"],
-                 dict(r=4, alpha=8, rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 6},
-                      alpha_pattern={"v_proj": 32, "re:.*layers\\.0\\.mlp\\.down_proj": 3})),
-    "rslora_patterns": (tiny_llama, ["q_proj", "v_proj"],
-                        dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 9}, alpha_pattern={"q_proj": 2})),
+    "patterns": (
+        tiny_llama,
+        ["q_proj", "v_proj", "down_proj"],
+        dict(
+            r=4,
+            alpha=8,
+            rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 6},
+            alpha_pattern={"v_proj": 32, "re:.*layers\\.0\\.mlp\\.down_proj": 3},
+        ),
+    ),
+    "rslora_patterns": (
+        tiny_llama,
+        ["q_proj", "v_proj"],
+        dict(r=4, alpha=8, rslora=True, rank_pattern={"v_proj": 9}, alpha_pattern={"q_proj": 2}),
+    ),
     "conv2d": (ConvNet, ["conv1", "conv2", "head"], dict(r=3, alpha=6)),
 }
 
@@ -130,8 +140,9 @@ def test_save_peft_delta_without_model_uses_lineage_kinds(tmp_path):
     d.lineage["site_kinds"] = site_kinds(model, d)
     save_peft_delta(d, tmp_path / "kinds")
     x = batch_for(model)
-    torch.testing.assert_close(run(_peft_from_dir(tiny_llama, tmp_path / "kinds"), x), run(model, x),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run(_peft_from_dir(tiny_llama, tmp_path / "kinds"), x), run(model, x), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_save_refuses_other_methods(tmp_path):
@@ -161,20 +172,49 @@ def _peft_saved(factory, peft_cfg: dict, d):
 LOAD_CASES = {
     "list": (tiny_llama, dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"])),
     "regex": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=r".*layers\.1\.(self_attn\.(q|k)_proj|mlp\.up_proj)")),
-    "rank_pattern": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      rank_pattern={"q_proj": 2, "model.layers.1.self_attn.v_proj": 6})),
-    "alpha_pattern": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                       alpha_pattern={"v_proj": 32, r"layers\.0\.mlp\.down_proj": 3})),
-    "rslora": (tiny_llama, dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                                rank_pattern={"v_proj": 9}, alpha_pattern={"q_proj": 2})),
-    "gpt2_fan_in_fan_out": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                            fan_in_fan_out=True)),
+    "rank_pattern": (
+        tiny_llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"q_proj": 2, "model.layers.1.self_attn.v_proj": 6},
+        ),
+    ),
+    "alpha_pattern": (
+        tiny_llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            alpha_pattern={"v_proj": 32, r"layers\.0\.mlp\.down_proj": 3},
+        ),
+    ),
+    "rslora": (
+        tiny_llama,
+        dict(
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 9},
+            alpha_pattern={"q_proj": 2},
+        ),
+    ),
+    "gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
     "embedding": (tiny_llama, dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "q_proj"])),
-    "layers_to_transform": (tiny_llama, dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1],
-                                             layers_pattern="layers")),
+    "layers_to_transform": (
+        tiny_llama,
+        dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    ),
     "conv2d": (ConvNet, dict(r=3, lora_alpha=5, target_modules=["conv1", "conv2", "head"])),
-    "dropout_causal_lm": (tiny_llama, dict(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["k_proj"],
-                                           task_type="CAUSAL_LM")),
+    "dropout_causal_lm": (
+        tiny_llama,
+        dict(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["k_proj"], task_type="CAUSAL_LM"),
+    ),
 }
 
 
@@ -203,10 +243,14 @@ def test_load_peft_delta_config_is_per_site(tmp_path):
     assert d.base == "" and d.method == "lora" and d.name == "default"
     assert d.config["r"] == 4 and d.config["alpha"] == 8
     assert d.config["rank_pattern"] == {
-        r"re:model\.layers\.0\.self_attn\.q_proj": 2, r"re:model\.layers\.1\.self_attn\.q_proj": 2,
-        r"re:model\.layers\.1\.self_attn\.v_proj": 6}
+        r"re:model\.layers\.0\.self_attn\.q_proj": 2,
+        r"re:model\.layers\.1\.self_attn\.q_proj": 2,
+        r"re:model\.layers\.1\.self_attn\.v_proj": 6,
+    }
     assert d.config["alpha_pattern"] == {
-        r"re:model\.layers\.0\.self_attn\.v_proj": 32, r"re:model\.layers\.1\.self_attn\.v_proj": 32}
+        r"re:model\.layers\.0\.self_attn\.v_proj": 32,
+        r"re:model\.layers\.1\.self_attn\.v_proj": 32,
+    }
     assert d.lineage["source"] == "peft"
     model = tiny_llama()
     with pytest.raises(surgery.DeltaMismatchError, match="allow_other_base"):
@@ -247,12 +291,15 @@ def _edit_config(d, **changes):
     p.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("field, peft_kw", [
-    ("use_dora", dict(use_dora=True)),
-    ("bias", dict(bias="all")),
-    ("lora_bias", dict(lora_bias=True)),
-    ("modules_to_save", dict(modules_to_save=["lm_head"])),
-])
+@pytest.mark.parametrize(
+    "field, peft_kw",
+    [
+        ("use_dora", dict(use_dora=True)),
+        ("bias", dict(bias="all")),
+        ("lora_bias", dict(lora_bias=True)),
+        ("modules_to_save", dict(modules_to_save=["lm_head"])),
+    ],
+)
 def test_unsupported_fields_saved_by_peft_raise_naming_field(field, peft_kw, tmp_path):
     _peft_saved(tiny_llama, dict(r=2, lora_alpha=4, target_modules=["q_proj"], **peft_kw), tmp_path)
     model = tiny_llama()
@@ -263,17 +310,20 @@ def test_unsupported_fields_saved_by_peft_raise_naming_field(field, peft_kw, tmp
     assert_snapshot_equal(before, snapshot(model))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("peft_type", "IA3"),
-    ("init_lora_weights", "pissa"),
-    ("init_lora_weights", "olora"),
-    ("layer_replication", [[0, 2]]),
-    ("trainable_token_indices", [1, 2]),
-    ("target_parameters", ["mlp.experts.gate_up_proj"]),
-    ("some_future_field", {"x": 1}),
-    ("r", 0),
-    ("lora_alpha", "big"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("peft_type", "IA3"),
+        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "olora"),
+        ("layer_replication", [[0, 2]]),
+        ("trainable_token_indices", [1, 2]),
+        ("target_parameters", ["mlp.experts.gate_up_proj"]),
+        ("some_future_field", {"x": 1}),
+        ("r", 0),
+        ("lora_alpha", "big"),
+    ],
+)
 def test_unsupported_config_values_raise_naming_field(field, value, tmp_path):
     _peft_saved(tiny_llama, dict(r=2, lora_alpha=4, target_modules=["q_proj"]), tmp_path)
     _edit_config(tmp_path, **{field: value})
@@ -367,8 +417,11 @@ def test_save_peft_into_a_non_empty_folder_keeps_other_files(small_lora, tmp_pat
     assert d.tensors.keys() == want.keys()
     for k in want:
         assert torch.equal(d.tensors[k], want[k])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
-                                                          "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_save_peft_into_an_unwritable_folder_is_a_clear_error(small_lora, tmp_path, monkeypatch):
@@ -378,6 +431,8 @@ def test_save_peft_into_an_unwritable_folder_is_a_clear_error(small_lora, tmp_pa
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
     monkeypatch.setattr(pf.tempfile, "mkstemp", denied)
-    with pytest.raises(PeftFormatError, match="cannot write the PEFT adapter into .*Permission denied.*pass a folder you can write to"):
+    with pytest.raises(
+        PeftFormatError, match="cannot write the PEFT adapter into .*Permission denied.*pass a folder you can write to"
+    ):
         save_peft(small_lora, tmp_path / "out", adapter="a")
     assert not [p for p in (tmp_path / "out").iterdir()]

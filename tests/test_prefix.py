@@ -186,19 +186,24 @@ def test_left_padding_rows_equal_unpadded(factory):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         for i, r in enumerate(rows):
             alone = model(input_ids=r[None]).logits[0]
-            torch.testing.assert_close(batched[i, width - len(r):], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i, width - len(r) :], alone, atol=1e-5, rtol=1e-5)
         gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         for i, r in enumerate(rows):
-            one = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                                 max_new_tokens=6, do_sample=False, pad_token_id=0)
-            assert torch.equal(gen[i, width:], one[0, len(r):])
+            one = model.generate(
+                r[None],
+                attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            assert torch.equal(gen[i, width:], one[0, len(r) :])
 
 
 def test_batch_size_changes_between_calls():
@@ -207,11 +212,11 @@ def test_batch_size_changes_between_calls():
     _fill(model, "p")
     ids = _ids(batch=3, seq=6)
     with torch.no_grad():
-        singles = [model(input_ids=ids[i:i + 1]).logits for i in range(3)]
+        singles = [model(input_ids=ids[i : i + 1]).logits for i in range(3)]
         for b in (3, 1, 2, 3):
             out = model(input_ids=ids[:b]).logits
             for i in range(b):
-                torch.testing.assert_close(out[i:i + 1], singles[i], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(out[i : i + 1], singles[i], atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ layers, training, merge
@@ -254,8 +259,13 @@ def test_reparam_mlp_merge_folds_and_unmerge_restores():
     inj = surgery.inject(model, "prefix", n_tokens=5, reparam="mlp", hidden=32, name="summ")
     assert inj.config["reparam"] == "mlp"
     ad = engine.adapters(model, "summ")["model.layers.0.self_attn"]
-    assert set(ad.tensors()) == {"prefix_embedding", "prefix_mlp.0.weight", "prefix_mlp.0.bias",
-                                 "prefix_mlp.2.weight", "prefix_mlp.2.bias"}
+    assert set(ad.tensors()) == {
+        "prefix_embedding",
+        "prefix_mlp.0.weight",
+        "prefix_mlp.0.bias",
+        "prefix_mlp.2.weight",
+        "prefix_mlp.2.bias",
+    }
     assert ad.prefix_embedding.shape == (5, 64) and ad.prefix_mlp[2].out_features == 2 * 2 * 16
     ids = _ids()
     before = run(model, {"input_ids": ids})
@@ -472,8 +482,19 @@ def test_plain_module_rewritten_in_place():
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("bad", [dict(n_tokens=0), dict(n_tokens=-3), dict(n_tokens=2.5), dict(n_tokens=True),
-                                 dict(reparam="lstm"), dict(hidden=0), dict(layers="x:y"), dict(init_std=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(n_tokens=0),
+        dict(n_tokens=-3),
+        dict(n_tokens=2.5),
+        dict(n_tokens=True),
+        dict(reparam="lstm"),
+        dict(hidden=0),
+        dict(layers="x:y"),
+        dict(init_std=-1),
+    ],
+)
 def test_bad_config_leaves_model_unchanged(bad):
     model = tiny_gpt2()
     before = snapshot(model)
@@ -525,9 +546,20 @@ def test_prefix_tuning_learns_a_new_pattern():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
     g = torch.Generator().manual_seed(0)
 
     def batch(shift, b=32, gen=g):

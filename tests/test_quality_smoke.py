@@ -63,7 +63,8 @@ def test_rows_learn_something(smoke):
 def test_fusion_runs(smoke):
     fu = smoke["fusion"]
     assert sorted(fu["halves"]["half_a"] + fu["halves"]["half_b"]) == sorted(
-        ["database", "editors", "electronics", "games", "graphics", "mail", "science", "sound"])
+        ["database", "editors", "electronics", "games", "graphics", "mail", "science", "sound"]
+    )
     assert fu["eight_way_half_a"]["active"] == ["half_a"]
     assert fu["eight_way_fusion"]["active"] == ["fusion"]
     # the half adapters are frozen under the fusion: only the fusion layers and the head train

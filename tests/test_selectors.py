@@ -73,7 +73,8 @@ def test_attn_star_gpt2(gpt2):
     got = paths(gpt2, "attn.*")
     assert got == inside(gpt2, "attn")
     assert {p for p in got if p.rsplit(".", 1)[-1] in ("c_attn", "c_proj")} == {
-        f"transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")}
+        f"transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")
+    }
     # the attn module itself and the MLP's c_proj are not inside an *attn module
     assert "transformer.h.0.attn" not in got
     assert "transformer.h.0.mlp.c_proj" not in got
@@ -93,8 +94,7 @@ def test_inject_attn_star_gpt2_sites_are_the_conv1d_layers():
 
 def test_star_crosses_dots(llama):
     got = paths(llama, "layers.*.mlp.*")
-    want = [p for p in all_paths(llama)
-            if p.startswith("model.layers.") and ".mlp." in p]
+    want = [p for p in all_paths(llama) if p.startswith("model.layers.") and ".mlp." in p]
     assert got == want
     assert {p.rsplit(".", 1)[-1] for p in got} >= {"gate_proj", "up_proj", "down_proj"}
 
@@ -110,13 +110,21 @@ def test_full_path_glob(llama):
 
 @pytest.mark.parametrize(
     "pattern, layer_ids",
-    [("layers.[0:1].mlp.*", {0}), ("layers.[1:2].mlp.*", {1}), ("layers.[0:2].mlp.*", {0, 1}),
-     ("layers.[1:].mlp.*", {1}), ("layers.[:1].mlp.*", {0})],
+    [
+        ("layers.[0:1].mlp.*", {0}),
+        ("layers.[1:2].mlp.*", {1}),
+        ("layers.[0:2].mlp.*", {0, 1}),
+        ("layers.[1:].mlp.*", {1}),
+        ("layers.[:1].mlp.*", {0}),
+    ],
 )
 def test_range_segment(llama, pattern, layer_ids):
     got = paths(llama, pattern)
-    want = [p for p in all_paths(llama)
-            if p.startswith("model.layers.") and ".mlp." in p and int(p.split(".")[2]) in layer_ids]
+    want = [
+        p
+        for p in all_paths(llama)
+        if p.startswith("model.layers.") and ".mlp." in p and int(p.split(".")[2]) in layer_ids
+    ]
     assert got == want and got
 
 
@@ -134,9 +142,11 @@ def test_range_segment_gpt2(gpt2):
 
 def test_regex_matches_whole_path(llama):
     assert paths(llama, r"re:.*\.(q|v)_proj") == [
-        f"model.layers.{i}.self_attn.{n}_proj" for i in range(2) for n in "qv"]
+        f"model.layers.{i}.self_attn.{n}_proj" for i in range(2) for n in "qv"
+    ]
     assert paths(llama, r"re:model\.layers\.0\.mlp\..*_proj") == [
-        f"model.layers.0.mlp.{n}_proj" for n in ("gate", "up", "down")]
+        f"model.layers.0.mlp.{n}_proj" for n in ("gate", "up", "down")
+    ]
 
 
 def test_regex_is_not_a_search(llama):
@@ -197,8 +207,11 @@ def test_and_or_not(llama):
 )
 def test_layers(llama, spec, ids):
     got = paths(llama, surgery.layers(spec))
-    want = [p for p in all_paths(llama) if p.startswith("model.layers.") and p.count(".") >= 2
-            and int(p.split(".")[2]) in ids]
+    want = [
+        p
+        for p in all_paths(llama)
+        if p.startswith("model.layers.") and p.count(".") >= 2 and int(p.split(".")[2]) in ids
+    ]
     assert got == want
 
 
@@ -219,8 +232,20 @@ def test_unusable_selectors(llama):
             surgery.find(llama, bad)
 
 
-_PIECES = ["q_proj", "v_proj", "proj", "mlp.*", "attn.*", "layers.[1:].*", "norm", "re:.*\\.0\\..*",
-           "embed_tokens", "lm_head", nn.Linear, nn.Embedding]
+_PIECES = [
+    "q_proj",
+    "v_proj",
+    "proj",
+    "mlp.*",
+    "attn.*",
+    "layers.[1:].*",
+    "norm",
+    "re:.*\\.0\\..*",
+    "embed_tokens",
+    "lm_head",
+    nn.Linear,
+    nn.Embedding,
+]
 
 
 @settings(max_examples=60, deadline=None)
@@ -235,8 +260,12 @@ def test_combinations_are_set_algebra(a, b, op):
         return {p for p, _ in select(model, s)}
 
     A, B = hits(a), hits(b)
-    s = {"|": lambda: surgery.sel(a) | b, "&": lambda: surgery.sel(a) & b,
-         "~a|b": lambda: ~surgery.sel(a) | b, "a&~b": lambda: surgery.sel(a) & ~surgery.sel(b)}[op]()
+    s = {
+        "|": lambda: surgery.sel(a) | b,
+        "&": lambda: surgery.sel(a) & b,
+        "~a|b": lambda: ~surgery.sel(a) | b,
+        "a&~b": lambda: surgery.sel(a) & ~surgery.sel(b),
+    }[op]()
     want = {"|": A | B, "&": A & B, "~a|b": (set(universe) - A) | B, "a&~b": A - B}[op]
     assert hits(s) == want
     assert hits([a, b]) == A | B
@@ -253,7 +282,8 @@ def test_role_selectors_on_llama(llama):
     assert paths(llama, "@v") == last_ends(llama, "v_proj")
     assert set(paths(llama, "@attn")) == set(inside(llama, "self_attn")) & set(last_ends(llama, "proj"))
     assert paths(llama, surgery.sel("@mlp") & surgery.layers(":1")) == [
-        f"model.layers.0.mlp.{n}_proj" for n in ("gate", "up", "down")]
+        f"model.layers.0.mlp.{n}_proj" for n in ("gate", "up", "down")
+    ]
 
 
 def test_role_qkv_on_gpt2(gpt2):

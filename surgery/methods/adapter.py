@@ -48,7 +48,11 @@ from surgery.sublayers import (
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 _ACTIVATIONS = {
-    "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
+    "relu": F.relu,
+    "swish": F.silu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
 }
 _DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
@@ -57,13 +61,14 @@ _DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
 @dataclass
 class AdapterConfig:
     """Attributes:
-        style: "houlsby" (after attention and FFN), "pfeiffer" (after the FFN) or "parallel" (beside the FFN).
-        bottleneck: the adapter's width in units; give this or reduction.
-        reduction: hidden size / bottleneck (default 16 when neither is given).
-        scale: output scale s: 4.0 for parallel, 1.0 otherwise.
-        activation: the bottleneck's nonlinearity: swish for houlsby, relu otherwise.
-        dropout: dropout on the adapter's input, in training only.
+    style: "houlsby" (after attention and FFN), "pfeiffer" (after the FFN) or "parallel" (beside the FFN).
+    bottleneck: the adapter's width in units; give this or reduction.
+    reduction: hidden size / bottleneck (default 16 when neither is given).
+    scale: output scale s: 4.0 for parallel, 1.0 otherwise.
+    activation: the bottleneck's nonlinearity: swish for houlsby, relu otherwise.
+    dropout: dropout on the adapter's input, in training only.
     """
+
     style: str = "pfeiffer"
     bottleneck: int | None = None  # units; or
     reduction: float | None = None  # hidden size / bottleneck (default 16 when neither is given)
@@ -80,8 +85,17 @@ def _param_dtype(like: torch.Tensor) -> torch.dtype:
 class Bottleneck(Adapter):
     """down-projection, activation, up-projection, added to the site's output."""
 
-    def __init__(self, d_in: int, d_out: int, bottleneck: int, scale: float, activation: str,
-                 dropout: float, parallel: bool, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        bottleneck: int,
+        scale: float,
+        activation: str,
+        dropout: float,
+        parallel: bool,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__()
         kw = {"device": like.device, "dtype": _param_dtype(like)}
         self.adapter_down = nn.Linear(d_in, bottleneck, **kw)
@@ -94,8 +108,12 @@ class Bottleneck(Adapter):
                 self.adapter_up.bias.zero_()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"adapter_down.weight": self.adapter_down.weight, "adapter_down.bias": self.adapter_down.bias,
-                "adapter_up.weight": self.adapter_up.weight, "adapter_up.bias": self.adapter_up.bias}
+        return {
+            "adapter_down.weight": self.adapter_down.weight,
+            "adapter_down.bias": self.adapter_down.bias,
+            "adapter_up.weight": self.adapter_up.weight,
+            "adapter_up.bias": self.adapter_up.bias,
+        }
 
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
@@ -138,10 +156,12 @@ class BottleneckAdapter(Method):
         if cfg.bottleneck is not None and cfg.reduction is not None:
             raise ConfigError("adapter: give bottleneck= (units) or reduction= (hidden size / bottleneck), not both")
         if cfg.bottleneck is not None and not (
-                isinstance(cfg.bottleneck, int) and not isinstance(cfg.bottleneck, bool) and cfg.bottleneck > 0):
+            isinstance(cfg.bottleneck, int) and not isinstance(cfg.bottleneck, bool) and cfg.bottleneck > 0
+        ):
             raise ConfigError(f"adapter: bottleneck must be a positive integer, got {cfg.bottleneck!r}")
         if cfg.reduction is not None and not (
-                isinstance(cfg.reduction, (int, float)) and not isinstance(cfg.reduction, bool) and cfg.reduction >= 1):
+            isinstance(cfg.reduction, (int, float)) and not isinstance(cfg.reduction, bool) and cfg.reduction >= 1
+        ):
             raise ConfigError(f"adapter: reduction must be a number >= 1, got {cfg.reduction!r}")
         if cfg.scale is not None and not (isinstance(cfg.scale, (int, float)) and not isinstance(cfg.scale, bool)):
             raise ConfigError(f"adapter: scale must be a number, got {cfg.scale!r}")
@@ -170,8 +190,15 @@ class BottleneckAdapter(Method):
         fused_beside(model, who, sites)
         return sites
 
-    def make(self, module: nn.Module, path: str, cfg: AdapterConfig,
-             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: AdapterConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         entry = None
         d_out = out_width(module)
         d_in = d_out
@@ -184,8 +211,10 @@ class BottleneckAdapter(Method):
                 raise ConfigError(f"adapter: {path!r} is not an FFN site (its FFN is {sub.path!r})")
             check_forward(model, sub, "adapter (style='parallel')", alone=False)
         if d_in is None or d_out is None:
-            raise ConfigError(f"adapter: cannot tell the output width of {path!r} ({type(module).__name__}); "
-                              "point targets at linear layers or modules holding them")
+            raise ConfigError(
+                f"adapter: cannot tell the output width of {path!r} ({type(module).__name__}); "
+                "point targets at linear layers or modules holding them"
+            )
         if shapes:
             b = int(shapes["adapter_down.weight"][0])
         elif cfg.bottleneck is not None:
@@ -202,8 +231,9 @@ class BottleneckAdapter(Method):
             like = torch.empty(0)
         style = cfg.style
         scale = cfg.scale if cfg.scale is not None else (4.0 if style == "parallel" else 1.0)
-        ad = Bottleneck(d_in, d_out, b, float(scale), cfg.activation or _DEFAULT_ACT[style], cfg.dropout,
-                        style == "parallel", like)
+        ad = Bottleneck(
+            d_in, d_out, b, float(scale), cfg.activation or _DEFAULT_ACT[style], cfg.dropout, style == "parallel", like
+        )
         ad.entry = entry
         return ad
 

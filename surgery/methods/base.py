@@ -69,10 +69,7 @@ class Method(abc.ABC):
         fields = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {unknown} for method {self.name!r}; "
-                f"known keys: {sorted(fields)}"
-            )
+            raise ConfigError(f"unknown config key(s) {unknown} for method {self.name!r}; known keys: {sorted(fields)}")
         cfg = self.Config(**kwargs)
         self.validate(cfg)
         return cfg
@@ -85,8 +82,15 @@ class Method(abc.ABC):
         """Whether this method can attach to `module`."""
 
     @abc.abstractmethod
-    def make(self, module: nn.Module, path: str, cfg: Any, shapes: dict[str, torch.Size] | None = None,
-             *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: Any,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         """Build the adapter for one site. `shapes`, when given, are the tensor
         shapes of a stored delta for this site (so per-site ranks are kept);
         `model` is the whole model, for methods whose sites span modules."""
@@ -117,8 +121,9 @@ class Method(abc.ABC):
     def config_dict(self, cfg: Any) -> dict[str, Any]:
         return dataclasses.asdict(cfg)
 
-    def prepare_inputs(self, model: nn.Module, spec: tuple[Any, ...], args: tuple,
-                       kwargs: dict) -> tuple[tuple, dict] | None:
+    def prepare_inputs(
+        self, model: nn.Module, spec: tuple[Any, ...], args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         """For methods with `changes_inputs`: called by the model's root forward pre-hook with
         the active spec of this call and the model's inputs; return new (args, kwargs), or None
         to leave them (a prompt puts its positions in front of the input here)."""
@@ -137,6 +142,4 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown method {name!r}; known methods: {sorted(METHODS)}"
-        ) from None
+        raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None

@@ -31,9 +31,10 @@ from surgery.sublayers import out_width
 @dataclass
 class FusionConfig:
     """Attributes:
-        adapters: names of the trained adapters the fusion attends over (set by surgery.fuse).
-        temperature: softmax temperature of the attention over the adapters' outputs.
+    adapters: names of the trained adapters the fusion attends over (set by surgery.fuse).
+    temperature: softmax temperature of the attention over the adapters' outputs.
     """
+
     adapters: list[str] = field(default_factory=list)
     temperature: float = 1.0
 
@@ -84,8 +85,11 @@ class Fusion(Method):
     tensor_suffixes = tuple(f"{n}.{k}" for n in ("query", "key", "value") for k in ("weight", "bias"))
 
     def validate(self, cfg: FusionConfig) -> None:
-        if not isinstance(cfg.adapters, (list, tuple)) or len(cfg.adapters) < 2 or not all(
-                isinstance(a, str) for a in cfg.adapters):
+        if (
+            not isinstance(cfg.adapters, (list, tuple))
+            or len(cfg.adapters) < 2
+            or not all(isinstance(a, str) for a in cfg.adapters)
+        ):
             raise ConfigError(f"fusion: adapters must be a list of at least two delta names, got {cfg.adapters!r}")
         if len(set(cfg.adapters)) != len(cfg.adapters):
             raise ConfigError(f"fusion: adapters {cfg.adapters} name one delta twice")
@@ -98,8 +102,15 @@ class Fusion(Method):
     def members(self, cfg: FusionConfig) -> tuple[str, ...]:
         return tuple(cfg.adapters)
 
-    def make(self, module: nn.Module, path: str, cfg: FusionConfig,
-             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: FusionConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         d = int(shapes["query.weight"][0]) if shapes else out_width(module)
         like = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
         return FusionLayer(d, tuple(cfg.adapters), float(cfg.temperature), like)  # type: ignore[arg-type]
@@ -133,8 +144,9 @@ def fuse(model: nn.Module, adapters: list[str], name: str = "fusion", *, tempera
                 f"one of them); fuse adapters injected at the same sites (same style and targets)"
             )
     assert sites is not None
-    made = [(p, engine.site_module(model, p), method.make(engine.site_module(model, p), p, cfg, model=model))
-            for p in sites]
+    made = [
+        (p, engine.site_module(model, p), method.make(engine.site_module(model, p), p, cfg, model=model)) for p in sites
+    ]
     inj = engine.attach(model, name, method, cfg, made)
     for a in cfg.adapters:
         for ad in engine.adapters(model, a).values():
@@ -148,8 +160,11 @@ def fusion_weights(model: nn.Module, name: str = "fusion") -> dict[str, torch.Te
     inj = engine.injection(model, name)
     if inj.method != "fusion":
         raise ConfigError(f"{name!r} is a {inj.method!r} delta, not a fusion")
-    out = {p: ad.last_weights for p, ad in engine.adapters(model, name).items()
-           if getattr(ad, "last_weights", None) is not None}
+    out = {
+        p: ad.last_weights
+        for p, ad in engine.adapters(model, name).items()
+        if getattr(ad, "last_weights", None) is not None
+    }
     if not out:
         raise CompositionError(f"fusion {name!r} has not run yet; call the model with it active first")
     return out  # type: ignore[return-value]

@@ -41,13 +41,14 @@ from surgery.sublayers import fused_beside, fused_refusal, split_fused
 @dataclass
 class LoRAMoEConfig:
     """Attributes:
-        experts: number of LoRA experts at each site.
-        r: rank of each expert's update.
-        alpha: scale numerator: each expert's update is scaled by alpha / r.
-        top_k: experts each token is routed to.
-        dropout: dropout on the experts' input, in training only.
-        router_std: the router's weights start ~ N(0, router_std).
+    experts: number of LoRA experts at each site.
+    r: rank of each expert's update.
+    alpha: scale numerator: each expert's update is scaled by alpha / r.
+    top_k: experts each token is routed to.
+    dropout: dropout on the experts' input, in training only.
+    router_std: the router's weights start ~ N(0, router_std).
     """
+
     experts: int = 4
     r: int = 8
     alpha: float = 8  # scale alpha / r
@@ -59,8 +60,19 @@ class LoRAMoEConfig:
 class LoRAMoELayer(Routed):
     """Router + stacked LoRA experts on `nn.Linear` or transformers' `Conv1D`."""
 
-    def __init__(self, in_f: int, out_f: int, experts: int, r: int, scale: float, top_k: int,
-                 dropout: float, fan_in_fan_out: bool, router_std: float, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        in_f: int,
+        out_f: int,
+        experts: int,
+        r: int,
+        scale: float,
+        top_k: int,
+        dropout: float,
+        fan_in_fan_out: bool,
+        router_std: float,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__()
         kw = {"device": like.device, "dtype": _adapter_dtype(like)}
         self.router = make_router(in_f, experts, router_std, like)
@@ -121,8 +133,15 @@ class LoRAMoE(Method):
         fused_beside(model, "lora_moe", sites)
         return sites
 
-    def make(self, module: nn.Module, path: str, cfg: LoRAMoEConfig,
-             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: LoRAMoEConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         n, r = cfg.experts, cfg.r
         if shapes and "router.weight" in shapes and "lora_A.weight" in shapes:
             n = int(shapes["router.weight"][0])
@@ -133,8 +152,9 @@ class LoRAMoE(Method):
             in_f, out_f, fifo = module.in_features, module.out_features, False
         else:
             (in_f, out_f), fifo = module.weight.shape, True
-        return LoRAMoELayer(in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo,
-                            float(cfg.router_std), module.weight)
+        return LoRAMoELayer(
+            in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo, float(cfg.router_std), module.weight
+        )
 
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAMoEConfig) -> None:
         if cfg.top_k > adapter.n:  # type: ignore[operator]

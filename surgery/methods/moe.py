@@ -121,8 +121,9 @@ def make_router(d_in: int, experts: int, std: float, like: torch.Tensor) -> nn.L
     return router
 
 
-def route(router: nn.Linear, x2: torch.Tensor, top_k: int, jitter: float = 0.0,
-          training: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(
+    router: nn.Linear, x2: torch.Tensor, top_k: int, jitter: float = 0.0, training: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens `x2` [T, d]: returns (probs [T, n], gates [T, k], experts [T, k]).
 
     gates = p_topk / sg(sum p_topk): they sum to 1 in value and give the router the
@@ -168,8 +169,9 @@ class Routed(Adapter):
     router: nn.Linear
     aux: torch.Tensor | None
 
-    def _route(self, x2: torch.Tensor, top_k: int, jitter: float = 0.0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _route(
+        self, x2: torch.Tensor, top_k: int, jitter: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gates [T, k], experts [T, k], counts [n] (assignments per expert); sets `aux`
         (not while a graph is captured: the value would be a placeholder)."""
         probs, gates, idx = route(self.router, x2, top_k, jitter, self.training)
@@ -185,12 +187,13 @@ class Routed(Adapter):
 @dataclass
 class MoEConfig:
     """Attributes:
-        experts: number of experts, each a copy of the feed-forward block (upcycling).
-        top_k: experts each token is routed to.
-        capacity_factor: tokens an expert takes, as a multiple of its even share; None: no token is dropped.
-        router_std: the router's weights start ~ N(0, router_std).
-        jitter: multiplicative router-input noise in training (Switch Transformer uses 1e-2).
+    experts: number of experts, each a copy of the feed-forward block (upcycling).
+    top_k: experts each token is routed to.
+    capacity_factor: tokens an expert takes, as a multiple of its even share; None: no token is dropped.
+    router_std: the router's weights start ~ N(0, router_std).
+    jitter: multiplicative router-input noise in training (Switch Transformer uses 1e-2).
     """
+
     experts: int = 8
     top_k: int = 1
     capacity_factor: float | None = None  # None: no token is dropped
@@ -203,8 +206,17 @@ class MoELayer(Routed):
 
     replaces: ClassVar[bool] = True
 
-    def __init__(self, experts: list[nn.Module], d_in: int, d_out: int, top_k: int,
-                 capacity_factor: float | None, jitter: float, router_std: float, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        d_in: int,
+        d_out: int,
+        top_k: int,
+        capacity_factor: float | None,
+        jitter: float,
+        router_std: float,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.router = make_router(d_in, len(experts), router_std, like)
         self.experts = nn.ModuleList(experts)
@@ -292,7 +304,7 @@ class MoELayer(Routed):
         w = (onehot * gates.unsqueeze(-1)).sum(1)  # [T, n]
         y = None
         for e, expert in enumerate(self.experts):
-            ye = expert(x2) * w[:, e:e + 1].to(x2.dtype)
+            ye = expert(x2) * w[:, e : e + 1].to(x2.dtype)
             y = ye if y is None else y + ye
         return y  # type: ignore[return-value]
 
@@ -309,8 +321,11 @@ def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
     held = [*st.sites, *st.taps] if st is not None else []
     for path, mod in roots:
         inner = [p for p in held if p == path or p.startswith(path + ".")]
-        inner += [f"{path}.{p}" if p else path for p, m in mod.named_modules()
-                  if CHILD in m._modules or isinstance(m.__dict__.get("forward"), engine._Bypass)]
+        inner += [
+            f"{path}.{p}" if p else path
+            for p, m in mod.named_modules()
+            if CHILD in m._modules or isinstance(m.__dict__.get("forward"), engine._Bypass)
+        ]
         if inner:
             raise InjectionError(
                 f"moe: the FFN module {path!r} already holds injected deltas (at {sorted(set(inner))[:3]}); "
@@ -350,8 +365,15 @@ class MoE(Method):
         fused_beside(model, "moe", sites)
         return sites
 
-    def make(self, module: nn.Module, path: str, cfg: MoEConfig,
-             shapes: dict[str, torch.Size] | None = None, *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: MoEConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         if model is None:
             raise ConfigError("moe: upcycling needs the model to find the FFN around a site")
         sub = next(iter(ffn_sublayers(model, [(path, module)])))
@@ -385,8 +407,9 @@ class MoE(Method):
         like = next((p for p in module.parameters() if p.is_floating_point()), None)
         if like is None:
             like = torch.empty(0)
-        ad = MoELayer(experts, sub.d_in, sub.d_out, cfg.top_k, cfg.capacity_factor, float(cfg.jitter),
-                      float(cfg.router_std), like)
+        ad = MoELayer(
+            experts, sub.d_in, sub.d_out, cfg.top_k, cfg.capacity_factor, float(cfg.jitter), float(cfg.router_std), like
+        )
         ad.entry = sub.entry
         return ad
 

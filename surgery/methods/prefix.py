@@ -64,12 +64,13 @@ _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
 @dataclass
 class PrefixConfig:
     """Attributes:
-        n_tokens: P, the positions (keys and values) added to every attention layer.
-        reparam: "mlp": keys/values come from an embedding through an MLP (foldable by merge); None: direct.
-        hidden: width of that MLP.
-        layers: which depths get a prefix: "6:", an int, a range, a list, or a selector; None: all.
-        init_std: keys/values (or the embedding, with reparam) start ~ N(0, init_std).
+    n_tokens: P, the positions (keys and values) added to every attention layer.
+    reparam: "mlp": keys/values come from an embedding through an MLP (foldable by merge); None: direct.
+    hidden: width of that MLP.
+    layers: which depths get a prefix: "6:", an int, a range, a list, or a selector; None: all.
+    init_std: keys/values (or the embedding, with reparam) start ~ N(0, init_std).
     """
+
     n_tokens: int = 20  # P: positions added to every attention layer
     reparam: str | None = None  # "mlp": keys/values from an embedding through an MLP (foldable by merge)
     hidden: int = 512  # width of that MLP
@@ -86,8 +87,18 @@ class PrefixKV(Adapter):
 
     kv_prefix = True  # read by surgery.attention at every attention call
 
-    def __init__(self, n_kv: int, p: int, d_k: int, d_v: int, d_in: int, reparam: str | None, hidden: int,
-                 init_std: float, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        n_kv: int,
+        p: int,
+        d_k: int,
+        d_v: int,
+        d_in: int,
+        reparam: str | None,
+        hidden: int,
+        init_std: float,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__()
         kw = {"device": like.device, "dtype": _param_dtype(like)}
         self.n_kv, self.p, self.d_k, self.d_v, self.reparam = n_kv, p, d_k, d_v, reparam
@@ -97,8 +108,9 @@ class PrefixKV(Adapter):
             start = (self.prefix_key, self.prefix_value)
         else:
             self.prefix_embedding = nn.Parameter(torch.empty(p, d_in, **kw))
-            self.prefix_mlp = nn.Sequential(nn.Linear(d_in, hidden, **kw), nn.Tanh(),
-                                            nn.Linear(hidden, n_kv * (d_k + d_v), **kw))
+            self.prefix_mlp = nn.Sequential(
+                nn.Linear(d_in, hidden, **kw), nn.Tanh(), nn.Linear(hidden, n_kv * (d_k + d_v), **kw)
+            )
             start = (self.prefix_embedding,)
         if not like.is_meta:
             with torch.no_grad():
@@ -125,9 +137,13 @@ class PrefixKV(Adapter):
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.reparam is None:
             return {"prefix_key": self.prefix_key, "prefix_value": self.prefix_value}
-        return {"prefix_embedding": self.prefix_embedding,
-                "prefix_mlp.0.weight": self.prefix_mlp[0].weight, "prefix_mlp.0.bias": self.prefix_mlp[0].bias,
-                "prefix_mlp.2.weight": self.prefix_mlp[2].weight, "prefix_mlp.2.bias": self.prefix_mlp[2].bias}
+        return {
+            "prefix_embedding": self.prefix_embedding,
+            "prefix_mlp.0.weight": self.prefix_mlp[0].weight,
+            "prefix_mlp.0.bias": self.prefix_mlp[0].bias,
+            "prefix_mlp.2.weight": self.prefix_mlp[2].weight,
+            "prefix_mlp.2.bias": self.prefix_mlp[2].bias,
+        }
 
     @property
     def folded(self) -> bool:
@@ -136,8 +152,10 @@ class PrefixKV(Adapter):
     def _from_mlp(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.prefix_mlp(self.prefix_embedding)  # [P, n_kv * (d_k + d_v)]
         k, v = out.split((self.n_kv * self.d_k, self.n_kv * self.d_v), dim=-1)
-        return (k.reshape(self.p, self.n_kv, self.d_k).transpose(0, 1),
-                v.reshape(self.p, self.n_kv, self.d_v).transpose(0, 1))
+        return (
+            k.reshape(self.p, self.n_kv, self.d_k).transpose(0, 1),
+            v.reshape(self.p, self.n_kv, self.d_v).transpose(0, 1),
+        )
 
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys [n_kv, P, d_k] and values [n_kv, P, d_v]."""
@@ -257,12 +275,21 @@ def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, i
         heads = getattr(cfg, "num_attention_heads", None)
     d_in = in_width(module) or getattr(cfg, "hidden_size", None)
     if cfg is not None and heads:  # transformers
-        d = next((getattr(module, a) for a in ("head_dim", "attention_head_size", "head_size")
-                  if isinstance(getattr(module, a, None), int)), None)
+        d = next(
+            (
+                getattr(module, a)
+                for a in ("head_dim", "attention_head_size", "head_size")
+                if isinstance(getattr(module, a, None), int)
+            ),
+            None,
+        )
         d = d or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         groups = getattr(module, "num_key_value_groups", None)
-        n_kv = heads // groups if isinstance(groups, int) and groups > 0 else (
-            getattr(module, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or heads)
+        n_kv = (
+            heads // groups
+            if isinstance(groups, int) and groups > 0
+            else (getattr(module, "num_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or heads)
+        )
         d_v = getattr(module, "v_head_dim", None) or d
         return int(n_kv), int(d), int(d_v), int(d_in or n_kv * d)
     # a plain module: head count from an attribute, widths from its q / k / v (or qkv) linears
@@ -296,8 +323,15 @@ def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, i
 class PrefixTuning(Method):
     name = "prefix"
     Config = PrefixConfig
-    tensor_suffixes = ("prefix_key", "prefix_value", "prefix_embedding", "prefix_mlp.0.weight",
-                       "prefix_mlp.0.bias", "prefix_mlp.2.weight", "prefix_mlp.2.bias")
+    tensor_suffixes = (
+        "prefix_key",
+        "prefix_value",
+        "prefix_embedding",
+        "prefix_mlp.0.weight",
+        "prefix_mlp.0.bias",
+        "prefix_mlp.2.weight",
+        "prefix_mlp.2.bias",
+    )
 
     def targets(self, cfg: PrefixConfig | None) -> Any:
         return _Attention()
@@ -309,8 +343,7 @@ class PrefixTuning(Method):
             raise ConfigError(f"prefix: reparam must be None or 'mlp', got {cfg.reparam!r}")
         if not (isinstance(cfg.hidden, int) and not isinstance(cfg.hidden, bool) and cfg.hidden > 0):
             raise ConfigError(f"prefix: hidden (the MLP's width) must be a positive integer, got {cfg.hidden!r}")
-        if not (isinstance(cfg.init_std, (int, float)) and not isinstance(cfg.init_std, bool)
-                and cfg.init_std >= 0):
+        if not (isinstance(cfg.init_std, (int, float)) and not isinstance(cfg.init_std, bool) and cfg.init_std >= 0):
             raise ConfigError(f"prefix: init_std must be a number >= 0, got {cfg.init_std!r}")
         if cfg.layers is not None:
             try:
@@ -333,8 +366,9 @@ class PrefixTuning(Method):
                     try:
                         roles = graph_roles(model)
                     except GraphError as e:
-                        raise InjectionError(f"prefix: cannot find the attention modules of "
-                                             f"{type(model).__name__}: {e}") from None
+                        raise InjectionError(
+                            f"prefix: cannot find the attention modules of {type(model).__name__}: {e}"
+                        ) from None
                 if roles.get(path, frozenset()) & _QKV and "." in path:
                     parent = path.rpartition(".")[0]
                     found.setdefault(parent, mods[parent])
@@ -363,8 +397,9 @@ class PrefixTuning(Method):
                 have = sorted({i for i in map(layer_index, found) if i is not None})
                 raise SelectorError(
                     f"prefix: layers={cfg.layers!r} keeps none of the attention layers; the model's "
-                    f"attention layers are at depths {have[0]}..{have[-1]}" if have else
-                    f"prefix: layers={cfg.layers!r} keeps none of the attention modules {sorted(found)}"
+                    f"attention layers are at depths {have[0]}..{have[-1]}"
+                    if have
+                    else f"prefix: layers={cfg.layers!r} keeps none of the attention modules {sorted(found)}"
                 )
             found = kept
         bad = []
@@ -379,24 +414,35 @@ class PrefixTuning(Method):
             raise InjectionError(
                 f"prefix: cannot reach the attention call of {len(bad)} of the attention modules found "
                 f"[{mods_found}{', ...' if len(found) > 4 else ''}]. Tried, for {p!r} ({type(m).__name__}){more}: "
-                + "; ".join(tried) + ". Prefix tuning needs a transformers model on 'sdpa' or 'eager' "
+                + "; ".join(tried)
+                + ". Prefix tuning needs a transformers model on 'sdpa' or 'eager' "
                 "attention, or a module calling F.scaled_dot_product_attention in a forward torch.fx can trace"
             )
         return list(found.items())
 
-    def make(self, module: nn.Module, path: str, cfg: PrefixConfig, shapes: dict[str, torch.Size] | None = None,
-             *, model: nn.Module | None = None) -> Adapter:
+    def make(
+        self,
+        module: nn.Module,
+        path: str,
+        cfg: PrefixConfig,
+        shapes: dict[str, torch.Size] | None = None,
+        *,
+        model: nn.Module | None = None,
+    ) -> Adapter:
         if model is None:
             raise ConfigError("prefix: needs the model (make(..., model=model)) to read its active deltas")
         kind, tried = _reach(module, path)
         rewrite = None
         if kind is None:
-            raise InjectionError(f"prefix: cannot reach the attention call of {path!r} "
-                                 f"({type(module).__name__}): " + "; ".join(tried))
+            raise InjectionError(
+                f"prefix: cannot reach the attention call of {path!r} ({type(module).__name__}): " + "; ".join(tried)
+            )
         if kind == "fx" and not getattr(module.__dict__.get("forward"), "__surgery_rewrite__", False):
             if "forward" in module.__dict__:
-                raise InjectionError(f"prefix: {path!r} has a forward patched on the instance by something "
-                                     "else; its attention cannot be rewritten")
+                raise InjectionError(
+                    f"prefix: {path!r} has a forward patched on the instance by something "
+                    "else; its attention cannot be rewritten"
+                )
             try:
                 rewrite = attention.rewrite_sdpa(module, path)
             except SurgeryError as e:
@@ -431,12 +477,16 @@ class PrefixTuning(Method):
             return
         model = next(iter(adapters.values())).surgery_model  # type: ignore[attr-defined]
         st = engine.state_of(model)
-        still = [a for s in (st.sites.values() if st else ()) for a in s.adapters.values()
-                 if getattr(a, "kv_prefix", False)]
+        still = [
+            a for s in (st.sites.values() if st else ()) for a in s.adapters.values() if getattr(a, "kv_prefix", False)
+        ]
         configs = {id(a.surgery_site.config) for a in still if a.surgery_kind == "interface"}
         sites = {id(a.surgery_site) for a in still}
-        gone = [ad.surgery_site for ad in adapters.values()  # type: ignore[attr-defined]
-                if ad.surgery_kind == "interface" and id(ad.surgery_site.config) not in configs]  # type: ignore[attr-defined]
+        gone = [
+            ad.surgery_site
+            for ad in adapters.values()  # type: ignore[attr-defined]
+            if ad.surgery_kind == "interface" and id(ad.surgery_site.config) not in configs
+        ]  # type: ignore[attr-defined]
         attention.uninstall_interface(gone)
         for ad in adapters.values():
             if ad.surgery_kind == "fx" and id(ad.surgery_site) not in sites:  # type: ignore[attr-defined]
@@ -478,8 +528,13 @@ class PrefixTuning(Method):
         elif spec is not None and not isinstance(spec, (str, int, list)):
             # a selector: not JSON; the sites it chose travel with the tensors
             rng = getattr(spec, "rng", None)
-            out["layers"] = (_span(rng) if isinstance(rng, range) and rng.step == 1
-                             else sorted(rng) if isinstance(rng, (set, frozenset)) else None)
+            out["layers"] = (
+                _span(rng)
+                if isinstance(rng, range) and rng.step == 1
+                else sorted(rng)
+                if isinstance(rng, (set, frozenset))
+                else None
+            )
         return out
 
 
