@@ -154,15 +154,7 @@ PARTIAL = {(arch, column) for arch in FUSED_EXPERTS for column in ("houlsby", "l
 
 # Cells whose behaviour today differs from EXPECTED (a later crash, a raw exception, a silent no-op, or a
 # refusal where the table says works): (arch, column) -> diagnosis. strict: a fix makes it XPASS.
-_SILENT_LINEAR = (
-    "lora targets='@linear' on fused experts covers the attention (and Qwen2-MoE's shared expert) and "
-    "leaves the fused 3-D expert tensors out with no FusedExpertsWarning (surgery/methods/lora.py never "
-    "calls sublayers.split_fused / fused_warning, as the adapter does)"
-)
-KNOWN_FAILING: dict[tuple[str, str], str] = {
-    ("mixtral", "lora@linear"): _SILENT_LINEAR,
-    ("qwen2_moe", "lora@linear"): _SILENT_LINEAR,
-}
+KNOWN_FAILING: dict[tuple[str, str], str] = {}
 
 
 # ----------------------------------------------------------------------------- models and inputs
