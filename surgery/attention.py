@@ -43,7 +43,7 @@ import sys
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,21 @@ SUPPORTED = ("sdpa", "eager")  # implementations the wrapper can extend (others:
 _MODEL = "_surgery_kv_model"  # cached on a site's adapter holder: the model whose active set applies
 
 
+class _KVAdapter(Protocol):
+    """What an adapter marked ``kv_prefix = True`` provides (nn.Module's ``__getattr__`` types
+    its attributes as Tensor | Module, so this names them for the type checker)."""
+
+    surgery_model: nn.Module
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def config_of(module: nn.Module) -> Any:
+    """A transformers module's ``config`` (a PretrainedConfig, read dynamically: nn.Module's
+    ``__getattr__`` would type it as Tensor | Module)."""
+    return module.config
+
+
 def active_kv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The keys and values ``[n_kv, P, d]`` active at `module` in this context, or None.
 
@@ -86,9 +101,9 @@ def active_kv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 def adapters_kv(holder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`active_kv` for the adapters one site holds (its ``surgery`` child)."""
     ads = holder._modules
-    model = holder.__dict__.get(_MODEL)
+    model: nn.Module | None = holder.__dict__.get(_MODEL)
     if model is None:
-        model = next((a.surgery_model for a in ads.values() if getattr(a, "kv_prefix", False)), None)
+        model = next((cast(_KVAdapter, a).surgery_model for a in ads.values() if getattr(a, "kv_prefix", False)), None)
         if model is None:
             return None
         holder.__dict__[_MODEL] = model  # a plain reference (deep copies follow the model)
@@ -114,7 +129,7 @@ def adapters_kv(holder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         for n in names:
             ad = ads.get(n)
             if ad is not None and getattr(ad, "kv_prefix", False):
-                k, v = ad.kv()
+                k, v = cast(_KVAdapter, ad).kv()
                 ks.append(k)
                 vs.append(v)
     if not ks:
@@ -199,7 +214,7 @@ def _base_fn(impl: str, module: nn.Module) -> Callable[..., Any]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         _FUNCTIONS = ALL_ATTENTION_FUNCTIONS
-    return _FUNCTIONS[impl]  # type: ignore[no-any-return]
+    return _FUNCTIONS[impl]
 
 
 def _wrapper(impl: str) -> Callable[..., Any]:
@@ -227,8 +242,8 @@ def _wrapper(impl: str) -> Callable[..., Any]:
             # sdpa without a mask is causal by flag (the call's is_causal, else the module's)
             causal = False
             if attention_mask is None:
-                causal = kwargs.get("is_causal")
-                causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+                flag = kwargs.get("is_causal")
+                causal = bool(getattr(module, "is_causal", True) if flag is None else flag)
             attention_mask = extend_mask(attention_mask, p, q_len, kv_len, causal, query.device)
         bias = kwargs.get("position_bias")
         if bias is not None:
@@ -282,7 +297,7 @@ def impl_of(config: Any) -> str:
 
 def check_interface(module: nn.Module, path: str) -> str | None:
     """None if the wrapper can serve `module`'s attention implementation, else why not."""
-    impl = impl_of(module.config)
+    impl = impl_of(config_of(module))
     if impl not in SUPPORTED:
         return (
             f"{path!r} uses attn_implementation={impl!r}, which extra attention positions do not support; "
@@ -298,7 +313,7 @@ def check_interface(module: nn.Module, path: str) -> str | None:
 
 def install_interface(modules: list[nn.Module]) -> None:
     """Point the configs these attention modules read at our wrapper (remembering the original)."""
-    for cfg in {id(m.config): m.config for m in modules}.values():
+    for cfg in {id(config_of(m)): config_of(m) for m in modules}.values():
         impl = cfg._attn_implementation
         if impl is not None and impl.startswith(WRAP):
             continue
@@ -309,7 +324,7 @@ def install_interface(modules: list[nn.Module]) -> None:
 
 def uninstall_interface(modules: list[nn.Module]) -> None:
     """Give the configs of these attention modules their own implementation back."""
-    for cfg in {id(m.config): m.config for m in modules}.values():
+    for cfg in {id(config_of(m)): config_of(m) for m in modules}.values():
         if "_surgery_attn_implementation" in cfg.__dict__:
             old = cfg.__dict__.pop("_surgery_attn_implementation")
             now = cfg._attn_implementation
@@ -320,7 +335,7 @@ def uninstall_interface(modules: list[nn.Module]) -> None:
 def interface_active(module: nn.Module) -> bool:
     """Whether `module`'s config still points at our wrapper (a later
     ``set_attn_implementation`` would route around it)."""
-    impl = module.config._attn_implementation
+    impl = config_of(module)._attn_implementation
     return impl is not None and impl.startswith(WRAP)
 
 

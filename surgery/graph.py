@@ -32,8 +32,9 @@ import logging
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import fx, nn
@@ -42,6 +43,8 @@ from torch.export.graph_signature import OutputKind
 from surgery.errors import GraphError
 
 __all__ = ["build_graph", "clear_cache", "roles"]
+
+_T = TypeVar("_T")
 
 # Op-name families (normalised: aten overload packet / function / method name, "_" stripped).
 _VIEW = frozenset(
@@ -144,7 +147,7 @@ _FIX = (
 )
 
 
-def _guarded(model: nn.Module, what: str, run):  # type: ignore[no-untyped-def]
+def _guarded(model: nn.Module, what: str, run: Callable[[], _T]) -> _T:
     """Run `run()`; any exception but a GraphError becomes a GraphError that says what to do."""
     try:
         return run()
@@ -183,6 +186,7 @@ def _trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None)
         return _LeafTracer().trace(model)
     except Exception as err:  # any tracing failure just means "try export"
         fx_error = _short(err)
+    candidates: Sequence[tuple | dict | torch.Tensor]
     if example_inputs is not None:
         candidates, built = [_complete(model, example_inputs)], False
     else:
@@ -262,9 +266,10 @@ _IMAGE = 64  # pixels a side when a vision config has no image_size (ResNet, Con
 _SAMPLES = 1600  # raw audio samples (wav2vec2-style input_values): past the feature encoder's receptive field
 
 
-def _configs(cfg) -> list:  # type: ignore[no-untyped-def]
+def _configs(cfg: Any) -> list[Any]:
     """`cfg` and its sub-configs (text_config, vision_config, audio_config, encoder, decoder, ...), outer first."""
-    out, todo = [], [cfg]
+    out: list[Any] = []
+    todo = [cfg]
     while todo:
         c = todo.pop(0)
         if any(c is o for o in out):
@@ -274,10 +279,11 @@ def _configs(cfg) -> list:  # type: ignore[no-untyped-def]
     return out
 
 
-def _lookup(cfgs: list, name: str, prefer: str = "") -> object:
+def _lookup(cfgs: list, name: str, prefer: str = "") -> Any:
     """The first value of config attribute `name`: in sub-configs whose attribute name contains `prefer`
-    first (``vision`` for image sizes, ``text`` for vocabularies), then in the others, outermost first."""
-    first = []
+    first (``vision`` for image sizes, ``text`` for vocabularies), then in the others, outermost first.
+    Any: config attributes are untyped (an int, a tuple, a list, ...); callers check what they use."""
+    first: list[Any] = []
     if prefer:
         for c in cfgs:
             first.extend(v for k, v in vars(c).items() if prefer in k and hasattr(v, "to_dict"))
@@ -339,7 +345,7 @@ def _hf_inputs(model: nn.Module) -> list[dict]:
     }
     if main not in makers:
         return []
-    base = {main: makers[main]()}
+    base: dict[str, Any] = {main: makers[main]()}
     if main == "input_ids" and "attention_mask" in params:
         base["attention_mask"] = torch.ones_like(base["input_ids"])
     if "use_cache" in params:
@@ -458,7 +464,7 @@ class _Flow:
 
     def _scope(self, node: fx.Node) -> str | None:
         if node.op == "call_module":
-            return node.target
+            return cast(str, node.target)  # fx: a call_module target is the module's qualified name
         stack = node.meta.get("nn_module_stack")
         if not stack:
             return None
@@ -478,7 +484,7 @@ class _Flow:
                 return "softmax"
             return "act" if m is not None and _is_activation(m) else "module"
         if node.op == "call_method":
-            name = node.target
+            name = cast(str, node.target)  # fx: a call_method target is the method's name
         elif node.op == "call_function":
             t = node.target
             name = getattr(getattr(t, "_overloadpacket", None) or t, "__name__", str(t))
@@ -490,7 +496,7 @@ class _Flow:
     def param(self, node: fx.Node) -> str | None:
         for _ in range(4):  # look through weight.t() / .T / .to(...)
             if node.op == "get_attr":
-                return node.target
+                return cast(str, node.target)  # fx: a get_attr target is the attribute's qualified name
             if "surgery.param" in node.meta:
                 return node.meta["surgery.param"]
             if self._kind(node) not in _VIEW or not node.args or not isinstance(node.args[0], fx.Node):
@@ -535,15 +541,26 @@ class _Flow:
         """Walk forward from `start`'s users likewise (other owners than `start`'s own count)."""
         return self._walk(start.users, through, want, lambda n: n.users, skip=self.owner[start])
 
-    def _walk(self, starts, through, want, step, skip: str | None = None) -> tuple[set[str], list[fx.Node]]:
-        owners, hits, seen, todo = set(), [], set(), list(starts)
+    def _walk(
+        self,
+        starts: Iterable[fx.Node],
+        through: frozenset[str],
+        want: frozenset[str],
+        step: Callable[[fx.Node], Iterable[fx.Node]],
+        skip: str | None = None,
+    ) -> tuple[set[str], list[fx.Node]]:
+        owners: set[str] = set()
+        hits: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+        todo = list(starts)
         while todo:
             n = todo.pop()
             if n in seen:
                 continue
             seen.add(n)
-            if self.owner[n] is not None and self.owner[n] != skip:
-                owners.add(self.owner[n])
+            owner = self.owner[n]
+            if owner is not None and owner != skip:
+                owners.add(owner)
             elif self.kind[n] in want:
                 hits.append(n)
             elif self.kind[n] in through:
@@ -583,14 +600,15 @@ def _attention(flow: _Flow) -> Iterator[tuple[fx.Node, fx.Node, fx.Node, fx.Node
                     yield q, k, v, out
 
 
-def _ffn_sources(flow: _Flow, inputs: Iterable[fx.Node]) -> dict[str, set[tuple[bool, tuple]]]:
+def _ffn_sources(flow: _Flow, inputs: Iterable[fx.Node]) -> dict[str, set[tuple[bool, tuple[fx.Node, ...]]]]:
     """Linears feeding `inputs` through activations and gating muls: owner -> {(activated, slices)}.
 
     The slices (split/getitem nodes passed on the way) tell a fused gate+up linear (two different
     slices) from a composite activation such as tanh-GELU (one tensor, reached both ways).
     """
-    found: dict[str, set] = {}
-    seen, todo = set(), [(n, False, ()) for n in inputs]
+    found: dict[str, set[tuple[bool, tuple[fx.Node, ...]]]] = {}
+    seen: set[tuple[fx.Node, bool, tuple[fx.Node, ...]]] = set()
+    todo: list[tuple[fx.Node, bool, tuple[fx.Node, ...]]] = [(n, False, ()) for n in inputs]
     while todo:
         state = todo.pop()
         if state in seen:
@@ -646,13 +664,13 @@ def _find_roles(module: nn.Module, graph: fx.Graph) -> dict[str, frozenset[str]]
     for down in ins:
         if _ATTN_ROLES & out.get(down, set()) or _mixes_positions(flow.mods[down]):
             continue
-        srcs = {
+        feeds = {  # not `srcs`: that name holds the attention's q/k/v owners above
             p: s
             for p, s in _ffn_sources(flow, ins[down]).items()
             if not _ATTN_ROLES & out.get(p, set()) and not _mixes_positions(flow.mods[p])
         }
-        activated = {p for p, s in srcs.items() if any(a for a, _ in s)}
-        plain = {p for p, s in srcs.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
+        activated = {p for p, s in feeds.items() if any(a for a, _ in s)}
+        plain = {p for p, s in feeds.items() if {x for a, x in s if not a} - {x for a, x in s if a}}
         joins = any(flow.forward(o, _VIEW | _SCALE, want=_RESIDUAL)[1] for o in outs[down])
         if not activated or not joins:
             continue  # no activation in between, or not added back into a residual stream

@@ -45,8 +45,9 @@ Parameters: :math:`P\,n_{kv}(d_k+d_v)` per layer (Llama-2-7B, P = 20: 164 k per 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -86,6 +87,11 @@ class PrefixKV(Adapter):
     """The learned positions of one attention layer (see the module docstring)."""
 
     kv_prefix = True  # read by surgery.attention at every attention call
+    # set by PrefixTuning.make as plain references (not submodules), read by attached/detached
+    surgery_model: nn.Module
+    surgery_site: nn.Module
+    surgery_kind: str
+    surgery_rewrite: Callable[..., Any] | None
 
     def __init__(
         self,
@@ -100,12 +106,12 @@ class PrefixKV(Adapter):
         like: torch.Tensor,
     ) -> None:
         super().__init__()
-        kw = {"device": like.device, "dtype": _param_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _param_dtype(like)}
         self.n_kv, self.p, self.d_k, self.d_v, self.reparam = n_kv, p, d_k, d_v, reparam
         if reparam is None:
             self.prefix_key = nn.Parameter(torch.empty(n_kv, p, d_k, **kw))
             self.prefix_value = nn.Parameter(torch.empty(n_kv, p, d_v, **kw))
-            start = (self.prefix_key, self.prefix_value)
+            start: tuple[nn.Parameter, ...] = (self.prefix_key, self.prefix_value)
         else:
             self.prefix_embedding = nn.Parameter(torch.empty(p, d_in, **kw))
             self.prefix_mlp = nn.Sequential(
@@ -126,10 +132,15 @@ class PrefixKV(Adapter):
     # the engine's hook: the work happens inside the attention call, the output is left as it is
     def contribute(self, x: torch.Tensor, out: Any, inplace: bool = False) -> Any:
         site = self.__dict__.get("surgery_site")
-        if self.__dict__.get("surgery_kind") == "interface" and not attention.interface_active(site):
+        # make sets the site with the kind: an "interface" prefix always has one
+        if (
+            site is not None
+            and self.__dict__.get("surgery_kind") == "interface"
+            and not attention.interface_active(site)
+        ):
             raise SurgeryError(
                 f"the prefix at {type(site).__name__} did not run: the model's attention implementation was "
-                f"switched to {site.config._attn_implementation!r} after it was injected. Switch back, or "
+                f"switched to {attention.config_of(site)._attn_implementation!r} after it was injected. Switch back, or "
                 "surgery.remove the prefix deltas, set the implementation, and apply them again"
             )
         return out
@@ -137,12 +148,13 @@ class PrefixKV(Adapter):
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.reparam is None:
             return {"prefix_key": self.prefix_key, "prefix_value": self.prefix_value}
+        first, second = cast(nn.Linear, self.prefix_mlp[0]), cast(nn.Linear, self.prefix_mlp[2])
         return {
             "prefix_embedding": self.prefix_embedding,
-            "prefix_mlp.0.weight": self.prefix_mlp[0].weight,
-            "prefix_mlp.0.bias": self.prefix_mlp[0].bias,
-            "prefix_mlp.2.weight": self.prefix_mlp[2].weight,
-            "prefix_mlp.2.bias": self.prefix_mlp[2].bias,
+            "prefix_mlp.0.weight": first.weight,
+            "prefix_mlp.0.bias": first.bias,
+            "prefix_mlp.2.weight": second.weight,
+            "prefix_mlp.2.bias": second.bias,
         }
 
     @property
@@ -182,6 +194,11 @@ class PrefixKV(Adapter):
         for p, flag in zip(params, self._trainable or [True] * len(params), strict=False):
             p.requires_grad_(flag)
         self._trainable = None
+
+
+def _prefixes(adapters: dict[str, Adapter]) -> list[PrefixKV]:
+    """The adapters a PrefixTuning hook gets: all made by its `make`, so all PrefixKV."""
+    return [cast(PrefixKV, a) for a in adapters.values()]
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -465,58 +482,62 @@ class PrefixTuning(Method):
         return ad
 
     def attached(self, adapters: dict[str, Adapter]) -> None:
-        hf = [ad.surgery_site for ad in adapters.values() if ad.surgery_kind == "interface"]  # type: ignore[attr-defined]
+        ads = _prefixes(adapters)
+        hf = [ad.surgery_site for ad in ads if ad.surgery_kind == "interface"]
         if hf:
             attention.install_interface(hf)
-        for ad in adapters.values():
-            if ad.surgery_kind == "fx" and ad.surgery_rewrite is not None:  # type: ignore[attr-defined]
-                attention.install_forward(ad.surgery_site, ad.surgery_rewrite)  # type: ignore[attr-defined]
+        for ad in ads:
+            if ad.surgery_kind == "fx" and ad.surgery_rewrite is not None:
+                attention.install_forward(ad.surgery_site, ad.surgery_rewrite)
 
     def detached(self, adapters: dict[str, Adapter]) -> None:
         if not adapters:
             return
-        model = next(iter(adapters.values())).surgery_model  # type: ignore[attr-defined]
-        st = engine.state_of(model)
+        ads = _prefixes(adapters)
+        st = engine.state_of(ads[0].surgery_model)
         still = [
-            a for s in (st.sites.values() if st else ()) for a in s.adapters.values() if getattr(a, "kv_prefix", False)
+            cast(PrefixKV, a)
+            for s in (st.sites.values() if st else ())
+            for a in s.adapters.values()
+            if getattr(a, "kv_prefix", False)
         ]
-        configs = {id(a.surgery_site.config) for a in still if a.surgery_kind == "interface"}
+        configs = {id(attention.config_of(a.surgery_site)) for a in still if a.surgery_kind == "interface"}
         sites = {id(a.surgery_site) for a in still}
         gone = [
             ad.surgery_site
-            for ad in adapters.values()  # type: ignore[attr-defined]
-            if ad.surgery_kind == "interface" and id(ad.surgery_site.config) not in configs
-        ]  # type: ignore[attr-defined]
+            for ad in ads
+            if ad.surgery_kind == "interface" and id(attention.config_of(ad.surgery_site)) not in configs
+        ]
         attention.uninstall_interface(gone)
-        for ad in adapters.values():
-            if ad.surgery_kind == "fx" and id(ad.surgery_site) not in sites:  # type: ignore[attr-defined]
-                attention.uninstall_forward(ad.surgery_site)  # type: ignore[attr-defined]
+        for ad in ads:
+            if ad.surgery_kind == "fx" and id(ad.surgery_site) not in sites:
+                attention.uninstall_forward(ad.surgery_site)
 
     # merge folds the reparameterisation: the base weights are never touched
     def fold(self, adapters: dict[str, Adapter]) -> bool:
-        ads = list(adapters.values())
-        if ads and ads[0].reparam is None:  # type: ignore[attr-defined]
+        ads = _prefixes(adapters)
+        if ads and ads[0].reparam is None:
             raise MergeError(
                 "prefix: this prefix has no reparameterisation to fold (its keys and values are plain "
                 "tensors already), and extra attention positions cannot be merged into the base weights; "
                 "keep it as it is (it costs P extra key/value positions per layer)"
             )
-        if any(a.folded for a in ads):  # type: ignore[attr-defined]
+        if any(a.folded for a in ads):
             raise MergeError("prefix: its MLP is already folded (merged); surgery.unmerge(model, name) first")
         for a in ads:
-            a.fold()  # type: ignore[attr-defined]
+            a.fold()
         return True
 
     def unfold(self, adapters: dict[str, Adapter]) -> bool:
-        ads = [a for a in adapters.values() if a.folded]  # type: ignore[attr-defined]
+        ads = [a for a in _prefixes(adapters) if a.folded]
         if not ads:
             raise MergeError("prefix: not merged (its MLP is not folded); nothing to unmerge")
         for a in ads:
-            a.unfold()  # type: ignore[attr-defined]
+            a.unfold()
         return True
 
     def folded(self, adapters: dict[str, Adapter]) -> bool:
-        return any(a.folded for a in adapters.values())  # type: ignore[attr-defined]
+        return any(a.folded for a in _prefixes(adapters))
 
     def config_dict(self, cfg: PrefixConfig) -> dict[str, Any]:
         out = asdict(cfg)
