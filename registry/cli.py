@@ -110,17 +110,17 @@ def _quiet_hf_bars() -> Iterator[None]:
 
     from registry import hf
 
-    class Quiet(tqdm):  # type: ignore[misc]
+    class Quiet(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
     saved = hf.tqdm, hf._DelayedTqdm
-    hf.tqdm, hf._DelayedTqdm = Quiet, Quiet
+    hf.tqdm, hf._DelayedTqdm = Quiet, Quiet  # type: ignore[misc]  # deliberately swaps the classes for the call
     try:
         yield
     finally:
-        hf.tqdm, hf._DelayedTqdm = saved
+        hf.tqdm, hf._DelayedTqdm = saved  # type: ignore[misc]  # puts the classes back
 
 
 # ----------------------------------------------------------------------------- output
@@ -148,7 +148,7 @@ def _size(n: Any) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return str(n)
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import surgery
 from registry.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_peft_files, save_peft_delta
+from registry.refs import Ref
 from surgery.errors import SurgeryError
 from surgery.selectors import path_matches
 
@@ -117,7 +118,7 @@ def _files_for(delta: surgery.Delta, manifest: dict[str, Any]) -> dict[str, byte
 
 def push_hf(
     hub: Any,
-    ref: str,
+    ref: str | Ref,
     repo_id: str,
     *,
     token: str | None = None,

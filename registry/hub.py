@@ -14,6 +14,7 @@ Layout under the hub's root (see docs/hub.md)::
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import datetime as _dt
@@ -324,7 +325,7 @@ class Hub:
                     f"{name} has no alias {spec.value!r}; its aliases are {sorted(table) or 'none'}; "
                     f"set one with hub.alias({name!r}, {spec.value!r}, version=N)"
                 )
-            version = table[spec.value]  # type: ignore[index]
+            version = table[spec.value]
         else:
             version = self._by_digest(name, str(spec.value))
         man = self._manifest(name, version, str(spec), recheck)
@@ -455,10 +456,10 @@ class Hub:
                 f"{what}: {name} holds tensors {sorted(set(entries) ^ set(order))[:5]} that disagree with the manifest"
             )
         for key, info in man["tensors"]:
-            e = entries[key]
-            if e["dtype"] != info["dtype"] or e["shape"] != info["shape"]:
+            ent = entries[key]
+            if ent["dtype"] != info["dtype"] or ent["shape"] != info["shape"]:
                 raise IntegrityError(
-                    f"{what}: {name}: tensor {key!r} is {e['dtype']}{e['shape']} in the blob "
+                    f"{what}: {name}: tensor {key!r} is {ent['dtype']}{ent['shape']} in the blob "
                     f"but {info['dtype']}{info['shape']} in the manifest"
                 )
         if not known:
@@ -595,7 +596,7 @@ class Hub:
             {"alias": alias, "version": version, "previous": previous, "time": _now(), "user": _user()},
         )
 
-    def history(self, ref: str | Ref) -> list[dict[str, Any]]:
+    def history(self, ref: str | Ref) -> builtins.list[dict[str, Any]]:
         """`name@alias`: every move of the alias, oldest first. `name@N` or a digest: the lineage,
         this version first, then its parent, and so on. A bare `name`: every version created and
         every alias moved, in time order."""
@@ -625,8 +626,8 @@ class Hub:
                     events.append(
                         {"event": "push", "version": r.version, "digest": r.digest, "time": "", "error": str(e)}
                     )
-            for e in self._alias_log(name):
-                events.append({"event": "alias", **e})
+            for move in self._alias_log(name):
+                events.append({"event": "alias", **move})
             events.sort(key=lambda e: str(e.get("time", "")))
             return events
         r, man = self._resolve(spec)
@@ -657,7 +658,7 @@ class Hub:
 
     # ------------------------------------------------------------------------- verify / gc
 
-    def verify(self) -> list[str]:
+    def verify(self) -> builtins.list[str]:
         """Every problem in the hub, one line each (an empty list when it is clean): unreadable or
         tampered manifests, missing, truncated or corrupted blobs, blobs whose bytes do not match
         their name, a digest index or alias that disagrees with the versions."""
@@ -690,11 +691,11 @@ class Hub:
                 except RegistryError as e:
                     problems.append(str(e))
             for line in store.read_lines(self._name_dir(name) / "digests.log"):
-                v, d = line.get("v"), line.get("d")
-                if type(v) is int and v in digests and d != digests[v]:
-                    problems.append(f"{name}@{v}: digests.log records {d} but the manifest's digest is {digests[v]}")
-                elif type(v) is int and v not in nums:
-                    problems.append(f"{name}: digests.log names version {v}, which has no manifest")
+                lv, ld = line.get("v"), line.get("d")
+                if type(lv) is int and lv in digests and ld != digests[lv]:
+                    problems.append(f"{name}@{lv}: digests.log records {ld} but the manifest's digest is {digests[lv]}")
+                elif type(lv) is int and lv not in nums:
+                    problems.append(f"{name}: digests.log names version {lv}, which has no manifest")
             for alias, v in self.aliases(name).items():
                 if v not in nums:
                     problems.append(f"{name}@{alias} points at version {v}, which does not exist")
@@ -724,7 +725,7 @@ class Hub:
             return f"blob {digest} is corrupted: its bytes hash to sha256:{h.hexdigest()} ({path})"
         return None
 
-    def _blob_files(self) -> list[Path]:
+    def _blob_files(self) -> builtins.list[Path]:
         out = []
         for shard in sorted(self.blobs.iterdir()) if self.blobs.is_dir() else []:
             if shard.is_dir():
@@ -733,7 +734,7 @@ class Hub:
                 out.append(shard)
         return out
 
-    def _all_name_dirs(self, problems: list[str] | None = None) -> list[str]:
+    def _all_name_dirs(self, problems: builtins.list[str] | None = None) -> builtins.list[str]:
         out = []
         for org in sorted(self.names_dir.iterdir()) if self.names_dir.is_dir() else []:
             for nm in sorted(org.iterdir()) if org.is_dir() else []:

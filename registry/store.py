@@ -318,13 +318,13 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
         entries[key] = {"dtype": dt, "shape": shape, "offsets": offs}
     spans.sort()
     end = 0
-    for b, e, key in spans:  # as safetensors requires: the tensors tile the data, no gap, no overlap
+    for b, stop, key in spans:  # as safetensors requires: the tensors tile the data, no gap, no overlap
         if b != end:
             raise IntegrityError(
                 f"{what}: tensor {key!r} starts at byte {b} of the data, not at {end} "
                 "(tensors must tile the data without gaps or overlaps)"
             )
-        end = e
+        end = stop
     if end != data_len:
         raise IntegrityError(f"{what}: the tensors cover {end} bytes of data but the file holds {data_len}")
     return entries, start

@@ -7,6 +7,8 @@ modules there, merge, unmerge, and move what they learned as Deltas.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from surgery import methods as _methods  # noqa: F401  (fills the method table)
 from surgery.combine import combine
 from surgery.compose import Average, BatchSplit, Fuse, Parallel, Stack
@@ -45,12 +47,16 @@ from surgery.selectors import Sel, Site, layers, sel
 from surgery.summary import Summary, summary
 from surgery.template import Template
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 __import__("surgery.help").help.document(inject)  # help(surgery.inject) lists every method's config keys
 
 __version__ = "0.1.0"
 
 
-def find(model, targets, example_inputs=None) -> list[Site]:  # type: ignore[no-untyped-def]
+def find(model: nn.Module, targets: Any, example_inputs: tuple | dict | torch.Tensor | None = None) -> list[Site]:
     """Preview the modules a selector hits: a list of `Site` (path, type, roles).
 
     Roles are shown when the model's graph can be built (it is built here if the
@@ -76,7 +82,7 @@ def find(model, targets, example_inputs=None) -> list[Site]:  # type: ignore[no-
     return [Site(p, type(m).__name__, roles.get(p, frozenset())) for p, m in hits]
 
 
-def trace(model, example_inputs=None) -> None:  # type: ignore[no-untyped-def]
+def trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> None:
     """Build (and cache) the model's dataflow graph now; role selectors (`@q`, `@mlp`, ...) then read it.
 
     `example_inputs` is one batch the model's forward accepts: a tensor, a tuple of positional

@@ -25,7 +25,7 @@ a plain name. Validation happens in `use` / `activate`, before any forward.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -69,7 +69,7 @@ class Block:
         return f"{type(self).__name__}({self._args()})"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.__dict__ == other.__dict__  # type: ignore[union-attr]
+        return type(self) is type(other) and self.__dict__ == other.__dict__
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.children))
@@ -271,7 +271,8 @@ def _run(site: _Site, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
         return ad.contribute(_input(site, ad, x, rows), out, False)
     if isinstance(item, Fuse):
         ad = site.live.get(item.fusion)  # type: ignore[arg-type]
-        return out if ad is None else _fuse(site, ad, ad.members, x, out, rows)
+        # a Fuse names a fusion delta, whose adapter holds its members' names
+        return out if ad is None else _fuse(site, ad, cast("tuple[str, ...]", ad.members), x, out, rows)
     if isinstance(item, Stack):
         for c in item.children:
             out = _run(site, c, x, out, rows)

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -611,7 +611,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
             site = st.sites[path]
             site.merged = [(mn, r) for mn, r in site.merged if mn != n]
             site.live.pop(n, None)
-            ad = gone[path] = site.adapters[n]  # type: ignore[assignment]
+            ad = gone[path] = cast(Adapter, site.adapters[n])
             del site.adapters[n]
             if ad.entry is not None:
                 tap = st.taps[ad.entry]
@@ -786,7 +786,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
         shared = _shared_weights(model)
         factors = []
         for s in sites:  # check every site before touching any weight
-            f = s.adapters[n].merge_factors(s.module)
+            f = cast(Adapter, s.adapters[n]).merge_factors(s.module)
             if f is None:
                 raise MergeError(
                     f"delta {n!r} ({entry.method.name}) has no merge rule: its output is not a weight update "

@@ -35,7 +35,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def in_width(m: nn.Module) -> int | None:
     if isinstance(m, nn.Linear):
         return m.in_features
     if _is_linear(m):
-        return int(m.weight.shape[0])
+        return int(cast(torch.Tensor, m.weight).shape[0])  # transformers' Conv1D: weight is (in, out)
     for sub in _base_linears(m):
         return in_width(sub)
     return None

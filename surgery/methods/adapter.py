@@ -26,6 +26,7 @@ activation is in the way): `surgery.merge` raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,7 +48,7 @@ from surgery.sublayers import (
 )
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "swish": F.silu,
     "silu": F.silu,
@@ -97,7 +98,7 @@ class Bottleneck(Adapter):
         like: torch.Tensor,
     ) -> None:
         super().__init__()
-        kw = {"device": like.device, "dtype": _param_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _param_dtype(like)}
         self.adapter_down = nn.Linear(d_in, bottleneck, **kw)
         self.adapter_up = nn.Linear(bottleneck, d_out, **kw)
         self.scale, self.activation, self.p, self.parallel = scale, activation, dropout, parallel
@@ -226,7 +227,7 @@ class BottleneckAdapter(Method):
                 f"adapter: bottleneck {b} is larger than the hidden size {d_in} at {path!r}; "
                 f"a bottleneck adapter must narrow: use bottleneck <= {d_in}"
             )
-        like = next((p for p in module.parameters() if p.is_floating_point()), None)
+        like: torch.Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
         if like is None:
             like = torch.empty(0)
         style = cfg.style

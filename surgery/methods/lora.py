@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ class LinearLoRA(_LoRABase):
         self, in_f: int, out_f: int, r: int, scale: float, dropout: float, fan_in_fan_out: bool, like: torch.Tensor
     ) -> None:
         super().__init__(scale, dropout)
-        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
         self.fan_in_fan_out = fan_in_fan_out
@@ -175,7 +175,7 @@ class EmbeddingLoRA(_LoRABase):
     def __init__(self, num: int, dim: int, r: int, scale: float, dropout: float, base: nn.Embedding) -> None:
         super().__init__(scale, dropout)
         like = base.weight
-        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
         self.lora_A = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_B = nn.Parameter(torch.empty(dim, r, **kw))
         self.padding_idx = base.padding_idx
@@ -199,7 +199,7 @@ class ConvLoRA(_LoRABase):
     def __init__(self, base: nn.Conv1d | nn.Conv2d, r: int, scale: float, dropout: float) -> None:
         super().__init__(scale, dropout)
         like = base.weight
-        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
         k = tuple(base.kernel_size)
         ones = (1,) * len(k)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *k, **kw))
@@ -260,9 +260,9 @@ class LoRA(Method):
         for pat, v in cfg.rank_pattern.items():
             if not rank_ok(v):
                 raise ConfigError(f"lora: rank_pattern[{pat!r}] must be a positive integer, got {v!r}")
-        for pat, v in cfg.alpha_pattern.items():
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ConfigError(f"lora: alpha_pattern[{pat!r}] must be a positive number, got {v!r}")
+        for pat, a in cfg.alpha_pattern.items():
+            if not (isinstance(a, (int, float)) and a > 0):
+                raise ConfigError(f"lora: alpha_pattern[{pat!r}] must be a positive number, got {a!r}")
 
     def supports(self, module: nn.Module) -> bool:
         return (
@@ -296,7 +296,8 @@ class LoRA(Method):
                     ad.shared = shared
 
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAConfig) -> None:
-        adapter.scale = self.scale(cfg, path, adapter.lora_A.shape[0])  # type: ignore[union-attr]
+        ad = cast(_LoRABase, adapter)  # this method made it
+        ad.scale = self.scale(cfg, path, ad.lora_A.shape[0])
 
     def make(
         self,
@@ -314,12 +315,13 @@ class LoRA(Method):
         if isinstance(module, nn.Linear):
             ad = LinearLoRA(module.in_features, module.out_features, r, scale, cfg.dropout, False, module.weight)
         elif is_conv1d_transformers(module):
-            in_f, out_f = module.weight.shape
-            ad = LinearLoRA(in_f, out_f, r, scale, cfg.dropout, True, module.weight)
+            weight = cast(torch.Tensor, module.weight)
+            in_f, out_f = weight.shape
+            ad = LinearLoRA(in_f, out_f, r, scale, cfg.dropout, True, weight)
         elif isinstance(module, nn.Embedding):
             ad = EmbeddingLoRA(module.num_embeddings, module.embedding_dim, r, scale, cfg.dropout, module)
         else:
-            ad = ConvLoRA(module, r, scale, cfg.dropout)
+            ad = ConvLoRA(cast("nn.Conv1d | nn.Conv2d", module), r, scale, cfg.dropout)  # all supports() leaves
         self._init(ad, cfg)
         return ad
 

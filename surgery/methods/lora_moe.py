@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ class LoRAMoELayer(Routed):
         like: torch.Tensor,
     ) -> None:
         super().__init__()
-        kw = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
         self.router = make_router(in_f, experts, router_std, like)
         self.lora_A = nn.Parameter(torch.empty(experts * r, in_f, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_f, experts * r, **kw))
@@ -148,19 +148,21 @@ class LoRAMoE(Method):
             r = max(1, int(shapes["lora_A.weight"][0]) // n)
         if cfg.top_k > n:
             raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {n} experts at {path!r}")
+        weight = cast(torch.Tensor, module.weight)  # nn.Linear or transformers' Conv1D (supports())
         if isinstance(module, nn.Linear):
             in_f, out_f, fifo = module.in_features, module.out_features, False
-        else:
-            (in_f, out_f), fifo = module.weight.shape, True
+        else:  # Conv1D: weight (in, out)
+            (in_f, out_f), fifo = weight.shape, True
         return LoRAMoELayer(
-            in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo, float(cfg.router_std), module.weight
+            in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo, float(cfg.router_std), weight
         )
 
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAMoEConfig) -> None:
-        if cfg.top_k > adapter.n:  # type: ignore[operator]
-            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {adapter.n} experts at {path!r}")
-        adapter.scale = cfg.alpha / adapter.r  # type: ignore[operator]
-        adapter.top_k, adapter.p = cfg.top_k, cfg.dropout  # type: ignore[assignment]
+        ad = cast(LoRAMoELayer, adapter)  # this method made it
+        if cfg.top_k > ad.n:
+            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {ad.n} experts at {path!r}")
+        ad.scale = cfg.alpha / ad.r
+        ad.top_k, ad.p = cfg.top_k, cfg.dropout
 
 
 __all__ = ["LoRAMoE", "LoRAMoEConfig", "LoRAMoELayer"]

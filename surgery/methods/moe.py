@@ -404,7 +404,7 @@ class MoE(Method):
             experts = [copy.deepcopy(module) for _ in range(n)]
         else:
             experts = [nn.Sequential(copy.deepcopy(roots[0][1]), copy.deepcopy(module)) for _ in range(n)]
-        like = next((p for p in module.parameters() if p.is_floating_point()), None)
+        like: torch.Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
         if like is None:
             like = torch.empty(0)
         ad = MoELayer(
