@@ -87,7 +87,9 @@ def _input_bits(model) -> dict[str, torch.Tensor]:
     }
 
 
-def check_against_peft(factory, x, specs, weights, method, ours_extra=None, peft_extra=None, atol=1e-5, **kw):
+# outputs: the factors match PEFT's to 1e-6, and our LoRA projects the sites that share an input in one
+# GEMM (PEFT one per site), so fp32 rounding differs by up to ~1.2e-5 on the svd methods' larger factors
+def check_against_peft(factory, x, specs, weights, method, ours_extra=None, peft_extra=None, atol=2e-5, **kw):
     """Combine in both; the combined delta alone gives PEFT's outputs. Returns (ours, max abs diff)."""
     ours, pm = _pair(factory, specs, ours_extra, peft_extra)
     before_out, before_in, active = run(ours, x), _input_bits(ours), surgery.active(ours)

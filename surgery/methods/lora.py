@@ -17,6 +17,7 @@ stored as PEFT stores them on disk: ``{site}.lora_A.weight`` of shape
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -128,7 +129,7 @@ class _SharedInput:
     with that very tensor, and otherwise project alone (o_proj, say: its slice of the
     group's GEMM, r columns, is computed and dropped).
     Entries keep a weak reference to the input they were computed from, so a slice is
-    never used for another input, from another thread or another call.
+    never used for another input or another call, and are kept per thread.
 
     The group never changes after injection. A group that dropped the sites it found
     reading another input changed the GEMMs between the first call and the next, so the
@@ -138,7 +139,8 @@ class _SharedInput:
 
     def __init__(self, members: list[LinearLoRA]) -> None:
         self.members = members
-        self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        # (thread, member) -> the input and its slice: threads running one model never take each other's
+        self.pending: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo: dict) -> _SharedInput:
         # a copy shares nothing in flight (pending slices may carry autograd graphs); registered
@@ -152,7 +154,8 @@ class _SharedInput:
         return new
 
     def project(self, ad: LinearLoRA, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        entry = self.pending.pop(id(ad), None)
+        tid = threading.get_ident()
+        entry = self.pending.pop((tid, id(ad)), None)
         if entry is not None and entry[0]() is x:
             return entry[1]
         members = self.members
@@ -165,7 +168,7 @@ class _SharedInput:
             if m is ad:
                 mine = h
             else:
-                self.pending[id(m)] = (ref, h)
+                self.pending[(tid, id(m))] = (ref, h)
         return mine
 
 
