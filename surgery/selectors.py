@@ -51,7 +51,7 @@ class Site:
         return f"<{self.path} ({self.type}){roles}>"
 
 
-class _Ctx:
+class MatchContext:
     """What matching needs from the model, computed lazily."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -71,7 +71,7 @@ class Sel:
 
     uses_roles = False
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return False
 
     def __or__(self, other: Any) -> Sel:
@@ -100,7 +100,7 @@ class _Glob(Sel):
         self.text = text
         self.rx, self.ranges = _compile_glob(text)
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return _glob_match(self.rx, self.ranges, path)
 
     @property
@@ -116,7 +116,7 @@ class _Regex(Sel):
         self.text = text
         self.rx = _regex(text[3:])
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return self.rx.fullmatch(path) is not None
 
     def __repr__(self) -> str:
@@ -133,7 +133,7 @@ class _Role(Sel):
         self.role = role
         self.accept = {role} | _ROLE_UNIONS.get(role, set())
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return not self.accept.isdisjoint(ctx.roles().get(path, ()))
 
     def __repr__(self) -> str:
@@ -144,7 +144,7 @@ class _Type(Sel):
     def __init__(self, types: tuple[type, ...]) -> None:
         self.types = types
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return isinstance(module, self.types)
 
     def __repr__(self) -> str:
@@ -155,7 +155,7 @@ class _Layers(Sel):
     def __init__(self, rng: range | set[int]) -> None:
         self.rng = rng
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         idx = layer_index(path)
         return idx is not None and idx in self.rng
 
@@ -167,7 +167,7 @@ class _Fn(Sel):
     def __init__(self, fn: Callable[[str, nn.Module], bool]) -> None:
         self.fn = fn
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return bool(self.fn(path, module))
 
     def __repr__(self) -> str:
@@ -179,7 +179,7 @@ class _Any(Sel):
         self.parts = parts
         self.uses_roles = any(p.uses_roles for p in parts)
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return any(p.match(path, module, ctx) for p in self.parts)
 
     @property
@@ -191,7 +191,7 @@ class _Any(Sel):
 
 
 class _All(_Any):
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return all(p.match(path, module, ctx) for p in self.parts)
 
     def __repr__(self) -> str:
@@ -203,7 +203,7 @@ class _Not(Sel):
         self.inner = inner
         self.uses_roles = inner.uses_roles
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         return not self.inner.match(path, module, ctx)
 
     def __repr__(self) -> str:
@@ -343,7 +343,7 @@ def select(
 ) -> list[tuple[str, nn.Module]]:
     """All (path, module) pairs of `model` that `selector` hits, in module order."""
     s = sel(selector)
-    ctx = _Ctx(model)
+    ctx = MatchContext(model)
     hits = []
     for path, module in model.named_modules():
         if not path or (skip is not None and skip(path)):

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from surgery.errors import FusedExpertsWarning, InjectionError, SelectorError
-from surgery.selectors import Sel, _Ctx, sel
+from surgery.selectors import MatchContext, Sel, sel
 
 _FFN_ROLES = frozenset({"mlp", "mlp.up", "mlp.gate", "mlp.down"})
 
@@ -375,7 +375,7 @@ class _WithFused(Sel):
         self.base = sel(base)
         self.text = base
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         fused = ctx.__dict__.get("_fused_paths")
         if fused is None:
             fused = ctx.__dict__["_fused_paths"] = {f.path for f in fused_experts(ctx.model)}

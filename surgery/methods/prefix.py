@@ -55,7 +55,7 @@ from torch import nn
 from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
 from surgery.methods.base import Adapter, Method, register
-from surgery.selectors import Sel, _Ctx, layer_index, layers
+from surgery.selectors import MatchContext, Sel, layer_index, layers
 from surgery.sublayers import in_width
 
 _QKV = frozenset({"q", "k", "v", "qkv"})
@@ -259,7 +259,7 @@ class _Attention(Sel):
 
     uses_roles = True
 
-    def match(self, path: str, module: nn.Module, ctx: _Ctx) -> bool:
+    def match(self, path: str, module: nn.Module, ctx: MatchContext) -> bool:
         direct = ctx.__dict__.get("_prefix_direct")
         if direct is None:
             direct = ctx.__dict__["_prefix_direct"] = {p for p, m in ctx.model.named_modules() if p and _direct(m)}
@@ -408,7 +408,7 @@ class PrefixTuning(Method):
                 "leave targets= out to use every attention layer"
             )
         if cfg.layers is not None:
-            s, ctx = _layer_sel(cfg.layers), _Ctx(model)
+            s, ctx = _layer_sel(cfg.layers), MatchContext(model)
             kept = {p: m for p, m in found.items() if s.match(p, m, ctx)}
             if not kept:
                 have = sorted({i for i in map(layer_index, found) if i is not None})
