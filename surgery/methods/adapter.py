@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -60,7 +60,7 @@ _DEFAULT_ACT = {"houlsby": "swish", "pfeiffer": "relu", "parallel": "relu"}
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(MethodConfig):
     """Attributes:
     style: "houlsby" (after attention and FFN), "pfeiffer" (after the FFN) or "parallel" (beside the FFN).
     bottleneck: the adapter's width in units; give this or reduction.

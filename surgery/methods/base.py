@@ -4,12 +4,47 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from surgery.errors import ConfigError
+
+
+class MethodConfig:
+    """Base of every method's config dataclass: a config is validated when it is built
+    (``LoRAConfig(r=-1)`` raises `ConfigError`), by its method's `validate`, wherever it is
+    built (`inject`, `dataclasses.replace`, a Delta read back)."""
+
+    def __post_init__(self) -> None:
+        method = _BY_CONFIG.get(type(self))
+        if method is not None:
+            method.validate(self)
+
+
+# PEFT's names for what our configs call otherwise: the usual slip of a PEFT user
+_PEFT_NAMES = {
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "use_rslora": "rslora",
+    "init_lora_weights": "init",
+    "num_virtual_tokens": "n_tokens",
+    "target_modules": "targets",
+    "prompt_tuning_init": "init",
+    "encoder_hidden_size": "encoder_hidden",
+    "num_experts": "experts",
+}
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    if key == "target_modules":
+        return " (did you mean targets=, an argument of inject?)"
+    peft = _PEFT_NAMES.get(key)
+    close = [peft] if peft in known else difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Adapter(nn.Module, abc.ABC):
@@ -69,9 +104,13 @@ class Method(abc.ABC):
         fields = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown} for method {self.name!r}; known keys: {sorted(fields)}")
+            hints = "".join(_did_you_mean(k, sorted(fields)) for k in unknown)
+            raise ConfigError(
+                f"unknown config key(s) {unknown} for method {self.name!r}{hints}; known keys: {sorted(fields)}"
+            )
         cfg = self.Config(**kwargs)
-        self.validate(cfg)
+        if not isinstance(cfg, MethodConfig):  # a Config that is not a MethodConfig is validated here
+            self.validate(cfg)
         return cfg
 
     def validate(self, cfg: Any) -> None:
@@ -131,10 +170,11 @@ class Method(abc.ABC):
 
 
 METHODS: dict[str, Method] = {}
+_BY_CONFIG: dict[type, Method] = {}  # Config class -> its method, for MethodConfig.__post_init__
 
 
 def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls()
+    METHODS[cls.name] = _BY_CONFIG[cls.Config] = cls()
     return cls
 
 
@@ -142,4 +182,5 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
+        hint = _did_you_mean(name, sorted(METHODS)) if isinstance(name, str) else ""
+        raise ConfigError(f"unknown method {name!r}{hint}; known methods: {sorted(METHODS)}") from None

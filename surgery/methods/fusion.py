@@ -24,12 +24,12 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import CompositionError, ConfigError
-from surgery.methods.base import Adapter, Method, get_method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, get_method, register
 from surgery.sublayers import out_width
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(MethodConfig):
     """Attributes:
     adapters: names of the trained adapters the fusion attends over (set by surgery.fuse).
     temperature: softmax temperature of the attention over the adapters' outputs.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 from surgery.selectors import path_matches
 
 
@@ -37,7 +37,7 @@ def is_conv1d_transformers(module: nn.Module) -> bool:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(MethodConfig):
     """Attributes:
     r: rank of the update B A.
     alpha: scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora); PEFT's default.

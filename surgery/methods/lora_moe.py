@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 from surgery.methods.lora import _adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
 from surgery.sublayers import fused_beside, fused_refusal, split_fused
 
 
 @dataclass
-class LoRAMoEConfig:
+class LoRAMoEConfig(MethodConfig):
     """Attributes:
     experts: number of LoRA experts at each site.
     r: rank of each expert's update.

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError, InjectionError, SelectorError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -185,7 +185,7 @@ class Routed(Adapter):
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(MethodConfig):
     """Attributes:
     experts: number of experts, each a copy of the feed-forward block (upcycling).
     top_k: experts each token is routed to.

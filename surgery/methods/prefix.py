@@ -54,7 +54,7 @@ from torch import nn
 
 from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
 from surgery.sublayers import in_width
 
@@ -63,7 +63,7 @@ _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
 
 
 @dataclass
-class PrefixConfig:
+class PrefixConfig(MethodConfig):
     """Attributes:
     n_tokens: P, the positions (keys and values) added to every attention layer.
     reparam: "mlp": keys/values come from an embedding through an MLP (foldable by merge); None: direct.

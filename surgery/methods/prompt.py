@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from surgery.errors import CompositionError, ConfigError, SurgeryError
-from surgery.methods.base import Adapter, Method, register
+from surgery.methods.base import Adapter, Method, MethodConfig, register
 
 PLACEMENTS = ("prepend", "inline")
 ENCODERS = (None, "mlp", "lstm")
@@ -80,7 +80,7 @@ _HEAD = tuple(f"lstm_head.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(MethodConfig):
     """Attributes:
     n_tokens: number of prompt vectors (required).
     init: how the vectors start: "random", "vocab" (random token embeddings), "text:<text>", or token ids.
