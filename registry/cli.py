@@ -115,12 +115,12 @@ def _quiet_hf_bars() -> Iterator[None]:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
-    saved = hf.tqdm, hf._DelayedTqdm
-    hf.tqdm, hf._DelayedTqdm = Quiet, Quiet  # type: ignore[misc]  # deliberately swaps the classes for the call
+    saved = hf.tqdm, hf.DelayedTqdm
+    hf.tqdm, hf.DelayedTqdm = Quiet, Quiet  # type: ignore[misc]  # deliberately swaps the classes for the call
     try:
         yield
     finally:
-        hf.tqdm, hf._DelayedTqdm = saved  # type: ignore[misc]  # puts the classes back
+        hf.tqdm, hf.DelayedTqdm = saved  # type: ignore[misc]  # puts the classes back
 
 
 # ----------------------------------------------------------------------------- output

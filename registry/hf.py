@@ -55,7 +55,7 @@ class HfTransferError(SurgeryError):
 # ------------------------------------------------------------------ progress
 
 
-class _DelayedTqdm(tqdm):
+class DelayedTqdm(tqdm):
     """huggingface_hub's download bars, shown only once a download has run PROGRESS_DELAY_S."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -281,7 +281,7 @@ def pull_hf(
                 token=token,
                 cache_dir=cache,
                 local_files_only=offline,
-                tqdm_class=_DelayedTqdm,
+                tqdm_class=DelayedTqdm,
             )
         except hf_errors.LocalEntryNotFoundError:
             if not required:

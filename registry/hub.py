@@ -255,7 +255,7 @@ class Hub:
         """Put `data` at its content address and start making it durable on worker threads; returns a
         job whose result() means the blob's bytes and its name are on disk. The manifest naming the
         blob is renamed into place only after that, so no version can reference a blob a crash lost."""
-        pool = store._get_pool()
+        pool = store.get_pool()
         if blob.is_file() and blob.stat().st_size == len(data) and self._check_blob_file(digest) is None:
             return pool.submit(store.fsync_file, blob)  # dedupe: reuse it (durable, if another push is mid-way)
         shard = blob.parent

@@ -64,7 +64,7 @@ def _workers() -> int:
     return max(1, min(8, n))
 
 
-def _get_pool() -> ThreadPoolExecutor:
+def get_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -107,7 +107,7 @@ def digests(data: bytes | bytearray, chunk_size: int, whole: bool) -> tuple[str 
     if len(jobs) == 1:
         out = [_sha(jobs[0])]
     else:
-        pool = _get_pool()
+        pool = get_pool()
         futs = [pool.submit(_sha, j) for j in jobs[1:]]
         first = _sha(jobs[0])
         out = [first] + [f.result() for f in futs]
@@ -123,7 +123,7 @@ def start_chunk_check(data: bytearray, chunk_size: int) -> list:
     pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
     if len(pieces) == 1:
         return [pieces[0]]
-    pool = _get_pool()
+    pool = get_pool()
     return [pool.submit(_sha, p) for p in pieces]
 
 

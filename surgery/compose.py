@@ -24,15 +24,35 @@ a plain name. Validation happens in `use` / `activate`, before any forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import torch
 
 from surgery.errors import CompositionError
 
-if TYPE_CHECKING:
-    from surgery.engine import _Site, _State
+
+class StateView(Protocol):
+    """What the evaluator reads of a model's engine state (the engine's state satisfies it)."""
+
+    @property
+    def entries(self) -> Mapping[str, Any]: ...  # delta name -> its record (.method, .cfg)
+
+    def tap_input(self, path: str) -> torch.Tensor: ...
+
+
+class SiteView(Protocol):
+    """What the evaluator reads of one site."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def live(self) -> Mapping[str, Any]: ...  # delta name -> adapter, injected here and not merged
+
+    @property
+    def state(self) -> StateView: ...
+
 
 __all__ = ["Average", "BatchSplit", "Block", "Fuse", "Parallel", "Stack"]
 
@@ -147,7 +167,7 @@ class Parallel(Block):
 # ---------------------------------------------------------------------------- validation
 
 
-def normalize(state: _State, items: tuple[Any, ...], merged: set[str]) -> tuple[Any, ...]:
+def normalize(state: StateView, items: tuple[Any, ...], merged: set[str]) -> tuple[Any, ...]:
     """Check an active spec against the model and resolve fusions; return the spec to store."""
     out = []
     for i, item in enumerate(items):
@@ -172,7 +192,7 @@ def _names(items: Iterable[Any]) -> Iterable[str]:
             yield from it.names()
 
 
-def _check(state: _State, item: Any, merged: set[str], *, top: bool, inside: Block | None, index: int) -> Any:
+def _check(state: StateView, item: Any, merged: set[str], *, top: bool, inside: Block | None, index: int) -> Any:
     if isinstance(item, str):
         if item not in state.entries:
             raise CompositionError(
@@ -202,7 +222,7 @@ def _check(state: _State, item: Any, merged: set[str], *, top: bool, inside: Blo
     return new
 
 
-def _resolve_fuse(state: _State, block: Fuse, merged: set[str]) -> Fuse:
+def _resolve_fuse(state: StateView, block: Fuse, merged: set[str]) -> Fuse:
     want = set(block.children)
     for n in block.children:
         if n not in state.entries:
@@ -235,7 +255,7 @@ def parallel_copies(spec: tuple[Any, ...]) -> int:
     return 1
 
 
-def run(site: _Site, spec: tuple[Any, ...], x: Any, out: Any) -> Any:
+def run(site: SiteView, spec: tuple[Any, ...], x: Any, out: Any) -> Any:
     """The output of `site` under an active spec holding blocks."""
     if len(spec) == 1 and isinstance(spec[0], Parallel):
         n = len(spec[0].children)
@@ -255,12 +275,12 @@ def _rows(x: Any) -> int:
     return x.shape[0]
 
 
-def _input(site: _Site, ad: Any, x: Any, rows: slice | None) -> Any:
+def _input(site: SiteView, ad: Any, x: Any, rows: slice | None) -> Any:
     t = x if ad.entry is None else site.state.tap_input(ad.entry)
     return t if rows is None else t[rows]
 
 
-def _run(site: _Site, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
+def _run(site: SiteView, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
     if isinstance(item, str):
         ad = site.live.get(item)
         if ad is None:
@@ -303,7 +323,7 @@ def _run(site: _Site, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
     raise CompositionError(f"{item!r} cannot run at a site")  # Parallel is unwrapped in `run`
 
 
-def _fuse(site: _Site, fusion: Any, members: tuple[str, ...], x: Any, out: Any, rows: slice | None) -> Any:
+def _fuse(site: SiteView, fusion: Any, members: tuple[str, ...], x: Any, out: Any, rows: slice | None) -> Any:
     contributions = []
     for m in members:
         ad = site.live.get(m)

@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import itertools
 import re
 import sys
 import threading
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
-from surgery import compose
+from surgery import compose, context
 from surgery.errors import (
     CompositionError,
     InjectionError,
@@ -46,13 +44,7 @@ from surgery.methods.base import Adapter, Method, get_method
 from surgery.selectors import no_hit_error, sel, select
 
 CHILD = "surgery"  # name of the ModuleDict of adapters inside a site module
-_STATE_ATTR = "_surgery_state"
 _NAME_RX = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-
-# token of a model's state -> spec active in this context (names and composition blocks);
-# None: no override anywhere
-_OVERRIDE: ContextVar[dict[int, tuple[Any, ...]] | None] = ContextVar("surgery_active", default=None)
-_tokens = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -138,17 +130,17 @@ class _Site:
 
     def add_bypass(self, entry: nn.Module | None) -> None:
         """Let a replacing adapter skip the base computation: the site's forward (and the
-        entry's, for a sublayer site) become a `_Bypass` that runs the original only when needed."""
+        entry's, for a sublayer site) become a `Bypass` that runs the original only when needed."""
         if self.bypass:
             return
         for mod, role in ((self.module, "exit"), (entry, "entry")):
             if mod is None or mod is self.module and role == "entry":
                 continue
             prev = mod.__dict__.get("forward")
-            if isinstance(prev, _Bypass):
+            if isinstance(prev, Bypass):
                 raise InjectionError(f"module {type(mod).__name__} is already bypassed by another site")
             self.bypass.append((mod, prev))
-            mod.__dict__["forward"] = _Bypass(self, mod, prev, role)
+            mod.__dict__["forward"] = Bypass(self, mod, prev, role)
 
     def drop_bypass(self) -> None:
         for mod, prev in self.bypass:
@@ -164,7 +156,7 @@ class _Site:
         del self.module._modules[CHILD]
 
 
-class _Bypass:
+class Bypass:
     """An instance-level `forward` on a site (or its entry) that skips the module's own
     computation while a replacing adapter runs first at the site. The exit returns None
     (the site's hook builds the output), the entry its input (only the exit reads it)."""
@@ -206,7 +198,7 @@ class _State:
     """Everything the engine knows about one model."""
 
     def __init__(self) -> None:
-        self.token = next(_tokens)
+        self.token = context.new_token()
         self.entries: dict[str, _Entry] = {}
         self.sites: dict[str, _Site] = {}
         self.default_active: tuple[Any, ...] = ()
@@ -226,12 +218,11 @@ class _State:
         memo[id(self)] = new
         for k, v in self.__dict__.items():
             setattr(new, k, copy.deepcopy(v, memo))
-        new.token = next(_tokens)
+        new.token = context.new_token()
         return new
 
     def override(self) -> tuple[Any, ...] | None:
-        ov = _OVERRIDE.get()
-        return None if ov is None else ov.get(self.token)
+        return context.override(self.token)
 
     def tap_input(self, path: str) -> torch.Tensor:
         tap = self.taps.get(path)
@@ -289,12 +280,8 @@ class _State:
             # dynamo cannot read a ContextVar (a graph break at every site, a recompile per adapter):
             # the root hook pinned this call's spec, a plain value dynamo guards on
             return self.spec_now
-        ov = _OVERRIDE.get()
-        if ov is not None:
-            names = ov.get(self.token)
-            if names is not None:
-                return names
-        return self.default_active
+        names = context.override(self.token)
+        return self.default_active if names is None else names
 
     def is_adapter_path(self, path: str) -> bool:
         head, sep, _ = path.partition("." + CHILD)
@@ -376,14 +363,14 @@ def check_model(model: Any) -> None:
 def state_of(model: nn.Module) -> _State | None:
     if not isinstance(model, nn.Module):
         check_model(model)
-    return model.__dict__.get(_STATE_ATTR)
+    return model.__dict__.get(context.STATE_ATTR)
 
 
 def _state(model: nn.Module) -> _State:
     st = state_of(model)
     if st is None:
         st = _State()
-        model.__dict__[_STATE_ATTR] = st
+        model.__dict__[context.STATE_ATTR] = st
         st.root = model.register_forward_pre_hook(st.root_hook, with_kwargs=True)
         if callable(getattr(type(model), "save_pretrained", None)):  # transformers: write the base alone
             model.__dict__["save_pretrained"] = _SaveBase(model, model.__dict__.get("save_pretrained"))
@@ -629,9 +616,9 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
         entry.method.detached(gone)
         members = entry.method.members(entry.cfg)
         # a fusion active by name gives its place back to its adapters, which run on their own again
-        back = tuple(m for m in members if m in st.entries and m not in _spec_names(st.default_active))
+        back = tuple(m for m in members if m in st.entries and m not in spec_names(st.default_active))
         st.default_active = tuple(
-            x for a in st.default_active for x in (back if a == n else () if n in _spec_names((a,)) else (a,))
+            x for a in st.default_active for x in (back if a == n else () if n in spec_names((a,)) else (a,))
         )
         if members:  # the members it froze become trainable again (unless another fusion holds them)
             held = {m for e in st.entries.values() for m in e.method.members(e.cfg)}
@@ -643,7 +630,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
         for p, flag in zip(st.params, st.requires_grad, strict=False):
             p.requires_grad_(flag)
         st.root.remove()
-        del model.__dict__[_STATE_ATTR]
+        del model.__dict__[context.STATE_ATTR]
         save = model.__dict__.get("save_pretrained")
         if isinstance(save, _SaveBase):
             if save.prev is None:
@@ -660,7 +647,7 @@ def activate(model: nn.Module, *names: Any) -> None:
         st.default_active = spec
 
 
-def _spec_names(spec: tuple[Any, ...]) -> list[str]:
+def spec_names(spec: tuple[Any, ...]) -> list[str]:
     out: list[str] = []
     for it in spec:
         if isinstance(it, str):
@@ -685,7 +672,7 @@ def _check_active(model: nn.Module, names: tuple[Any, ...]) -> tuple[_State | No
         if isinstance(n, str):
             _entry(model, n)
     spec = compose.normalize(st, tuple(names), merged)
-    off = sorted(merged - set(_spec_names(spec)))
+    off = sorted(merged - set(spec_names(spec)))
     if off:
         raise MergeError(
             f"delta(s) {off} are merged into the base weights and cannot be switched off; "
@@ -703,30 +690,11 @@ def use(model: nn.Module, *names: Any) -> Iterator[None]:
     if st is None:  # nothing injected: the base alone either way
         yield
         return
-    cur = _OVERRIDE.get()
-    new = dict(cur) if cur else {}
-    new[st.token] = spec
-    tok = _OVERRIDE.set(new)
-    try:
+    with context.choose(st.token, spec):
         yield
-    finally:
-        _OVERRIDE.reset(tok)
 
 
-@contextlib.contextmanager
-def base_only(model: nn.Module) -> Iterator[None]:
-    """No injected delta runs in this context, with no checks (merged ones stay in the
-    weights): for tracing the base's dataflow."""
-    st = state_of(model)
-    if st is None:
-        yield
-        return
-    cur = _OVERRIDE.get()
-    tok = _OVERRIDE.set({**(cur or {}), st.token: ()})
-    try:
-        yield
-    finally:
-        _OVERRIDE.reset(tok)
+base_only = context.base_only  # the base alone, unchecked: for tracing
 
 
 def disable(model: nn.Module) -> contextlib.AbstractContextManager[None]:

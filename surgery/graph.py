@@ -112,9 +112,9 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | 
     """
     entry = _CACHE.setdefault(model, _Entry())
     if entry.graph is None:
-        from surgery import engine  # the graph is the base's: injected deltas stay out of the trace
+        from surgery import context  # the graph is the base's: injected deltas stay out of the trace
 
-        with engine.base_only(model):
+        with context.base_only(model):
             entry.graph = _guarded(model, "tracing", lambda: _trace(model, example_inputs))
     return entry.graph
 

@@ -40,6 +40,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from surgery import context
 from surgery.errors import FusedExpertsWarning, InjectionError, SelectorError
 from surgery.selectors import MatchContext, Sel, sel
 
@@ -201,11 +202,9 @@ def _probe(
         x = x[perm]
     x = x.to(device, dtype)
     modes = [(sub, sub.training) for sub in m.modules()]
-    from surgery import engine  # lazy: engine imports the methods, which import this module
-
     try:
         m.eval()  # no dropout, no batch-norm statistics updated by the probe
-        ctx = engine.base_only(model) if model is not None else contextlib.nullcontext()
+        ctx = context.base_only(model) if model is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return m(x), ""

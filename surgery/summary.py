@@ -51,7 +51,7 @@ def summary(model: nn.Module) -> Summary:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     deltas: dict[str, dict[str, object]] = {}
-    active = set(engine._spec_names(engine.active(model)))
+    active = set(engine.spec_names(engine.active(model)))
     merged = set(engine.merged(model))
     delta_params = 0
     for name in engine.names(model):

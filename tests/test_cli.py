@@ -429,12 +429,12 @@ def test_progress_only_late_and_only_on_a_terminal():
 
 
 def test_hf_bars_quiet_inside_cli_and_restored():
-    before = rhf.tqdm, rhf._DelayedTqdm
+    before = rhf.tqdm, rhf.DelayedTqdm
     with cli._quiet_hf_bars():
         bar = rhf.tqdm(total=3, file=_Tty())
         assert bar.disable
         bar.close()
-    assert (rhf.tqdm, rhf._DelayedTqdm) == before
+    assert (rhf.tqdm, rhf.DelayedTqdm) == before
 
 
 def test_demo_subcommand_still_there(capsys):

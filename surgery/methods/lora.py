@@ -57,7 +57,7 @@ class LoRAConfig(MethodConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # Half-precision bases train their LoRA in fp32, as PEFT does by default.
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
@@ -102,7 +102,7 @@ class LinearLoRA(_LoRABase):
         self, in_f: int, out_f: int, r: int, scale: float, dropout: float, fan_in_fan_out: bool, like: torch.Tensor
     ) -> None:
         super().__init__(scale, dropout)
-        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
         self.fan_in_fan_out = fan_in_fan_out
@@ -178,7 +178,7 @@ class EmbeddingLoRA(_LoRABase):
     def __init__(self, num: int, dim: int, r: int, scale: float, dropout: float, base: nn.Embedding) -> None:
         super().__init__(scale, dropout)
         like = base.weight
-        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         self.lora_A = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_B = nn.Parameter(torch.empty(dim, r, **kw))
         self.padding_idx = base.padding_idx
@@ -202,7 +202,7 @@ class ConvLoRA(_LoRABase):
     def __init__(self, base: nn.Conv1d | nn.Conv2d, r: int, scale: float, dropout: float) -> None:
         super().__init__(scale, dropout)
         like = base.weight
-        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         k = tuple(base.kernel_size)
         ones = (1,) * len(k)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *k, **kw))

@@ -33,7 +33,7 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, MethodConfig, register
-from surgery.methods.lora import _adapter_dtype, add_low_rank, is_conv1d_transformers
+from surgery.methods.lora import adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
 from surgery.sublayers import fused_beside, fused_refusal, split_fused
 
@@ -74,7 +74,7 @@ class LoRAMoELayer(Routed):
         like: torch.Tensor,
     ) -> None:
         super().__init__()
-        kw: dict[str, Any] = {"device": like.device, "dtype": _adapter_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         self.router = make_router(in_f, experts, router_std, like)
         self.lora_A = nn.Parameter(torch.empty(experts * r, in_f, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_f, experts * r, **kw))

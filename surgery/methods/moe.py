@@ -324,7 +324,7 @@ def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
         inner += [
             f"{path}.{p}" if p else path
             for p, m in mod.named_modules()
-            if CHILD in m._modules or isinstance(m.__dict__.get("forward"), engine._Bypass)
+            if CHILD in m._modules or isinstance(m.__dict__.get("forward"), engine.Bypass)
         ]
         if inner:
             raise InjectionError(
@@ -445,7 +445,7 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
             )
         todo = [name]
     else:
-        active = engine._spec_names(engine.active(model))
+        active = engine.spec_names(engine.active(model))
         todo = [n for n in dict.fromkeys(active) if n in entries and getattr(entries[n].method, "routing", False)]
     total: torch.Tensor | None = None
     for n in todo:
