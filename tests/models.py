@@ -22,7 +22,7 @@ def _seeded(build):
     return model.float().eval()
 
 
-def _decoder_kw() -> dict:
+def decoder_kw() -> dict:
     return dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -75,19 +75,19 @@ def tiny_bert_cls(num_labels: int = 3):
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(**_decoder_kw())))
+    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(**decoder_kw())))
 
 
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _seeded(lambda: Qwen2ForCausalLM(Qwen2Config(**_decoder_kw())))
+    return _seeded(lambda: Qwen2ForCausalLM(Qwen2Config(**decoder_kw())))
 
 
 def tiny_mistral():
     from transformers import MistralConfig, MistralForCausalLM
 
-    return _seeded(lambda: MistralForCausalLM(MistralConfig(**_decoder_kw())))
+    return _seeded(lambda: MistralForCausalLM(MistralConfig(**decoder_kw())))
 
 
 def minilm():
@@ -481,7 +481,7 @@ def tiny_falcon():
 def tiny_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(**_decoder_kw(), num_local_experts=4, num_experts_per_tok=2)
+    cfg = MixtralConfig(**decoder_kw(), num_local_experts=4, num_experts_per_tok=2)
     return _seeded(lambda: MixtralForCausalLM(cfg))
 
 
@@ -489,7 +489,7 @@ def tiny_qwen2_moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(
-        **_decoder_kw(),
+        **decoder_kw(),
         moe_intermediate_size=32,
         shared_expert_intermediate_size=64,
         num_experts=4,
@@ -503,7 +503,7 @@ def tiny_qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
-        **_decoder_kw(),
+        **decoder_kw(),
         head_dim=16,
         moe_intermediate_size=32,
         num_experts=4,

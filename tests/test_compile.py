@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from models import VOCAB, TinyTransformer, _decoder_kw, _seeded
+from models import VOCAB, TinyTransformer, _seeded, decoder_kw
 
 import surgery
 
@@ -22,7 +22,7 @@ TOL = 1e-5
 def _llama_1layer():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(**{**_decoder_kw(), "num_hidden_layers": 1})))
+    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(**{**decoder_kw(), "num_hidden_layers": 1})))
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from tests._helpers import assert_snapshot_equal, run, snapshot
 from tests.models import (
     FusedQKVTransformer,
     TinyTransformer,
+    decoder_kw,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -546,20 +547,7 @@ def test_prefix_tuning_learns_a_new_pattern():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-        )
+        model = LlamaForCausalLM(LlamaConfig(**{**decoder_kw(), "vocab_size": vocab}))
     g = torch.Generator().manual_seed(0)
 
     def batch(shift, b=32, gen=g):

@@ -12,7 +12,17 @@ import torch.nn.functional as F
 import surgery
 from surgery import engine
 from tests._helpers import assert_snapshot_equal, bits, snapshot, train_lm_with_trainer
-from tests.models import batch_for, tiny_bart, tiny_bert_cls, tiny_gpt2, tiny_gptj, tiny_llama, tiny_mixtral, tiny_t5
+from tests.models import (
+    batch_for,
+    decoder_kw,
+    tiny_bart,
+    tiny_bert_cls,
+    tiny_gpt2,
+    tiny_gptj,
+    tiny_llama,
+    tiny_mixtral,
+    tiny_t5,
+)
 
 N = 4
 
@@ -172,10 +182,8 @@ def test_sequence_classification_keeps_labels_and_only_prompt_gets_gradients():
 def test_decoder_sequence_classification_pools_the_last_real_token():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from tests.models import _decoder_kw
-
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(**_decoder_kw(), num_labels=2)).eval()
+    model = LlamaForSequenceClassification(LlamaConfig(**decoder_kw(), num_labels=2)).eval()
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])  # row 1 right-padded with pad id 0
     mask = (ids != 0).long()
     surgery.inject(model, "prompt", n_tokens=N)
@@ -918,18 +926,7 @@ def test_quality_prompt_tuning_learns_a_new_task_pattern():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = LlamaConfig(**{**decoder_kw(), "vocab_size": 48})
     model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
