@@ -105,22 +105,7 @@ FFN_MODULE = FFN - {"bart", "whisper", "convnext", "bloom", "mamba"}
 PREFIX = ATTENTION - {"deberta_v2", "bloom", "falcon"}
 # Token ids through the input embedding (CLIP: its text tower). Whisper reads audio features, ViT / ResNet /
 # ConvNeXt / the CNN pixels, the plain MLP features.
-PROMPT = {
-    "llama",
-    "gpt2",
-    "gptj",
-    "bert",
-    "roberta",
-    "deberta_v2",
-    "t5",
-    "bart",
-    "clip",
-    "bloom",
-    "falcon",
-    "mixtral",
-    "qwen2_moe",
-    "mamba",
-}
+PROMPT = ATTENTION - {"whisper", "vit"} | {"mamba"}
 
 
 def _expected() -> dict[tuple[str, str], str]:
