@@ -43,7 +43,9 @@ from torch import nn
 
 import surgery
 from surgery import engine
-from surgery.errors import SurgeryError
+from surgery.errors import ConfigError, SurgeryError
+from surgery.methods import METHODS, get_method
+from surgery.methods.base import Method, PeftContext
 from surgery.selectors import path_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -226,9 +228,7 @@ def save_peft_delta(
     mis-keyed: pass the model). Each file is written to a temp file, fsynced and
     renamed; the config last."""
     if delta.method != "lora":
-        raise PeftFormatError(
-            f"delta {delta.name!r} is a {delta.method!r} delta; PEFT's LoRA layout holds LoRA only (field: method)"
-        )
+        return _save_other(delta, out_dir, base_model_name_or_path, model, kinds, task_type)
     kinds_ = _kinds_for(delta, model, kinds)
     config = _peft_config(delta, kinds_, model, base_model_name_or_path, task_type)
     tensors: dict[str, torch.Tensor] = {}
@@ -240,7 +240,10 @@ def save_peft_delta(
             ka, kb = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
         tensors[ka] = A.detach().to("cpu").contiguous()
         tensors[kb] = B.detach().to("cpu").contiguous()
-    out = Path(out_dir)
+    return _write_folder(Path(out_dir), config, tensors)
+
+
+def _write_folder(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     _check_out_dir(out)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     try:  # an existing folder keeps its other files; these two are replaced, each atomically
@@ -253,6 +256,91 @@ def save_peft_delta(
             f"({e.filename or out}); pass a folder you can write to"
         ) from None
     return out
+
+
+def _peft_method(delta_method: str) -> Method:
+    try:
+        method = get_method(delta_method)
+    except ConfigError:
+        method = None
+    if method is None or method.peft_type is None:
+        have = sorted(n for n, m in METHODS.items() if m.peft_type)
+        raise PeftFormatError(
+            f"a {delta_method!r} delta has no PEFT layout (field: method); PEFT's format holds {have}"
+        ) from None
+    return method
+
+
+def _context(delta: surgery.Delta, model: nn.Module | None, kinds: dict[str, str] | None) -> PeftContext:
+    if model is not None:
+        found = site_kinds(model, delta)
+    else:
+        found = {**dict(delta.lineage.get("site_kinds") or {}), **(kinds or {})}
+        found = {p: found.get(p, "linear") for p in delta.sites()}
+    return PeftContext(model, found, lambda paths: _target_modules(list(paths), model))
+
+
+def _save_other(
+    delta: surgery.Delta,
+    out_dir: str | os.PathLike[str],
+    base_model_name_or_path: str | None,
+    model: nn.Module | None,
+    kinds: dict[str, str] | None,
+    task_type: str | None,
+) -> Path:
+    """A Delta of any method with a PEFT layout: the method writes its fields and tensors."""
+    method = _peft_method(delta.method)
+    try:
+        fields, tensors = method.to_peft(dict(delta.config), delta.sites(), _context(delta, model, kinds))
+    except ConfigError as e:
+        raise PeftFormatError(f"delta {delta.name!r} cannot be written in PEFT's layout: {e}") from None
+    config = {
+        "peft_type": method.peft_type,
+        "task_type": task_type if task_type is not None else _infer_task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        **fields,
+    }
+    return _write_folder(Path(out_dir), config, {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()})
+
+
+def _read_other(cfg: dict[str, Any], weights_path: Any, model: nn.Module | None, name: str | None) -> surgery.Delta:
+    """A PEFT adapter of another type than LoRA, read by the method that declares that peft_type."""
+    ptype = cfg.get("peft_type")
+    method = next((m for m in METHODS.values() if m.peft_type == ptype), None)
+    if method is None:
+        have = sorted({m.peft_type for m in METHODS.values() if m.peft_type})
+        raise PeftFormatError(
+            f"PEFT adapter field peft_type={ptype!r} cannot be represented: model-surgery reads {have}"
+        )
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own types for a malformed header
+        raise PeftFormatError(f"cannot read {weights_path} as safetensors: {e}") from None
+    ctx = PeftContext(model, {}, lambda paths: _target_modules(list(paths), model))
+    try:
+        config, ours = method.from_peft(cfg, tensors, ctx)
+        delta = surgery.Delta(method.name, name or "default", config, ours, "", {})
+        sites = delta.sites()
+    except ConfigError as e:
+        raise PeftFormatError(f"PEFT {ptype} adapter cannot be represented: {e}") from None
+    if model is not None:
+        for p in sites:
+            if _module_or_none(model, p) is None:
+                raise PeftFormatError(f"PEFT adapter has tensors for {p!r}, but the model has no such module")
+        kinds = site_kinds(model, delta)
+        base = surgery.fingerprint(model)
+    else:
+        kinds, base = {}, ""
+    peft_info = {
+        k: cfg.get(k)
+        for k in ("base_model_name_or_path", "revision", "task_type", "peft_version")
+        if cfg.get(k) is not None
+    }
+    lineage = {"source": "peft", "peft": peft_info, "site_kinds": kinds}
+    return surgery.Delta(method.name, name or "default", config, ours, base, lineage)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -444,6 +532,8 @@ def read_peft_files(
         raise PeftFormatError(f"cannot read {config_path}: {e}") from None
     if not isinstance(cfg, dict):
         raise PeftFormatError(f"{config_path} does not hold a JSON object")
+    if cfg.get("peft_type") not in ("LORA", None):
+        return _read_other(cfg, weights_path, model, name)
     _check_config(cfg)
     by_site: dict[str, dict[str, torch.Tensor]] = {}
     embedding_sites: set[str] = set()

@@ -59,7 +59,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import ConfigError
-from surgery.methods.base import get_method
+from surgery.methods.base import SiteView, get_method
 from surgery.methods.lora import ConvLoRA, EmbeddingLoRA, LinearLoRA, LoRAConfig
 
 _FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -454,7 +454,7 @@ def combine(
     with _rng(devices):  # make() draws an init that is overwritten: leave the caller's generators alone
         for path, mod, _ in sites:
             A, B = out[path]
-            ad = lora.make(mod, path, cfg, shapes={"lora_A.weight": A.shape, "lora_B.weight": B.shape})
+            ad = lora.make(SiteView(model, path, mod), cfg, shapes={"lora_A.weight": A.shape, "lora_B.weight": B.shape})
             made.append((path, mod, ad))
     with torch.no_grad():
         for path, _, made_ad in made:

@@ -25,11 +25,12 @@ a plain name. Validation happens in `use` / `activate`, before any forward.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
 from surgery.errors import CompositionError
+from surgery.methods.base import Action
 
 
 class StateView(Protocol):
@@ -52,6 +53,8 @@ class SiteView(Protocol):
 
     @property
     def state(self) -> StateView: ...
+
+    def apply(self, ad: Any, x: Any, out: Any, inplace: bool) -> Any: ...  # one adapter's effect, by its action
 
 
 __all__ = ["Average", "BatchSplit", "Block", "Fuse", "Parallel", "Stack"]
@@ -280,27 +283,33 @@ def _input(site: SiteView, ad: Any, x: Any, rows: slice | None) -> Any:
     return t if rows is None else t[rows]
 
 
-def _run(site: SiteView, item: Any, x: Any, out: Any, rows: slice | None) -> Any:
+def _run(site: SiteView, item: Any, x: Any, out: Any, rows: slice | None, stacked: bool = True) -> Any:
     if isinstance(item, str):
         ad = site.live.get(item)
         if ad is None:
             return out
-        members = getattr(ad, "members", None)
-        if members:
-            return _fuse(site, ad, members, x, out, rows)
-        return ad.contribute(_input(site, ad, x, rows), out, False)
+        if ad.action is Action.COMPOSE:
+            return _fuse(site, ad, ad.members, x, out, rows)
+        if ad.action is Action.INPUT:
+            if stacked:  # it ran before the base, in the site's pre-hook
+                return out
+            raise CompositionError(
+                f"delta {item!r} transforms its sites' input, which runs before the base and so only as a plain "
+                "name or in a Stack, not inside Average or BatchSplit; activate it by name"
+            )
+        return site.apply(ad, _input(site, ad, x, rows), out, False)
     if isinstance(item, Fuse):
         ad = site.live.get(item.fusion)  # type: ignore[arg-type]
         # a Fuse names a fusion delta, whose adapter holds its members' names
-        return out if ad is None else _fuse(site, ad, cast("tuple[str, ...]", ad.members), x, out, rows)
+        return out if ad is None else _fuse(site, ad, ad.members, x, out, rows)
     if isinstance(item, Stack):
         for c in item.children:
-            out = _run(site, c, x, out, rows)
+            out = _run(site, c, x, out, rows, stacked)
         return out
     if isinstance(item, Average):
         acc = None
         for c, w in zip(item.children, item.weights, strict=True):
-            o = _run(site, c, x, out, rows)
+            o = _run(site, c, x, out, rows, False)
             if o is out:
                 continue
             d = (o - out) * w
@@ -317,7 +326,7 @@ def _run(site: SiteView, item: Any, x: Any, out: Any, rows: slice | None) -> Any
         base = rows.start if rows is not None else 0
         for c, s in zip(item.children, item.batch_sizes, strict=True):
             sub = slice(base + start, base + start + s)
-            pieces.append(_run(site, c, x, None if out is None else out[start : start + s], sub))
+            pieces.append(_run(site, c, x, None if out is None else out[start : start + s], sub, False))
             start += s
         return torch.cat(pieces)
     raise CompositionError(f"{item!r} cannot run at a site")  # Parallel is unwrapped in `run`
@@ -328,7 +337,7 @@ def _fuse(site: SiteView, fusion: Any, members: tuple[str, ...], x: Any, out: An
     for m in members:
         ad = site.live.get(m)
         if ad is not None:
-            contributions.append(ad.contribute(_input(site, ad, x, rows), out, False) - out)
+            contributions.append(site.apply(ad, _input(site, ad, x, rows), out, False) - out)
     if not contributions:
         return out
     if len(contributions) != len(members):
@@ -337,6 +346,18 @@ def _fuse(site: SiteView, fusion: Any, members: tuple[str, ...], x: Any, out: An
             f"{len(contributions)} are present; re-inject the missing adapters"
         )
     return fusion.fuse(out, contributions)
+
+
+def stacked_names(spec: tuple[Any, ...], path: str) -> list[str]:
+    """The names that run one after the other at a site, in order: plain names and Stacks
+    (the only places an input transform is defined; `use` checks the others)."""
+    out: list[str] = []
+    for item in spec:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Stack):
+            out.extend(stacked_names(item.children, path))
+    return out
 
 
 def replacing_first(spec: tuple[Any, ...], live: dict[str, Any]) -> tuple[Any, ...]:

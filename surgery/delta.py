@@ -17,7 +17,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import DeltaMismatchError
-from surgery.methods.base import get_method
+from surgery.methods.base import SiteView, get_method
 
 
 @dataclass
@@ -156,7 +156,7 @@ def apply(
                 f"delta {delta.name!r}: module {path!r} is a {type(mod).__name__}, "
                 f"which method {delta.method!r} cannot attach to"
             )
-        ad = method.make(mod, path, cfg, shapes={k: t.shape for k, t in ts.items()}, model=model)
+        ad = method.make(SiteView(model, path, mod), cfg, shapes={k: t.shape for k, t in ts.items()})
         _check_fit(delta, path, ad.tensors(), ts)
         made.append((path, mod, ad))
     with torch.no_grad():

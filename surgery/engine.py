@@ -22,6 +22,7 @@ import inspect
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,8 +40,8 @@ from surgery.errors import (
     SelectorError,
     SurgeryError,
 )
-from surgery.merge import MergeRecord, merge_weight, unmerge_weight
-from surgery.methods.base import Adapter, Method, get_method
+from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
+from surgery.methods.base import Action, Adapter, Method, NotMergeable, SiteView, get_method
 from surgery.selectors import no_hit_error, sel, select
 
 CHILD = "surgery"  # name of the ModuleDict of adapters inside a site module
@@ -73,12 +74,15 @@ class _Entry:
 class _Site:
     """The adapters at one module, and the hook that runs them."""
 
-    def __init__(self, state: _State, path: str, module: nn.Module) -> None:
+    def __init__(self, state: _State, path: str, module: nn.Module, model: nn.Module) -> None:
         self.state = state
         self.path = path
         self.module = module
+        self.view = SiteView(weakref.proxy(model), path, module)
         self.live: dict[str, Adapter] = {}  # injected and not merged
-        self.merged: list[tuple[str, MergeRecord]] = []  # a stack: last merged on top
+        # a stack, last merged on top: (delta, base tensor name -> its merge record)
+        self.merged: list[tuple[str, dict[str, MergeRecord]]] = []
+        self.pre: Any = None  # the input pre-hook's handle, while an INPUT adapter is here
         self.bypass: list[tuple[nn.Module, Any]] = []  # (module, its own instance `forward` or None) we replaced
         self.taps: list[_Tap] = []  # taps of the entries its adapters read
         if CHILD in module._modules:
@@ -90,6 +94,42 @@ class _Site:
     @property
     def adapters(self) -> nn.ModuleDict:
         return self.module._modules[CHILD]  # type: ignore[return-value]
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """INPUT adapters transform the site's input before the base runs (plain names and Stacks)."""
+        live = self.live
+        spec = self.state.active()
+        x = None
+        for name in compose.stacked_names(spec, self.path):
+            ad = live.get(name)
+            if ad is not None and ad.action is Action.INPUT:
+                if x is None:
+                    x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
+                x = ad.transform_input(x)
+        if x is None:
+            return None
+        if args:
+            return (x, *args[1:]), kwargs
+        key = "input" if "input" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: x}
+
+    def apply(self, ad: Adapter, x: Any, out: Any, inplace: bool) -> Any:
+        """One adapter's effect on the output, by its declared action."""
+        act = ad.action
+        if act is Action.OUTPUT or act is Action.REPLACE:
+            return ad.contribute(x, out, inplace)
+        if act is Action.WEIGHT:
+            dw, db = ad.weight_delta(self.view)
+            return out + self.view.forward(x, dw, db).to(out.dtype)
+        return out  # INPUT ran before the base; ATTENTION and INPUTS act elsewhere
+
+    def sync_pre_hook(self) -> None:
+        want = any(a.action is Action.INPUT for a in self.adapters.values())
+        if want and self.pre is None:
+            self.pre = self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True, prepend=True)
+        elif not want and self.pre is not None:
+            self.pre.remove()
+            self.pre = None
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not self.taps:
@@ -115,10 +155,10 @@ class _Site:
         for name in spec:
             ad = live.get(name)
             if ad is not None:
-                if getattr(ad, "members", None):  # a fusion, active by its own name
+                if ad.action is Action.COMPOSE:  # a fusion, active by its own name
                     out = compose.run(self, (name,), x, out)
                 else:
-                    out = ad.contribute(x if ad.entry is None else self.state.tap_input(ad.entry), out, inplace)
+                    out = self.apply(ad, x if ad.entry is None else self.state.tap_input(ad.entry), out, inplace)
                 inplace = True  # ours now: a fresh tensor or one we already own
         return out
 
@@ -152,6 +192,8 @@ class _Site:
 
     def detach(self) -> None:
         self.drop_bypass()
+        if self.pre is not None:
+            self.pre.remove()
         self.handle.remove()
         del self.module._modules[CHILD]
 
@@ -406,12 +448,14 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return sd
     out = {k: v for k, v in sd.items() if not st.is_adapter_path(k)}
     for path, site in st.sites.items():
-        key = f"{path}.weight"
-        if site.merged and key in out:
-            w = _weight(site).detach().clone()
-            for _, rec in reversed(site.merged):  # last merged first, as unmerge does
-                unmerge_weight(w, rec)
-            out[key] = w
+        for tname in {t for _, recs in site.merged for t in recs}:
+            key = f"{path}.{tname}"
+            if key in out:
+                w = _tensor(site, tname).detach().clone()
+                for _, recs in reversed(site.merged):  # last merged first, as unmerge does
+                    if tname in recs:
+                        unmerge_weight(w, recs[tname])
+                out[key] = w
     return out
 
 
@@ -494,7 +538,7 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
     cfg = m.config(**config)
     check_name(model, name)
     sites = resolve_sites(model, m, targets, cfg)
-    made = [(p, mod, m.make(mod, p, cfg, model=model)) for p, mod in sites]  # may raise: nothing attached yet
+    made = [(p, mod, m.make(SiteView(model, p, mod), cfg)) for p, mod in sites]  # may raise: nothing attached yet
     return attach(model, name, m, cfg, made)
 
 
@@ -551,7 +595,7 @@ def attach(
     for path, mod, ad in made:
         site = st.sites.get(path)
         if site is None:
-            site = st.sites[path] = _Site(st, path, mod)
+            site = st.sites[path] = _Site(st, path, mod, model)
         ad.train(mod.training)  # follow the model's mode: no dropout at inference
         site.adapters[name] = ad
         site.live[name] = ad
@@ -564,6 +608,7 @@ def attach(
                 site.taps.append(tap)
         if ad.replaces:
             site.add_bypass(model.get_submodule(ad.entry) if ad.entry is not None else None)
+        site.sync_pre_hook()
         for p in ad.parameters():
             p.requires_grad_(True)
     inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
@@ -610,6 +655,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
                     del st.taps[ad.entry]
             if ad.replaces and not any(a.replaces for a in site.adapters.values()):
                 site.drop_bypass()
+            site.sync_pre_hook()
             if not len(site.adapters):
                 site.detach()
                 del st.sites[path]
@@ -708,10 +754,10 @@ def active(model: nn.Module) -> tuple[Any, ...]:
     return st.active() if st else ()
 
 
-def _weight(site: _Site) -> torch.Tensor:
-    w = getattr(site.module, "weight", None)
+def _tensor(site: _Site, tname: str) -> torch.Tensor:
+    w = getattr(site.module, tname, None)
     if not isinstance(w, torch.Tensor):
-        raise MergeError(f"site {site.path!r} has no weight tensor to merge into")
+        raise MergeError(f"site {site.path!r} has no {tname} tensor to merge into")
     return w
 
 
@@ -752,25 +798,33 @@ def merge(model: nn.Module, name: str | None = None) -> None:
             _freeze_merged(st, n, flags)
             continue
         shared = _shared_weights(model)
-        factors = []
+        rules = []
         for s in sites:  # check every site before touching any weight
-            f = cast(Adapter, s.adapters[n]).merge_factors(s.module)
-            if f is None:
+            rule = cast(Adapter, s.adapters[n]).merge(s.view)
+            if isinstance(rule, NotMergeable):
                 raise MergeError(
-                    f"delta {n!r} ({entry.method.name}) has no merge rule: its output is not a weight update "
-                    "(an activation or a per-token router is in the way); keep it unmerged"
+                    f"delta {n!r} ({entry.method.name}) has no merge rule: {rule.reason}; keep it unmerged"
                 )
-            owners = shared.get(id(_weight(s)))
-            if owners:
-                raise MergeError(
-                    f"the weight of {s.path!r} is shared by {owners} (tied weights); merging would "
-                    f"change all of them. Keep delta {n!r} unmerged, or untie the weights first."
-                )
-            factors.append(f)
+            for tname in rule:
+                owners = shared.get(id(_tensor(s, tname)))
+                if owners:
+                    raise MergeError(
+                        f"the {tname} of {s.path!r} is shared by {owners} (tied weights); merging would "
+                        f"change all of them. Keep delta {n!r} unmerged, or untie the weights first."
+                    )
+            rules.append(rule)
         done: list[_Site] = []
         try:
-            for s, f in zip(sites, factors, strict=False):
-                s.merged.append((n, merge_weight(_weight(s), f)))
+            for s, rule in zip(sites, rules, strict=True):
+                recs: dict[str, MergeRecord] = {}
+                try:
+                    for tname, upd in rule.items():
+                        recs[tname] = merge_weight(_tensor(s, tname), upd)
+                except BaseException:
+                    for tname, rec in reversed(recs.items()):
+                        unmerge_weight(_tensor(s, tname), rec)
+                    raise
+                s.merged.append((n, recs))
                 s.live.pop(n, None)
                 done.append(s)
         except BaseException:
@@ -795,25 +849,41 @@ def _thaw_merged(st: _State, name: str) -> None:
         p.requires_grad_(flag)
 
 
-def _unmerge_site(s: _Site, name: str) -> MergeRecord:
-    """Take `name` out of one site's weight; on failure the site is left as it was."""
-    w = _weight(s)
+def _lift(s: _Site, recs: dict[str, MergeRecord]) -> None:
+    """Take one merged update out of the site's tensors (all of them, or none)."""
+    done: list[str] = []
+    try:
+        for tname, rec in reversed(recs.items()):
+            unmerge_weight(_tensor(s, tname), rec)
+            done.append(tname)
+    except BaseException:
+        for tname in reversed(done):
+            recs[tname] = merge_weight(_tensor(s, tname), update_of(recs[tname]))
+        raise
+
+
+def _reapply(s: _Site, recs: dict[str, MergeRecord]) -> dict[str, MergeRecord]:
+    return {t: merge_weight(_tensor(s, t), update_of(rec)) for t, rec in recs.items()}
+
+
+def _unmerge_site(s: _Site, name: str) -> dict[str, MergeRecord]:
+    """Take `name` out of one site's tensors; on failure the site is left as it was."""
     k = max(i for i, (mn, _) in enumerate(s.merged) if mn == name)
     lifted: list[int] = []
     try:
         # exact only in reverse order: lift what was merged later, then put it back
         for i in range(len(s.merged) - 1, k - 1, -1):
-            unmerge_weight(w, s.merged[i][1])
+            _lift(s, s.merged[i][1])
             lifted.append(i)
     except BaseException:
         for i in reversed(lifted):
-            mn, rec = s.merged[i]
-            s.merged[i] = (mn, merge_weight(w, rec.factors))
+            mn, recs = s.merged[i]
+            s.merged[i] = (mn, _reapply(s, recs))
         raise
     mine, rest = s.merged[k][1], s.merged[k + 1 :]
     del s.merged[k:]
-    for mn, rec in rest:
-        s.merged.append((mn, merge_weight(w, rec.factors)))
+    for mn, recs in rest:
+        s.merged.append((mn, _reapply(s, recs)))
     s.live[name] = s.adapters[name]  # type: ignore[assignment]
     return mine
 
@@ -835,13 +905,13 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
     sites = [st.sites[p] for p in entry.injection.sites]
     if not any(name == mn for s in sites for mn, _ in s.merged):
         raise MergeError(f"delta {name!r} is not merged; nothing to unmerge")
-    done: list[tuple[_Site, MergeRecord]] = []
+    done: list[tuple[_Site, dict[str, MergeRecord]]] = []
     try:
         for s in sites:
             done.append((s, _unmerge_site(s, name)))
     except BaseException:
-        for s, rec in done:  # merge those back: the delta stays merged everywhere
-            s.merged.append((name, merge_weight(_weight(s), rec.factors)))
+        for s, recs in done:  # merge those back: the delta stays merged everywhere
+            s.merged.append((name, _reapply(s, recs)))
             s.live.pop(name, None)
         raise
     _thaw_merged(st, name)

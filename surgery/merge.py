@@ -23,6 +23,7 @@ one per site in unmerge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,7 +39,9 @@ Factors = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 @dataclass
 class MergeRecord:
-    factors: Factors  # detached snapshot, so later training cannot break unmerge
+    factors: Factors | None  # detached snapshot, so later training cannot break unmerge
+    rows: torch.Tensor | None  # W' = rows * (W + D) * cols: snapshots of the scales (or None)
+    cols: torch.Tensor | None
     idx: torch.Tensor  # flat indices where round(W' - D) != W (host memory)
     vals: torch.Tensor  # the original values there (host memory)
     sums: torch.Tensor  # per chunk: sampled checksum of D (on the weight's device)
@@ -48,7 +51,8 @@ class MergeRecord:
     @property
     def nbytes(self) -> int:
         f = self.factors if isinstance(self.factors, tuple) else (self.factors,)
-        return sum(t.numel() * t.element_size() for t in (*f, self.idx, self.vals))
+        ts = (*f, self.rows, self.cols, self.idx, self.vals)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
@@ -63,7 +67,11 @@ def _sample_sum(d: torch.Tensor) -> torch.Tensor:
     return _bits(d).reshape(-1)[::_SAMPLE].sum(dtype=torch.int64)
 
 
-def _delta_rows(factors: Factors, lo: int, hi: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+def _delta_rows(
+    factors: Factors | None, lo: int, hi: int, dtype: torch.dtype, shape: torch.Size, device: torch.device | None = None
+) -> torch.Tensor:
+    if factors is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
     if isinstance(factors, tuple):
         left, right = factors
         return (left[lo:hi].to(dtype) @ right.to(dtype)).reshape(shape)
@@ -81,7 +89,9 @@ def _chunks(w: torch.Tensor) -> list[tuple[int, int]]:
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
-def _snapshot(factors: Factors, device: torch.device) -> Factors:
+def _snapshot(factors: Factors | None, device: torch.device) -> Factors | None:
+    if factors is None:
+        return None
     if isinstance(factors, tuple):
         return tuple(f.detach().to(device).clone() for f in factors)  # type: ignore[return-value]
     return factors.detach().to(device).clone()
@@ -102,24 +112,52 @@ class _Threads:
             torch.set_num_threads(self.old)
 
 
+def _scales(
+    rec_rows: torch.Tensor | None, rec_cols: torch.Tensor | None, lo: int, hi: int, w: torch.Tensor, cd: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The row and column scales of rows lo..hi, shaped to broadcast over them (None: no scale)."""
+    r = None if rec_rows is None else rec_rows[lo:hi].to(cd).reshape(-1, *([1] * (w.dim() - 1)))
+    c = None if rec_cols is None else rec_cols.to(cd).reshape(1, -1, *([1] * (w.dim() - 2)))
+    return r, c
+
+
 @torch.no_grad()
-def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
-    """Add the delta to `weight` in place; return what unmerge needs."""
+def merge_weight(weight: torch.Tensor, update: Factors | Any) -> MergeRecord:
+    """Apply a weight update (`WeightUpdate`: ``W' = rows * (W + delta) * cols``, or bare
+    factors: ``W' = W + delta``) to `weight` in place; return what unmerge needs."""
     if weight.dtype not in _INT:
         raise MergeError(f"cannot merge into a weight of dtype {weight.dtype}; merging needs a float weight")
     if not weight.is_contiguous():
         raise MergeError("cannot merge into a non-contiguous weight; make it contiguous first")
+    if isinstance(update, (tuple, torch.Tensor)):
+        factors, rows, cols = update, None, None
+    else:
+        factors, rows, cols = update.delta, update.rows, update.cols
     factors = _snapshot(factors, weight.device)
+    rows = None if rows is None else rows.detach().to(weight.device).clone()
+    cols = None if cols is None else cols.detach().to(weight.device).clone()
     cd = _compute_dtype(weight)
     row_elems = weight[0].numel() if weight.dim() > 1 else 1
     idxs, vals, sums, wsums = [], [], [], []
     threads = torch.get_num_threads()
     for lo, hi in _chunks(weight):
         w = weight[lo:hi]
-        d = _delta_rows(factors, lo, hi, cd, w.shape)
+        d = _delta_rows(factors, lo, hi, cd, w.shape, w.device)
         sums.append(_sample_sum(d))  # before D is overwritten below
-        new = (w.to(cd) + d).to(weight.dtype)
-        back = d.neg_().add_(new).to(weight.dtype)  # round(W' - D), reusing D's memory
+        r, c = _scales(rows, cols, lo, hi, w, cd)
+        new = w.to(cd) + d
+        if r is not None:
+            new = new * r
+        if c is not None:
+            new = new * c
+        new = new.to(weight.dtype)
+        # what unmerge computes: (W' / cols / rows - D), rounded (reusing D's memory)
+        back = new.to(cd)
+        if c is not None:
+            back = back / c
+        if r is not None:
+            back = back / r
+        back = d.neg_().add_(back).to(weight.dtype)
         bad = (_bits(back) != _bits(w)).reshape(-1).nonzero().squeeze(1)
         if bad.numel():
             idxs.append((bad + lo * row_elems).cpu())
@@ -130,14 +168,16 @@ def merge_weight(weight: torch.Tensor, factors: Factors) -> MergeRecord:
     itype = torch.int32 if weight.numel() < 2**31 else torch.int64
     idx = torch.cat(idxs).to(itype) if idxs else torch.empty(0, dtype=itype)
     val = torch.cat(vals) if vals else torch.empty(0, dtype=weight.dtype)
-    return MergeRecord(factors, idx, val, torch.stack(sums), torch.stack(wsums), threads)
+    return MergeRecord(factors, rows, cols, idx, val, torch.stack(sums), torch.stack(wsums), threads)
 
 
 @torch.no_grad()
 def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
     """Restore the weight `merge_weight` was given, bit for bit, or raise."""
     cd = _compute_dtype(weight)
-    factors = _snapshot(rec.factors, weight.device) if _device(rec.factors) != weight.device else rec.factors
+    factors = (
+        _snapshot(rec.factors, weight.device) if _device(rec.factors) not in (None, weight.device) else rec.factors
+    )
     chunks = _chunks(weight)
     if len(chunks) != len(rec.sums):
         raise MergeError("unmerge: the weight's shape changed since it was merged; cannot restore it")
@@ -151,11 +191,15 @@ def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
                 "keep_merged=True) drops the delta and keeps the weights as they are."
             )
         one = len(chunks) == 1  # the usual case: D is computed once
-        ds = [_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape) for lo, hi in chunks] if one else None
+        ds = (
+            [_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape, weight.device) for lo, hi in chunks] if one else None
+        )
         sums = torch.stack(
             [_sample_sum(d) for d in ds]
             if ds
-            else [_sample_sum(_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape)) for lo, hi in chunks]
+            else [
+                _sample_sum(_delta_rows(factors, lo, hi, cd, weight[lo:hi].shape, weight.device)) for lo, hi in chunks
+            ]
         )
         if not torch.equal(sums, rec.sums.to(sums.device)):
             raise MergeError(
@@ -165,11 +209,26 @@ def unmerge_weight(weight: torch.Tensor, rec: MergeRecord) -> None:
             )
         for i, (lo, hi) in enumerate(chunks):
             w = weight[lo:hi]
-            d = ds[i] if ds else _delta_rows(factors, lo, hi, cd, w.shape)
-            w.copy_((w.to(cd) - d).to(weight.dtype))
+            d = ds[i] if ds else _delta_rows(factors, lo, hi, cd, w.shape, w.device)
+            back = w.to(cd)
+            r, c = _scales(rec.rows, rec.cols, lo, hi, w, cd)
+            if c is not None:
+                back = back / c
+            if r is not None:
+                back = back / r
+            w.copy_((back - d).to(weight.dtype))
     if rec.idx.numel():
         weight.view(-1)[rec.idx.to(weight.device, torch.int64)] = rec.vals.to(weight.device)
 
 
-def _device(factors: Factors) -> torch.device:
+def _device(factors: Factors | None) -> torch.device | None:
+    if factors is None:
+        return None
     return factors[0].device if isinstance(factors, tuple) else factors.device
+
+
+def update_of(rec: MergeRecord) -> Any:
+    """The update a record was merged with (to merge it again after lifting it)."""
+    from surgery.methods.base import WeightUpdate
+
+    return WeightUpdate(rec.factors, rec.rows, rec.cols)

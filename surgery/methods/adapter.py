@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -191,15 +191,8 @@ class BottleneckAdapter(Method):
         fused_beside(model, who, sites)
         return sites
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: AdapterConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: AdapterConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path, model = site.module, site.path, site.model
         entry = None
         d_out = out_width(module)
         d_in = d_out

@@ -5,9 +5,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-from typing import Any, ClassVar
+import enum
+from typing import Any, ClassVar, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
@@ -47,35 +49,197 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+class Action(str, enum.Enum):
+    """How an adapter acts at its site, declared by its class (`Adapter.action`); the engine
+    runs each kind at its place and nothing else is looked for."""
+
+    OUTPUT = "output"  # contribute(x, out) -> the new output: add to it, or rescale it (LoRA, adapters, IA3 on k/v)
+    INPUT = "input"  # transform_input(x) -> the input the base runs on (IA3 on the FFN's input)
+    WEIGHT = "weight"  # weight_delta(site) -> (dW, db): the forward uses W + dW, b + db (parameter-space deltas)
+    REPLACE = "replace"  # contribute(x, None) -> the whole output; the base is skipped when it runs first (MoE)
+    ATTENTION = "attention"  # kv(...) -> key/value positions the site's attention prepends (prefixes)
+    COMPOSE = "compose"  # fuse(out, contributions) over the deltas named in `members` (AdapterFusion)
+    INPUTS = "inputs"  # the method's `prepare_inputs` changes the model's inputs (prompts); the adapter holds tensors
+
+
+_KINDS = {"linear", "conv1d_tf", "conv", "embedding"}
+
+
+class SiteView:
+    """What a method may read about one site, read-only: the base module, its weight and bias,
+    path, roles, dtype and device, and the site's own operation run with other tensors.
+    `model` is the whole model, for methods whose sites span modules (a sublayer's entry)."""
+
+    __slots__ = ("path", "module", "model", "_roles")
+
+    def __init__(self, model: nn.Module, path: str, module: nn.Module) -> None:
+        self.model, self.path, self.module = model, path, module
+        self._roles: frozenset[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"SiteView({self.path!r}, {type(self.module).__name__}, kind={self.kind!r})"
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        w = getattr(self.module, "weight", None)
+        return w if isinstance(w, torch.Tensor) else None
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        t = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        return t.dtype if t is not None else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        t = next(iter(self.module.parameters()), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    @property
+    def kind(self) -> str:
+        """ "linear" (weight [out, in]), "conv1d_tf" (transformers' Conv1D, weight [in, out]),
+        "conv" (nn.Conv1d/2d/3d), "embedding", or "other"."""
+        m = self.module
+        if isinstance(m, nn.Embedding):
+            return "embedding"
+        if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+            return "conv1d_tf"
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return "conv"
+        return "linear" if isinstance(m, nn.Linear) else "other"
+
+    @property
+    def in_features(self) -> int | None:
+        w, k = self.weight, self.kind
+        if w is None or k not in _KINDS:
+            return None
+        return int(w.shape[0] if k in ("conv1d_tf", "embedding") else w.shape[1] * (getattr(self.module, "groups", 1)))
+
+    @property
+    def out_features(self) -> int | None:
+        w, k = self.weight, self.kind
+        if w is None or k not in _KINDS:
+            return None
+        return int(w.shape[1] if k in ("conv1d_tf", "embedding") else w.shape[0])
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The site's roles in the model's dataflow graph (`q`, `k`, `v`, `o`, `mlp.up`,
+        `mlp.down`, ...); empty when the graph cannot be built without example inputs."""
+        if self._roles is None:
+            from surgery.errors import GraphError
+            from surgery.graph import roles  # lazy: tracing only for methods that ask
+
+            try:
+                self._roles = roles(self.model).get(self.path, frozenset())
+            except GraphError:
+                self._roles = frozenset()
+        return self._roles
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The site's own operation on `x` with `weight` / `bias` in place of its own
+        (for linear, Conv1D, conv and embedding sites): what a weight delta adds is
+        ``site.forward(x, dW, db)``, the forward being linear in its tensors."""
+        m, k = self.module, self.kind
+        if k == "linear":
+            return F.linear(x, weight, bias)
+        if k == "conv1d_tf":
+            out = x.reshape(-1, weight.shape[0]) @ weight
+            out = out if bias is None else out + bias
+            return out.view(*x.shape[:-1], weight.shape[1])
+        if k == "conv":
+            return cast(Any, m)._conv_forward(x, weight, bias)
+        if k == "embedding":
+            e = cast(nn.Embedding, m)
+            return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        raise TypeError(f"site {self.path!r} ({type(m).__name__}) has no functional form")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightUpdate:
+    """How a merge changes one tensor of the base module (its weight or bias), in that tensor's
+    layout: ``W' = rows * (W + delta) * cols``, each part optional. `delta` is low-rank factors
+    ``(left, right)`` with delta = left @ right, or a dense tensor; `rows` a vector over dim 0,
+    `cols` one over dim 1. The merge keeps what unmerge needs to give W back bit for bit (see
+    `surgery.merge`): a scaling method never relies on dividing by its scale."""
+
+    delta: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NotMergeable:
+    """An adapter's answer to `merge` when its output is not a weight update, with the reason."""
+
+    reason: str
+
+
+Merge = dict[str, WeightUpdate]  # base tensor name ("weight", "bias") -> its update
+
+
 class Adapter(nn.Module, abc.ABC):
-    """The module a method attaches to one site.
+    """The module a method attaches to one site (a child of the site's module, so it is a
+    parameter of the model: optimizers, the Trainer, DDP and `.to()` see it).
 
-    The engine calls `contribute(x, out)` from a forward hook on the site's
-    module, with the site's input and output; it returns the new output.
+    Its class declares how it acts (`action`); the engine calls, per forward of the site and
+    only while the adapter's delta is active:
 
-    `entry`, when set, is the path of another module whose *input* the adapter
-    reads instead of the site's (a sublayer site: the FFN's input, its output
-    at the site). An adapter that `replaces` computes the site's whole output
-    from that input; when it runs first, the engine skips the base computation
-    and `contribute` gets `out=None`.
+    * `Action.OUTPUT`: ``contribute(x, out, inplace)`` from a forward hook with the site's
+      input and output; it returns the new output. With `inplace`, `out` is owned by the
+      caller alone and may be updated in place.
+    * `Action.INPUT`: ``transform_input(x)`` from a forward pre-hook; the base (and the
+      site's OUTPUT adapters) run on what it returns.
+    * `Action.WEIGHT`: ``weight_delta(site)`` -> ``(dW, db)``; the forward is that of
+      ``W + dW, b + db`` (run as ``out + site.forward(x, dW, db)``).
+    * `Action.REPLACE`: ``contribute(x, None)`` computes the whole output while it runs
+      first at its site; the base is skipped.
+    * `Action.ATTENTION`, `COMPOSE`, `INPUTS`: run by the attention rewrite, the
+      composition evaluator and the model's root pre-hook (see docs/extending.md).
+
+    `entry`, when set, is the path of another module whose *input* the adapter reads instead
+    of the site's (a sublayer site: the FFN's input, its output at the site).
+    `members` names the deltas a COMPOSE adapter runs over.
     """
 
+    action: ClassVar[Action] = Action.OUTPUT
     entry: str | None = None
-    replaces: ClassVar[bool] = False
+    members: tuple[str, ...] = ()
 
-    @abc.abstractmethod
-    def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Return `out` with this adapter's contribution for input `x`. With
-        `inplace`, `out` is owned by the caller alone and may be updated in place."""
+    @property
+    def replaces(self) -> bool:
+        return self.action is Action.REPLACE
+
+    def contribute(self, x: torch.Tensor, out: Any, inplace: bool = False) -> Any:
+        """`Action.OUTPUT` / `REPLACE`: return `out` with this adapter's effect for input `x`."""
+        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'output'")
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`Action.INPUT`: the input the base module runs on instead of `x`."""
+        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'input'")
+
+    def weight_delta(self, site: SiteView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`Action.WEIGHT`: ``(dW, db)`` in the layout of the site's weight and bias."""
+        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'weight'")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The learned tensors, keyed by their suffix under the site path."""
+        """The learned tensors, keyed by their suffix under the site path (what a Delta stores)."""
         return {k: p for k, p in self.named_parameters()}
 
-    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
-        """The weight delta in `base.weight`'s layout: `(left, right)` with
-        delta = left @ right, or a full tensor, or None if the method cannot merge."""
-        return None
+    def merge(self, site: SiteView) -> Merge | NotMergeable:
+        """How this adapter folds into the base: updates of the site's tensors, or why it cannot.
+        A WEIGHT adapter merges its delta by default."""
+        if self.action is Action.WEIGHT:
+            dw, db = self.weight_delta(site)
+            out = {"weight": WeightUpdate(delta=dw)}
+            if db is not None:
+                out["bias"] = WeightUpdate(delta=db)
+            return out
+        return NotMergeable("its output is not a weight update (an activation or a per-token router is in the way)")
 
 
 class Method(abc.ABC):
@@ -121,18 +285,10 @@ class Method(abc.ABC):
         """Whether this method can attach to `module`."""
 
     @abc.abstractmethod
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: Any,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
-        """Build the adapter for one site. `shapes`, when given, are the tensor
-        shapes of a stored delta for this site (so per-site ranks are kept);
-        `model` is the whole model, for methods whose sites span modules."""
+    def make(self, site: SiteView, cfg: Any, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        """Build the adapter for one site. `shapes`, when given, are the tensor shapes of a
+        stored delta for this site (so per-site ranks are kept)."""
+        raise NotImplementedError
 
     def attached(self, adapters: dict[str, Adapter]) -> None:
         """Called once a delta's adapters are in place (site path -> adapter)."""
@@ -167,6 +323,40 @@ class Method(abc.ABC):
         the active spec of this call and the model's inputs; return new (args, kwargs), or None
         to leave them (a prompt puts its positions in front of the input here)."""
         return None
+
+    # ---- PEFT's on-disk format (registry.save_peft / load_peft): None where PEFT has no such method
+    peft_type: ClassVar[str | None] = None
+
+    def to_peft(
+        self, config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]], ctx: PeftContext
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A Delta of this method in PEFT's layout: the method's fields of ``adapter_config.json``
+        (the registry adds peft_type, task_type, base_model_name_or_path, revision, inference_mode)
+        and the tensors by PEFT key (full keys, ``PEFT_PREFIX + site + ...``). `sites` is the
+        Delta's tensors per site path, keyed by suffix."""
+        raise ConfigError(f"method {self.name!r} has no PEFT format")
+
+    def from_peft(
+        self, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], ctx: PeftContext
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's config and tensors (full keys, as saved) -> (this method's config dict, tensors
+        by ``{site}.{suffix}``). Raise `ConfigError` naming the PEFT field or key that cannot be
+        represented: nothing is ever dropped silently."""
+        raise ConfigError(f"method {self.name!r} has no PEFT format")
+
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix of a site path in adapter_model.safetensors
+
+
+@dataclasses.dataclass
+class PeftContext:
+    """What a method's `to_peft` / `from_peft` may use besides the Delta: the model when one is
+    given, each site's kind (`SiteView.kind`), and PEFT's ``target_modules`` for a list of paths
+    (a suffix list when it hits exactly them in the model, else a regex of the paths)."""
+
+    model: nn.Module | None
+    kinds: dict[str, str]
+    target_modules: Any  # Callable[[list[str]], list[str] | str]
 
 
 METHODS: dict[str, Method] = {}

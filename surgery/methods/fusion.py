@@ -24,7 +24,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import CompositionError, ConfigError
-from surgery.methods.base import Adapter, Method, MethodConfig, get_method, register
+from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, get_method, register
 from surgery.sublayers import out_width
 
 
@@ -40,6 +40,8 @@ class FusionConfig(MethodConfig):
 
 
 class FusionLayer(Adapter):
+    action = Action.COMPOSE
+
     def __init__(self, d: int, members: tuple[str, ...], temperature: float, like: torch.Tensor) -> None:
         super().__init__()
         dt = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
@@ -102,15 +104,8 @@ class Fusion(Method):
     def members(self, cfg: FusionConfig) -> tuple[str, ...]:
         return tuple(cfg.adapters)
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: FusionConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: FusionConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module = site.module
         d = int(shapes["query.weight"][0]) if shapes else out_width(module)
         like = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
         return FusionLayer(d, tuple(cfg.adapters), float(cfg.temperature), like)  # type: ignore[arg-type]
@@ -145,7 +140,8 @@ def fuse(model: nn.Module, adapters: list[str], name: str = "fusion", *, tempera
             )
     assert sites is not None
     made = [
-        (p, engine.site_module(model, p), method.make(engine.site_module(model, p), p, cfg, model=model)) for p in sites
+        (p, engine.site_module(model, p), method.make(SiteView(model, p, engine.site_module(model, p)), cfg))
+        for p in sites
     ]
     inj = engine.attach(model, name, method, cfg, made)
     for a in cfg.adapters:

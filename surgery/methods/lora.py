@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Adapter, Merge, Method, MethodConfig, SiteView, WeightUpdate, register
 from surgery.selectors import path_matches
 
 
@@ -116,10 +116,10 @@ class LinearLoRA(_LoRABase):
         h = self.shared.project(self, x, x2) if shared else F.linear(x2, A)  # type: ignore[union-attr]
         return add_low_rank(out, h, B, self.scale, inplace)
 
-    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(self, site: SiteView) -> Merge:
         if self.fan_in_fan_out:  # weight is [in, out]: delta = (s B A)^T = A^T (s B^T)
-            return self.lora_A.t(), self.lora_B.t() * self.scale
-        return self.lora_B * self.scale, self.lora_A
+            return {"weight": WeightUpdate((self.lora_A.t(), self.lora_B.t() * self.scale))}
+        return {"weight": WeightUpdate((self.lora_B * self.scale, self.lora_A))}
 
 
 class _SharedInput:
@@ -191,8 +191,8 @@ class EmbeddingLoRA(_LoRABase):
         )
         return out + (F.linear(h, self.lora_B) * self.scale).to(out.dtype)
 
-    def merge_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A.t(), self.lora_B.t() * self.scale
+    def merge(self, site: SiteView) -> Merge:
+        return {"weight": WeightUpdate((self.lora_A.t(), self.lora_B.t() * self.scale))}
 
 
 class ConvLoRA(_LoRABase):
@@ -222,13 +222,13 @@ class ConvLoRA(_LoRABase):
             h = self.conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
         return out + (self.conv(h, self.lora_B) * self.scale).to(out.dtype)
 
-    def merge_factors(self, base: nn.Module) -> torch.Tensor:
+    def merge(self, site: SiteView) -> Merge:
         A, B = self.lora_A, self.lora_B
         if all(s == 1 for s in A.shape[2:]):
             d = (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:])
         else:
             d = self.conv(A.transpose(0, 1), B).transpose(0, 1)
-        return d * self.scale
+        return {"weight": WeightUpdate(d * self.scale)}
 
 
 @register
@@ -302,15 +302,8 @@ class LoRA(Method):
         ad = cast(_LoRABase, adapter)  # this method made it
         ad.scale = self.scale(cfg, path, ad.lora_A.shape[0])
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: LoRAConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: LoRAConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path = site.module, site.path
         # a stored delta fixes the rank; the scale follows from it
         r = int(shapes["lora_A.weight"][0]) if shapes else self._pattern(cfg.rank_pattern, path, cfg.r)
         scale = self.scale(cfg, path, r)

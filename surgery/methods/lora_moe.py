@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
 from surgery.methods.lora import adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
 from surgery.sublayers import fused_beside, fused_refusal, split_fused
@@ -133,15 +133,8 @@ class LoRAMoE(Method):
         fused_beside(model, "lora_moe", sites)
         return sites
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: LoRAMoEConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: LoRAMoEConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path = site.module, site.path
         n, r = cfg.experts, cfg.r
         if shapes and "router.weight" in shapes and "lora_A.weight" in shapes:
             n = int(shapes["router.weight"][0])

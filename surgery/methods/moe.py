@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError, InjectionError, SelectorError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -204,7 +204,7 @@ class MoEConfig(MethodConfig):
 class MoELayer(Routed):
     """Experts (copies of an FFN) behind a top-k router; computes the site's whole output."""
 
-    replaces: ClassVar[bool] = True
+    action = Action.REPLACE
 
     def __init__(
         self,
@@ -365,15 +365,8 @@ class MoE(Method):
         fused_beside(model, "moe", sites)
         return sites
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: MoEConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: MoEConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path, model = site.module, site.path, site.model
         if model is None:
             raise ConfigError("moe: upcycling needs the model to find the FFN around a site")
         sub = next(iter(ffn_sublayers(model, [(path, module)])))

@@ -54,7 +54,7 @@ from torch import nn
 
 from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
 from surgery.sublayers import in_width
 
@@ -437,15 +437,8 @@ class PrefixTuning(Method):
             )
         return list(found.items())
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: PrefixConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: PrefixConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path, model = site.module, site.path, site.model
         if model is None:
             raise ConfigError("prefix: needs the model (make(..., model=model)) to read its active deltas")
         kind, tried = _reach(module, path)

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from surgery.errors import CompositionError, ConfigError, SurgeryError
-from surgery.methods.base import Adapter, Method, MethodConfig, register
+from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
 
 PLACEMENTS = ("prepend", "inline")
 ENCODERS = (None, "mlp", "lstm")
@@ -226,15 +226,8 @@ class PromptTuning(Method):
             "model names no input embedding (get_input_embeddings); point targets= at the token embedding"
         )
 
-    def make(
-        self,
-        module: nn.Module,
-        path: str,
-        cfg: PromptConfig,
-        shapes: dict[str, torch.Size] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Adapter:
+    def make(self, site: SiteView, cfg: PromptConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
+        module, path, model = site.module, site.path, site.model
         assert isinstance(module, nn.Embedding)
         if model is not None:  # apply() builds sites without place(): the same rule
             check_token_input(model)
