@@ -251,6 +251,8 @@ class Method(abc.ABC):
     default_targets: ClassVar[Any] = None
     tensor_suffixes: ClassVar[tuple[str, ...]] = ()  # the learned tensors' keys under a site path
     changes_inputs: ClassVar[bool] = False  # whether the engine asks `prepare_inputs` on every model call
+    # whether a fresh injection leaves the model's outputs exactly as they were (the contract tests check it)
+    identity_at_init: ClassVar[bool] = True
 
     def targets(self, cfg: Any) -> Any:
         """The selector used when `inject` gets no `targets=`."""

@@ -83,6 +83,7 @@ class FusionLayer(Adapter):
 @register
 class Fusion(Method):
     name = "fusion"
+    identity_at_init = False
     Config = FusionConfig
     tensor_suffixes = tuple(f"{n}.{k}" for n in ("query", "key", "value") for k in ("weight", "bias"))
 

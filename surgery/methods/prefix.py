@@ -339,6 +339,7 @@ def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, i
 @register
 class PrefixTuning(Method):
     name = "prefix"
+    identity_at_init = False
     Config = PrefixConfig
     tensor_suffixes = (
         "prefix_key",

@@ -170,6 +170,7 @@ def _embed(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 @register
 class PromptTuning(Method):
     name = "prompt"
+    identity_at_init = False
     Config = PromptConfig
     default_targets = nn.Embedding
     tensor_suffixes = ("prompt_embeddings", *_MLP, *_LSTM, *_HEAD)
