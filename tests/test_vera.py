@@ -326,3 +326,19 @@ def test_trains_only_the_vectors():
     assert losses[-1] < losses[0] - 0.05, losses
     assert torch.equal(proj.vera_A, A0)
     assert all(p.grad is not None for p in params)
+
+
+def test_half_precision_base_keeps_fp32_vectors_and_merges_exactly():
+    model = tiny_llama().to(torch.bfloat16)
+    x = batch_for(model)
+    surgery.inject(model, "vera", targets=["q_proj", "up_proj"], r=8)
+    _randomize(model)
+    ad = next(iter(surgery.engine.adapters(model, "default").values()))
+    assert ad.vera_lambda_b.dtype == torch.float32 and _shared(model).vera_A.dtype == torch.float32
+    live = run(model, x)
+    assert live.dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    surgery.merge(model)
+    surgery.unmerge(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(run(model, x), live)

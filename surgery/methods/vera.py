@@ -346,7 +346,8 @@ class VeRA(Method):
                     f"[out_max, r] projections (r={r}, [out_max, in_max]={want}) of these sites"
                 )
             A0, B0 = projections(key, r, saved)
-            if not (torch.equal(A.float(), A0) and torch.equal(B.float(), B0)):
+            # PEFT draws in float32 and casts with the model: compare in the file's dtype
+            if not (torch.equal(A, A0.to(A.dtype)) and torch.equal(B, B0.to(B.dtype))):
                 raise ConfigError(
                     f"{PEFT_A} / {PEFT_B} differ from the projections projection_prng_key={key} draws, and "
                     "model-surgery regenerates them from the seed (never stores them): this adapter cannot be read"
