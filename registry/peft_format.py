@@ -154,12 +154,11 @@ def _target_modules(sites: list[str], model: nn.Module | None) -> list[str] | st
     """A list of last-segment names when, in `model`, it hits exactly the sites
     (PEFT: ``name == t or name.endswith("." + t)``); else a regex of the exact paths."""
     if model is not None:
-        st = engine.state_of(model)
         suffixes = sorted({p.rsplit(".", 1)[-1] for p in sites})
         hit = {
             n
             for n, _ in model.named_modules()
-            if n and not (st and st.is_adapter_path(n)) and any(n == s or n.endswith("." + s) for s in suffixes)
+            if n and not engine.is_adapter_path(model, n) and any(n == s or n.endswith("." + s) for s in suffixes)
         }
         if hit == set(sites):
             return suffixes
@@ -205,7 +204,7 @@ def _peft_config(
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": delta.method == "dora",
         "lora_bias": False,
     }
 
@@ -227,7 +226,7 @@ def save_peft_delta(
     every 2-D site is written as a linear one (an embedding site would then be
     mis-keyed: pass the model). Each file is written to a temp file, fsynced and
     renamed; the config last."""
-    if delta.method != "lora":
+    if delta.method not in ("lora", "dora"):  # DoRA is PEFT's LoRA with use_dora and a magnitude per site
         return _save_other(delta, out_dir, base_model_name_or_path, model, kinds, task_type)
     kinds_ = _kinds_for(delta, model, kinds)
     config = _peft_config(delta, kinds_, model, base_model_name_or_path, task_type)
@@ -240,6 +239,10 @@ def save_peft_delta(
             ka, kb = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
         tensors[ka] = A.detach().to("cpu").contiguous()
         tensors[kb] = B.detach().to("cpu").contiguous()
+        if delta.method == "dora":
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = (
+                ts["lora_magnitude_vector"].detach().to("cpu").contiguous()
+            )
     return _write_folder(Path(out_dir), config, tensors)
 
 
@@ -409,7 +412,6 @@ _IGNORED = {
     "loftq_config",
 }
 _UNSUPPORTED = {
-    "use_dora": "DoRA adds a magnitude vector and a normalised update; not a LoRA delta",
     "lora_bias": "LoRA with a bias on lora_B is not supported",
     "modules_to_save": "fully trained module copies are not a LoRA delta",
     "trainable_token_indices": "trainable token rows are not a LoRA delta",
@@ -456,8 +458,10 @@ def _check_config(cfg: dict[str, Any]) -> None:
         )
     if _truthy(cfg.get("loftq_config")):
         raise bad("loftq_config", "LoftQ rewrites the (quantized) base weights")
-    for field, v in cfg.items():
-        if field not in _IGNORED and field not in _UNSUPPORTED and _truthy(v):
+    if not isinstance(cfg.get("use_dora", False), bool):
+        raise bad("use_dora", "it must be true or false")
+    for field, v in cfg.items():  # use_dora chooses the method: "dora" rather than "lora"
+        if field not in _IGNORED and field not in _UNSUPPORTED and field != "use_dora" and _truthy(v):
             raise bad(field, "this field is unknown to model-surgery, so its effect cannot be reproduced")
     if not isinstance(cfg.get("r"), int) or isinstance(cfg.get("r"), bool) or cfg["r"] <= 0:
         raise bad("r", "it must be a positive integer")
@@ -491,12 +495,12 @@ def _split_key(key: str) -> tuple[str, str]:
         (".lora_B.weight", "lora_B.weight"),
         (".lora_embedding_A", "lora_A.weight"),
         (".lora_embedding_B", "lora_B.weight"),
+        (".lora_magnitude_vector", "lora_magnitude_vector"),
         (".base_layer.weight", "base_layer.weight"),
     ):
         if k.endswith(peft_suf):
             return k[: -len(peft_suf)], ours
     for marker, field in (
-        ("lora_magnitude_vector", "use_dora"),
         ("lora_B.bias", "lora_bias"),
         ("modules_to_save", "modules_to_save"),
         ("trainable_tokens", "trainable_token_indices"),
@@ -535,6 +539,7 @@ def read_peft_files(
     if cfg.get("peft_type") not in ("LORA", None):
         return _read_other(cfg, weights_path, model, name)
     _check_config(cfg)
+    dora = bool(cfg.get("use_dora"))
     by_site: dict[str, dict[str, torch.Tensor]] = {}
     embedding_sites: set[str] = set()
     base_layer: dict[str, torch.Tensor] = {}
@@ -564,6 +569,17 @@ def read_peft_files(
             raise PeftFormatError(
                 f"PEFT adapter site {path!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                 "are not a LoRA pair (A [r, in], B [out, r])"
+            )
+        mag = ts.get("lora_magnitude_vector")
+        if (mag is not None) != dora:
+            raise PeftFormatError(
+                f"PEFT adapter field use_dora={cfg.get('use_dora')!r} but site {path!r} "
+                + ("has a lora_magnitude_vector" if mag is not None else "lacks its lora_magnitude_vector")
+            )
+        if mag is not None and mag.numel() != B.shape[0]:
+            raise PeftFormatError(
+                f"PEFT adapter site {path!r}: lora_magnitude_vector {tuple(mag.shape)} does not have "
+                f"lora_B's {B.shape[0]} output rows"
             )
     ignored = []
     for path, w in base_layer.items():
@@ -610,6 +626,8 @@ def read_peft_files(
     for p, ts in by_site.items():
         tensors[f"{p}.lora_A.weight"] = ts["lora_A.weight"]
         tensors[f"{p}.lora_B.weight"] = ts["lora_B.weight"]
+        if dora:
+            tensors[f"{p}.lora_magnitude_vector"] = ts["lora_magnitude_vector"]
     config = {
         "r": r0,
         "alpha": alpha0,
@@ -646,7 +664,7 @@ def read_peft_files(
     if ignored:
         peft_info["ignored_tensors"] = ignored
     lineage = {"source": "peft", "peft": peft_info, "site_kinds": kinds}
-    return surgery.Delta("lora", name or "default", config, tensors, base, lineage)
+    return surgery.Delta("dora" if dora else "lora", name or "default", config, tensors, base, lineage)
 
 
 def load_peft_delta(

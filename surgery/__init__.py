@@ -68,8 +68,11 @@ def find(model: nn.Module, targets: Any, example_inputs: tuple | dict | torch.Te
     from surgery import engine, graph
     from surgery.selectors import no_hit_error, select
 
-    st = engine.state_of(model)
-    skip = st.is_adapter_path if st else None
+    engine.check_model(model)
+
+    def skip(path: str) -> bool:
+        return engine.is_adapter_path(model, path)
+
     if example_inputs is not None:
         graph.build_graph(model, example_inputs)
     hits = select(model, targets, skip=skip)

@@ -49,8 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from surgery import compose, engine
-from surgery.errors import CompositionError, SurgeryError
+from surgery.engine.runtime import active_at
+from surgery.engine.state import CHILD
+from surgery.errors import SurgeryError
+from surgery.methods.base import Action
 
 __all__ = [
     "SUPPORTED",
@@ -71,14 +73,8 @@ SUPPORTED = ("sdpa", "eager")  # implementations the wrapper can extend (others:
 # ----------------------------------------------------------------------------- active positions
 
 
-_MODEL = "_surgery_kv_model"  # cached on a site's adapter holder: the model whose active set applies
-
-
 class _KVAdapter(Protocol):
-    """What an adapter marked ``kv_prefix = True`` provides (nn.Module's ``__getattr__`` types
-    its attributes as Tensor | Module, so this names them for the type checker)."""
-
-    surgery_model: nn.Module
+    """An ATTENTION adapter: the key and value positions it adds, ``[n_kv, P, d]`` each."""
 
     def kv(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -90,48 +86,19 @@ def config_of(module: nn.Module) -> Any:
 
 
 def active_kv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The keys and values ``[n_kv, P, d]`` active at `module` in this context, or None.
-
-    Adapters that add positions mark themselves with ``kv_prefix = True`` and give
-    them with ``kv()``; they know their model (``surgery_model``) for the active set."""
-    holder = module._modules.get(engine.CHILD)
-    return None if holder is None else adapters_kv(holder)
+    """The keys and values ``[n_kv, P, d]`` active at `module` in this context, or None: from
+    the adapters there that declare `Action.ATTENTION` and give them with ``kv()``."""
+    return adapters_kv(module._modules.get(CHILD))
 
 
-def adapters_kv(holder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+def adapters_kv(holder: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`active_kv` for the adapters one site holds (its ``surgery`` child)."""
-    ads = holder._modules
-    model: nn.Module | None = holder.__dict__.get(_MODEL)
-    if model is None:
-        model = next((cast(_KVAdapter, a).surgery_model for a in ads.values() if getattr(a, "kv_prefix", False)), None)
-        if model is None:
-            return None
-        holder.__dict__[_MODEL] = model  # a plain reference (deep copies follow the model)
-    st = engine.state_of(model)
-    if st is None:
-        return None
     ks: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
-    for item in st.active():
-        if type(item) is str:
-            names: Any = (item,)
-        elif isinstance(item, compose.Stack):
-            names = item.names()
-        else:
-            hit = [n for n in item.names() if getattr(ads.get(n), "kv_prefix", False)]
-            if hit:
-                raise CompositionError(
-                    f"{item!r} holds prefix delta(s) {hit}: extra attention positions only concatenate "
-                    "(activate them by name or in a surgery.Stack); they cannot be averaged, fused or "
-                    "split by rows"
-                )
-            continue
-        for n in names:
-            ad = ads.get(n)
-            if ad is not None and getattr(ad, "kv_prefix", False):
-                k, v = cast(_KVAdapter, ad).kv()
-                ks.append(k)
-                vs.append(v)
+    for ad in active_at(holder, Action.ATTENTION):
+        k, v = cast(_KVAdapter, ad).kv()
+        ks.append(k)
+        vs.append(v)
     if not ks:
         return None
     if len(ks) == 1:
@@ -230,8 +197,7 @@ def _wrapper(impl: str) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         base = _base_fn(impl, module)
-        holder = module._modules.get(engine.CHILD)
-        kv = None if holder is None else adapters_kv(holder)
+        kv = adapters_kv(module._modules.get(CHILD))
         if kv is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
         pk, pv = kv
@@ -414,7 +380,7 @@ def rewrite_sdpa(module: nn.Module, path: str) -> Callable[..., Any]:
         if not _is_sdpa(node):
             continue
         with graph.inserting_before(node):
-            holder = graph.get_attr(engine.CHILD)  # the site's adapters, looked up on every call
+            holder = graph.get_attr(CHILD)  # the site's adapters, looked up on every call
             new = graph.call_function(prefixed_scaled_dot_product_attention, (holder, *node.args), dict(node.kwargs))
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -374,15 +374,13 @@ def combine(
     names = list(weights)
     for n in names:
         engine.injection(model, n)  # InjectionError naming the injected deltas
-    st = engine.state_of(model)
-    assert st is not None
-    entries = [st.entries[n] for n in names]
-    for n, e in zip(names, entries, strict=True):
-        if e.method.name != "lora":
-            raise ConfigError(f"combine: delta {n!r} is a {e.method.name!r} delta; only LoRA deltas can be combined")
+    for n in names:
+        have = engine.method_of(model, n).name
+        if have != "lora":
+            raise ConfigError(f"combine: delta {n!r} is a {have!r} delta; only LoRA deltas can be combined")
     ads = {n: engine.adapters(model, n) for n in names}
     kind = "linear" if len(names) == 1 else method  # PEFT: one delta is always combined linearly
-    ranks = {n: _configured_rank(e.cfg, ads[n]) for n, e in zip(names, entries, strict=True)}
+    ranks = {n: _configured_rank(engine.config_of(model, n), ads[n]) for n in names}
     if kind in _FACTORWISE:
         if len(set(ranks.values())) != 1:
             raise ConfigError(
@@ -413,7 +411,7 @@ def combine(
             sites.append((path, mod, present))
     _check_sites(kind, sites, new_rank)
 
-    first_cfg: LoRAConfig = entries[0].cfg
+    first_cfg: LoRAConfig = engine.config_of(model, names[0])
     devices = {
         cast(torch.Tensor, t).device for _, _, present in sites for ad, _ in present for t in (ad.lora_A, ad.lora_B)
     }

@@ -33,15 +33,6 @@ from surgery.errors import CompositionError
 from surgery.methods.base import Action
 
 
-class StateView(Protocol):
-    """What the evaluator reads of a model's engine state (the engine's state satisfies it)."""
-
-    @property
-    def entries(self) -> Mapping[str, Any]: ...  # delta name -> its record (.method, .cfg)
-
-    def tap_input(self, path: str) -> torch.Tensor: ...
-
-
 class SiteView(Protocol):
     """What the evaluator reads of one site."""
 
@@ -51,8 +42,7 @@ class SiteView(Protocol):
     @property
     def live(self) -> Mapping[str, Any]: ...  # delta name -> adapter, injected here and not merged
 
-    @property
-    def state(self) -> StateView: ...
+    def entry_input(self, path: str) -> torch.Tensor: ...  # the input of module `path` in this call
 
     def apply(self, ad: Any, x: Any, out: Any, inplace: bool) -> Any: ...  # one adapter's effect, by its action
 
@@ -170,15 +160,16 @@ class Parallel(Block):
 # ---------------------------------------------------------------------------- validation
 
 
-def normalize(state: StateView, items: tuple[Any, ...], merged: set[str]) -> tuple[Any, ...]:
-    """Check an active spec against the model and resolve fusions; return the spec to store."""
+def normalize(deltas: Mapping[str, tuple[str, ...]], items: tuple[Any, ...], merged: set[str]) -> tuple[Any, ...]:
+    """Check an active spec against the model's deltas (name -> the members a fusion runs over,
+    () for the others) and resolve fusions; return the spec to store."""
     out = []
     for i, item in enumerate(items):
         if isinstance(item, Parallel) and len(items) > 1:
             raise CompositionError(
                 f"Parallel must be the only block active (it repeats the model's inputs); got {list(items)}"
             )
-        out.append(_check(state, item, merged, top=True, inside=None, index=i))
+        out.append(_check(deltas, item, merged, top=True, inside=None, index=i))
     seen: set[str] = set()
     for n in _names(out):
         if n in seen:
@@ -195,12 +186,12 @@ def _names(items: Iterable[Any]) -> Iterable[str]:
             yield from it.names()
 
 
-def _check(state: StateView, item: Any, merged: set[str], *, top: bool, inside: Block | None, index: int) -> Any:
+def _check(
+    deltas: Mapping[str, tuple[str, ...]], item: Any, merged: set[str], *, top: bool, inside: Block | None, index: int
+) -> Any:
     if isinstance(item, str):
-        if item not in state.entries:
-            raise CompositionError(
-                f"no delta named {item!r} in this model; injected: {sorted(state.entries) or 'none'}"
-            )
+        if item not in deltas:
+            raise CompositionError(f"no delta named {item!r} in this model; injected: {sorted(deltas) or 'none'}")
         if item in merged and not top:
             raise CompositionError(
                 f"delta {item!r} is merged into the base weights, so it runs for every row and branch; "
@@ -217,20 +208,20 @@ def _check(state: StateView, item: Any, merged: set[str], *, top: bool, inside: 
             "the outermost (and only) block"
         )
     if isinstance(item, Fuse):
-        return _resolve_fuse(state, item, merged)
-    children = tuple(_check(state, c, merged, top=False, inside=item, index=i) for i, c in enumerate(item.children))
+        return _resolve_fuse(deltas, item, merged)
+    children = tuple(_check(deltas, c, merged, top=False, inside=item, index=i) for i, c in enumerate(item.children))
     new = object.__new__(type(item))
     new.__dict__.update(item.__dict__)
     new.children = children
     return new
 
 
-def _resolve_fuse(state: StateView, block: Fuse, merged: set[str]) -> Fuse:
+def _resolve_fuse(deltas: Mapping[str, tuple[str, ...]], block: Fuse, merged: set[str]) -> Fuse:
     want = set(block.children)
     for n in block.children:
-        if n not in state.entries:
-            raise CompositionError(f"Fuse: no delta named {n!r} in this model; injected: {sorted(state.entries)}")
-    found = [n for n, e in state.entries.items() if set(e.method.members(e.cfg)) == want]
+        if n not in deltas:
+            raise CompositionError(f"Fuse: no delta named {n!r} in this model; injected: {sorted(deltas)}")
+    found = [n for n, members in deltas.items() if set(members) == want]
     if block.name is not None:
         if block.name not in found:
             raise CompositionError(
@@ -279,7 +270,7 @@ def _rows(x: Any) -> int:
 
 
 def _input(site: SiteView, ad: Any, x: Any, rows: slice | None) -> Any:
-    t = x if ad.entry is None else site.state.tap_input(ad.entry)
+    t = x if ad.entry is None else site.entry_input(ad.entry)
     return t if rows is None else t[rows]
 
 

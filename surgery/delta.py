@@ -67,10 +67,8 @@ def _suffixes(method: str) -> tuple[str, ...]:
 
 
 def _base_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    st = engine.state_of(model)
     items = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    if st is not None:
-        items = [(k, t) for k, t in items if not st.is_adapter_path(k)]
+    items = [(k, t) for k, t in items if not engine.is_adapter_path(model, k)]
     return sorted(items, key=lambda kv: kv[0])
 
 
@@ -79,16 +77,14 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
     and shapes; not dtype or device), and with `weights=True` also its weight
     values (hashing every byte: slow on big models, so only on request).
     Injected deltas are left out, so it is the same before and after injection."""
-    st = engine.state_of(model)
-    arch = st.fingerprint if st is not None else None
+    arch = engine.cached_fingerprint(model)
     if arch is None or weights:
         items = _base_items(model)
         h = hashlib.sha256(type(model).__qualname__.encode())
         for k, t in items:
             h.update(f"{k}:{tuple(t.shape)};".encode())
         arch = "arch:" + h.hexdigest()[:16]
-        if st is not None:  # kept while deltas are injected: hot-swaps skip the walk
-            st.fingerprint = arch
+        engine.cache_fingerprint(model, arch)  # kept while deltas are injected: hot-swaps skip the walk
     if not weights:
         return arch
     h = hashlib.sha256()
@@ -128,13 +124,12 @@ def apply(
     method = get_method(delta.method)
     by_site = delta.sites()
     _check_finite(delta)
-    st = engine.state_of(model)
-    if st is not None and name in st.entries:
+    if name in engine.names(model):
         current = engine.adapters(model, name)
-        entry = st.entries[name]
+        have = engine.method_of(model, name).name
         misfit = (
-            f"it is a {entry.method.name!r} delta and the one applied is {delta.method!r}"
-            if entry.method.name != delta.method
+            f"it is a {have!r} delta and the one applied is {delta.method!r}"
+            if have != delta.method
             else _first_misfit(current, by_site)
         )
         if misfit:
@@ -227,10 +222,10 @@ def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site: dict) -> engine.Injection:
-    entry = engine.state_of(model).entries[name]  # type: ignore[union-attr]
-    method = entry.method
+    method, old = engine.method_of(model, name), engine.config_of(model, name)
     # validate before touching anything (a merged delta is unmerged below)
-    cfg = entry.cfg if delta.config == entry.injection.config else method.config(**_config_kwargs(method, delta.config))
+    same = delta.config == engine.injection(model, name).config
+    cfg = old if same else method.config(**_config_kwargs(method, delta.config))
     was_merged = name in engine.merged(model)
     if was_merged:
         engine.unmerge(model, name)
@@ -238,10 +233,9 @@ def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site:
         ad = current[path]
         for suf, t in ad.tensors().items():
             t.copy_(ts[suf])
-        if cfg is not entry.cfg:  # another alpha, say, travels with the tensors
+        if cfg is not old:  # another alpha, say, travels with the tensors
             method.refresh(ad, path, cfg)
-    entry.cfg = cfg
-    object.__setattr__(entry.injection, "config", dict(delta.config))
+    inj = engine.reconfigure(model, name, cfg, dict(delta.config))
     if was_merged:
         engine.merge(model, name)
-    return entry.injection
+    return inj

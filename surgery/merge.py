@@ -129,6 +129,7 @@ def merge_weight(weight: torch.Tensor, update: Factors | Any) -> MergeRecord:
         raise MergeError(f"cannot merge into a weight of dtype {weight.dtype}; merging needs a float weight")
     if not weight.is_contiguous():
         raise MergeError("cannot merge into a non-contiguous weight; make it contiguous first")
+    factors: Factors | None
     if isinstance(update, (tuple, torch.Tensor)):
         factors, rows, cols = update, None, None
     else:

@@ -59,7 +59,7 @@ class Action(str, enum.Enum):
     REPLACE = "replace"  # contribute(x, None) -> the whole output; the base is skipped when it runs first (MoE)
     ATTENTION = "attention"  # kv(...) -> key/value positions the site's attention prepends (prefixes)
     COMPOSE = "compose"  # fuse(out, contributions) over the deltas named in `members` (AdapterFusion)
-    INPUTS = "inputs"  # the method's `prepare_inputs` changes the model's inputs (prompts); the adapter holds tensors
+    # (a method that changes the model's inputs, prompts, declares it on the Method: `changes_inputs`)
 
 
 _KINDS = {"linear", "conv1d_tf", "conv", "embedding"}
@@ -198,8 +198,9 @@ class Adapter(nn.Module, abc.ABC):
       ``W + dW, b + db`` (run as ``out + site.forward(x, dW, db)``).
     * `Action.REPLACE`: ``contribute(x, None)`` computes the whole output while it runs
       first at its site; the base is skipped.
-    * `Action.ATTENTION`, `COMPOSE`, `INPUTS`: run by the attention rewrite, the
-      composition evaluator and the model's root pre-hook (see docs/extending.md).
+    * `Action.ATTENTION`: ``kv()``, the key / value positions the site's attention prepends
+      (run inside the attention rewrite, `surgery.attention`).
+    * `Action.COMPOSE`: ``fuse(out, contributions)`` over what the deltas in `members` add.
 
     `entry`, when set, is the path of another module whose *input* the adapter reads instead
     of the site's (a sublayer site: the FFN's input, its output at the site).
@@ -215,7 +216,10 @@ class Adapter(nn.Module, abc.ABC):
         return self.action is Action.REPLACE
 
     def contribute(self, x: torch.Tensor, out: Any, inplace: bool = False) -> Any:
-        """`Action.OUTPUT` / `REPLACE`: return `out` with this adapter's effect for input `x`."""
+        """`Action.OUTPUT` / `REPLACE`: return `out` with this adapter's effect for input `x`.
+        ATTENTION adapters are called here too, after their attention ran (to check it did)."""
+        if self.action is Action.ATTENTION:
+            return out
         raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'output'")
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,7 +305,7 @@ class Method(abc.ABC):
     def fold(self, adapters: dict[str, Adapter]) -> bool:
         """`merge` for a method whose merge changes only its own tensors, never the base weights
         (a prefix folds its reparameterisation): do it and return True. False (the default):
-        the engine merges `Adapter.merge_factors` into the base weights."""
+        the engine merges what `Adapter.merge` gives into the base tensors."""
         return False
 
     def unfold(self, adapters: dict[str, Adapter]) -> bool:

@@ -120,12 +120,10 @@ def fuse(model: nn.Module, adapters: list[str], name: str = "fusion", *, tempera
     method = get_method("fusion")
     cfg = method.config(adapters=list(adapters), temperature=temperature)
     engine.check_name(model, name)
-    st = engine.state_of(model)
     sites: list[str] | None = None
     for a in cfg.adapters:
         inj = engine.injection(model, a)
-        entry = st.entries[a]  # type: ignore[union-attr]
-        if entry.method.members(entry.cfg):
+        if engine.method_of(model, a).members(engine.config_of(model, a)):
             raise ConfigError(f"fusion: {a!r} is itself a fusion; fuse adapters, not fusions")
         if any(ad.replaces for ad in engine.adapters(model, a).values()):
             raise ConfigError(f"fusion: {a!r} ({inj.method}) replaces its sites' output; only additive deltas fuse")
@@ -160,11 +158,11 @@ def fusion_weights(model: nn.Module, name: str = "fusion") -> dict[str, torch.Te
     out = {
         p: ad.last_weights
         for p, ad in engine.adapters(model, name).items()
-        if getattr(ad, "last_weights", None) is not None
+        if isinstance(ad, FusionLayer) and ad.last_weights is not None
     }
     if not out:
         raise CompositionError(f"fusion {name!r} has not run yet; call the model with it active first")
-    return out  # type: ignore[return-value]
+    return out
 
 
 __all__ = ["Fusion", "FusionConfig", "FusionLayer", "fuse", "fusion_weights"]

@@ -110,7 +110,6 @@ class LoRAMoE(Method):
     Config = LoRAMoEConfig
     default_targets = ["@q", "@v", "@qkv"]  # as LoRA's
     tensor_suffixes = ("router.weight", "lora_A.weight", "lora_B.weight")
-    routing: ClassVar[bool] = True
     handles_fused: ClassVar[bool] = True  # refuses / warns about fused experts itself (surgery.sublayers)
 
     def validate(self, cfg: LoRAMoEConfig) -> None:

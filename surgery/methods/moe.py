@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.engine.state import CHILD
 from surgery.errors import ConfigError, InjectionError, SelectorError
 from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
 from surgery.sublayers import (
@@ -81,9 +82,6 @@ from surgery.sublayers import (
     split_fused,
     with_fused,
 )
-
-CHILD = "surgery"  # the engine's child holding adapters (surgery.engine.CHILD)
-
 
 # ---------------------------------------------------------------------------- routing (shared with lora_moe)
 
@@ -317,15 +315,10 @@ def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
     """Refuse an FFN that holds injected deltas (its copies must be the pretrained FFN alone)."""
     from surgery import engine
 
-    st = engine.state_of(model)
-    held = [*st.sites, *st.taps] if st is not None else []
+    held = engine.held_paths(model)
     for path, mod in roots:
         inner = [p for p in held if p == path or p.startswith(path + ".")]
-        inner += [
-            f"{path}.{p}" if p else path
-            for p, m in mod.named_modules()
-            if CHILD in m._modules or isinstance(m.__dict__.get("forward"), engine.Bypass)
-        ]
+        inner += [f"{path}.{p}" if p else path for p, m in mod.named_modules() if CHILD in m._modules]
         if inner:
             raise InjectionError(
                 f"moe: the FFN module {path!r} already holds injected deltas (at {sorted(set(inner))[:3]}); "
@@ -340,7 +333,6 @@ class MoE(Method):
     Config = MoEConfig
     default_targets = "@mlp"
     tensor_suffixes = ("router.weight", "experts.*")
-    routing: ClassVar[bool] = True
     handles_fused: ClassVar[bool] = True  # refuses / warns about fused experts itself (surgery.sublayers)
 
     def targets(self, cfg: MoEConfig | None) -> Any:
@@ -426,24 +418,26 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
     """
     from surgery import engine
 
-    st = engine.state_of(model)
-    entries = st.entries if st is not None else {}
+    def routing(n: str) -> bool:
+        return any(isinstance(ad, Routed) for ad in engine.adapters(model, n).values())
+
+    injected = engine.names(model)
     if name is not None:
-        if name not in entries:
-            raise ConfigError(f"aux_loss: no delta named {name!r} in this model; injected: {sorted(entries) or 'none'}")
-        if not getattr(entries[name].method, "routing", False):
+        if name not in injected:
+            raise ConfigError(f"aux_loss: no delta named {name!r} in this model; injected: {injected or 'none'}")
+        if not routing(name):
             raise ConfigError(
-                f"aux_loss: delta {name!r} is a {entries[name].method.name!r} delta, which has no router; "
-                f"routing deltas here: {[n for n, e in entries.items() if getattr(e.method, 'routing', False)]}"
+                f"aux_loss: delta {name!r} is a {engine.method_of(model, name).name!r} delta, which has no router; "
+                f"routing deltas here: {[n for n in injected if routing(n)]}"
             )
         todo = [name]
     else:
         active = engine.spec_names(engine.active(model))
-        todo = [n for n in dict.fromkeys(active) if n in entries and getattr(entries[n].method, "routing", False)]
+        todo = [n for n in dict.fromkeys(active) if n in injected and routing(n)]
     total: torch.Tensor | None = None
     for n in todo:
         for ad in engine.adapters(model, n).values():
-            a = getattr(ad, "aux", None)
+            a = ad.aux if isinstance(ad, Routed) else None
             if a is not None:
                 total = a if total is None else total + a.to(total.device)
     if total is None:

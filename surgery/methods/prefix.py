@@ -54,7 +54,7 @@ from torch import nn
 
 from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
-from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
 from surgery.sublayers import in_width
 
@@ -86,7 +86,7 @@ def _param_dtype(like: torch.Tensor) -> torch.dtype:
 class PrefixKV(Adapter):
     """The learned positions of one attention layer (see the module docstring)."""
 
-    kv_prefix = True  # read by surgery.attention at every attention call
+    action = Action.ATTENTION  # surgery.attention prepends its kv() at every attention call
     # set by PrefixTuning.make as plain references (not submodules), read by attached/detached
     surgery_model: nn.Module
     surgery_site: nn.Module
@@ -488,13 +488,7 @@ class PrefixTuning(Method):
         if not adapters:
             return
         ads = _prefixes(adapters)
-        st = engine.state_of(ads[0].surgery_model)
-        still = [
-            cast(PrefixKV, a)
-            for s in (st.sites.values() if st else ())
-            for a in s.adapters.values()
-            if getattr(a, "kv_prefix", False)
-        ]
+        still = [cast(PrefixKV, a) for a in engine.with_action(ads[0].surgery_model, Action.ATTENTION)]
         configs = {id(attention.config_of(a.surgery_site)) for a in still if a.surgery_kind == "interface"}
         sites = {id(a.surgery_site) for a in still}
         gone = [

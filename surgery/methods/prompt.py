@@ -66,7 +66,9 @@ IGNORE_INDEX = -100
 
 # (token of a model's state, delta name) -> slots [B, T] (-1, or the prompt row at that position),
 # set by `inline` for the calls of a template
-_INLINE: ContextVar[dict[tuple[int, str], torch.Tensor] | None] = ContextVar("surgery_prompt_inline", default=None)
+_INLINE: ContextVar[dict[tuple[int | None, str], torch.Tensor] | None] = ContextVar(
+    "surgery_prompt_inline", default=None
+)
 
 _MLP = tuple(f"mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias"))
 _LSTM = tuple(
@@ -318,10 +320,8 @@ def _active(model: nn.Module, spec: tuple[Any, ...]) -> tuple[list[Prompt], list
     """The prompts active in `spec` that put vectors in front, and the inline ones with their slots."""
     from surgery import engine
 
-    st = engine.state_of(model)
-    if st is None:
-        return None
-    mine = {n for n, e in st.entries.items() if e.injection.method == PromptTuning.name}
+    key = engine.context_key(model)
+    mine = {n for n in engine.names(model) if engine.method_of(model, n).name == PromptTuning.name}
     if not mine:
         return None
     ads: dict[str, Prompt] = {n: next(iter(engine.adapters(model, n).values())) for n in mine}  # type: ignore[misc]
@@ -337,9 +337,9 @@ def _active(model: nn.Module, spec: tuple[Any, ...]) -> tuple[list[Prompt], list
     front = [ads[n] for n in spec if isinstance(n, str) and n in mine and ads[n].placement == "prepend"]
     given = _INLINE.get() or {}
     inline = [
-        (ads[n], given[(st.token, n)])
+        (ads[n], given[(key, n)])
         for n in spec
-        if isinstance(n, str) and n in mine and ads[n].placement == "inline" and (st.token, n) in given
+        if isinstance(n, str) and n in mine and ads[n].placement == "inline" and (key, n) in given
     ]
     if not front and not inline:
         return None
@@ -357,20 +357,19 @@ class _EncoderInputs:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         from surgery import engine
 
-        st = engine.state_of(self.model)
-        if st is None:
-            return None
+        model = self.model
         lead = next(
             (
                 n
-                for n, e in st.entries.items()
-                if e.injection.method == PromptTuning.name and e.cfg.placement == "prepend"
+                for n in engine.names(model)
+                if engine.method_of(model, n).name == PromptTuning.name
+                and engine.config_of(model, n).placement == "prepend"
             ),
             None,
         )
         if lead is None or next(iter(engine.adapters(self.model, lead).values())) is not self.adapter:
             return None
-        got = _active(self.model, st.active())
+        got = _active(self.model, engine.active(self.model))
         if got is None:
             return None
         return _extend(self.model, got[0], got[1], args, kwargs, encoder=True)
@@ -672,12 +671,11 @@ def inline(model: nn.Module, name: str, slots: torch.Tensor) -> Iterator[None]:
     names ([batch, length] of the call's input_ids: -1, or the prompt row there)."""
     from surgery import engine
 
-    st = engine.state_of(model)
-    if st is None or name not in st.entries:
+    if name not in engine.names(model):
         raise SurgeryError(f"no prompt named {name!r} in this model")
     cur = _INLINE.get()
     new = dict(cur) if cur else {}
-    new[(st.token, name)] = slots
+    new[(engine.context_key(model), name)] = slots
     tok = _INLINE.set(new)
     try:
         yield
@@ -689,12 +687,9 @@ def prompt_length(model: nn.Module) -> int:
     """How many positions the prompts active in this context put in front of the input."""
     from surgery import engine
 
-    st = engine.state_of(model)
-    if st is None:
-        return 0
     total = 0
-    for n in st.active():
-        if isinstance(n, str) and st.entries[n].injection.method == PromptTuning.name:
+    for n in engine.active(model):
+        if isinstance(n, str) and engine.method_of(model, n).name == PromptTuning.name:
             ad = next(iter(engine.adapters(model, n).values()))
             if isinstance(ad, Prompt) and ad.placement == "prepend":
                 total += ad.n

@@ -1,0 +1,188 @@
+"""Merge orchestration: fold a delta into the base tensors of all its sites, or none, and take it
+back out bit for bit (`surgery.merge` holds the exact weight arithmetic). A merged delta's tensors
+are frozen while merged; deltas merged on one site form a stack, lifted in reverse order."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from surgery.engine.runtime import Site
+from surgery.engine.state import ModelState, adapters, get_entry, state_of
+from surgery.errors import MergeError
+from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
+from surgery.methods.base import Adapter, NotMergeable
+
+
+def site_tensor(site: Site, tname: str) -> torch.Tensor:
+    w = getattr(site.module, tname, None)
+    if not isinstance(w, torch.Tensor):
+        raise MergeError(f"site {site.path!r} has no {tname} tensor to merge into")
+    return w
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> owners, for parameters that several modules share (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for path, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(path)
+    return {k: v for k, v in owners.items() if len(v) > 1}
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Fold a delta (default: every active one) into the base weights.
+
+    Outputs are unchanged and the delta costs nothing at run time. `unmerge`
+    restores the base bit for bit; merged deltas stay active until unmerged.
+    """
+    st = state_of(model)
+    todo = [name] if name is not None else list(st.active() if st else ())
+    if any(not isinstance(n, str) for n in todo):
+        raise MergeError(
+            f"the active set {todo} holds a composition block; merge deltas by name, e.g. surgery.merge(model, 'a')"
+        )
+    for n in todo:
+        entry = get_entry(model, n)
+        assert st is not None
+        sites = [st.sites[p] for p in entry.injection.sites]
+        if any(n == mn for s in sites for mn, _ in s.merged):
+            raise MergeError(f"delta {n!r} is already merged; surgery.unmerge(model, {n!r}) first")
+        ov = st.override()
+        if ov is not None and n not in ov:
+            raise MergeError(
+                f"delta {n!r} is switched off in this surgery.use()/disable() context; merging it here "
+                "would put it back into every output. Merge outside the context."
+            )
+        flags = [(p, p.requires_grad) for ad in adapters(model, n).values() for p in ad.parameters()]
+        if entry.method.fold(adapters(model, n)):  # merged within its own tensors: no base weight changes
+            _freeze_merged(st, n, flags)
+            continue
+        shared = _shared_weights(model)
+        rules = []
+        for s in sites:  # check every site before touching any weight
+            rule = cast(Adapter, s.adapters[n]).merge(s.view)
+            if isinstance(rule, NotMergeable):
+                raise MergeError(
+                    f"delta {n!r} ({entry.method.name}) has no merge rule: {rule.reason}; keep it unmerged"
+                )
+            for tname in rule:
+                owners = shared.get(id(site_tensor(s, tname)))
+                if owners:
+                    raise MergeError(
+                        f"the {tname} of {s.path!r} is shared by {owners} (tied weights); merging would "
+                        f"change all of them. Keep delta {n!r} unmerged, or untie the weights first."
+                    )
+            rules.append(rule)
+        done: list[Site] = []
+        try:
+            for s, rule in zip(sites, rules, strict=True):
+                recs: dict[str, MergeRecord] = {}
+                try:
+                    for tname, upd in rule.items():
+                        recs[tname] = merge_weight(site_tensor(s, tname), upd)
+                except BaseException:
+                    for tname, rec in reversed(recs.items()):
+                        unmerge_weight(site_tensor(s, tname), rec)
+                    raise
+                s.merged.append((n, recs))
+                s.live.pop(n, None)
+                done.append(s)
+        except BaseException:
+            for s in done:  # all sites or none
+                _unmerge_site(s, n)
+            raise
+        _freeze_merged(st, n, flags)
+        if n not in st.default_active:
+            st.default_active = st.default_active + (n,)
+
+
+def _freeze_merged(st: ModelState, name: str, flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """A merged delta's tensors get no gradient (the forward does not read them): freeze them,
+    remembering their flags for unmerge."""
+    st.frozen[name] = flags
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+
+def _thaw_merged(st: ModelState, name: str) -> None:
+    for p, flag in st.frozen.pop(name, ()):
+        p.requires_grad_(flag)
+
+
+def _lift(s: Site, recs: dict[str, MergeRecord]) -> None:
+    """Take one merged update out of the site's tensors (all of them, or none)."""
+    done: list[str] = []
+    try:
+        for tname, rec in reversed(recs.items()):
+            unmerge_weight(site_tensor(s, tname), rec)
+            done.append(tname)
+    except BaseException:
+        for tname in reversed(done):
+            recs[tname] = merge_weight(site_tensor(s, tname), update_of(recs[tname]))
+        raise
+
+
+def _reapply(s: Site, recs: dict[str, MergeRecord]) -> dict[str, MergeRecord]:
+    return {t: merge_weight(site_tensor(s, t), update_of(rec)) for t, rec in recs.items()}
+
+
+def _unmerge_site(s: Site, name: str) -> dict[str, MergeRecord]:
+    """Take `name` out of one site's tensors; on failure the site is left as it was."""
+    k = max(i for i, (mn, _) in enumerate(s.merged) if mn == name)
+    lifted: list[int] = []
+    try:
+        # exact only in reverse order: lift what was merged later, then put it back
+        for i in range(len(s.merged) - 1, k - 1, -1):
+            _lift(s, s.merged[i][1])
+            lifted.append(i)
+    except BaseException:
+        for i in reversed(lifted):
+            mn, recs = s.merged[i]
+            s.merged[i] = (mn, _reapply(s, recs))
+        raise
+    mine, rest = s.merged[k][1], s.merged[k + 1 :]
+    del s.merged[k:]
+    for mn, recs in rest:
+        s.merged.append((mn, _reapply(s, recs)))
+    s.live[name] = s.adapters[name]  # type: ignore[assignment]
+    return mine
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    """Take a merged delta (default: all merged ones) back out of the base
+    weights, bit for bit; it runs unmerged again. If it cannot be done exactly
+    it raises and the delta stays merged everywhere."""
+    st = state_of(model)
+    if name is None:
+        for n in reversed(merged(model)):
+            unmerge(model, n)
+        return
+    entry = get_entry(model, name)
+    assert st is not None
+    if entry.method.unfold(adapters(model, name)):
+        _thaw_merged(st, name)
+        return
+    sites = [st.sites[p] for p in entry.injection.sites]
+    if not any(name == mn for s in sites for mn, _ in s.merged):
+        raise MergeError(f"delta {name!r} is not merged; nothing to unmerge")
+    done: list[tuple[Site, dict[str, MergeRecord]]] = []
+    try:
+        for s in sites:
+            done.append((s, _unmerge_site(s, name)))
+    except BaseException:
+        for s, recs in done:  # merge those back: the delta stays merged everywhere
+            s.merged.append((name, _reapply(s, recs)))
+            s.live.pop(name, None)
+        raise
+    _thaw_merged(st, name)
+
+
+def merged(model: nn.Module) -> list[str]:
+    """Names of deltas merged into the base weights."""
+    st = state_of(model)
+    if st is None:
+        return []
+    out = list(dict.fromkeys(mn for s in st.sites.values() for mn, _ in s.merged))
+    return out + [n for n, e in st.entries.items() if n not in out and e.method.folded(adapters(model, n))]
