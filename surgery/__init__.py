@@ -7,6 +7,7 @@ modules there, merge, unmerge, and move what they learned as Deltas.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from surgery import methods as _methods  # noqa: F401  (fills the method table)
@@ -56,8 +57,21 @@ __import__("surgery.help").help.document(inject)  # help(surgery.inject) lists e
 __version__ = "0.1.0"
 
 
-def find(model: nn.Module, targets: Any, example_inputs: tuple | dict | torch.Tensor | None = None) -> list[Site]:
-    """Preview the modules a selector hits: a list of `Site` (path, type, roles).
+def find(
+    model: nn.Module,
+    targets: Any = None,
+    example_inputs: tuple | dict | torch.Tensor | None = None,
+    *,
+    method: str | None = None,
+    **config: Any,
+) -> list[Site]:
+    """Preview the modules a selector hits: a list of `Site` (path, type, roles, and the deltas
+    injected there).
+
+    With `method=` (and its config), the preview is of what `inject(model, method, targets,
+    **config)` would do, without doing it: the sites it would attach to (its default targets when
+    `targets` is None), each with the trainable parameters it would add and whether it could
+    merge (True, or the reason it cannot).
 
     Roles are shown when the model's graph can be built (it is built here if the
     selector needs roles, or if `example_inputs` are given; otherwise it is
@@ -66,6 +80,7 @@ def find(model: nn.Module, targets: Any, example_inputs: tuple | dict | torch.Te
     its config. A role selector on a model that cannot be traced that way raises
     `GraphError`; call `surgery.trace(model, inputs)` once (or pass `example_inputs`)."""
     from surgery import engine, graph
+    from surgery.methods.base import NotMergeable, SiteView, get_method
     from surgery.selectors import no_hit_error, select
 
     engine.check_model(model)
@@ -75,14 +90,34 @@ def find(model: nn.Module, targets: Any, example_inputs: tuple | dict | torch.Te
 
     if example_inputs is not None:
         graph.build_graph(model, example_inputs)
-    hits = select(model, targets, skip=skip)
-    if not hits:
-        raise no_hit_error(model, targets, skip=skip)
+    if method is not None:
+        m = get_method(method)
+        cfg = m.config(**config)
+        hits = engine.resolve_sites(model, m, targets, cfg)
+    elif config:
+        raise ConfigError(f"config {sorted(config)} given without method=; pass method='lora' (say) with it")
+    elif targets is None:
+        raise SelectorError("surgery.find needs targets (a selector), or method= to preview its default targets")
+    else:
+        hits = select(model, targets, skip=skip)
+        if not hits:
+            raise no_hit_error(model, targets, skip=skip)
     try:
         roles = graph.roles(model)
     except GraphError:
         roles = {}
-    return [Site(p, type(m).__name__, roles.get(p, frozenset())) for p, m in hits]
+    here = engine.sites_of(model)
+    out = []
+    for p, mod in hits:
+        site = Site(p, type(mod).__name__, roles.get(p, frozenset()), tuple(here.get(p, {})))
+        if method is not None:
+            view = SiteView(model, p, mod)
+            ad = m.make(view, cfg)  # built aside, never attached
+            rule = ad.merge(view)
+            merge: bool | str = rule.reason if isinstance(rule, NotMergeable) else True
+            site = dataclasses.replace(site, trainable=sum(t.numel() for t in ad.parameters()), mergeable=merge)
+        out.append(site)
+    return out
 
 
 def trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None = None) -> None:

@@ -45,10 +45,16 @@ class Site:
     path: str
     type: str
     roles: frozenset[str] = field(default_factory=frozenset)
+    deltas: tuple[str, ...] = ()  # the deltas injected here
+    trainable: int | None = None  # with find(method=): the parameters that method would add here
+    mergeable: bool | str | None = None  # with find(method=): True, or why it could not merge
 
     def __repr__(self) -> str:
         roles = f" {' '.join('@' + r for r in sorted(self.roles))}" if self.roles else ""
-        return f"<{self.path} ({self.type}){roles}>"
+        more = f" deltas={list(self.deltas)}" if self.deltas else ""
+        if self.trainable is not None:
+            more += f" +{self.trainable:,} params, merge: {'yes' if self.mergeable is True else 'no'}"
+        return f"<{self.path} ({self.type}){roles}{more}>"
 
 
 class MatchContext:

@@ -27,11 +27,14 @@ class Summary:
             f"base                 {self.base:>14,}",
         ]
         if self.deltas:
-            lines.append(f"{'delta':<16} {'method':<8} {'sites':>6} {'params':>12} {'trainable':>12}  state")
+            lines.append(
+                f"{'delta':<16} {'method':<8} {'sites':>6} {'params':>12} {'trainable':>12}  {'state':<7} mergeable"
+            )
             for name, d in self.deltas.items():
+                m = d["mergeable"]
                 lines.append(
                     f"{name:<16} {d['method']:<8} {d['sites']:>6} {d['params']:>12,} "
-                    f"{d['trainable']:>12,}  {d['state']}"
+                    f"{d['trainable']:>12,}  {d['state']:<7} {'yes' if m is True else 'no: ' + str(m)}"
                 )
         return "\n".join(lines)
 
@@ -39,8 +42,9 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable / total parameters, and per delta: method, sites, parameters,
-    and whether it is active, merged or off in the current context."""
+    """Trainable / total parameters, and per delta: method, sites, parameters, trainable ones,
+    whether it is active, merged or off in the current context, and whether it can merge
+    (True, or the reason it cannot)."""
     engine.check_model(model)
     seen: set[int] = set()
     total = trainable = 0
@@ -65,5 +69,6 @@ def summary(model: nn.Module) -> Summary:
             "params": n,
             "trainable": sum(p.numel() for p in ps if p.requires_grad),
             "state": "merged" if name in merged else ("active" if name in active else "off"),
+            "mergeable": engine.mergeable(model, name),  # True, or why not
         }
     return Summary(total, trainable, total - delta_params, deltas)

@@ -13,7 +13,7 @@ from surgery.engine.runtime import Site
 from surgery.engine.state import ModelState, adapters, get_entry, state_of
 from surgery.errors import MergeError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
-from surgery.methods.base import Adapter, NotMergeable
+from surgery.methods.base import Adapter, Method, NotMergeable
 
 
 def site_tensor(site: Site, tname: str) -> torch.Tensor:
@@ -186,3 +186,17 @@ def merged(model: nn.Module) -> list[str]:
         return []
     out = list(dict.fromkeys(mn for s in st.sites.values() for mn, _ in s.merged))
     return out + [n for n, e in st.entries.items() if n not in out and e.method.folded(adapters(model, n))]
+
+
+def mergeable(model: nn.Module, name: str) -> bool | str:
+    """True if `merge(model, name)` can fold the delta (into the base, or within its own tensors),
+    else the reason it cannot (the first site's)."""
+    st, e = state_of(model), get_entry(model, name)
+    assert st is not None
+    if type(e.method).fold is not Method.fold:
+        return True  # folds within its own tensors (a prefix's reparameterisation)
+    for p in e.injection.sites:
+        rule = cast(Adapter, st.sites[p].adapters[name]).merge(st.sites[p].view)
+        if isinstance(rule, NotMergeable):
+            return rule.reason
+    return True
