@@ -231,7 +231,7 @@ def test_merge_in_train_mode_uses_no_dropout():
     torch.testing.assert_close(run(ours, x), want, atol=1e-5, rtol=1e-5)
 
 
-def test_gpt2_conv1d_sites_are_linear_layers_transposed():
+def test_gpt2_conv1d_sites_are_linear_layers_transposed(tmp_path):
     m = tiny_gpt2()
     x = batch_for(m)
     surgery.inject(m, "lokr", targets=["c_attn"], r=2, init="random")
@@ -243,7 +243,23 @@ def test_gpt2_conv1d_sites_are_linear_layers_transposed():
     torch.testing.assert_close(run(m, x), want, atol=1e-5, rtol=1e-5)
     surgery.unmerge(m, "default")
     with pytest.raises(PeftFormatError, match="Conv1D"):
-        save_peft(m, "/nonexistent-never-written", "default")
+        save_peft(m, tmp_path / "never", "default")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_half_precision_base_trains_fp32_factors(method):
+    m = nn.Sequential(nn.Linear(16, 16)).to(torch.bfloat16)
+    surgery.inject(m, method, targets="0", r=2, init="random")
+    ad = engine.adapters(m, "default")["0"]
+    assert {t.dtype for t in ad.tensors().values()} == {torch.float32}
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = m[0](x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in ad.tensors().values())
+    want = x.float() @ (m[0].weight.float() + ad.dense().to(torch.bfloat16).float()).t() + m[0].bias.float()
+    torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.02)
 
 
 # ------------------------------------------------------------------ PEFT's format
