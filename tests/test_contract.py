@@ -43,10 +43,7 @@ SETUP: dict[str, dict[str, Any]] = {
 }
 
 # (method, contract item) -> why it fails today (findings for the lead)
-KNOWN: dict[tuple[str, str], str] = {
-    ("moe", "identity"): "moe's dispatch (tokens gathered per expert, scattered back) differs from the dense "
-    "FFN in the last bits (~1e-7) at injection, though every expert is an exact copy and top-1 gates are 1",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def methods(item: str) -> list[Any]:

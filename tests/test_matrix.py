@@ -69,9 +69,14 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora_moe": ("lora_moe", {"experts": 2, "r": 4}),
     "prefix": ("prefix", {"n_tokens": 4}),
     "prompt": ("prompt", {"n_tokens": 4}),
+    "ia3": ("ia3", {}),  # keys, values, the FFN's input
+    "dora": ("dora", {"r": 4}),
+    "vera": ("vera", {"r": 8}),
+    "loha": ("loha", {"r": 4}),
+    "lokr": ("lokr", {"r": 4}),
 }
 
-MERGEABLE = {"lora", "lora@linear", "lora@attn"}  # the others must raise MergeError on merge
+MERGEABLE = {"lora", "lora@linear", "lora@attn", "ia3", "dora", "vera", "loha", "lokr"}  # the others must raise MergeError on merge
 CHANGES_OUTPUT = {"prefix", "prompt"}  # by design; every other column is the identity at injection
 
 FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
@@ -128,6 +133,9 @@ def _expected() -> dict[tuple[str, str], str]:
         exp[arch, "lora_moe"] = ok(attn)  # LoRA's targets
         exp[arch, "prefix"] = ok(arch in PREFIX)
         exp[arch, "prompt"] = ok(arch in PROMPT)
+        exp[arch, "ia3"] = ok(attn or ffn)  # @k @v @qkv @mlp.down: either is enough
+        for column in ("dora", "vera", "loha", "lokr"):
+            exp[arch, column] = ok(attn)  # LoRA's targets
     return exp
 
 

@@ -294,7 +294,6 @@ def _edit_config(d, **changes):
 @pytest.mark.parametrize(
     "field, peft_kw",
     [
-        ("use_dora", dict(use_dora=True)),
         ("bias", dict(bias="all")),
         ("lora_bias", dict(lora_bias=True)),
         ("modules_to_save", dict(modules_to_save=["lm_head"])),

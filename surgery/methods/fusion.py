@@ -24,7 +24,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import CompositionError, ConfigError
-from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, get_method, register
+from surgery.methods.base import Action, Adapter, Method, MethodConfig, NotMergeable, SiteView, get_method, register
 from surgery.sublayers import out_width
 
 
@@ -59,6 +59,9 @@ class FusionLayer(Adapter):
                     nn.init.zeros_(lin.bias)
                 self.value.weight.copy_(torch.eye(d, **kw))
                 nn.init.zeros_(self.value.bias)
+
+    def merge(self, site: SiteView) -> NotMergeable:
+        return NotMergeable("it mixes its adapters' outputs by attention over them, which depends on the input")
 
     def extra_repr(self) -> str:
         return f"over={list(self.members)}, T={self.temperature:g}"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.base import Adapter, Method, MethodConfig, NotMergeable, SiteView, register
 from surgery.methods.lora import adapter_dtype, add_low_rank, is_conv1d_transformers
 from surgery.methods.moe import Routed, check_routing, is_number, make_router
 from surgery.sublayers import fused_beside, fused_refusal, split_fused
@@ -87,6 +87,9 @@ class LoRAMoELayer(Routed):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"router.weight": self.router.weight, "lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def merge(self, site: SiteView) -> NotMergeable:
+        return NotMergeable("its router mixes LoRA experts per token, so no single weight update computes it")
 
     def extra_repr(self) -> str:
         return f"experts={self.n}, r={self.r}, top_k={self.top_k}, scale={self.scale:g}, dropout={self.p:g}"

@@ -71,7 +71,7 @@ from torch import nn
 
 from surgery.engine.state import CHILD
 from surgery.errors import ConfigError, InjectionError, SelectorError
-from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.base import Action, Adapter, Method, MethodConfig, NotMergeable, SiteView, register
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -229,6 +229,9 @@ class MoELayer(Routed):
                 out[f"experts.{i}.{k}"] = p
         return out
 
+    def merge(self, site: SiteView) -> NotMergeable:
+        return NotMergeable("its router picks experts per token, so no single weight computes it")
+
     def extra_repr(self) -> str:
         cf = "" if self.capacity_factor is None else f", capacity_factor={self.capacity_factor:g}"
         return f"experts={len(self.experts)}, top_k={self.top_k}{cf}"
@@ -330,6 +333,8 @@ def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
 @register
 class MoE(Method):
     name = "moe"
+    # equal to the base up to rounding only: each expert runs on its tokens alone (smaller GEMMs)
+    identity_at_init = False
     Config = MoEConfig
     default_targets = "@mlp"
     tensor_suffixes = ("router.weight", "experts.*")

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from surgery.errors import CompositionError, ConfigError, SurgeryError
-from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.base import Adapter, Method, MethodConfig, NotMergeable, SiteView, register
 
 PLACEMENTS = ("prepend", "inline")
 ENCODERS = (None, "mlp", "lstm")
@@ -128,6 +128,9 @@ class Prompt(Adapter):
             self.lstm_head = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw))
         # thread -> (shape of the ids, rows, cols, prompt rows) for the next call of the embedding
         self.pending: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def merge(self, site: SiteView) -> NotMergeable:
+        return NotMergeable("it adds positions to the model's input, which no weight can hold")
 
     def extra_repr(self) -> str:
         enc = f", encoder={self.encoder}" if self.encoder else ""
