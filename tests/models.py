@@ -445,7 +445,10 @@ def tiny_resnet():
 def tiny_convnext():
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    cfg = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3)
+    # layer scale 0.1, not transformers' 1e-6: at 1e-6 a small change of an FFN (one step of IA3) rounds away
+    cfg = ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3, layer_scale_init_value=0.1
+    )
     return _seeded(lambda: ConvNextForImageClassification(cfg))
 
 
