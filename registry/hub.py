@@ -197,7 +197,7 @@ class Hub:
 
         data = store.serialize(tensors)
         chunk = store.chunk_size_for(len(data))
-        whole, chunks = store.digests(data, chunk, whole=True)
+        whole, chunks = store.digests(data, chunk)
         digest = f"sha256:{whole}"
         tensor_list = [[k, {"dtype": store.DTYPE_NAMES[t.dtype], "shape": list(t.shape)}] for k, t in tensors.items()]
         ndir = self._name_dir(name)

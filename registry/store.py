@@ -11,13 +11,14 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -35,16 +36,12 @@ DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
-for _st, _attr in (
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_st] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -96,33 +93,21 @@ def _sha(view: memoryview | bytes) -> str:
     return hashlib.sha256(view).hexdigest()
 
 
-def digests(data: bytes | bytearray, chunk_size: int, whole: bool) -> tuple[str | None, list[str]]:
-    """(sha256 of all of `data` if `whole`, sha256 of each `chunk_size` piece), hashed in parallel."""
-    view = memoryview(data)
-    pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
-    if whole and len(pieces) == 1:  # one chunk: its digest is the whole file's
-        d = _sha(view)
-        return d, [d]
-    jobs: list[memoryview] = ([view] if whole else []) + pieces
-    if len(jobs) == 1:
-        out = [_sha(jobs[0])]
-    else:
-        pool = get_pool()
-        futs = [pool.submit(_sha, j) for j in jobs[1:]]
-        first = _sha(jobs[0])
-        out = [first] + [f.result() for f in futs]
-    if whole:
-        return out[0], out[1:]
-    return None, out
+def digests(data: bytes | bytearray, chunk_size: int) -> tuple[str, list[str]]:
+    """(sha256 of all of `data`, sha256 of each `chunk_size` piece), hashed in parallel."""
+    started = start_chunk_check(data, chunk_size)
+    whole = _sha(memoryview(data)) if len(started) > 1 else None  # one chunk: its digest is the whole file's
+    chunks = finish_chunk_check(started)
+    return whole or chunks[0], chunks
 
 
-def start_chunk_check(data: bytearray, chunk_size: int) -> list:
+def start_chunk_check(data: bytes | bytearray, chunk_size: int) -> list:
     """Start hashing the chunks of `data` on the pool; `finish_chunk_check` collects them.
     The caller parses the header meanwhile (hashlib releases the GIL on big buffers)."""
     view = memoryview(data)
-    pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)] or [view]
+    pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)]
     if len(pieces) == 1:
-        return [pieces[0]]
+        return pieces
     pool = get_pool()
     return [pool.submit(_sha, p) for p in pieces]
 
@@ -145,13 +130,9 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def temp_path(tmp_dir: Path, label: str) -> Path:
-    return tmp_dir / f"{label}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
-
-
 def write_temp(tmp_dir: Path, label: str, data: bytes | bytearray | memoryview, fsync: bool = True) -> Path:
     """Write `data` to a new temp file in `tmp_dir` (fsync'd if asked); return its path."""
-    path = temp_path(tmp_dir, label)
+    path = tmp_dir / f"{label}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -162,7 +143,7 @@ def write_temp(tmp_dir: Path, label: str, data: bytes | bytearray | memoryview, 
             os.fsync(fd)
     except BaseException:
         os.close(fd)
-        with _quiet():
+        with suppress(OSError):
             os.unlink(path)
         raise
     os.close(fd)
@@ -175,19 +156,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write(tmp_dir: Path, dest: Path, data: bytes, dir_fsync: bool = True) -> None:
-    """temp file + fsync + rename (+ fsync of the directory): `dest` is either old or new, never half."""
-    tmp = write_temp(tmp_dir, dest.name, data)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        with _quiet():
-            os.unlink(tmp)
-        raise
-    if dir_fsync:
-        fsync_dir(dest.parent)
 
 
 def append_line(path: Path, obj: dict, fsync: bool = True) -> None:
@@ -222,23 +190,13 @@ def read_lines(path: Path) -> Iterator[dict]:
         if isinstance(objs, list) and all(isinstance(o, dict) for o in objs):
             yield from objs
             return
-    for raw in data.split(b"\n")[:-1] if not data.endswith(b"\n") else data.split(b"\n"):
-        if not raw.strip():
-            continue
+    for raw in data.split(b"\n")[:-1]:  # the last piece is empty or a torn line
         try:
             obj = json.loads(raw)
         except ValueError:
             continue
         if isinstance(obj, dict):
             yield obj
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -305,14 +263,11 @@ def read_header(buf: bytes | bytearray | memoryview, what: str) -> tuple[dict[st
             or not 0 <= offs[0] <= offs[1] <= data_len
         ):
             raise IntegrityError(f"{what}: tensor {key!r} has invalid data_offsets {offs!r} (data is {data_len} bytes)")
-        numel = 1
-        for d in shape:
-            numel *= d
-        item = ITEMSIZE[dt]
-        if numel * item != offs[1] - offs[0]:
+        nbytes = math.prod(shape) * ITEMSIZE[dt]
+        if nbytes != offs[1] - offs[0]:
             raise IntegrityError(
                 f"{what}: tensor {key!r} of shape {shape} and dtype {dt} needs "
-                f"{numel * item} bytes but its offsets span {offs[1] - offs[0]}"
+                f"{nbytes} bytes but its offsets span {offs[1] - offs[0]}"
             )
         spans.append((offs[0], offs[1], key))
         entries[key] = {"dtype": dt, "shape": shape, "offsets": offs}
@@ -377,10 +332,6 @@ class CheckedCache:
                 self._d.pop(next(iter(self._d)))
             self._d[path] = (key, value)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-
 
 def read_file(path: Path) -> tuple[bytearray, tuple[int, ...]]:
     """All of a file, into a fresh bytearray (tensors built over it own it), and its `stat_key`."""
@@ -395,7 +346,4 @@ def read_file(path: Path) -> tuple[bytearray, tuple[int, ...]]:
             if not n:
                 break
             got += n
-    if got != size:
-        del view
-        return buf[:got], stat_key(st)
-    return buf, stat_key(st)
+    return (buf if got == size else buf[:got]), stat_key(st)
