@@ -16,6 +16,8 @@ Each figure is a ratio to a peer timed in the same interleaved rounds (see commo
     python benchmarks/bench_methods.py --device cuda --dtype bf16 --out docs/results/bench_methods_cuda.json
 
 Model: LlamaForCausalLM(hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 8000), batch 4 x 128.
+On a GPU a forward of this batch is a few ms, mostly kernel launches, so the per-call Python cost
+of hooks weighs more there than on CPU; `--batch` / `--seq` give the GPU real work.
 """
 
 from __future__ import annotations
@@ -105,7 +107,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def timing(fns: dict[str, Callable[[], Any]], opt: argparse.Namespace) -> dict[str, dict[str, Any]]:
     # on CUDA a forward of this model is a few ms: one sample then times a batch of calls
     return C.interleaved(
-        fns, opt.rounds, opt.warmup, device=opt.device, min_sample_s=0.05 if opt.device == "cuda" else 0
+        fns,
+        opt.rounds,
+        opt.warmup,
+        device=opt.device,
+        min_sample_s=0.05 if torch.device(opt.device).type == "cuda" else 0,
     )
 
 
@@ -118,7 +124,8 @@ def inputs(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 3. idle overhead
 
 
-def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
+def idle_calls(opt: argparse.Namespace, cfg: dict, kw: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """Forwards of the base, and of a LoRA-injected copy switched off, merged, or active."""
     import surgery
 
     base = llama(cfg, opt.device, opt.dtype)
@@ -128,7 +135,6 @@ def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
     surgery.activate(lora)  # nothing active by default: a plain call runs the base alone
     merged = copy.deepcopy(lora)
     surgery.merge(merged, NAME)
-    kw = inputs(opt, cfg)
 
     def disabled() -> Any:
         with surgery.disable(lora):
@@ -138,26 +144,47 @@ def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
         with surgery.use(lora, NAME):
             return lora(**kw)
 
-    fns = {
+    return {
         "base": lambda: base(**kw),
+        "base_again": lambda: base(**kw),  # an A/A control: the run's noise floor
         "disabled": disabled,
         "activate_none": lambda: lora(**kw),
         "merged": lambda: merged(**kw),
         "active": active,
     }
+
+
+def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
+    kw = inputs(opt, cfg)
+    fns = calls = idle_calls(opt, cfg, kw)
     with torch.no_grad():
-        ref = base(**kw).logits
+        ref = calls["base"]().logits
         check = {
-            "disabled_equals_base": torch.equal(disabled().logits, ref),
-            "activate_none_equals_base": torch.equal(lora(**kw).logits, ref),
-            "max_abs_diff_active_vs_base": max_diff(active().logits, ref),
-            "max_abs_diff_merged_vs_active": max_diff(merged(**kw).logits, active().logits),
+            "disabled_equals_base": torch.equal(calls["disabled"]().logits, ref),
+            "activate_none_equals_base": torch.equal(calls["activate_none"]().logits, ref),
+            "max_abs_diff_active_vs_base": max_diff(calls["active"]().logits, ref),
+            "max_abs_diff_merged_vs_active": max_diff(calls["merged"]().logits, calls["active"]().logits),
         }
         st = timing(fns, opt)
-    out: dict[str, Any] = {"stats": st, "check": check, "sites": len(surgery.engine.adapters(lora, NAME))}
-    for k in fns:
+        del fns, calls
+        gc.collect()
+        # The engine's cost is per call and per site, whatever the widths: read it in seconds on a
+        # skeleton (the same layers and sites, width 64, 1 x 16 tokens: the forward is then mostly
+        # Python), timed in batches of calls, and set it against the full base forward.
+        skel = dict(cfg, hidden_size=64, intermediate_size=172, num_attention_heads=4, vocab_size=512)
+        small = idle_calls(opt, skel, {"input_ids": kw["input_ids"][:1, :16] % 512, "use_cache": False})
+        del small["base_again"], small["active"]
+        st_small = C.interleaved(small, 2 * opt.rounds, opt.warmup, device=opt.device, min_sample_s=0.1)
+    out: dict[str, Any] = {"stats": st, "check": check, "sites": len(LORA_TARGETS) * cfg["num_hidden_layers"]}
+    for k in st:
         if k != "base":
             out[f"{k}_over_base"] = C.ratio(st, k, "base")
+    b = st_small["base"]["median_s"]
+    out["per_call"] = {"skeleton": skel, "batch": [1, 16], "stats": st_small}
+    for k in small:
+        if k != "base":
+            extra = st_small[k]["median_s"] - b
+            out["per_call"][k] = {"extra_s": extra, "extra_over_full_base": extra / st["base"]["median_s"]}
     return out
 
 
@@ -320,6 +347,7 @@ def markdown(res: dict[str, Any]) -> str:
     elif idle:
         st = idle["stats"]
         what = {
+            "base_again": ("3. (A/A control: the noise floor) the base again", False),
             "disabled": ("3. LoRA (7 projections) injected, `with surgery.disable(model)`", True),
             "activate_none": ("3. LoRA injected, `surgery.activate(model)` with nothing", True),
             "merged": ("3. LoRA merged", False),
@@ -335,6 +363,20 @@ def markdown(res: dict[str, Any]) -> str:
                     "ratio": f"{r['ratio']:.3f}",
                     "target": f"<= {TARGET['idle_forward']}" if target else "",
                     "met?": judged(r["ratio"] <= TARGET["idle_forward"]) if target else None,
+                }
+            )
+        pc = idle["per_call"]
+        for k in ("disabled", "activate_none", "merged"):
+            frac = pc[k]["extra_over_full_base"]
+            rows.append(
+                {
+                    "measurement": f"3. per-call cost, {k}: extra time per forward on the skeleton "
+                    "(same sites, width 64, 1 x 16 tokens), as a share of the full base forward",
+                    "ours": f"{pc[k]['extra_s'] * 1e6:+.0f} µs per call",
+                    "peer": f"skeleton base {C.fmt_seconds(pc['stats']['base']['median_s'])}",
+                    "ratio": f"{1 + frac:.4f}",
+                    "target": f"<= {TARGET['idle_forward']}" if k != "merged" else "",
+                    "met?": judged(1 + frac <= TARGET["idle_forward"]) if k != "merged" else None,
                 }
             )
     notes = ["", "Checks (same run):", ""]
