@@ -20,11 +20,13 @@ import copy
 import datetime as _dt
 import getpass
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,6 @@ class Hub:
         self.names_dir = self.root / "names"
         self.tmp = self.root / "tmp"
         self._gc_lock = self.root / ".gc.lock"
-        # reading a mistyped path must not leave a hub behind: only push (or create=True) makes the folders
         if create:
             self._create()
 
@@ -134,15 +135,9 @@ class Hub:
         vdir = self._name_dir(name) / "versions"
         try:
             entries = os.listdir(vdir)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        nums = [
-            int(n[:-5])
-            for n in entries
-            if n.endswith(".json") and n[:-5].isdigit() and n[0] != "0" and n.isascii() and len(n) <= 17
-        ]
-        nums.sort()
-        return nums
+        return sorted(int(n[:-5]) for n in entries if _VERSION_FILE.fullmatch(n))
 
     # ------------------------------------------------------------------------- push
 
@@ -185,14 +180,13 @@ class Hub:
             lineage = json.loads(canonical({k: v for k, v in delta.lineage.items() if k != "hub"}))
         except (TypeError, ValueError) as e:
             raise RegistryError(f"delta {delta.name!r}: config and lineage must be JSON values: {e}") from None
-        tensors = {}
-        for key, t in delta.tensors.items():
+        tensors = delta.tensors
+        for key, t in tensors.items():
             if not isinstance(t, torch.Tensor) or t.dtype not in store.DTYPE_NAMES:
                 raise RegistryError(
                     f"delta {delta.name!r}: tensor {key!r} is not a tensor of a dtype "
                     f"safetensors stores ({sorted(store.DTYPES)})"
                 )
-            tensors[key] = t
         parent_info = self._parent(name, parent) if parent is not None else None
 
         data = store.serialize(tensors)
@@ -205,8 +199,7 @@ class Hub:
         self._create()
         with store.file_lock(self._gc_lock, shared=True):
             self._ensure_dirs(vdir)
-            blob = self._blob_path(digest)
-            blob_job = self._store_blob(blob, data, digest)
+            blob_jobs = self._store_blob(self._blob_path(digest), data, digest)
             try:
                 with store.file_lock(ndir / ".lock"):
                     nums = self._version_numbers(name)
@@ -231,9 +224,8 @@ class Hub:
                     body = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
                     tmp_man = store.write_temp(self.tmp, f"v{version}", body, fsync=True)
                     try:
-                        if blob_job is not None:
-                            blob_job.result()
-                            blob_job = None
+                        while blob_jobs:
+                            blob_jobs.pop().result()
                         os.replace(tmp_man, vdir / f"{version}.json")
                     except BaseException:
                         _unlink(tmp_man)
@@ -244,20 +236,18 @@ class Hub:
                     if alias is not None:
                         self._move_alias_locked(name, alias, version)
             finally:
-                if blob_job is not None:  # an error before the manifest: let the blob finish or clean up
-                    try:
-                        blob_job.result()
-                    except Exception:  # noqa: BLE001  (the first error is the one raised)
-                        pass
+                for job in blob_jobs:  # an error before the manifest: let the blob finish
+                    with contextlib.suppress(Exception):  # the first error is the one raised
+                        job.result()
         return ref
 
-    def _store_blob(self, blob: Path, data: bytes, digest: str) -> Any:
-        """Put `data` at its content address and start making it durable on worker threads; returns a
-        job whose result() means the blob's bytes and its name are on disk. The manifest naming the
+    def _store_blob(self, blob: Path, data: bytes, digest: str) -> builtins.list[Future[None]]:
+        """Put `data` at its content address and start making it durable on worker threads; returns
+        jobs whose results mean the blob's bytes and its name are on disk. The manifest naming the
         blob is renamed into place only after that, so no version can reference a blob a crash lost."""
         pool = store.get_pool()
         if blob.is_file() and blob.stat().st_size == len(data) and self._check_blob_file(digest) is None:
-            return pool.submit(store.fsync_file, blob)  # dedupe: reuse it (durable, if another push is mid-way)
+            return [pool.submit(store.fsync_file, blob)]  # dedupe: reuse it (durable, if another push is mid-way)
         shard = blob.parent
         if not shard.is_dir():
             shard.mkdir(exist_ok=True)
@@ -272,23 +262,10 @@ class Hub:
         except BaseException:
             _unlink(tmp_blob)
             raise
-        jobs = [pool.submit(store.fsync_file, blob), pool.submit(store.fsync_dir, shard)]
-
-        class _Both:
-            def result(self) -> None:
-                for j in jobs:
-                    j.result()
-
-        return _Both()
+        return [pool.submit(store.fsync_file, blob), pool.submit(store.fsync_dir, shard)]
 
     def _ensure_dirs(self, vdir: Path) -> None:
-        if vdir.is_dir():
-            return
-        made = []
-        d = vdir
-        while not d.is_dir():
-            made.append(d)
-            d = d.parent
+        made = list(itertools.takewhile(lambda d: not d.is_dir(), (vdir, *vdir.parents)))
         for d in reversed(made):
             d.mkdir(exist_ok=True)
         for d in {m.parent for m in made}:
@@ -433,7 +410,8 @@ class Hub:
                 f"{what}: {name} is {len(data)} bytes but the manifest records {b['size']}: "
                 "the file is damaged; push the delta again to repair it"
             )
-        known = not recheck and self._checked.get(str(path), skey) == (b["digest"], b["chunk_size"], tuple(b["chunks"]))
+        stamp = (b["digest"], b["chunk_size"], tuple(b["chunks"]))
+        known = not recheck and self._checked.get(str(path), skey) == stamp
         started = [] if known else store.start_chunk_check(data, b["chunk_size"])
         header_error: IntegrityError | None = None
         try:
@@ -463,7 +441,7 @@ class Hub:
                     f"but {info['dtype']}{info['shape']} in the manifest"
                 )
         if not known:
-            self._checked.put(str(path), skey, (b["digest"], b["chunk_size"], tuple(b["chunks"])))
+            self._checked.put(str(path), skey, stamp)
         return store.tensors_from(data, entries, start, order)
 
     def load(
@@ -492,24 +470,9 @@ class Hub:
         return [_ref(name, v, index[v]) for v in sorted(index)]
 
     def names(self) -> list[str]:
+        """Every name with at least one version, sorted."""
         self._require()
-        out = []
-        try:
-            orgs = sorted(os.scandir(self.names_dir), key=lambda e: e.name)
-        except FileNotFoundError:
-            return []
-        for org in orgs:
-            if not org.is_dir():
-                continue
-            for nm in sorted(os.scandir(org.path), key=lambda e: e.name):
-                full = f"{org.name}/{nm.name}"
-                try:
-                    check_name(full)
-                except RefError:
-                    continue
-                if nm.is_dir() and self._version_numbers(full):
-                    out.append(full)
-        return out
+        return [name for name in self._all_name_dirs() if self._version_numbers(name)]
 
     def list(self) -> list[Ref]:
         """The latest version of every name in the hub, sorted by name."""
@@ -610,42 +573,22 @@ class Hub:
         if spec.kind == "latest" and not isinstance(ref, Ref):
             events: list[dict[str, Any]] = []
             for r in self.versions(name):
+                event = {"event": "push", "version": r.version, "digest": r.digest}
                 try:
                     m = self._manifest(name, r.version, str(r))
-                    events.append(
-                        {
-                            "event": "push",
-                            "version": r.version,
-                            "digest": r.digest,
-                            "time": m["created"],
-                            "user": m.get("user"),
-                            "parent": m["parent"],
-                        }
-                    )
+                    event.update(time=m["created"], user=m.get("user"), parent=m["parent"])
                 except RegistryError as e:
-                    events.append(
-                        {"event": "push", "version": r.version, "digest": r.digest, "time": "", "error": str(e)}
-                    )
-            for move in self._alias_log(name):
-                events.append({"event": "alias", **move})
+                    event.update(time="", error=str(e))
+                events.append(event)
+            events.extend({"event": "alias", **move} for move in self._alias_log(name))
             events.sort(key=lambda e: str(e.get("time", "")))
             return events
         r, man = self._resolve(spec)
         chain: list[dict[str, Any]] = []
         seen: set[tuple[str, int]] = set()
         while True:
-            chain.append(
-                {
-                    "ref": str(r),
-                    "name": r.name,
-                    "version": r.version,
-                    "digest": r.digest,
-                    "created": man["created"],
-                    "base": man["base"],
-                    "meta": man["meta"],
-                    "parent": man["parent"],
-                }
-            )
+            fields = {k: man[k] for k in ("created", "base", "meta", "parent")}
+            chain.append({"ref": str(r), "name": r.name, "version": r.version, "digest": r.digest, **fields})
             seen.add((r.name, r.version))
             p = man["parent"]
             if p is None or (p["name"], p["version"]) in seen or len(chain) > 10_000:
