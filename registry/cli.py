@@ -156,8 +156,10 @@ def _compact(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(", ", ": "), default=str)
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+def _emit(args: argparse.Namespace, obj: Any, text: str = "") -> int:
+    """Print `obj` as JSON with --json, else `text`; the exit status 0."""
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str) if args.json else text)
+    return 0
 
 
 def _ref_dict(r: Any) -> dict[str, Any]:
@@ -168,37 +170,24 @@ def _ref_dict(r: Any) -> dict[str, Any]:
 
 
 def _cmd_list(hub: Any, args: argparse.Namespace) -> int:
-    rows = []
-    for r in hub.list():
-        aliases = hub.aliases(r.name)
-        rows.append(
-            {
-                **_ref_dict(r),
-                "versions": len(hub.versions(r.name)),
-                "aliases": {a: v for a, v in sorted(aliases.items())},
-            }
-        )
-    if args.json:
-        _print_json(rows)
-    elif not rows:
-        print(f"no deltas in the hub at {hub.root}")
-    else:
-        print(
-            table(
-                [
-                    [
-                        d["name"],
-                        d["version"],
-                        d["versions"],
-                        _short(d["digest"]),
-                        " ".join(f"{a}->{v}" for a, v in d["aliases"].items()),
-                    ]
-                    for d in rows
-                ],
-                ["NAME", "LATEST", "VERSIONS", "DIGEST", "ALIASES"],
-            )
-        )
-    return 0
+    rows = [
+        {**_ref_dict(r), "versions": len(hub.versions(r.name)), "aliases": dict(sorted(hub.aliases(r.name).items()))}
+        for r in hub.list()
+    ]
+    text = table(
+        [
+            [
+                d["name"],
+                d["version"],
+                d["versions"],
+                _short(d["digest"]),
+                " ".join(f"{a}->{v}" for a, v in d["aliases"].items()),
+            ]
+            for d in rows
+        ],
+        ["NAME", "LATEST", "VERSIONS", "DIGEST", "ALIASES"],
+    )
+    return _emit(args, rows, text if rows else f"no deltas in the hub at {hub.root}")
 
 
 def _cmd_versions(hub: Any, args: argparse.Namespace) -> int:
@@ -214,32 +203,26 @@ def _cmd_versions(hub: Any, args: argparse.Namespace) -> int:
         except RegistryError as e:
             d.update(created=None, nbytes=None, parent=None, error=str(e))
         rows.append(d)
-    if args.json:
-        _print_json(rows)
-    else:
-        print(
-            table(
-                [
-                    [
-                        d["version"],
-                        _short(d["digest"]),
-                        d["created"] or "unreadable",
-                        _size(d["nbytes"]),
-                        " ".join(d["aliases"]),
-                    ]
-                    for d in rows
-                ],
-                ["VERSION", "DIGEST", "CREATED", "SIZE", "ALIASES"],
-            )
-        )
-    return 0
+    text = table(
+        [
+            [
+                d["version"],
+                _short(d["digest"]),
+                d["created"] or "unreadable",
+                _size(d["nbytes"]),
+                " ".join(d["aliases"]),
+            ]
+            for d in rows
+        ],
+        ["VERSION", "DIGEST", "CREATED", "SIZE", "ALIASES"],
+    )
+    return _emit(args, rows, text)
 
 
 def _cmd_show(hub: Any, args: argparse.Namespace) -> int:
     man = hub.show(args.ref)
     if args.json:
-        _print_json(man)
-        return 0
+        return _emit(args, man)
     p = man["parent"]
     fields = [
         ("ref", man["ref"]),
@@ -272,13 +255,10 @@ def _cmd_show(hub: Any, args: argparse.Namespace) -> int:
 def _cmd_alias(hub: Any, args: argparse.Namespace) -> int:
     if args.delete:
         if args.target is not None:
-            raise _usage("alias --delete takes no --version")
+            raise _UsageError("alias --delete takes no --version")
         was = hub.unalias(args.name, args.alias)
-        if args.json:
-            _print_json({"name": args.name, "alias": args.alias, "deleted": True, "version": was})
-        else:
-            print(f"{args.name}@{args.alias} deleted (it pointed at version {was})")
-        return 0
+        obj = {"name": args.name, "alias": args.alias, "deleted": True, "version": was}
+        return _emit(args, obj, f"{args.name}@{args.alias} deleted (it pointed at version {was})")
     version: int | str | None = args.target
     if isinstance(version, str):
         if version.isdigit():
@@ -286,11 +266,8 @@ def _cmd_alias(hub: Any, args: argparse.Namespace) -> int:
         elif "/" not in version:
             version = f"{args.name}@{version}"  # another alias or a digest of the same name
     r = hub.alias(args.name, args.alias, version=version)
-    if args.json:
-        _print_json({"name": args.name, "alias": args.alias, **_ref_dict(r)})
-    else:
-        print(f"{args.name}@{args.alias} -> {r.version} ({_short(r.digest)})")
-    return 0
+    obj = {"name": args.name, "alias": args.alias, **_ref_dict(r)}
+    return _emit(args, obj, f"{args.name}@{args.alias} -> {r.version} ({_short(r.digest)})")
 
 
 def _cmd_history(hub: Any, args: argparse.Namespace) -> int:
@@ -298,8 +275,7 @@ def _cmd_history(hub: Any, args: argparse.Namespace) -> int:
 
     events = hub.history(args.ref)
     if args.json:
-        _print_json(events)
-        return 0
+        return _emit(args, events)
     kind = parse(args.ref).kind
     if kind == "alias":
         rows = [
@@ -340,7 +316,7 @@ def _cmd_history(hub: Any, args: argparse.Namespace) -> int:
 def _cmd_verify(hub: Any, args: argparse.Namespace) -> int:
     problems = hub.verify()
     if args.json:
-        _print_json({"hub": str(hub.root), "ok": not problems, "problems": problems})
+        _emit(args, {"hub": str(hub.root), "ok": not problems, "problems": problems})
     elif problems:
         for p in problems:
             print(p)
@@ -353,8 +329,7 @@ def _cmd_verify(hub: Any, args: argparse.Namespace) -> int:
 def _cmd_gc(hub: Any, args: argparse.Namespace) -> int:
     out = hub.gc()
     if args.json:
-        _print_json(out)
-        return 0
+        return _emit(args, out)
     print(f"removed {len(out['blobs'])} blob(s) and {len(out['temp'])} temp file(s), {_size(out['bytes'])} freed")
     for d in out["blobs"]:
         print(f"  blob {d}")
@@ -366,51 +341,32 @@ def _cmd_gc(hub: Any, args: argparse.Namespace) -> int:
 def _cmd_import_peft(hub: Any, args: argparse.Namespace) -> int:
     with progress(f"import {args.dir}"):
         r = hub.import_peft(args.dir, args.name, alias=args.alias)
-    if args.json:
-        _print_json(_ref_dict(r))
-    else:
-        print(f"{r} {r.digest}")
-    return 0
+    return _emit(args, _ref_dict(r), f"{r} {r.digest}")
 
 
 def _cmd_export_peft(hub: Any, args: argparse.Namespace) -> int:
     with progress(f"export {args.ref}"):
         r = hub.resolve(args.ref)
         path = hub.export_peft(r, args.dir)
-    if args.json:
-        _print_json({**_ref_dict(r), "path": str(path)})
-    else:
-        print(f"{r} -> {path}")
-    return 0
+    return _emit(args, {**_ref_dict(r), "path": str(path)}, f"{r} -> {path}")
 
 
 def _cmd_push_hf(hub: Any, args: argparse.Namespace) -> int:
     r = hub.resolve(args.ref)
     with progress(f"push {r} to {args.repo_id}"), _quiet_hf_bars():
         sha = hub.push_hf(r, repo_id=args.repo_id, token=args.token, private=True if args.private else None)
-    if args.json:
-        _print_json({**_ref_dict(r), "repo_id": args.repo_id, "commit": sha, "tag": f"v{r.version}"})
-    else:
-        print(f"{r} -> {args.repo_id} commit {sha} tag v{r.version}")
-    return 0
+    obj = {**_ref_dict(r), "repo_id": args.repo_id, "commit": sha, "tag": f"v{r.version}"}
+    return _emit(args, obj, f"{r} -> {args.repo_id} commit {sha} tag v{r.version}")
 
 
 def _cmd_pull_hf(hub: Any, args: argparse.Namespace) -> int:
     with progress(f"pull {args.repo_id}@{args.revision}"), _quiet_hf_bars():
         r = hub.pull_hf(args.repo_id, revision=args.revision, name=args.name, token=args.token)
-    if args.json:
-        _print_json(_ref_dict(r))
-    else:
-        print(f"{args.repo_id}@{args.revision} -> {r} {r.digest}")
-    return 0
+    return _emit(args, _ref_dict(r), f"{args.repo_id}@{args.revision} -> {r} {r.digest}")
 
 
 class _UsageError(Exception):
     pass
-
-
-def _usage(msg: str) -> _UsageError:
-    return _UsageError(msg)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -523,14 +479,11 @@ def _run_hub(args: argparse.Namespace) -> int:
     try:
         hub = Hub(getattr(args, "hub", None))
         return int(args.func(hub, args))
-    except (surgery.SurgeryError, _UsageError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `surgery hub list | head`: the reader left; stay quiet
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
         return 0
-    except OSError as e:  # a folder that cannot be written or read
+    except (surgery.SurgeryError, _UsageError, OSError) as e:  # OSError: a folder that cannot be written or read
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
