@@ -102,17 +102,13 @@ class _Progress:
 # ------------------------------------------------------------------ push
 
 
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
-
-
 def _files_for(delta: surgery.Delta, manifest: dict[str, Any]) -> dict[str, bytes]:
     meta = manifest.get("meta")
     base_name = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
     with tempfile.TemporaryDirectory(prefix="surgery-push-") as tmp:
         save_peft_delta(delta, tmp, base_name)
         files = {name: (Path(tmp) / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
-    files[MANIFEST_NAME] = _manifest_bytes(manifest)
+    files[MANIFEST_NAME] = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
     return files
 
 
@@ -156,17 +152,12 @@ def push_hf(
             token=token,
             repo_type="model",
         )
-    except HfTransferError:
-        raise
-    except hf_errors.HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 409:
+    except (hf_errors.HfHubHTTPError, OSError) as e:  # OSError: no network, DNS, ...
+        if getattr(getattr(e, "response", None), "status_code", None) == 409:
             raise HfTransferError(
                 f"push to {repo_id}: tag {tag!r} already exists there (a version is pushed once; "
                 f"delete the tag on the Hub to push it again): {e}"
             ) from None
-        raise HfTransferError(f"push of {ref!r} to {repo_id} failed: {e}") from None
-    except OSError as e:  # no network, DNS, ...
         raise HfTransferError(f"push of {ref!r} to {repo_id} failed: {e}") from None
     return str(sha)
 
@@ -186,9 +177,14 @@ def _name_from_repo(repo_id: str) -> str:
 
 def _cached_sha(repo_id: str, revision: str, cache_dir: str | None) -> str | None:
     hit = hfh.try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=cache_dir, revision=revision)
-    if isinstance(hit, str):
-        return Path(hit).parent.name  # .../snapshots/<commit sha>/adapter_config.json
-    return None
+    return Path(hit).parent.name if isinstance(hit, str) else None  # .../snapshots/<commit sha>/adapter_config.json
+
+
+def _not_cached(what: str, cache: str | None) -> HfTransferError:
+    return HfTransferError(
+        f"HF_HUB_OFFLINE is set and {what} is not in the local Hugging Face cache "
+        f"({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset HF_HUB_OFFLINE"
+    )
 
 
 def _site_alphas(config: dict[str, Any], paths: list[str]) -> dict[str, Any]:
@@ -261,10 +257,7 @@ def pull_hf(
             names = {s.rfilename for s in siblings}
     if not sha:
         if offline:
-            raise HfTransferError(
-                f"HF_HUB_OFFLINE is set and {where} is not in the local Hugging Face cache "
-                f"({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset HF_HUB_OFFLINE"
-            )
+            raise _not_cached(where, cache)
         raise HfTransferError(f"the Hub gave no commit sha for {where}")
     if names is not None:
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in names]
@@ -287,11 +280,7 @@ def pull_hf(
             if not required:
                 return None
             if offline:
-                raise HfTransferError(
-                    f"HF_HUB_OFFLINE is set and {filename} of {where} ({sha[:12]}) is not in the local Hugging Face "
-                    f"cache ({cache or hfh.constants.HF_HUB_CACHE}); pull it once with network access, or unset "
-                    "HF_HUB_OFFLINE"
-                ) from None
+                raise _not_cached(f"{filename} of {where} ({sha[:12]})", cache) from None
             raise HfTransferError(
                 f"cannot download {filename} of {where}: not cached and the Hub cannot be reached"
             ) from None
