@@ -1,49 +1,7 @@
-r"""Weighted combination of LoRA deltas into a new LoRA delta, as PEFT's
-``LoraModel.add_weighted_adapter`` computes it (checked against PEFT 0.21).
-
-Notation, per site: delta :math:`i` has factors :math:`A_i \in \mathbb{R}^{r_i \times in}`,
-:math:`B_i \in \mathbb{R}^{out \times r_i}`, scale :math:`s_i` and weight :math:`w_i`; its
-update is :math:`\Delta W_i = s_i B_i A_i` (in the base weight's layout: transposed for
-GPT-2's ``Conv1D`` and for embeddings, a kernel for convolutions). Deltas that do not
-reach a site simply take no part there.
-
-Factor-wise methods (``linear``, ``ties``, ``dare_linear``, ``dare_ties``,
-``magnitude_prune``) merge the A's and the B's separately with the weights
-:math:`\sigma_i \sqrt{|w_i s_i|}` for A and :math:`\sqrt{|w_i s_i|}` for B
-(:math:`\sigma_i = \operatorname{sign}(w_i s_i)`, +1 at 0), so for one delta
-:math:`B A = w_i s_i B_i A_i`. With several, :math:`(\sum_i \ldots B_i)(\sum_j \ldots A_j)`
-has cross terms :math:`B_i A_j`: a rough approximation, as PEFT says. All deltas need the
-same rank. With a merge function :math:`M` over task tensors :math:`t_i` and weights
-:math:`c_i`:
-
-- ``linear`` (task arithmetic): :math:`M = \sum_i c_i t_i`.
-- ``magnitude_prune``: each :math:`t_i` keeps its ``int(density * numel)`` largest
-  entries by magnitude (the rest are zeroed), then :math:`\sum_i c_i t_i`.
-- ``ties``: prune as above; elect a sign per entry, that of :math:`\sum_i t_i`
-  (``majority_sign_method="total"``) or of :math:`\sum_i \operatorname{sign}(t_i)`
-  (``"frequency"``), ties going to +; then the mean of :math:`c_i t_i` over the deltas
-  whose (unweighted, pruned) entry has the elected sign (divided by max(1, count)).
-- ``dare_linear``: each :math:`t_i` is multiplied by a Bernoulli(density) mask and
-  divided by density, then :math:`\sum_i c_i t_i`.
-- ``dare_ties``: the DARE drop and rescale, then the sign election and mean of ``ties``.
-
-Full-update methods merge the :math:`\Delta W_i` themselves with the plain weights
-:math:`w_i` and factor the result by a truncated SVD of rank ``r`` (default: the largest
-input rank): :math:`\Delta W \approx U_r S_r V_r^\top`, :math:`B = U_r S_r`,
-:math:`A = V_r^\top` (for convolutions :math:`\Delta W` is flattened to
-``[out, in * kernel]`` and the factors reshaped back). ``svd`` is task arithmetic;
-``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` use the
-merge functions above on :math:`\Delta W_i`. ``svd_clamp=q`` clamps U S and V^T to
-:math:`\pm` the q-quantile of their entries.
-
-``cat`` is exact: :math:`A = [w_1 s_1 A_1; w_2 s_2 A_2; \ldots]`, :math:`B = [B_1, B_2, \ldots]`,
-so :math:`B A = \sum_i w_i \Delta W_i`, at rank :math:`\sum_i r_i` (zero rows and
-columns where a delta does not reach a site).
-
-The new delta has ``r = alpha = `` its rank (PEFT's choice), so its scale is 1; with
-``rslora`` copied from the first delta (as PEFT copies that delta's config) the scale is
-:math:`\alpha / \sqrt{r} = \sqrt{r}`, which PEFT applies too. Dropout and init follow
-the first delta. As in PEFT, a single delta is always combined by ``linear``.
+"""Weighted combination of LoRA deltas into a new LoRA delta, as PEFT's
+``LoraModel.add_weighted_adapter`` computes it (checked against PEFT 0.21): the same
+factors, scale and outputs. The math of each method, the new delta's config and the
+order of random draws are in docs/combine.md.
 """
 
 from __future__ import annotations
@@ -61,21 +19,13 @@ from surgery import engine
 from surgery.errors import ConfigError
 from surgery.methods.base import SiteView, get_method
 from surgery.methods.lora import ConvLoRA, EmbeddingLoRA, LinearLoRA, LoRAConfig
+from surgery.methods.moe import is_int, is_number
 
 _FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINE_METHODS = _FACTORWISE + ("cat",) + _SVD
-_DENSITY = (
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "magnitude_prune",
-    "ties_svd",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune_svd",
-)
-_RANDOM = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
+_DENSITY = tuple(m for m in COMBINE_METHODS if m not in ("linear", "cat", "svd"))
+_RANDOM = tuple(m for m in COMBINE_METHODS if m.startswith("dare"))
 
 
 # ---------------------------------------------------------------- merge functions (PEFT's merge_utils)
@@ -115,10 +65,9 @@ def _merge(
     base = kind.removesuffix("_svd")
     if base in ("linear", "svd"):
         return _weighted(torch.stack(tensors, dim=0), w).sum(dim=0)
-    if base in ("ties", "magnitude_prune"):
-        ts = torch.stack([_prune_magnitude(t, density) for t in tensors], dim=0)  # type: ignore[arg-type]
-    else:  # dare_*: each tensor draws its mask in turn, in the order of `weights`
-        ts = torch.stack([_prune_random(t, density) for t in tensors], dim=0)  # type: ignore[arg-type]
+    # dare_*: each tensor draws its mask in turn, in the order of `weights`
+    prune = _prune_magnitude if base in ("ties", "magnitude_prune") else _prune_random
+    ts = torch.stack([prune(t, density) for t in tensors], dim=0)  # type: ignore[arg-type]
     if base in ("ties", "dare_ties"):
         return _ties_merge(ts, w, majority)
     return _weighted(ts, w).sum(dim=0)
@@ -150,20 +99,14 @@ def _delta_weight(ad: Any, mod: nn.Module) -> torch.Tensor:
 def _factorwise(
     kind: str, present: list[tuple[Any, float]], density: float | None, majority: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    wa, wb = [], []
-    for ad, w in present:
-        ws = w * ad.scale
-        sign = 1 if ws >= 0 else -1
-        # the sign rides on A only, else it would cancel in B A
-        wa.append(math.sqrt(abs(ws)) * sign)
-        wb.append(math.sqrt(abs(ws)))
-    As = [ad.lora_A.detach() for ad, _ in present]
-    Bs = [ad.lora_B.detach() for ad, _ in present]
-    dtype = As[0].dtype
+    ws = [w * ad.scale for ad, w in present]
+    wa = [math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in ws]  # the sign rides on A only, else it cancels in B A
+    wb = [math.sqrt(abs(v)) for v in ws]
+    A0 = present[0][0].lora_A
     # all A's first, then all B's: the order PEFT draws dare masks in
-    A = _merge(kind, As, torch.tensor(wa).to(As[0].device), density, majority)
-    B = _merge(kind, Bs, torch.tensor(wb).to(Bs[0].device), density, majority)
-    return A.to(dtype), B.to(dtype)
+    A = _merge(kind, [ad.lora_A.detach() for ad, _ in present], torch.tensor(wa).to(A0.device), density, majority)
+    B = _merge(kind, [ad.lora_B.detach() for ad, _ in present], torch.tensor(wb).to(A0.device), density, majority)
+    return A.to(A0.dtype), B.to(A0.dtype)
 
 
 def _cat(present: list[tuple[Any, float]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,11 +119,6 @@ def _cat(present: list[tuple[Any, float]], rank: int) -> tuple[torch.Tensor, tor
     A[: As.shape[0]] = As
     B[:, : Bs.shape[1]] = Bs
     return A, B
-
-
-def _svd_matrix_shape(ad: Any) -> tuple[int, int]:
-    """(rows, cols) of the matrix the svd methods factor: [out, in(*kernel)]."""
-    return ad.lora_B.shape[0], math.prod(ad.lora_A.shape[1:])
 
 
 def _svd(
@@ -217,41 +155,32 @@ def _svd(
 # ---------------------------------------------------------------- random state
 
 
-def _accelerators(devices: set[torch.device]) -> list[str]:
-    return sorted({d.type for d in devices} - {"cpu", "meta"})
-
-
 @contextlib.contextmanager
 def _rng(devices: set[torch.device], seed: int | None = None) -> Iterator[None]:
     """Keep the random state of the CPU and of these devices' kinds as it was; with a
     seed, seed them first exactly as torch.manual_seed(seed) does."""
+    kinds = sorted({d.type for d in devices} - {"cpu", "meta"})
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator
-        mods = []
-        for kind in _accelerators(devices):
-            mod = torch.get_device_module(kind)
-            mods.append(mod)
-            stack.enter_context(torch.random.fork_rng(devices=list(range(mod.device_count())), device_type=kind))
+        for kind in kinds:
+            n = torch.get_device_module(kind).device_count()
+            stack.enter_context(torch.random.fork_rng(devices=list(range(n)), device_type=kind))
         if seed is not None:
             torch.random.default_generator.manual_seed(seed)
-            for mod in mods:
-                mod.manual_seed_all(seed)
+            for kind in kinds:
+                torch.get_device_module(kind).manual_seed_all(seed)
         yield
 
 
-def _draw_like_peft_injection(sites: list[tuple[str, nn.Module, Any]], rank: int, init: str) -> None:
+def _draw_like_peft_injection(ads: list[Any], rank: int, init: str) -> None:
     """Make the random draws PEFT makes when `add_weighted_adapter` injects the new adapter
     (its values are overwritten afterwards), so the dare masks that follow are drawn from the
-    same generator state. Per site, in module order, on the default device and dtype:
-    Linear / Conv1D: kaiming_uniform_ of nn.Linear(in, r).weight, of nn.Linear(r, out).weight,
-    then of A again (normal_(std=1/r) with init "gaussian"); Conv: the same with conv kernels;
-    Embedding: randn(r, num), randn(dim, r), then normal_ of B."""
-    for _, _, ad in sites:
+    same generator state (the sequence is in docs/combine.md)."""
+    for ad in ads:
         a_shape, b_shape = (rank, *ad.lora_A.shape[1:]), (ad.lora_B.shape[0], rank, *ad.lora_B.shape[2:])
         if isinstance(ad, EmbeddingLoRA):
             torch.randn(a_shape)
-            B = torch.randn(b_shape)
-            nn.init.normal_(B)
+            nn.init.normal_(torch.randn(b_shape))
             continue
         A = torch.empty(a_shape)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -263,10 +192,6 @@ def _draw_like_peft_injection(sites: list[tuple[str, nn.Module, Any]], rank: int
 
 
 # ---------------------------------------------------------------- the entry point
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_args(
@@ -287,21 +212,21 @@ def _check_args(
             f"got {weights!r}"
         )
     for k, v in weights.items():
-        if not isinstance(k, str) or not _number(v):
+        if not isinstance(k, str) or not is_number(v):
             raise ConfigError(f"combine: weights[{k!r}] must map a delta name to a finite number, got {v!r}")
     if method in _DENSITY:
         if density is None:
             raise ConfigError(f"combine: method {method!r} needs density, the fraction of entries kept, in (0, 1]")
-        if not _number(density) or not 0 < density <= 1:
+        if not is_number(density) or not 0 < density <= 1:
             raise ConfigError(f"combine: density must be a number in (0, 1], got {density!r}")
     elif density is not None:
         raise ConfigError(f"combine: density is used by {list(_DENSITY)} only, not by {method!r}")
     if majority_sign_method not in ("total", "frequency"):
         raise ConfigError(f"combine: majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     if method in _SVD:
-        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+        if r is not None and not (is_int(r) and r > 0):
             raise ConfigError(f"combine: r must be a positive integer (or None: the largest input rank), got {r!r}")
-        if svd_clamp is not None and (not _number(svd_clamp) or not 0 < svd_clamp <= 1):
+        if svd_clamp is not None and (not is_number(svd_clamp) or not 0 < svd_clamp <= 1):
             raise ConfigError(f"combine: svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
         if not isinstance(svd_full_matrices, bool):
             raise ConfigError(f"combine: svd_full_matrices must be True or False, got {svd_full_matrices!r}")
@@ -312,7 +237,7 @@ def _check_args(
                 raise ConfigError(
                     f"combine: {key} is used by the svd methods {list(_SVD)} only, not by {method!r}{hint}"
                 )
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+    if seed is not None and not is_int(seed):
         raise ConfigError(f"combine: seed must be an integer or None, got {seed!r}")
 
 
@@ -320,10 +245,6 @@ def _configured_rank(cfg: LoRAConfig, ads: dict[str, Any]) -> int:
     # PEFT's: r, or the largest rank_pattern value; never below a rank actually held
     r = max(cfg.r, *cfg.rank_pattern.values()) if cfg.rank_pattern else cfg.r
     return max([r, *(ad.lora_A.shape[0] for ad in ads.values())])
-
-
-def _exact(path: str) -> str:
-    return "re:" + re.escape(path)
 
 
 def combine(
@@ -343,30 +264,19 @@ def combine(
     ``add_weighted_adapter(list(weights), list(weights.values()), name, method, ...)`` does.
 
     `weights` maps delta names to weights (negative subtracts). `method` is one of
-    ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``,
-    ``magnitude_prune`` and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
-    ``magnitude_prune_svd`` (the math is in this module's docstring). `density` (in
-    (0, 1]) is needed by the pruning methods, `majority_sign_method` ("total" or
-    "frequency") is used by the ties ones, `r`, `svd_clamp` and `svd_full_matrices` by
-    the svd ones. ``linear`` and the other factor-wise methods need deltas of one rank
-    (``linear``: on the same sites too); ``cat`` and the svd methods take any.
+    `COMBINE_METHODS` (the math is in docs/combine.md). `density` (in (0, 1]) is needed by
+    the pruning methods, `majority_sign_method` ("total" or "frequency") is used by the ties
+    ones, `r`, `svd_clamp` and `svd_full_matrices` by the svd ones. ``linear`` and the other
+    factor-wise methods need deltas of one rank (``linear``: on the same sites too); ``cat``
+    and the svd methods take any.
 
-    The new delta is injected but not active: ``surgery.use(model, name)`` or
-    ``surgery.activate(model, name)``. The inputs are only read (merged ones too).
-    On any error nothing in the model changes.
+    The new delta is injected but not active: ``surgery.use(model, name)``. The inputs are
+    only read (merged ones too). On any error nothing in the model changes.
 
     Randomness (dare methods): with ``seed=None`` the global generators are used as they
     are; with a seed they are seeded as ``torch.manual_seed(seed)`` would, and restored
-    afterwards. So ``torch.manual_seed(s); peft_model.add_weighted_adapter(...)`` gives the
-    same result as ``combine(..., seed=s)`` (and as ``torch.manual_seed(s); combine(...)``).
-    PEFT's draws, which are repeated here in that order: first, for every site of the new
-    adapter in module order, the initialisation of its freshly injected adapter on the
-    default device (see `_draw_like_peft_injection`; rank = the new rank, init of the first
-    delta); then, site by site in module order, one ``torch.bernoulli`` mask over a tensor
-    shaped like each input, on the inputs' device: for factor-wise methods the A of every
-    delta (in the order of `weights`, skipping deltas absent from the site), then the B of
-    every delta; for the svd methods the full update s B A of every delta, in the base
-    weight's layout. Density 1 draws no mask. Other methods draw nothing.
+    afterwards, so ``torch.manual_seed(s); peft_model.add_weighted_adapter(...)`` gives the
+    same result as ``combine(..., seed=s)``: PEFT's draws are repeated in its order.
     """
     _check_args(weights, method, r, density, majority_sign_method, seed, svd_clamp, svd_full_matrices)
     engine.check_name(model, name)
@@ -402,13 +312,12 @@ def combine(
         )
 
     union = set().union(*ads.values())
-    sites = []  # (path, module, first adapter there), in module order: PEFT's loop order
-    for path, _ in model.named_modules():
-        if path in union:
-            union.discard(path)
-            mod = engine.site_module(model, path)
-            present = [(ads[n][path], float(weights[n])) for n in names if path in ads[n]]
-            sites.append((path, mod, present))
+    # (path, module, [(adapter, weight)] of the deltas there), in module order: PEFT's loop order
+    sites = [
+        (path, engine.site_module(model, path), [(ads[n][path], float(weights[n])) for n in names if path in ads[n]])
+        for path, _ in model.named_modules()
+        if path in union
+    ]
     _check_sites(kind, sites, new_rank)
 
     first_cfg: LoRAConfig = engine.config_of(model, names[0])
@@ -419,7 +328,7 @@ def combine(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad(), _rng(devices, seed) if seed is not None else contextlib.nullcontext():
         if kind in _RANDOM:
-            _draw_like_peft_injection([(p, m, present[0][0]) for p, m, present in sites], new_rank, first_cfg.init)
+            _draw_like_peft_injection([present[0][0] for _, _, present in sites], new_rank, first_cfg.init)
         for path, mod, present in sites:
             if kind == "cat":
                 out[path] = _cat(present, new_rank)
@@ -435,10 +344,10 @@ def combine(
     target = new_rank / (math.sqrt(new_rank) if first_cfg.rslora else new_rank)
     rank_pattern, alpha_pattern = {}, {}
     for path, (A, _) in out.items():
-        rs = A.shape[0]
-        if rs != new_rank:
-            rank_pattern[_exact(path)] = rs
-            alpha_pattern[_exact(path)] = target * (math.sqrt(rs) if first_cfg.rslora else rs)
+        if (rs := A.shape[0]) != new_rank:
+            key = "re:" + re.escape(path)
+            rank_pattern[key] = rs
+            alpha_pattern[key] = target * (math.sqrt(rs) if first_cfg.rslora else rs)
     cfg = lora.config(
         r=new_rank,
         alpha=new_rank,
@@ -453,12 +362,10 @@ def combine(
         for path, mod, _ in sites:
             A, B = out[path]
             ad = lora.make(SiteView(model, path, mod), cfg, shapes={"lora_A.weight": A.shape, "lora_B.weight": B.shape})
+            with torch.no_grad():
+                ad.tensors()["lora_A.weight"].copy_(A)
+                ad.tensors()["lora_B.weight"].copy_(B)
             made.append((path, mod, ad))
-    with torch.no_grad():
-        for path, _, made_ad in made:
-            ad = cast(LinearLoRA, made_ad)  # any LoRA adapter: lora_A / lora_B are parameters
-            ad.lora_A.copy_(out[path][0])
-            ad.lora_B.copy_(out[path][1])
     return engine.attach(model, name, lora, cfg, made, activate=False)
 
 
@@ -478,7 +385,7 @@ def _check_sites(kind: str, sites: list[tuple[str, nn.Module, list[tuple[Any, fl
                     f"{[a.lora_A.shape[0] for a, _ in present]}; use 'cat' or an svd method"
                 )
         if kind in _SVD:
-            rows, cols = _svd_matrix_shape(ad0)
+            rows, cols = ad0.lora_B.shape[0], math.prod(ad0.lora_A.shape[1:])  # the factored [out, in(*kernel)]
             if rank > min(rows, cols):
                 raise ConfigError(
                     f"combine: r={rank} exceeds the largest rank {min(rows, cols)} of an update at {path!r} "
