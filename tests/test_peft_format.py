@@ -312,7 +312,7 @@ def test_unsupported_fields_saved_by_peft_raise_naming_field(field, peft_kw, tmp
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("peft_type", "IA3"),
+        ("peft_type", "ADALORA"),
         ("init_lora_weights", "pissa"),
         ("init_lora_weights", "olora"),
         ("layer_replication", [[0, 2]]),
