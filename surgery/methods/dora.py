@@ -128,7 +128,7 @@ class DoRA(LoRA):
     name = "dora"
     Config = DoRAConfig
     # LoRA's class attribute is inferred as a pair: mypy takes a third suffix for a type change
-    tensor_suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # type: ignore[assignment]
+    tensor_suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
     def validate(self, cfg: LoRAConfig) -> None:
         try:

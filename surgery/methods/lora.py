@@ -20,7 +20,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +237,7 @@ class LoRA(Method):
     Config = LoRAConfig
     # q and v, as the LoRA paper and PEFT's defaults; GPT-2 style fused qkv counts as both
     default_targets = ["@q", "@v", "@qkv"]
-    tensor_suffixes = ("lora_A.weight", "lora_B.weight")
+    tensor_suffixes: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
 
     def validate(self, cfg: LoRAConfig) -> None:
         def rank_ok(v: Any) -> bool:
