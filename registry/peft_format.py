@@ -45,7 +45,7 @@ import surgery
 from surgery import engine
 from surgery.errors import ConfigError, SurgeryError
 from surgery.methods import METHODS, get_method
-from surgery.methods.base import Method, PeftContext
+from surgery.methods.base import Method, PeftContext, kind_of
 from surgery.selectors import path_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -72,18 +72,6 @@ class PeftFormatError(SurgeryError, ValueError):
 # ------------------------------------------------------------------ site kinds
 
 
-def _kind_of(module: nn.Module) -> str:
-    from surgery.methods.lora import is_conv1d_transformers
-
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if is_conv1d_transformers(module):
-        return "conv1d_tf"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    return "linear"
-
-
 def site_kinds(model: nn.Module, delta: surgery.Delta) -> dict[str, str]:
     """Site path -> ``"linear" | "conv1d_tf" | "embedding" | "conv"`` for a delta's sites in `model`.
 
@@ -94,7 +82,7 @@ def site_kinds(model: nn.Module, delta: surgery.Delta) -> dict[str, str]:
     out = {}
     for path in delta.sites():
         try:
-            out[path] = _kind_of(engine.site_module(model, path))
+            out[path] = kind_of(engine.site_module(model, path))
         except AttributeError:
             raise PeftFormatError(f"delta {delta.name!r}: the model has no module {path!r}") from None
     return out
@@ -643,7 +631,7 @@ def read_peft_files(
             mod = _module_or_none(model, p)
             if mod is None:
                 raise PeftFormatError(f"PEFT adapter has a LoRA for {p!r}, but the model has no such module")
-            kinds[p] = _kind_of(mod)
+            kinds[p] = kind_of(mod)
             if (kinds[p] == "embedding") != (p in embedding_sites):
                 how = "lora_embedding_A/B" if p in embedding_sites else "lora_A/B"
                 raise PeftFormatError(

@@ -65,6 +65,17 @@ class Action(str, enum.Enum):
 _KINDS = {"linear", "conv1d_tf", "conv", "embedding"}
 
 
+def kind_of(m: nn.Module) -> str:
+    """A module's kind as `SiteView.kind` names it."""
+    if isinstance(m, nn.Embedding):
+        return "embedding"
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' GPT-2 style Conv1D
+        return "conv1d_tf"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return "linear" if isinstance(m, nn.Linear) else "other"
+
+
 class SiteView:
     """What a method may read about one site, read-only: the base module, its weight and bias,
     path, roles, dtype and device, and the site's own operation run with other tensors.
@@ -101,16 +112,9 @@ class SiteView:
 
     @property
     def kind(self) -> str:
-        """ "linear" (weight [out, in]), "conv1d_tf" (transformers' Conv1D, weight [in, out]),
-        "conv" (nn.Conv1d/2d/3d), "embedding", or "other"."""
-        m = self.module
-        if isinstance(m, nn.Embedding):
-            return "embedding"
-        if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
-            return "conv1d_tf"
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return "conv"
-        return "linear" if isinstance(m, nn.Linear) else "other"
+        """`kind_of` the module: "linear" (weight [out, in]), "conv1d_tf" (transformers' Conv1D,
+        weight [in, out]), "conv" (nn.Conv1d/2d/3d), "embedding", or "other"."""
+        return kind_of(self.module)
 
     @property
     def in_features(self) -> int | None:

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, Merge, Method, MethodConfig, SiteView, WeightUpdate, register
+from surgery.methods.base import Adapter, Merge, Method, MethodConfig, SiteView, WeightUpdate, kind_of, register
 from surgery.selectors import path_matches
 
 
 def is_conv1d_transformers(module: nn.Module) -> bool:
     """transformers' GPT-2 style `Conv1D`: a linear layer with weight [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    return kind_of(module) == "conv1d_tf"
 
 
 @dataclass
