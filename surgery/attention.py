@@ -1,49 +1,29 @@
 r"""Reaching a model's attention: extra key/value positions at every attention call.
 
-Methods that add positions to attention (prefix tuning, and later prompt methods)
-need the keys and values *inside* each attention call, after RoPE and after
-the KV-cache update. Two ways in, chosen per attention module:
+Methods that add positions to attention (prefix tuning) need the keys and values *inside* each
+attention call, after RoPE and after the KV-cache update. Two ways in, chosen per attention module
+(details, masks and the KV cache: docs/prefix.md):
 
-* ``transformers`` 5.x models: the attention module calls
-  ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
-  as ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kw)``.
-  `install_interface` registers ``"surgery_<impl>"`` (``surgery_sdpa``,
-  ``surgery_eager``) in the `AttentionInterface` and, for masks, in the
-  `AttentionMaskInterface` (so `transformers` builds the same mask it would for
-  ``<impl>``), and points the configs the attention modules read at it. The
-  wrapper prepends the active positions of the called module to key and value
-  and ``P`` always-visible columns to the mask, then calls the original
-  function. `uninstall_interface` puts the configs back.
-* plain modules that call ``F.scaled_dot_product_attention`` in their own
-  ``forward``: `rewrite_sdpa` traces that forward with `torch.fx` (every child
-  module a leaf), replaces each sdpa call by `prefixed_scaled_dot_product_attention`
-  (which reads the module's adapters through a ``get_attr`` of its ``surgery``
-  child), and returns the regenerated Python function. It is installed as the
-  module's instance ``forward`` (the model stays the same object) and taken away
-  again on removal, when the class's own ``forward`` applies again.
+* ``transformers`` 5.x models call ``ALL_ATTENTION_FUNCTIONS.get_interface(...)``:
+  `install_interface` registers ``"surgery_<impl>"`` (with the mask function of ``<impl>``) and
+  points the configs the attention modules read at it; the wrapper prepends the active positions
+  and ``P`` always-visible mask columns, then calls the original function.
+* plain modules calling ``F.scaled_dot_product_attention`` in their own ``forward``: `rewrite_sdpa`
+  traces that forward with `torch.fx` and routes each sdpa call through
+  `prefixed_scaled_dot_product_attention`; the result is installed as the instance's ``forward``.
 
-Masks. The extra positions are always visible, padding never: a boolean mask
-(True = attend) gets ``P`` True columns in front, an additive float mask ``P``
-zero columns. With no mask and a causal attention asked of sdpa by flag
-(``is_causal``, query longer than one), an explicit boolean mask is built:
-the ``P`` columns visible, then sdpa's own (top-left aligned) causal pattern, so
-a query never sees the extra positions hidden. With no mask otherwise nothing is
-masked, and nothing needs to be.
-
-Which positions are active is read from the engine's context-local active set
-on every call (`surgery.use`, `surgery.disable`): plain names and names inside
-a `surgery.Stack` are concatenated in order; the other composition blocks are
-refused for these methods.
+The active positions are read from the engine's context-local active set on every call.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +53,6 @@ SUPPORTED = ("sdpa", "eager")  # implementations the wrapper can extend (others:
 # ----------------------------------------------------------------------------- active positions
 
 
-class _KVAdapter(Protocol):
-    """An ATTENTION adapter: the key and value positions it adds, ``[n_kv, P, d]`` each."""
-
-    def kv(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
 def config_of(module: nn.Module) -> Any:
     """A transformers module's ``config`` (a PretrainedConfig, read dynamically: nn.Module's
     ``__getattr__`` would type it as Tensor | Module)."""
@@ -93,16 +67,10 @@ def active_kv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def adapters_kv(holder: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`active_kv` for the adapters one site holds (its ``surgery`` child)."""
-    ks: list[torch.Tensor] = []
-    vs: list[torch.Tensor] = []
-    for ad in active_at(holder, Action.ATTENTION):
-        k, v = cast(_KVAdapter, ad).kv()
-        ks.append(k)
-        vs.append(v)
-    if not ks:
-        return None
-    if len(ks) == 1:
-        return ks[0], vs[0]
+    kvs = [cast(Any, ad).kv() for ad in active_at(holder, Action.ATTENTION)]
+    if len(kvs) <= 1:
+        return kvs[0] if kvs else None
+    ks, vs = zip(*kvs, strict=True)
     return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
@@ -110,12 +78,8 @@ def _prepend(
     pk: torch.Tensor, pv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, where: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """key, value [batch, heads, seq, d] with the prefix [heads, P, d] in front of seq."""
-    if pk.dtype != key.dtype or pk.device != key.device:
-        pk, pv = pk.to(key), pv.to(value)
     b = key.shape[0]
-    pk, pv = pk[None], pv[None]
-    if b != 1:
-        pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+    pk, pv = pk.to(key)[None].expand(b, -1, -1, -1), pv.to(value)[None].expand(b, -1, -1, -1)
     try:
         return torch.cat((pk, key), 2), torch.cat((pv, value), 2)
     except RuntimeError:
@@ -142,11 +106,8 @@ def extend_mask(
             return None
         main = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
         return torch.cat((torch.ones(q_len, p, dtype=torch.bool, device=device), main), dim=1)[None, None]
-    cols = (*mask.shape[:-1], p)
-    if mask.dtype == torch.bool:
-        pre = torch.ones(cols, dtype=torch.bool, device=mask.device)
-    else:
-        pre = torch.zeros(cols, dtype=mask.dtype, device=mask.device)
+    # visible: True in a boolean mask, 0 in an additive one
+    pre = torch.full((*mask.shape[:-1], p), mask.dtype == torch.bool, dtype=mask.dtype, device=mask.device)
     return torch.cat((pre, mask), dim=-1)
 
 
@@ -156,10 +117,8 @@ def extend_mask(
 _EAGER: dict[type, Callable[..., Any]] = {}
 
 
-def _eager_of(module: nn.Module) -> Callable[..., Any]:
-    cls = type(module)
-    fn = _EAGER.get(cls)
-    if fn is None:
+def _eager_of(cls: type) -> Callable[..., Any]:
+    if cls not in _EAGER:
         fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
         if fn is None:
             raise SurgeryError(
@@ -167,21 +126,14 @@ def _eager_of(module: nn.Module) -> Callable[..., Any]:
                 "to; load the model with attn_implementation='sdpa'"
             )
         _EAGER[cls] = fn
-    return fn
+    return _EAGER[cls]
 
 
-_FUNCTIONS: Any = None  # transformers' ALL_ATTENTION_FUNCTIONS, once imported
+@functools.cache
+def _functions() -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-
-def _base_fn(impl: str, module: nn.Module) -> Callable[..., Any]:
-    global _FUNCTIONS
-    if impl == "eager":
-        return _EAGER.get(type(module)) or _eager_of(module)
-    if _FUNCTIONS is None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        _FUNCTIONS = ALL_ATTENTION_FUNCTIONS
-    return _FUNCTIONS[impl]
+    return ALL_ATTENTION_FUNCTIONS
 
 
 def _wrapper(impl: str) -> Callable[..., Any]:
@@ -196,7 +148,7 @@ def _wrapper(impl: str) -> Callable[..., Any]:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        base = _base_fn(impl, module)
+        base = _eager_of(type(module)) if eager else _functions()[impl]
         kv = adapters_kv(module._modules.get(CHILD))
         if kv is None:
             return base(module, query, key, value, attention_mask, *args, **kwargs)
@@ -220,37 +172,34 @@ def _wrapper(impl: str) -> Callable[..., Any]:
     return attention
 
 
-_REGISTERED: set[str] = set()
-
-
+@functools.cache
 def _register(impl: str) -> str:
-    name = WRAP + impl
-    if name not in _REGISTERED:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
 
-        AttentionInterface.register(name, _wrapper(impl))
-        # transformers builds masks only for implementations it has a mask function for
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-        _REGISTERED.add(name)
-    return name
+    AttentionInterface.register(WRAP + impl, _wrapper(impl))
+    # transformers builds masks only for implementations it has a mask function for
+    AttentionMaskInterface.register(WRAP + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    return WRAP + impl
+
+
+_SOURCES: dict[type[nn.Module], str] = {}
+
+
+def forward_source(cls: type[nn.Module]) -> str:
+    """The source of `cls.forward`, read once ("" when it cannot be read)."""
+    if cls not in _SOURCES:
+        try:
+            _SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
 
 
 def calls_interface(module: nn.Module) -> bool:
     """Whether `module`'s forward calls transformers' attention interface with its config's implementation."""
-    cls = type(module)
-    hit = _CALLS.get(cls)
-    if hit is None:
-        try:
-            src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            src = ""
-        hit = _CALLS[cls] = "ALL_ATTENTION_FUNCTIONS" in src
     cfg = getattr(module, "config", None)
-    return hit and cfg is not None and hasattr(cfg, "_attn_implementation")
-
-
-_CALLS: dict[type, bool] = {}
+    return "ALL_ATTENTION_FUNCTIONS" in forward_source(type(module)) and hasattr(cfg, "_attn_implementation")
 
 
 def impl_of(config: Any) -> str:
@@ -258,7 +207,7 @@ def impl_of(config: Any) -> str:
     impl = config._attn_implementation
     if impl is None:
         return "eager"
-    return impl[len(WRAP) :] if impl.startswith(WRAP) else impl
+    return impl.removeprefix(WRAP)
 
 
 def check_interface(module: nn.Module, path: str) -> str | None:
@@ -271,7 +220,7 @@ def check_interface(module: nn.Module, path: str) -> str | None:
         )
     if impl == "eager":
         try:
-            _eager_of(module)
+            _eager_of(type(module))
         except SurgeryError as e:
             return str(e)
     return None
@@ -323,25 +272,22 @@ def prefixed_scaled_dot_product_attention(
     adapters `holder` holds (the ``surgery`` child, None when it has none)."""
     # under torch.fx tracing (roles of a rewritten model): the plain call, for the dataflow graph
     kv = None if holder is None or isinstance(query, fx.Proxy) else adapters_kv(holder)
-    if kv is None:
-        return F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    if is_causal and attn_mask is not None:
-        raise SurgeryError("scaled_dot_product_attention got both attn_mask and is_causal=True")
-    pk, pv = kv
-    p, q_len, kv_len = pk.shape[1], query.shape[-2], key.shape[-2]
-    key, value = _prepend(pk, pv, key, value, "scaled_dot_product_attention")
-    attn_mask = extend_mask(attn_mask, p, q_len, kv_len, is_causal, query.device)
+    if kv is not None:
+        if is_causal and attn_mask is not None:
+            raise SurgeryError("scaled_dot_product_attention got both attn_mask and is_causal=True")
+        pk, pv = kv
+        p, q_len, kv_len = pk.shape[1], query.shape[-2], key.shape[-2]
+        key, value = _prepend(pk, pv, key, value, "scaled_dot_product_attention")
+        attn_mask, is_causal = extend_mask(attn_mask, p, q_len, kv_len, is_causal, query.device), False
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale, enable_gqa=enable_gqa
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
     )
 
 
@@ -376,9 +322,7 @@ def rewrite_sdpa(module: nn.Module, path: str) -> Callable[..., Any]:
     graph, why = find_sdpa_calls(module)
     if graph is None:
         raise SurgeryError(f"cannot reach the attention of {path!r} ({type(module).__name__}): {why}")
-    for node in list(graph.nodes):
-        if not _is_sdpa(node):
-            continue
+    for node in [n for n in graph.nodes if _is_sdpa(n)]:
         with graph.inserting_before(node):
             holder = graph.get_attr(CHILD)  # the site's adapters, looked up on every call
             new = graph.call_function(prefixed_scaled_dot_product_attention, (holder, *node.args), dict(node.kwargs))
@@ -404,6 +348,5 @@ def install_forward(module: nn.Module, fn: Callable[..., Any]) -> None:
 
 
 def uninstall_forward(module: nn.Module) -> None:
-    fwd = module.__dict__.get("forward")
-    if getattr(fwd, "__surgery_rewrite__", False):
+    if getattr(module.__dict__.get("forward"), "__surgery_rewrite__", False):
         del module.__dict__["forward"]
