@@ -15,31 +15,11 @@ sees, as PEFT's ``past_key_values`` prefix does. It is never written to the KV c
 it is prepended at every call, so ``generate()``, padding and changing batch sizes need
 nothing special.
 
-Reparameterisation (``reparam="mlp"``): the keys and values of the :math:`P` positions
-come from a per-layer embedding :math:`E \in \mathbb{R}^{P \times h}` (:math:`h` the
-layer's input width) through an MLP,
-
-.. math::  [P_K \,|\, P_V] = W_2 \tanh(W_1 E^\top + b_1) + b_2, \qquad
-           W_1 \in \mathbb{R}^{\mathrm{hidden} \times h},\;
-           W_2 \in \mathbb{R}^{n_{kv}(d_k + d_v) \times \mathrm{hidden}}
-
-which trains more stably; `surgery.merge` computes it once and keeps plain tensors
-(the MLP no longer runs or trains, the output is unchanged), `surgery.unmerge` goes
-back. One MLP per layer (PEFT shares one over all layers): every site stays self
-contained, so ``layers=`` and Delta tensors keyed by site work as for every method.
-Without reparameterisation there is nothing to fold and `surgery.merge` raises.
-
-Sites are the attention modules: the parents of the linears with roles ``@q @k @v @qkv``
-(``LlamaAttention``, ``GPT2Attention``, ``BertSelfAttention``, or a plain block calling
-``F.scaled_dot_product_attention``), cross-attention left out (found by its ``is_cross_attention``
-flag, a ``*CrossAttention`` class, or the names transformers gives it: ``EncDecAttention``,
-``encoder_attn``, ``crossattention``, ``cross_attn``; see `_is_cross`); ``layers="6:"`` (or any
-`surgery.layers` form, or a selector) keeps some depths. See `surgery.attention` for how
-the attention call is reached. Stored tensors per site: ``prefix_key`` [n_kv, P, d_k],
-``prefix_value`` [n_kv, P, d_v]; with ``reparam="mlp"``: ``prefix_embedding`` [P, h],
-``prefix_mlp.0.weight`` / ``.bias``, ``prefix_mlp.2.weight`` / ``.bias``.
-Parameters: :math:`P\,n_{kv}(d_k+d_v)` per layer (Llama-2-7B, P = 20: 164 k per layer,
-5.2 M in all).
+With ``reparam="mlp"`` the keys and values come from a per-layer embedding through an MLP
+(one per layer, unlike PEFT's shared one, so every site stays self-contained); `surgery.merge`
+folds it into plain tensors. Sites are the self-attention modules (cross-attention is left out,
+see `_is_cross`); ``layers=`` keeps some depths. `surgery.attention` says how the attention
+call is reached; docs/prefix.md has the details (masks, cache, PEFT, stored tensors).
 """
 
 from __future__ import annotations
@@ -56,7 +36,7 @@ from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
 from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
-from surgery.sublayers import in_width
+from surgery.sublayers import in_width, out_width
 
 _QKV = frozenset({"q", "k", "v", "qkv"})
 _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
@@ -144,18 +124,6 @@ class PrefixKV(Adapter):
                 "surgery.remove the prefix deltas, set the implementation, and apply them again"
             )
         return out
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if self.reparam is None:
-            return {"prefix_key": self.prefix_key, "prefix_value": self.prefix_value}
-        first, second = cast(nn.Linear, self.prefix_mlp[0]), cast(nn.Linear, self.prefix_mlp[2])
-        return {
-            "prefix_embedding": self.prefix_embedding,
-            "prefix_mlp.0.weight": first.weight,
-            "prefix_mlp.0.bias": first.bias,
-            "prefix_mlp.2.weight": second.weight,
-            "prefix_mlp.2.bias": second.bias,
-        }
 
     @property
     def folded(self) -> bool:
@@ -249,7 +217,9 @@ def _reach(module: nn.Module, path: str) -> tuple[str | None, list[str]]:
 
 def _direct(m: nn.Module) -> bool:
     """Whether `m` itself makes an attention call we may reach (checked for real in `place`)."""
-    return not _is_leaf(m) and (attention.calls_interface(m) or "scaled_dot_product_attention" in _source(m))
+    return not _is_leaf(m) and (
+        attention.calls_interface(m) or "scaled_dot_product_attention" in attention.forward_source(type(m))
+    )
 
 
 class _Attention(Sel):
@@ -272,34 +242,22 @@ class _Attention(Sel):
 
 
 def _layer_sel(spec: Any) -> Sel:
-    if isinstance(spec, Sel):
-        return spec
-    return layers(spec)
+    return spec if isinstance(spec, Sel) else layers(spec)
 
 
-def _width(m: nn.Module) -> int | None:
-    w = getattr(m, "out_features", None)
-    if w is None and hasattr(m, "nf"):  # transformers' Conv1D
-        w = m.nf
-    return int(w) if w is not None else None
+def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+    return next((getattr(obj, a) for a in names if isinstance(getattr(obj, a, None), int)), None)
 
 
 def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, int, int, int]:
     """(key/value heads, key head width, value head width, input width) of an attention module."""
     cfg = getattr(module, "config", None)
-    heads = next((getattr(module, a) for a in _HEAD_ATTRS if isinstance(getattr(module, a, None), int)), None)
+    heads = _int_attr(module, _HEAD_ATTRS)
     if heads is None and cfg is not None:
         heads = getattr(cfg, "num_attention_heads", None)
     d_in = in_width(module) or getattr(cfg, "hidden_size", None)
     if cfg is not None and heads:  # transformers
-        d = next(
-            (
-                getattr(module, a)
-                for a in ("head_dim", "attention_head_size", "head_size")
-                if isinstance(getattr(module, a, None), int)
-            ),
-            None,
-        )
+        d = _int_attr(module, ("head_dim", "attention_head_size", "head_size"))
         d = d or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         groups = getattr(module, "num_key_value_groups", None)
         n_kv = (
@@ -318,10 +276,9 @@ def _dims(module: nn.Module, path: str, model: nn.Module | None) -> tuple[int, i
     except GraphError:
         roles = {}
     for name, child in module.named_children():
-        r = roles.get(f"{path}.{name}", frozenset()) & _QKV
-        w = _width(child)
-        for role in r:
-            if w is not None:
+        w = out_width(child)
+        if w is not None:
+            for role in roles.get(f"{path}.{name}", frozenset()) & _QKV:
                 found.setdefault(role, w)
     if "qkv" in found and not {"q", "k", "v"} <= found.keys():
         found = dict.fromkeys(("q", "k", "v"), found["qkv"] // 3)
@@ -420,11 +377,7 @@ class PrefixTuning(Method):
                     else f"prefix: layers={cfg.layers!r} keeps none of the attention modules {sorted(found)}"
                 )
             found = kept
-        bad = []
-        for p, m in found.items():
-            kind, tried = _reach(m, p)
-            if kind is None:
-                bad.append((p, m, tried))
+        bad = [(p, m, tried) for p, m in found.items() for kind, tried in [_reach(m, p)] if kind is None]
         if bad:
             p, m, tried = bad[0]
             mods_found = ", ".join(f"{q} ({type(n).__name__})" for q, n in list(found.items())[:4])
@@ -529,35 +482,22 @@ class PrefixTuning(Method):
 
     def config_dict(self, cfg: PrefixConfig) -> dict[str, Any]:
         out = asdict(cfg)
-        spec = cfg.layers
-        if isinstance(spec, range):
-            out["layers"] = _span(spec) if spec.step == 1 else list(spec)
-        elif isinstance(spec, (set, frozenset, tuple)):
-            out["layers"] = sorted(spec)
-        elif spec is not None and not isinstance(spec, (str, int, list)):
-            # a selector: not JSON; the sites it chose travel with the tensors
-            rng = getattr(spec, "rng", None)
-            out["layers"] = (
-                _span(rng)
-                if isinstance(rng, range) and rng.step == 1
-                else sorted(rng)
-                if isinstance(rng, (set, frozenset))
-                else None
-            )
+        out["layers"] = _layers_json(out["layers"])
         return out
 
 
-def _span(r: range) -> str:
-    return f"{r.start}:{'' if r.stop >= 1 << 30 else r.stop}"
-
-
-def _source(m: nn.Module) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(type(m).forward)
-    except (OSError, TypeError):
-        return ""
+def _layers_json(spec: Any) -> Any:
+    """`layers=` as JSON. A selector is not: its layer range if it has a plain one, else None
+    (the sites it chose travel with the tensors)."""
+    if isinstance(spec, range):
+        return f"{spec.start}:{'' if spec.stop >= 1 << 30 else spec.stop}" if spec.step == 1 else list(spec)
+    if isinstance(spec, (set, frozenset, tuple)):
+        return sorted(spec)
+    if spec is None or isinstance(spec, (str, int, list)):
+        return spec
+    rng = getattr(spec, "rng", None)
+    plain = isinstance(rng, (set, frozenset)) or isinstance(rng, range) and rng.step == 1
+    return _layers_json(rng) if plain else None
 
 
 __all__ = ["PrefixConfig", "PrefixKV", "PrefixTuning"]
