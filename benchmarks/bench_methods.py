@@ -28,6 +28,7 @@ import gc
 import sys
 import time
 import traceback
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -104,11 +105,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def timing(fns: dict[str, Callable[[], Any]], opt: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def timing(fns: dict[str, Callable[[], Any]], opt: argparse.Namespace, rounds: int = 0) -> dict[str, dict[str, Any]]:
     # on CUDA a forward of this model is a few ms: one sample then times a batch of calls
     return C.interleaved(
         fns,
-        opt.rounds,
+        rounds or opt.rounds,
         opt.warmup,
         device=opt.device,
         min_sample_s=0.05 if torch.device(opt.device).type == "cuda" else 0,
@@ -165,7 +166,7 @@ def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
             "max_abs_diff_active_vs_base": max_diff(calls["active"]().logits, ref),
             "max_abs_diff_merged_vs_active": max_diff(calls["merged"]().logits, calls["active"]().logits),
         }
-        st = timing(fns, opt)
+        st = timing(fns, opt, 2 * opt.rounds)  # the tightest target: twice the rounds
         del fns, calls
         gc.collect()
         # The engine's cost is per call and per site, whatever the widths: read it in seconds on a
@@ -293,7 +294,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Model: LlamaForCausalLM {s['model']}, {s['dtype']}, batch {s['batch'][0]} x {s['batch'][1]} tokens"
         f"{' (--quick: a tiny model, figures not judged)' if quick else ''}. Timings: {s['warmup']} warm-ups, "
-        f"then {s['rounds']} interleaved rounds (contenders in rotating order); times are median / min over "
+        f"then {s['rounds']} interleaved rounds ({2 * s['rounds']} for part 3) (contenders in rotating order); times ("
+        f"{'CPU time of this process' if s['clock'] == 'cpu' else 'wall clock'}) are median / min over "
         "rounds; `ratio` is the median over rounds of the ratio within a round (ratios of medians and of "
         "minima, and every sample, are in the JSON).",
         "",
@@ -438,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help=f"sequences per batch (default {BATCH})")
     ap.add_argument("--seq", type=int, default=None, help=f"tokens per sequence (default {SEQ})")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every core)")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="what a sample measures: this process's CPU time (default on CPU: other jobs on the machine "
+        "do not count) or wall time (default, and the only choice, on CUDA)",
+    )
     ap.add_argument("--parts", default="idle,ia3,dora", help="which measurements, comma-separated")
     opt = ap.parse_args(argv)
     # --quick: one thread, as bench_lora (a smoke run's small ops make two threads wait on each other)
@@ -448,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     opt.batch = opt.batch or (QUICK_BATCH if opt.quick else BATCH)
     opt.seq = opt.seq or (QUICK_SEQ if opt.quick else SEQ)
     opt.dtype = DTYPES[opt.dtype]
+    cuda = torch.device(opt.device).type == "cuda"
+    opt.clock = opt.clock or ("wall" if cuda else "cpu")
+    if opt.clock == "cpu":
+        if cuda:
+            ap.error("--clock cpu cannot see GPU time: use --clock wall with --device cuda")
+        # common.interleaved reads time.perf_counter: give it this process's CPU time instead, so
+        # other jobs on a shared machine stop counting (with one torch thread, CPU time is the work)
+        C.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[assignment]
     cfg = TINY if opt.quick else MODEL
     res: dict[str, Any] = {
         "benchmark": "bench_methods",
@@ -462,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": opt.rounds,
             "warmup": opt.warmup,
             "threads": threads,
+            "clock": opt.clock,
             "lora": {"r": R, "alpha": ALPHA, "idle_targets": LORA_TARGETS, "dora_targets": DORA_TARGETS},
             "peft_ia3": IA3_PEFT,
         },
