@@ -481,18 +481,14 @@ class Hub:
             try:
                 out.append(self.resolve(name))
             except RegistryError:
-                v = self._version_numbers(name)[-1]
-                out.append(Ref(name, v, "unreadable"))
+                out.append(Ref(name, self._version_numbers(name)[-1], "unreadable"))
         return out
 
     def show(self, ref: str | Ref) -> dict[str, Any]:
         """The manifest of a version, plus its ref, the aliases pointing at it and its size in bytes."""
         r, man = self._resolve(parse(ref))
-        out = copy.deepcopy(man)
-        out["ref"] = str(r)
-        out["aliases"] = sorted(a for a, v in self.aliases(r.name).items() if v == r.version)
-        out["nbytes"] = man["blob"]["size"]
-        return out
+        aliases = sorted(a for a, v in self.aliases(r.name).items() if v == r.version)
+        return {**copy.deepcopy(man), "ref": str(r), "aliases": aliases, "nbytes": man["blob"]["size"]}
 
     def aliases(self, name: str) -> dict[str, int]:
         """alias -> version for `name` (replayed from its append-only aliases.log)."""
@@ -669,13 +665,9 @@ class Hub:
         return None
 
     def _blob_files(self) -> builtins.list[Path]:
-        out = []
-        for shard in sorted(self.blobs.iterdir()) if self.blobs.is_dir() else []:
-            if shard.is_dir():
-                out.extend(sorted(p for p in shard.iterdir()))
-            else:
-                out.append(shard)
-        return out
+        """Every file in the blob store, shard by shard (a stray file beside the shards included)."""
+        shards = self.blobs.iterdir() if self.blobs.is_dir() else []
+        return sorted(p for shard in shards for p in (shard.iterdir() if shard.is_dir() else [shard]))
 
     def _all_name_dirs(self, problems: builtins.list[str] | None = None) -> builtins.list[str]:
         out = []
