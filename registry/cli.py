@@ -407,42 +407,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hs = hub.add_subparsers(dest="hub_cmd", metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[Any, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[Any, argparse.Namespace], int], help: str, *positional: str
+    ) -> argparse.ArgumentParser:
         p = hs.add_parser(name, parents=[common], help=help, description=help)
         p.set_defaults(func=fn)
+        for arg in positional:
+            p.add_argument(arg, metavar=arg.upper())
         return p
 
     add("list", _cmd_list, "every name and its latest version")
-    add("versions", _cmd_versions, "every version of a name, oldest first").add_argument("name", metavar="NAME")
-    add("show", _cmd_show, "a version's manifest and tensors").add_argument("ref", metavar="REF")
-    p = add("alias", _cmd_alias, "point NAME@ALIAS at a version (default: the latest), or --delete it")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("alias", metavar="ALIAS")
+    add("versions", _cmd_versions, "every version of a name, oldest first", "name")
+    add("show", _cmd_show, "a version's manifest and tensors", "ref")
+    p = add("alias", _cmd_alias, "point NAME@ALIAS at a version (default: the latest), or --delete it", "name", "alias")
     p.add_argument("--version", dest="target", metavar="N", help="a version number, or an alias / ref of the same name")
     p.add_argument("--delete", action="store_true", help="remove the alias (recorded in its history)")
-    add("history", _cmd_history, "alias moves (NAME@ALIAS), lineage (NAME@N) or every event (NAME)").add_argument(
-        "ref", metavar="REF"
-    )
+    add("history", _cmd_history, "alias moves (NAME@ALIAS), lineage (NAME@N) or every event (NAME)", "ref")
     add("verify", _cmd_verify, "hash every blob and manifest; exit 1 and list every problem")
     add("gc", _cmd_gc, "remove unreferenced blobs and leftover temp files")
-    p = add("import-peft", _cmd_import_peft, "push a PEFT LoRA adapter folder as the next version of NAME")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--alias", help="also move this alias to the new version")
     p = add(
-        "export-peft",
-        _cmd_export_peft,
-        "write a version in PEFT's layout (adapter_config.json + adapter_model.safetensors)",
+        "import-peft", _cmd_import_peft, "push a PEFT LoRA adapter folder as the next version of NAME", "dir", "name"
     )
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("dir", metavar="DIR")
-    p = add("push-hf", _cmd_push_hf, "upload a version to the Hugging Face Hub (PEFT layout + manifest), tag v{N}")
-    p.add_argument("ref", metavar="REF")
+    p.add_argument("--alias", help="also move this alias to the new version")
+    export_help = "write a version in PEFT's layout (adapter_config.json + adapter_model.safetensors)"
+    add("export-peft", _cmd_export_peft, export_help, "ref", "dir")
+    p = add(
+        "push-hf", _cmd_push_hf, "upload a version to the Hugging Face Hub (PEFT layout + manifest), tag v{N}", "ref"
+    )
     p.add_argument("--repo-id", required=True, metavar="ID", help="the model repo, e.g. acme/sql-lora")
     p.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
     p.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN or the saved login)")
-    p = add("pull-hf", _cmd_pull_hf, "download a LoRA adapter from the Hugging Face Hub into the hub")
-    p.add_argument("repo_id", metavar="REPO_ID")
+    p = add("pull-hf", _cmd_pull_hf, "download a LoRA adapter from the Hugging Face Hub into the hub", "repo_id")
     p.add_argument("--revision", default="main", help="branch, tag (e.g. v3) or commit sha (default: main)")
     p.add_argument("--name", help="the hub name to push it as (default: from the repo id)")
     p.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN or the saved login)")
