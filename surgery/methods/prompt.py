@@ -11,37 +11,13 @@ and everything else is the frozen model. With ``encoder="mlp"`` or ``"lstm"``
 :math:`P = f(P_0)`, with :math:`f` a 3-layer MLP or a 2-layer bidirectional
 LSTM followed by a 2-layer MLP; :math:`P_0` and :math:`f` train together.
 
-How the prompt gets in (``placement="prepend"``, the default): the model's root
-forward pre-hook (`Method.prepare_inputs`) puts ``n`` placeholder token ids in
-front of ``input_ids`` and extends the other inputs to match:
-``attention_mask`` gets ``n`` ones in front, ``token_type_ids`` ``n`` zeros,
-token-level ``labels`` (integer, ``[B, T]``) ``n`` ``-100``, explicit
-``position_ids`` / ``cache_position`` become ``0..n-1`` followed by the given
-ones shifted by ``n``. The input embedding module then runs on those ids as
-usual and the site's hook writes :math:`P` over the placeholder rows. Keeping
-``input_ids`` (instead of switching to ``inputs_embeds``) keeps what models
-read from the ids working: the last-non-pad-token pooling of decoder sequence
-classifiers, RoBERTa's position ids. A call with ``inputs_embeds`` gets
-:math:`P` concatenated in front of them directly. Outputs have the ``n`` extra
-positions in front (``logits[:, n:]`` line up with the input), as in PEFT.
-
-With a KV cache (``generate()``), the prompt is put in only on a call whose
-cache is empty; a call continuing a non-empty cache only gets ``n`` ones in
-front of an attention mask that lacks them, and its ``position_ids`` /
-``cache_position`` shifted by ``n``.
-
-``placement="inline"`` is for `surgery.Template`'s ``[soft:N]`` placeholders:
-the vectors replace placeholder positions that the template names per call
-(`inline`), nothing is prepended.
-
-Initialisation (``init=``): ``"random"`` draws :math:`N(0, \sigma^2)` with
-:math:`\sigma` the standard deviation of the embedding matrix (PEFT draws
-:math:`N(0, 1)`), ``"vocab"`` copies random rows of the vocabulary,
-``"text:<text>"`` the embeddings of ``<text>``'s tokens (``tokenizer=`` needed;
-repeated or cut to ``n`` as PEFT's ``prompt_tuning_init_text``), a list of
-token ids those rows. Tensors are stored under the embedding's path:
-``prompt_embeddings`` ``[n, d]`` and the encoder's (``mlp.*``, ``lstm.*``,
-``lstm_head.*``).
+How the prompt gets in (``placement="prepend"``): the model's root forward pre-hook
+(`Method.prepare_inputs`) puts ``n`` placeholder ids in front of ``input_ids`` and extends the
+other inputs to match; the site's hook then writes :math:`P` over the placeholder rows. Keeping
+``input_ids`` (not switching to ``inputs_embeds``) keeps what models read from the ids working
+(last-non-pad pooling, RoBERTa's position ids). With a KV cache the prompt goes in only on a call
+whose cache is empty. ``placement="inline"`` fills a `surgery.Template`'s ``[soft:N]`` slots.
+Inputs, caches, ``init=`` and the stored tensors: docs/prompts.md.
 """
 
 from __future__ import annotations
@@ -136,9 +112,6 @@ class Prompt(Adapter):
         enc = f", encoder={self.encoder}" if self.encoder else ""
         return f"n_tokens={self.n}, dim={self.dim}{enc}, placement={self.placement}"
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_parameters())
-
     def prompt(self) -> torch.Tensor:
         """The prompt vectors [n, d] (through the encoder for P-tuning)."""
         e = self.prompt_embeddings
@@ -215,9 +188,8 @@ class PromptTuning(Method):
         check_token_input(model)
         want = token_embedding(model)
         if want is not None:
-            for p, m in embs:
-                if m is want[1]:
-                    return [(p, m)]
+            if mine := [(p, m) for p, m in embs if m is want[1]]:
+                return mine[:1]
             if embs:
                 raise ConfigError(
                     f"prompt: targets= hits {', '.join(p for p, _ in embs[:6])}, but {type(model).__name__} reads "
@@ -390,10 +362,8 @@ def _seq2seq_mask(front: list[Prompt], args: tuple, kwargs: dict) -> tuple[tuple
         )
     enc = kwargs.get("encoder_outputs")
     if enc is not None:  # the encoder ran already (generate): its output has the prompt's positions or not
-        h = enc[0] if isinstance(enc, (tuple, list)) else getattr(enc, "last_hidden_state", None)
-        if h is None:
-            h = enc[0]
-        length = h.shape[1]
+        h = getattr(enc, "last_hidden_state", None)
+        length = (enc[0] if h is None else h).shape[1]
         if mask.shape[-1] == length:
             return None
         if mask.shape[-1] != length - n:
@@ -402,11 +372,8 @@ def _seq2seq_mask(front: list[Prompt], args: tuple, kwargs: dict) -> tuple[tuple
                 f"with the active prompts' {n} it must have {length - n} (or {length} counting them)"
             )
     else:
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
+        given = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1])
+        x = next((v for v in given if isinstance(v, torch.Tensor)), None)
         if x is None or mask.shape[-1] != x.shape[1]:
             return None  # the model reports the mismatch itself
     kwargs = dict(kwargs)
@@ -607,14 +574,10 @@ def _extend(
                 embeds = torch.cat([*ps, embeds], dim=1)
             if isinstance(mask, torch.Tensor) and not (encoder and mask.shape[-1] == t + n):
                 kwargs["attention_mask"] = _front(mask, n, 1)
-            for key in ("token_type_ids",):
+            for key in ("token_type_ids", "position_ids", "cache_position"):
                 v = kwargs.get(key)
                 if isinstance(v, torch.Tensor) and v.shape[-1] == t:
-                    kwargs[key] = _front(v, n, 0)
-            for key in ("position_ids", "cache_position"):
-                v = kwargs.get(key)
-                if isinstance(v, torch.Tensor) and v.shape[-1] == t:
-                    kwargs[key] = _positions(v, n)
+                    kwargs[key] = _front(v, n, 0) if key == "token_type_ids" else _positions(v, n)
             labels = None if encoder else kwargs.get("labels")
             if (
                 isinstance(labels, torch.Tensor)
@@ -676,10 +639,7 @@ def inline(model: nn.Module, name: str, slots: torch.Tensor) -> Iterator[None]:
 
     if name not in engine.names(model):
         raise SurgeryError(f"no prompt named {name!r} in this model")
-    cur = _INLINE.get()
-    new = dict(cur) if cur else {}
-    new[(engine.context_key(model), name)] = slots
-    tok = _INLINE.set(new)
+    tok = _INLINE.set({**(_INLINE.get() or {}), (engine.context_key(model), name): slots})
     try:
         yield
     finally:
