@@ -28,6 +28,7 @@ cross-entropy of that distribution against the labels (PET's loss).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -225,15 +226,11 @@ class Template:
             vals = self._values(x)
             # fields go into the text first, so subword tokenizers see the words with their spaces
             segs: list[tuple[str, Any]] = []
-            for k, v in self.parts:
-                piece = str(vals[v]) if k == "field" else v if k == "text" else None
-                if piece is not None:
-                    if segs and segs[-1][0] == "text":
-                        segs[-1] = ("text", segs[-1][1] + piece)
-                    else:
-                        segs.append(("text", piece))
+            for is_text, group in itertools.groupby(self.parts, key=lambda kv: kv[0] in ("text", "field")):
+                if is_text:
+                    segs.append(("text", "".join(str(vals[v]) if k == "field" else v for k, v in group)))
                 else:
-                    segs.append((k, v))
+                    segs.extend(group)
             if kind == "causal" and self.has_mask:
                 segs = segs[: next(i for i, (k, _) in enumerate(segs) if k == "mask")]
                 if segs and segs[-1][0] == "text":
@@ -313,11 +310,8 @@ class Template:
         off = logits.shape[1] - t  # positions the active prompts put in front
         rows = torch.arange(logits.shape[0], device=logits.device)
         lp = logits[rows, batch["at"].to(logits.device) + off].float().log_softmax(-1)
-        cols = []
-        for label in self.labels:
-            words = [lp[:, ids].mean(-1) for _, ids in self.word_ids[label]]
-            cols.append(torch.stack(words, -1).mean(-1))
-        return torch.stack(cols, -1)
+        words = [torch.stack([lp[:, ids].mean(-1) for _, ids in self.word_ids[y]], -1) for y in self.labels]
+        return torch.stack([w.mean(-1) for w in words], -1)
 
     def predict(self, model: nn.Module, inputs: Sequence[Any]) -> torch.Tensor:
         """Label probabilities [batch, labels] (columns in the order of `labels`), without gradients.
