@@ -106,10 +106,7 @@ def start_chunk_check(data: bytes | bytearray, chunk_size: int) -> list:
     The caller parses the header meanwhile (hashlib releases the GIL on big buffers)."""
     view = memoryview(data)
     pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)]
-    if len(pieces) == 1:
-        return pieces
-    pool = get_pool()
-    return [pool.submit(_sha, p) for p in pieces]
+    return pieces if len(pieces) == 1 else [get_pool().submit(_sha, p) for p in pieces]
 
 
 def finish_chunk_check(started: list) -> list[str]:
