@@ -199,7 +199,7 @@ def _merge_manifest(delta: surgery.Delta, manifest: dict[str, Any]) -> None:
     if isinstance(base, str):
         delta.base = base
     cfg = manifest.get("config")
-    if manifest.get("method", "lora") == "lora" and isinstance(cfg, dict):
+    if manifest.get("method", "lora") in ("lora", "dora") and isinstance(cfg, dict):
         paths = list(delta.sites())
         if _site_alphas(cfg, paths) == _site_alphas(delta.config, paths) and bool(cfg.get("rslora")) == bool(
             delta.config.get("rslora")
