@@ -312,3 +312,41 @@ def test_with_the_real_hub(fake_download, tmp_path):
     for k in delta.tensors:
         assert torch.equal(back.tensors[k], delta.tensors[k])
     assert Path(tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize(
+    "method, kw", [("ia3", {}), ("dora", {"r": 4}), ("vera", {"r": 8}), ("loha", {"r": 4}), ("lokr", {"r": 4})]
+)
+def test_push_hf_and_pull_hf_every_peft_method(fake_download, tmp_path, method, kw):
+    """Each method with a PEFT layout goes to the Hugging Face Hub and back: PEFT reads the commit
+    with our outputs, and pull_hf gives the very tensors and outputs again."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama().eval()
+    surgery.inject(model, method, name="t", **kw)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ad in surgery.engine.adapters(model, "t").values():
+            for t in ad.parameters():
+                t.add_(torch.randn(t.shape, generator=g) * 0.1)
+    delta = surgery.delta(model, "t")
+    hub, api = FakeHub(), FakeApi()
+    fake_download(api)
+    hub.push(delta, "acme/t")
+    sha = push_hf(hub, "acme/t", "acme/t-" + method, api=api)
+    folder = tmp_path / "commit"
+    folder.mkdir()
+    for n, data in api.commits[sha].items():
+        (folder / n).write_bytes(data)
+    x = batch_for(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(tiny_llama().eval(), str(folder))
+    torch.testing.assert_close(run(pm, x), run(model, x), atol=1e-5, rtol=1e-5)
+    other = FakeHub()
+    ref = pull_hf(other, "acme/t-" + method, revision="v1", api=api)
+    got = other.pull(f"{ref.name}@{ref.version}")
+    assert got.method == method and got.tensors.keys() == delta.tensors.keys()
+    assert all(torch.equal(got.tensors[k], delta.tensors[k]) for k in delta.tensors)
+    fresh = tiny_llama().eval()
+    surgery.apply(fresh, got, "t")
+    torch.testing.assert_close(run(fresh, x), run(model, x), atol=1e-6, rtol=1e-6)
