@@ -2,65 +2,20 @@ r"""Mixture of experts by upcycling a feed-forward block (Switch Transformer, Fe
 sparse upcycling, Komatsuzaki et al., 2022), and the routing shared with ``lora_moe``.
 
 Method ``"moe"`` replaces an FFN :math:`F` (a site from `surgery.sublayers`) by ``experts``
-copies :math:`E_1 = \dots = E_n = F` of it and a router :math:`W_r \in \mathbb{R}^{n \times d}`:
-
-.. math::  p(x) = \mathrm{softmax}(W_r x), \qquad
-           \mathcal{T}(x) = \text{top-}k \text{ indices of } p(x), \qquad
-           y = \sum_{i \in \mathcal{T}(x)} g_i(x)\, E_i(x), \qquad
-           g_i(x) = \frac{p_i(x)}{\mathrm{sg}\big[\sum_{j \in \mathcal{T}(x)} p_j(x)\big]}
-
-(:math:`\mathrm{sg}` = stop-gradient). **Gate normalisation.** Switch multiplies the top-1
-expert by :math:`p_i` itself; with a fresh router :math:`p_i \approx 1/n`, which would scale
-the upcycled FFN down by :math:`n` and destroy the pretrained model. Here the top-k gates
-are divided by their sum *without* letting gradient through the divisor: in value the
-gates sum to 1 (exactly 1 for top-1, since :math:`p/p = 1` in floating point), so at
-injection, where every expert is an exact copy of the FFN, the output equals the dense
-FFN whatever the router; in gradient each gate is :math:`p_i / c` with a constant
-:math:`c`, so the router receives the Switch gradient :math:`\partial y / \partial p_i = E_i(x) / c`
-(and learns to prefer experts that lower the loss, as in Switch).
-
-**Capacity.** With ``capacity_factor`` :math:`c_f`, each expert takes at most
-:math:`\lceil c_f \cdot T k / n \rceil` of the :math:`T k` assignments of a forward
-(:math:`T` tokens); first choices are served before second choices, each in token order,
-and an assignment past its expert's capacity is dropped: it contributes zero (the token
-passes through the residual alone, as in Switch). ``None`` (the default) drops nothing,
-so injection is exact.
-
-**Load-balancing loss** (Switch, eq. 4): :math:`\mathcal{L}_{aux} = n \sum_i f_i P_i` with
-:math:`f_i` the fraction of the :math:`T k` assignments that go to expert :math:`i`
-(before capacity dropping) and :math:`P_i` the mean router probability of expert
-:math:`i` over the tokens. Every routing adapter keeps the value of its last forward
-(with its autograd graph in training); ``surgery.aux_loss(model)`` sums them over the
-active deltas: ``loss = task_loss + 0.01 * surgery.aux_loss(model)``.
-
-Optional router ``jitter`` :math:`\epsilon` multiplies the router's input by
-:math:`U(1-\epsilon, 1+\epsilon)` noise in training (Switch). The router is `nn.Linear`
-without bias, initialised :math:`\mathcal{N}(0, \text{router\_std}^2)`, kept in fp32 on
-half-precision bases.
-
-**Sites.** The FFN module itself when one module holds exactly the FFN (Llama's and
-GPT-2's ``mlp``: each expert is a deep copy of it). When the FFN is split over two
-modules (BERT's ``intermediate`` + ``output.dense``), an expert is
-``nn.Sequential(copy of intermediate, copy of output.dense)``: the entry module must be a
-module that holds the activation (a leaf linear followed by a functional activation in the
-block's forward cannot be copied as an expert: target a module holding the whole FFN).
-An FFN that already holds injected deltas cannot be upcycled (inject ``moe`` first), and
-no delta can be injected inside an upcycled FFN afterwards (it would never run).
-
-**Tensors** under the site: ``router.weight`` [n, d] and every expert's parameters
-``experts.{i}.{parameter path}`` (e.g. ``experts.3.gate_proj.weight``). The output is not a
-weight update of the base, so ``surgery.merge`` raises; ``surgery.remove`` restores the
-original module, bit for bit.
-
-**Dispatch.** Tokens are flattened, their assignments sorted by expert once (one stable
-``argsort``), gathered with one ``index_select``, split by expert, run through each expert
-that got any, and scattered back (``index_copy`` for top-1 without dropping, else
-``index_add``).
+copies :math:`E_i = F` and a router :math:`W_r`: :math:`y = \sum_{i \in \mathcal{T}(x)} g_i(x)\, E_i(x)`
+over the top-k experts :math:`\mathcal{T}(x)` of :math:`p(x) = \mathrm{softmax}(W_r x)`, with
+gates :math:`g_i = p_i / \mathrm{sg}[\sum_{j \in \mathcal{T}(x)} p_j]` (sg = stop-gradient).
+Switch's gate :math:`p_i` alone is about :math:`1/n` for a fresh router and would scale the
+upcycled FFN down by :math:`n`; these gates sum to 1 in value (exactly 1 for top-1), so at
+injection the output is the dense FFN's whatever the router, while the router still gets the
+Switch gradient. Capacity, the load-balancing loss (``surgery.aux_loss``), the sites, the
+tensors and the dispatch are described in docs/moe.md.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -141,11 +96,10 @@ def route(
 
 def balance_loss(probs: torch.Tensor, counts: torch.Tensor, assignments: int) -> torch.Tensor:
     """Switch's load-balancing loss n * sum_i f_i P_i (f_i = counts_i / assignments)."""
-    n = probs.shape[-1]
     if not assignments:
         return probs.new_zeros(())
     f = counts.to(probs.dtype) / assignments
-    return n * torch.dot(f, probs.mean(0))
+    return probs.shape[-1] * torch.dot(f, probs.mean(0))
 
 
 def tracing(x: torch.Tensor) -> bool:
@@ -222,13 +176,6 @@ class MoELayer(Routed):
         self.top_k, self.capacity_factor, self.jitter = top_k, capacity_factor, jitter
         self.aux = None
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"router.weight": self.router.weight}
-        for i, e in enumerate(self.experts):
-            for k, p in e.named_parameters():
-                out[f"experts.{i}.{k}"] = p
-        return out
-
     def merge(self, site: SiteView) -> NotMergeable:
         return NotMergeable("its router picks experts per token, so no single weight computes it")
 
@@ -248,9 +195,7 @@ class MoELayer(Routed):
 
     def capacity(self, tokens: int) -> int | None:
         cf = self.capacity_factor
-        if cf is None:
-            return None
-        return math.ceil(cf * tokens * self.top_k / len(self.experts))
+        return None if cf is None else math.ceil(cf * tokens * self.top_k / len(self.experts))
 
     def mix(self, x2: torch.Tensor) -> torch.Tensor:
         """The experts' output for tokens x2 [T, d_in] -> [T, d_out]."""
@@ -308,10 +253,6 @@ class MoELayer(Routed):
             ye = expert(x2) * w[:, e : e + 1].to(x2.dtype)
             y = ye if y is None else y + ye
         return y  # type: ignore[return-value]
-
-
-def _leaf(m: nn.Module) -> bool:
-    return not any(name != CHILD for name, _ in m.named_children())
 
 
 def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
@@ -380,7 +321,7 @@ class MoE(Method):
             roots = [(path, module)]
         else:
             entry = model.get_submodule(sub.entry)
-            if _leaf(entry):
+            if not any(name != CHILD for name, _ in entry.named_children()):  # a leaf
                 raise SelectorError(
                     f"moe: the FFN at {path!r} starts at {sub.entry!r}, a bare {type(entry).__name__}: its "
                     "activation is a function call in the enclosing block's forward, so the FFN cannot be "
@@ -394,9 +335,7 @@ class MoE(Method):
             experts = [copy.deepcopy(module) for _ in range(n)]
         else:
             experts = [nn.Sequential(copy.deepcopy(roots[0][1]), copy.deepcopy(module)) for _ in range(n)]
-        like: torch.Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if like is None:
-            like = torch.empty(0)
+        like = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
         ad = MoELayer(
             experts, sub.d_in, sub.d_out, cfg.top_k, cfg.capacity_factor, float(cfg.jitter), float(cfg.router_std), like
         )
@@ -439,16 +378,16 @@ def aux_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
     else:
         active = engine.spec_names(engine.active(model))
         todo = [n for n in dict.fromkeys(active) if n in injected and routing(n)]
-    total: torch.Tensor | None = None
-    for n in todo:
-        for ad in engine.adapters(model, n).values():
-            a = ad.aux if isinstance(ad, Routed) else None
-            if a is not None:
-                total = a if total is None else total + a.to(total.device)
-    if total is None:
+    auxes = [
+        ad.aux
+        for n in todo
+        for ad in engine.adapters(model, n).values()
+        if isinstance(ad, Routed) and ad.aux is not None
+    ]
+    if not auxes:
         p = next(iter(model.parameters()), None)
         return torch.zeros((), device=p.device if p is not None else None)
-    return total
+    return functools.reduce(lambda total, a: total + a.to(total.device), auxes)
 
 
 __all__ = ["MoE", "MoEConfig", "MoELayer", "Routed", "aux_loss", "balance_loss", "route"]
