@@ -1,24 +1,13 @@
 r"""A mixture of LoRA experts at each linear site (MoLoRA, Zadouri et al., 2023; top-k
 routing as in ``moe``).
 
-For a linear site with frozen weight :math:`W` and input :math:`x`, ``experts`` LoRA pairs
-:math:`(A_i \in \mathbb{R}^{r \times in}, B_i \in \mathbb{R}^{out \times r})` and a router
-:math:`W_r \in \mathbb{R}^{n \times in}`:
-
-.. math::  y = W x + s \sum_{i \in \mathcal{T}(x)} g_i(x)\, B_i A_i\, \mathrm{dropout}(x),
-           \qquad s = \alpha / r
-
-with :math:`\mathcal{T}(x)` the top-k experts of :math:`p(x) = \mathrm{softmax}(W_r x)` and
-gates :math:`g_i = p_i / \mathrm{sg}[\sum_{j \in \mathcal{T}} p_j]` (the routing of
-`surgery.methods.moe`: gates sum to 1 in value, the router gets the Switch gradient).
-The A matrices are stored stacked as one tensor ``lora_A.weight`` [n r, in] (Kaiming-uniform,
-as LoRA's A, with the fan-in of one expert, which is the stacked tensor's too), the B
-matrices as ``lora_B.weight`` [out, n r] (zeros, so the output equals the base at
-injection), the router as ``router.weight`` [n, in] (:math:`\mathcal{N}(0, \text{router\_std}^2)`).
-One forward is two GEMMs whatever the number of experts: :math:`h = x A^T` [T, n r],
-scaled per expert block by the gate (zero for the experts not chosen), then :math:`h B^T`.
-The router and the experts train, the base stays frozen. The update depends on the token,
-so ``surgery.merge`` raises. The load-balancing loss is in ``surgery.aux_loss(model)``.
+For a linear site with frozen weight :math:`W`, ``experts`` LoRA pairs :math:`(A_i, B_i)`
+behind the router of `surgery.methods.moe`:
+:math:`y = W x + (\alpha / r) \sum_{i \in \mathcal{T}(x)} g_i(x)\, B_i A_i\, \mathrm{dropout}(x)`.
+The A's are stored stacked as ``lora_A.weight`` [n r, in] and the B's as ``lora_B.weight``
+[out, n r] (zeros: the output equals the base at injection), so a forward is two GEMMs
+whatever the number of experts (docs/moe.md). The update depends on the token, so
+``surgery.merge`` raises.
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ from torch import nn
 from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, MethodConfig, NotMergeable, SiteView, register
 from surgery.methods.lora import adapter_dtype, add_low_rank, is_conv1d_transformers
-from surgery.methods.moe import Routed, check_routing, is_number, make_router
+from surgery.methods.moe import Routed, check_routing, is_int, is_number, make_router
 from surgery.sublayers import fused_beside, fused_refusal, split_fused
 
 
@@ -117,7 +106,7 @@ class LoRAMoE(Method):
 
     def validate(self, cfg: LoRAMoEConfig) -> None:
         check_routing("lora_moe", cfg.experts, cfg.top_k, cfg.router_std)
-        if not (isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0):
+        if not (is_int(cfg.r) and cfg.r > 0):
             raise ConfigError(f"lora_moe: r must be a positive integer, got {cfg.r!r}")
         if not (is_number(cfg.alpha) and cfg.alpha > 0):
             raise ConfigError(f"lora_moe: alpha must be a positive number, got {cfg.alpha!r}")
@@ -136,18 +125,14 @@ class LoRAMoE(Method):
         return sites
 
     def make(self, site: SiteView, cfg: LoRAMoEConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
-        module, path = site.module, site.path
         n, r = cfg.experts, cfg.r
         if shapes and "router.weight" in shapes and "lora_A.weight" in shapes:
             n = int(shapes["router.weight"][0])
             r = max(1, int(shapes["lora_A.weight"][0]) // n)
         if cfg.top_k > n:
-            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {n} experts at {path!r}")
-        weight = cast(torch.Tensor, module.weight)  # nn.Linear or transformers' Conv1D (supports())
-        if isinstance(module, nn.Linear):
-            in_f, out_f, fifo = module.in_features, module.out_features, False
-        else:  # Conv1D: weight (in, out)
-            (in_f, out_f), fifo = weight.shape, True
+            raise ConfigError(f"lora_moe: top_k={cfg.top_k} is larger than the {n} experts at {site.path!r}")
+        in_f, out_f = cast(int, site.in_features), cast(int, site.out_features)  # a linear site (supports())
+        fifo, weight = site.kind == "conv1d_tf", cast(torch.Tensor, site.weight)
         return LoRAMoELayer(
             in_f, out_f, n, r, cfg.alpha / r, cfg.top_k, cfg.dropout, fifo, float(cfg.router_std), weight
         )
