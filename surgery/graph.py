@@ -12,16 +12,11 @@ A role says what a leaf module does in the computation, read off the dataflow gr
   ``nn.Embedding``, ``linear``: every linear-like leaf that is not the head.
 
 The graph comes from `torch.fx.symbolic_trace` (plain modules) or, failing that,
-`torch.export.export(strict=False)`, whose nodes carry ``meta["nn_module_stack"]``. For large
-`transformers` models, roles are read from a stand-in with fewer layers built on the meta
-device and mapped back layer by layer, so that finding roles stays fast for 7B-sized models.
-
-Inputs: plain modules that `symbolic_trace` follows need none. `transformers` models get small
-dummy inputs built from the model itself (``main_input_name``, the forward's parameters and the
-config with its sub-configs: vocabulary, image size and channels, mel bins, source positions,
-decoder start id), so roles work out of the box for text, vision, audio, encoder-decoder and
-dual-tower models. Where that is not enough, ``surgery.trace(model, inputs)`` builds the graph
-once from a real batch; role selectors then read it. Every failure is a `GraphError` saying so.
+`torch.export.export(strict=False)` on dummy inputs built from a `transformers` model's config
+(or on a batch given to ``surgery.trace(model, inputs)``). Large `transformers` models are read
+through a few-layer stand-in on the meta device, mapped back layer by layer, so that finding
+roles stays fast for 7B-sized models. Every failure is a `GraphError` saying what to do.
+More in docs/graph.md.
 """
 
 from __future__ import annotations
@@ -283,15 +278,8 @@ def _lookup(cfgs: list, name: str, prefer: str = "") -> Any:
     """The first value of config attribute `name`: in sub-configs whose attribute name contains `prefer`
     first (``vision`` for image sizes, ``text`` for vocabularies), then in the others, outermost first.
     Any: config attributes are untyped (an int, a tuple, a list, ...); callers check what they use."""
-    first: list[Any] = []
-    if prefer:
-        for c in cfgs:
-            first.extend(v for k, v in vars(c).items() if prefer in k and hasattr(v, "to_dict"))
-    for c in (*first, *cfgs):
-        value = getattr(c, name, None)
-        if value is not None:
-            return value
-    return None
+    first = [v for c in cfgs for k, v in vars(c).items() if prefer and prefer in k and hasattr(v, "to_dict")]
+    return next((v for c in (*first, *cfgs) if (v := getattr(c, name, None)) is not None), None)
 
 
 def _hf_inputs(model: nn.Module) -> list[dict]:
@@ -403,17 +391,15 @@ def _standin_roles(model: nn.Module) -> dict[str, frozenset[str]] | None:
     return _map_back(model, standin, found)
 
 
-def _signature(module: nn.Module) -> tuple:
-    return tuple((path, type(m)) for path, m in module.named_modules())
-
-
 def _map_back(model: nn.Module, standin: nn.Module, found: dict[str, frozenset[str]]) -> dict | None:
     """Give each module of `model` the roles of its counterpart in `standin` (same layer structure)."""
     real, small = dict(model.named_modules()), dict(standin.named_modules())
     sigs: dict[int, tuple] = {}
 
-    def sig(m: nn.Module) -> tuple:
-        return sigs.setdefault(id(m), _signature(m))
+    def sig(m: nn.Module) -> tuple:  # the module tree's paths and types
+        if id(m) not in sigs:
+            sigs[id(m)] = tuple((path, type(sub)) for path, sub in m.named_modules())
+        return sigs[id(m)]
 
     out: dict[str, frozenset[str]] = {}
     hit = set()
@@ -701,27 +687,18 @@ def _heads(flow: _Flow) -> set[str]:
     out_node = next(n for n in reversed(flow.graph.nodes) if n.op == "output")
     user = out_node.meta.get("surgery.user_outputs")
     starts: list[fx.Node] = []
-    fx.node.map_arg(out_node.args, lambda a: starts.append(a))
-    starts = [s for s in starts if user is None or s.name in user]
-    found, seen = set(), set()
-    while starts:
-        n = starts.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    fx.node.map_arg(out_node.args, starts.append)
+
+    def step(n: fx.Node) -> list[fx.Node]:
         kind = flow.kind[n]
-        owner = flow.owner[n]
-        if owner is not None:
-            found.add(owner)
-        elif kind in _VIEW:
-            starts.extend(flow.data_inputs(n))
-        elif kind in _SCALE | {"add", "sub"} and len(flow.tensors(n)) == 1:
-            starts.extend(flow.tensors(n))  # scaling by a constant, adding a bias (BART's final_logits_bias)
-        elif (
-            kind == "tanh"
-            and flow.scope[n] not in flow.acts
-            and flow.inputs(n)
-            and flow.kind[flow.inputs(n)[0]] in _SCALE
-        ):
-            starts.extend(flow.inputs(n))  # soft-capping tanh(logits / cap) * cap, not a pooler's tanh
-    return found
+        if kind in _VIEW:
+            return flow.data_inputs(n)
+        if kind in _SCALE | {"add", "sub"} and len(flow.tensors(n)) == 1:
+            return flow.tensors(n)  # scaling by a constant, adding a bias (BART's final_logits_bias)
+        if kind == "tanh" and flow.scope[n] not in flow.acts and flow.inputs(n):
+            # soft-capping tanh(logits / cap) * cap, not a pooler's tanh
+            return flow.inputs(n) if flow.kind[flow.inputs(n)[0]] in _SCALE else []
+        return []
+
+    starts = [s for s in starts if user is None or s.name in user]
+    return flow._walk(starts, _VIEW | _SCALE | {"add", "sub", "tanh"}, frozenset(), step)[0]
