@@ -1,28 +1,11 @@
 r"""Hard and mixed prompts: `Template` (pattern-verbalizer pairs, PET; Schick and Schütze, 2021).
 
-A template is text with
-
-* ``{field}``: filled from the input (a string when the template has one field,
-  else a dict per example);
-* ``[MASK]``: where the label word goes. A masked LM scores the label words at
-  the tokenizer's mask token there; a causal LM at the next-token position
-  after the text before ``[MASK]`` (whatever follows ``[MASK]`` is not fed to a
-  causal LM: it could not change that prediction). A causal template may leave
-  ``[MASK]`` out, and the words are scored after the whole text; a masked-LM
-  template without ``[MASK]`` is an error;
-* ``[soft:N]``: ``N`` trainable vectors at that position (a mixed prompt). All
-  the ``[soft:N]`` of a template form one inline ``"prompt"`` delta named after
-  the template (``name=``), injected on first use or by `Template.attach`.
-
-The verbalizer maps each label to a word or a list of words. With
-:math:`\ell_v` the log-softmax over the vocabulary at the scored position,
-a word :math:`w` of tokens :math:`t_1..t_k` scores
-:math:`s(w) = \frac1k \sum_j \ell_v(t_j)` (a word the tokenizer splits is
-allowed: its tokens' log-probabilities are averaged, all read at the one
-position), a label :math:`y` with words :math:`W_y` scores
-:math:`s(y) = \frac{1}{|W_y|} \sum_{w \in W_y} s(w)`, and
-:math:`p(y \mid x) = \mathrm{softmax}_y\, s(y)`. `Template.loss` is the
-cross-entropy of that distribution against the labels (PET's loss).
+A template is text with ``{field}`` (filled from the input), ``[MASK]`` (where the label word
+goes: scored at the mask token by a masked LM, at the next-token position after the text before
+it by a causal LM) and ``[soft:N]`` (``N`` trainable vectors: one inline ``"prompt"`` delta
+named after the template). A label's score is the mean over its words of the mean
+log-probability of each word's tokens at that position; :math:`p(y \mid x)` is their softmax and
+`Template.loss` its cross-entropy (PET's loss). Details: docs/prompts.md.
 """
 
 from __future__ import annotations
