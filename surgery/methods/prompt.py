@@ -23,6 +23,7 @@ Inputs, caches, ``init=`` and the stored tensors: docs/prompts.md.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -49,10 +50,7 @@ _INLINE: ContextVar[dict[tuple[int | None, str], torch.Tensor] | None] = Context
 _MLP = tuple(f"mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias"))
 _LSTM = tuple(
     f"lstm.{w}_{k}_l{layer}{rev}"
-    for layer in (0, 1)
-    for rev in ("", "_reverse")
-    for w in ("weight", "bias")
-    for k in ("ih", "hh")
+    for layer, rev, w, k in itertools.product((0, 1), ("", "_reverse"), ("weight", "bias"), ("ih", "hh"))
 )
 _HEAD = tuple(f"lstm_head.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
 
