@@ -40,6 +40,7 @@ from surgery.sublayers import in_width, out_width
 
 _QKV = frozenset({"q", "k", "v", "qkv"})
 _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
+_MLP = tuple(f"prefix_mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias"))
 
 
 @dataclass
@@ -298,15 +299,7 @@ class PrefixTuning(Method):
     name = "prefix"
     identity_at_init = False
     Config = PrefixConfig
-    tensor_suffixes = (
-        "prefix_key",
-        "prefix_value",
-        "prefix_embedding",
-        "prefix_mlp.0.weight",
-        "prefix_mlp.0.bias",
-        "prefix_mlp.2.weight",
-        "prefix_mlp.2.bias",
-    )
+    tensor_suffixes = ("prefix_key", "prefix_value", "prefix_embedding", *_MLP)
 
     def targets(self, cfg: PrefixConfig | None) -> Any:
         return _Attention()
