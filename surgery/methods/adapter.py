@@ -1,27 +1,13 @@
 r"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021; He et al., 2022).
 
-A bottleneck adapter maps a sublayer's hidden state :math:`h \in \mathbb{R}^d`
-through a small MLP and adds it back:
-
-.. math::  a(h) = s \, W_{up}\, f(W_{down} h + b_{down}) + b_{up}, \qquad
-           W_{down} \in \mathbb{R}^{b \times d},\; W_{up} \in \mathbb{R}^{d \times b}
-
-* ``houlsby``: :math:`y = o + a(o)` on the attention block's output projection
-  (role ``@o``) and on the FFN's (``@mlp.down``): after each sublayer, before
-  its residual add and layer norm. Default activation swish.
-* ``pfeiffer``: the same after the FFN only (``@mlp.down``). Default ReLU.
-* ``parallel``: beside the FFN, :math:`y = \mathrm{FFN}(x) + a(x)` with the
-  FFN's *input* x (a sublayer site, see `surgery.sublayers`), ``scale`` s
-  defaulting to 4. Default ReLU.
-
-The size is ``bottleneck=`` b units, or ``reduction=`` r with b = d // r.
-:math:`W_{down}` starts as `nn.Linear` does (Kaiming-uniform), :math:`W_{up}` and
-:math:`b_{up}` at zero, so the model's output is unchanged at injection.
-Parameters per adapter: :math:`2 d b + b + d` (Houlsby on BERT-base, b = 64:
-2 adapters x 12 layers x 99,136 = 2.38 M). Tensors are stored under the site as
-``adapter_down.weight`` [b, d], ``adapter_down.bias``, ``adapter_up.weight``
-[d, b], ``adapter_up.bias``. Adapters do not merge into the base weights (the
-activation is in the way): `surgery.merge` raises.
+A bottleneck adapter adds :math:`a(h) = s\, W_{up} f(W_{down} h + b_{down}) + b_{up}`
+(:math:`W_{down} \in \mathbb{R}^{b \times d}`) to a site's output. ``houlsby``: :math:`h` is the
+output of the attention's and of the FFN's output projections (``@o``, ``@mlp.down``), before
+their residual add; ``pfeiffer``: the same after the FFN only; ``parallel``: :math:`h` is the
+FFN's *input* (a sublayer site, see `surgery.sublayers`), beside the FFN, with s = 4.
+:math:`W_{up}` and :math:`b_{up}` start at zero, so the output is unchanged at injection; the
+activation keeps it from merging into the base (`surgery.merge` raises). Sizes, defaults and
+parameter counts: docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -36,6 +22,7 @@ from torch import nn
 
 from surgery.errors import ConfigError
 from surgery.methods.base import Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.lora import adapter_dtype
 from surgery.sublayers import (
     check_forward,
     ffn_sublayers,
@@ -78,9 +65,8 @@ class AdapterConfig(MethodConfig):
     dropout: float = 0.0  # on the adapter's input, in training
 
 
-def _param_dtype(like: torch.Tensor) -> torch.dtype:
-    # half-precision bases train their adapters in fp32, as LoRA does
-    return torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+def _scale(cfg: AdapterConfig) -> float:
+    return float(cfg.scale if cfg.scale is not None else (4.0 if cfg.style == "parallel" else 1.0))
 
 
 class Bottleneck(Adapter):
@@ -98,7 +84,7 @@ class Bottleneck(Adapter):
         like: torch.Tensor,
     ) -> None:
         super().__init__()
-        kw: dict[str, Any] = {"device": like.device, "dtype": _param_dtype(like)}
+        kw: dict[str, Any] = {"device": like.device, "dtype": adapter_dtype(like)}
         self.adapter_down = nn.Linear(d_in, bottleneck, **kw)
         self.adapter_up = nn.Linear(bottleneck, d_out, **kw)
         self.scale, self.activation, self.p, self.parallel = scale, activation, dropout, parallel
@@ -108,14 +94,6 @@ class Bottleneck(Adapter):
                 self.adapter_up.weight.zero_()
                 self.adapter_up.bias.zero_()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "adapter_down.weight": self.adapter_down.weight,
-            "adapter_down.bias": self.adapter_down.bias,
-            "adapter_up.weight": self.adapter_up.weight,
-            "adapter_up.bias": self.adapter_up.bias,
-        }
-
     def extra_repr(self) -> str:
         kind = "parallel" if self.parallel else "sequential"
         return f"{kind}, bottleneck={self.adapter_down.out_features}, scale={self.scale:g}, act={self.activation}"
@@ -123,8 +101,7 @@ class Bottleneck(Adapter):
     def delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What this adapter adds to the site's output."""
         h = x if self.parallel else out
-        w = self.adapter_down.weight
-        h = h.to(w.dtype)
+        h = h.to(self.adapter_down.weight.dtype)
         if self.p and self.training:
             h = F.dropout(h, self.p, training=True)
         a = self.adapter_up(self.act(self.adapter_down(h)))
@@ -194,8 +171,7 @@ class BottleneckAdapter(Method):
     def make(self, site: SiteView, cfg: AdapterConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
         module, path, model = site.module, site.path, site.model
         entry = None
-        d_out = out_width(module)
-        d_in = d_out
+        d_in = d_out = out_width(module)
         if cfg.style == "parallel":
             if model is None:
                 raise ConfigError("adapter: a parallel adapter needs the model to find its FFN's input")
@@ -220,20 +196,14 @@ class BottleneckAdapter(Method):
                 f"adapter: bottleneck {b} is larger than the hidden size {d_in} at {path!r}; "
                 f"a bottleneck adapter must narrow: use bottleneck <= {d_in}"
             )
-        like: torch.Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if like is None:
-            like = torch.empty(0)
-        style = cfg.style
-        scale = cfg.scale if cfg.scale is not None else (4.0 if style == "parallel" else 1.0)
-        ad = Bottleneck(
-            d_in, d_out, b, float(scale), cfg.activation or _DEFAULT_ACT[style], cfg.dropout, style == "parallel", like
-        )
+        like = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
+        act = cfg.activation or _DEFAULT_ACT[cfg.style]
+        ad = Bottleneck(d_in, d_out, b, _scale(cfg), act, cfg.dropout, cfg.style == "parallel", like)
         ad.entry = entry
         return ad
 
     def refresh(self, adapter: Adapter, path: str, cfg: AdapterConfig) -> None:
-        style = cfg.style
-        adapter.scale = float(cfg.scale if cfg.scale is not None else (4.0 if style == "parallel" else 1.0))  # type: ignore[assignment]
+        adapter.scale = _scale(cfg)  # type: ignore[assignment]
 
 
 __all__ = ["AdapterConfig", "Bottleneck", "BottleneckAdapter"]
