@@ -21,9 +21,8 @@ def field_docs(config: type) -> dict[str, str]:
     """Field name -> meaning, from the "Attributes:" section of a Config class's docstring
     (one ``name: meaning`` per field; a more indented line continues the meaning before it)."""
     lines = inspect.cleandoc(config.__doc__ or "").splitlines()
-    try:
-        at = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
-    except StopIteration:
+    at = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if at is None:
         return {}
     out: dict[str, str] = {}
     indent, last = None, None
