@@ -7,6 +7,7 @@ PEFT stores them on disk) and the fingerprint of the base it was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -31,24 +32,22 @@ class Delta:
 
     def sites(self) -> dict[str, dict[str, torch.Tensor]]:
         """Site path -> {suffix: tensor}, in the order the tensors are stored."""
-        suffixes = _suffixes(self.method)
+        suffixes = get_method(self.method).tensor_suffixes
         exact = [s for s in suffixes if not s.endswith("*")]
         prefixes = [s[:-1] for s in suffixes if s.endswith("*")]  # "experts.*": any key under ".experts."
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in self.tensors.items():
-            for suf in exact:
-                if key.endswith("." + suf):
-                    out.setdefault(key[: -len(suf) - 1], {})[suf] = t
-                    break
+            suf = next((s for s in exact if key.endswith("." + s)), None)
+            if suf is not None:
+                at = len(key) - len(suf) - 1
             else:
                 at = min((i for i in (key.find("." + pre) for pre in prefixes) if i > 0), default=-1)
-                if at > 0:
-                    out.setdefault(key[:at], {})[key[at + 1 :]] = t
-                    continue
-                raise DeltaMismatchError(
-                    f"tensor {key!r} of delta {self.name!r} does not end in one of {suffixes} "
-                    f"as method {self.method!r} needs"
-                )
+                if at <= 0:
+                    raise DeltaMismatchError(
+                        f"tensor {key!r} of delta {self.name!r} does not end in one of {suffixes} "
+                        f"as method {self.method!r} needs"
+                    )
+            out.setdefault(key[:at], {})[key[at + 1 :]] = t
         return out
 
     @property
@@ -60,10 +59,6 @@ class Delta:
             f"Delta(name={self.name!r}, method={self.method!r}, sites={len(self.sites())}, "
             f"tensors={len(self.tensors)}, bytes={self.nbytes}, base={self.base!r})"
         )
-
-
-def _suffixes(method: str) -> tuple[str, ...]:
-    return get_method(method).tensor_suffixes
 
 
 def _base_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -97,10 +92,8 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
 def delta(model: nn.Module, name: str = "default") -> Delta:
     """What the delta `name` has learned, as a `Delta` (tensors copied, detached)."""
     inj = engine.injection(model, name)
-    tensors: dict[str, torch.Tensor] = {}
-    for path, ad in engine.adapters(model, name).items():
-        for suf, t in ad.tensors().items():
-            tensors[f"{path}.{suf}"] = t.detach().clone()
+    ads = engine.adapters(model, name)
+    tensors = {f"{path}.{suf}": t.detach().clone() for path, ad in ads.items() for suf, t in ad.tensors().items()}
     return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))
 
 
@@ -214,8 +207,6 @@ def _check_fit(delta: Delta, path: str, have: dict[str, torch.Tensor], new: dict
 
 
 def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
-    import dataclasses
-
     known = {f.name for f in dataclasses.fields(method.Config)}
     return {k: v for k, v in config.items() if k in known}
 
