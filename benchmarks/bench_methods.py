@@ -404,6 +404,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"|diff| {c['max_abs_diff_active_vs_base']:.3g} (the delta is live), merged vs active "
             f"{c['max_abs_diff_merged_vs_active']:.3g}."
         )
+    if "stats" in idle:
+        st = idle["stats"]
+        aa = sorted(a / b for a, b in zip(st["base_again"]["samples_s"], st["base"]["samples_s"], strict=True))
+        notes.append(
+            f"- Noise floor: the A/A control's per-round ratios (the base against itself) span "
+            f"{aa[len(aa) // 4]:.3f} to {aa[3 * len(aa) // 4]:.3f} between quartiles ({aa[0]:.3f} to {aa[-1]:.3f} "
+            "in all): a full-size ratio closer to 1 than that is not resolved by this run; the per-call rows "
+            "measure the engine's own cost in seconds instead."
+        )
     table = C.markdown_table(rows, ["measurement", "ours", "peer", "ratio", "target", "met?"])
     return "\n".join(head) + "\n" + table + "\n" + "\n".join(notes)
 
