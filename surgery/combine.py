@@ -195,14 +195,7 @@ def _draw_like_peft_injection(ads: list[Any], rank: int, init: str) -> None:
 
 
 def _check_args(
-    weights: Any,
-    method: Any,
-    r: Any,
-    density: Any,
-    majority_sign_method: Any,
-    seed: Any,
-    svd_clamp: Any,
-    svd_full_matrices: Any,
+    weights: Any, method: Any, r: Any, density: Any, majority: Any, seed: Any, svd_clamp: Any, svd_full_matrices: Any
 ) -> None:
     if method not in COMBINE_METHODS:
         raise ConfigError(f"combine: unknown method {method!r}; known methods: {list(COMBINE_METHODS)}")
@@ -221,8 +214,8 @@ def _check_args(
             raise ConfigError(f"combine: density must be a number in (0, 1], got {density!r}")
     elif density is not None:
         raise ConfigError(f"combine: density is used by {list(_DENSITY)} only, not by {method!r}")
-    if majority_sign_method not in ("total", "frequency"):
-        raise ConfigError(f"combine: majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+    if majority not in ("total", "frequency"):
+        raise ConfigError(f"combine: majority_sign_method must be 'total' or 'frequency', got {majority!r}")
     if method in _SVD:
         if r is not None and not (is_int(r) and r > 0):
             raise ConfigError(f"combine: r must be a positive integer (or None: the largest input rank), got {r!r}")
