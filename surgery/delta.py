@@ -145,7 +145,8 @@ def apply(
                 f"which method {delta.method!r} cannot attach to"
             )
         ad = method.make(SiteView(model, path, mod), cfg, shapes={k: t.shape for k, t in ts.items()})
-        _check_fit(delta, path, ad.tensors(), ts)
+        if misfit := _first_misfit({path: ad}, {path: ts}):
+            raise DeltaMismatchError(f"delta {delta.name!r}: {misfit}")
         made.append((path, mod, ad))
     with torch.no_grad():
         for path, _, ad in made:
@@ -193,17 +194,6 @@ def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Te
         if path not in by_site:
             return f"site {path!r} is missing from the delta applied"
     return None
-
-
-def _check_fit(delta: Delta, path: str, have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
-    for suf, t in have.items():
-        if suf not in new:
-            raise DeltaMismatchError(f"delta {delta.name!r} lacks tensor {path}.{suf}")
-        if tuple(new[suf].shape) != tuple(t.shape):
-            raise DeltaMismatchError(
-                f"delta {delta.name!r}: {path}.{suf} has shape {tuple(new[suf].shape)} "
-                f"but the model needs {tuple(t.shape)} there"
-            )
 
 
 def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
