@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -248,11 +249,9 @@ class MoELayer(Routed):
             keep = (seq.cumsum(0) <= cap).to(seq.dtype) * seq
             onehot = keep.view(k, T, n).transpose(0, 1)
         w = (onehot * gates.unsqueeze(-1)).sum(1)  # [T, n]
-        y = None
-        for e, expert in enumerate(self.experts):
-            ye = expert(x2) * w[:, e : e + 1].to(x2.dtype)
-            y = ye if y is None else y + ye
-        return y  # type: ignore[return-value]
+        return functools.reduce(
+            operator.add, (ex(x2) * w[:, e : e + 1].to(x2.dtype) for e, ex in enumerate(self.experts))
+        )
 
 
 def _check_clean(model: nn.Module, roots: list[tuple[str, nn.Module]]) -> None:
