@@ -139,7 +139,7 @@ def attach(
             site = st.sites[path] = Site(st, path, mod, model)
         ad.train(mod.training)  # follow the model's mode: no dropout at inference
         site.adapters[name] = ad
-        site.live[name] = ad
+        site.set_live(name, ad)
         if ad.entry is not None:
             tap = st.taps.get(ad.entry)
             if tap is None:
@@ -149,7 +149,6 @@ def attach(
                 site.taps.append(tap)
         if ad.replaces:
             site.add_bypass(model.get_submodule(ad.entry) if ad.entry is not None else None)
-        site.sync_pre_hook()
         for p in ad.parameters():
             p.requires_grad_(True)
     inj = Injection(name, method.name, tuple(p for p, _, _ in made), method.config_dict(cfg))
@@ -183,7 +182,7 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
         for path in entry.injection.sites:
             site = st.sites[path]
             site.merged = [(mn, r) for mn, r in site.merged if mn != n]
-            site.live.pop(n, None)
+            site.set_live(n, None)
             ad = gone[path] = cast(Adapter, site.adapters[n])
             del site.adapters[n]
             if ad.entry is not None:
@@ -196,7 +195,6 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
                     del st.taps[ad.entry]
             if ad.replaces and not any(a.replaces for a in site.adapters.values()):
                 site.drop_bypass()
-            site.sync_pre_hook()
             if not len(site.adapters):
                 site.detach()
                 del st.sites[path]

@@ -87,7 +87,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
                         unmerge_weight(site_tensor(s, tname), rec)
                     raise
                 s.merged.append((n, recs))
-                s.live.pop(n, None)
+                s.set_live(n, None)
                 done.append(s)
         except BaseException:
             for s in done:  # all sites or none
@@ -146,7 +146,7 @@ def _unmerge_site(s: Site, name: str) -> dict[str, MergeRecord]:
     del s.merged[k:]
     for mn, recs in rest:
         s.merged.append((mn, _reapply(s, recs)))
-    s.live[name] = s.adapters[name]  # type: ignore[assignment]
+    s.set_live(name, cast(Adapter, s.adapters[name]))
     return mine
 
 
@@ -174,7 +174,7 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
     except BaseException:
         for s, recs in done:  # merge those back: the delta stays merged everywhere
             s.merged.append((name, _reapply(s, recs)))
-            s.live.pop(name, None)
+            s.set_live(name, None)
         raise
     _thaw_merged(st, name)
 

@@ -71,8 +71,9 @@ class Site:
         holder = AdapterDict()
         holder.__dict__["site"] = self  # a plain reference: how the attention rewrite finds its site
         module.add_module(CHILD, holder)
-        self.handle = module.register_forward_hook(self.hook, with_kwargs=True)
-        self.hook_id = self.handle.id  # a plain int: dynamo cannot represent a RemovableHandle
+        # hooks only while an adapter here runs (none while all are merged: the base's speed exactly)
+        self.handle: Any = None
+        self.hook_id = -1  # the handle's id, a plain int: dynamo cannot represent a RemovableHandle
 
     @property
     def adapters(self) -> nn.ModuleDict:
@@ -135,8 +136,19 @@ class Site:
             return out + self.view.forward(x, dw, db).to(out.dtype)
         return out  # INPUT ran before the base; COMPOSE runs through compose.run
 
-    def sync_pre_hook(self) -> None:
-        want = any(a.action is Action.INPUT for a in self.adapters.values())
+    def set_live(self, name: str, ad: Adapter | None) -> None:
+        """Run `ad` here under `name` (None: it stops running here, merged or removed)."""
+        if ad is None:
+            self.live.pop(name, None)
+        else:
+            self.live[name] = ad
+        if self.live and self.handle is None:
+            self.handle = self.module.register_forward_hook(self.hook, with_kwargs=True)
+            self.hook_id = self.handle.id
+        elif not self.live and self.handle is not None:
+            self.handle.remove()
+            self.handle, self.hook_id = None, -1
+        want = any(a.action is Action.INPUT for a in self.live.values())
         if want and self.pre is None:
             self.pre = self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True, prepend=True)
         elif not want and self.pre is not None:
@@ -154,10 +166,10 @@ class Site:
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         live = self.live
-        if not live:
+        spec = self.state.active()
+        if not live or not spec:
             return None
         x = args[0] if args else (kwargs["input"] if "input" in kwargs else next(iter(kwargs.values())))
-        spec = self.state.active()
         # the output may be updated in place only if no hook before ours has seen it
         inplace = out is not None and not _global_forward_hooks and next(iter(module._forward_hooks)) == self.hook_id
         if any(type(n) is not str for n in spec):
@@ -206,7 +218,8 @@ class Site:
         self.drop_bypass()
         if self.pre is not None:
             self.pre.remove()
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
         del self.module._modules[CHILD]
 
 
