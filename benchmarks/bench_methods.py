@@ -28,7 +28,6 @@ import gc
 import sys
 import time
 import traceback
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +112,7 @@ def timing(fns: dict[str, Callable[[], Any]], opt: argparse.Namespace, rounds: i
         opt.warmup,
         device=opt.device,
         min_sample_s=0.05 if torch.device(opt.device).type == "cuda" else 0,
+        clock=opt.timer,
     )
 
 
@@ -175,7 +175,9 @@ def bench_idle(opt: argparse.Namespace, cfg: dict) -> dict[str, Any]:
         skel = dict(cfg, hidden_size=64, intermediate_size=172, num_attention_heads=4, vocab_size=512)
         small = idle_calls(opt, skel, {"input_ids": kw["input_ids"][:1, :16] % 512, "use_cache": False})
         del small["base_again"], small["active"]
-        st_small = C.interleaved(small, 2 * opt.rounds, opt.warmup, device=opt.device, min_sample_s=0.1)
+        st_small = C.interleaved(
+            small, 2 * opt.rounds, opt.warmup, device=opt.device, min_sample_s=0.1, clock=opt.timer
+        )
     out: dict[str, Any] = {"stats": st, "check": check, "sites": len(LORA_TARGETS) * cfg["num_hidden_layers"]}
     for k in st:
         if k != "base":
@@ -468,12 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     opt.dtype = DTYPES[opt.dtype]
     cuda = torch.device(opt.device).type == "cuda"
     opt.clock = opt.clock or ("wall" if cuda else "cpu")
-    if opt.clock == "cpu":
-        if cuda:
-            ap.error("--clock cpu cannot see GPU time: use --clock wall with --device cuda")
-        # common.interleaved reads time.perf_counter: give it this process's CPU time instead, so
-        # other jobs on a shared machine stop counting (with one torch thread, CPU time is the work)
-        C.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[assignment]
+    if opt.clock == "cpu" and cuda:
+        ap.error("--clock cpu cannot see GPU time: use --clock wall with --device cuda")
+    # this process's CPU time on a shared machine, so other jobs stop counting (with one torch
+    # thread, CPU time is the work); wall time on CUDA, where the work is the device's
+    opt.timer = time.process_time if opt.clock == "cpu" else time.perf_counter
     cfg = TINY if opt.quick else MODEL
     res: dict[str, Any] = {
         "benchmark": "bench_methods",

@@ -113,13 +113,15 @@ def summarize(samples: list[float]) -> dict[str, Any]:
     }
 
 
-def _calibrate(fn: Callable[[], Any], device: Any, min_sample_s: float) -> int:
+def _calibrate(
+    fn: Callable[[], Any], device: Any, min_sample_s: float, clock: Callable[[], float] = time.perf_counter
+) -> int:
     """How many calls make one timed sample last at least `min_sample_s`."""
     sync(device)
-    t = time.perf_counter()
+    t = clock()
     fn()
     sync(device)
-    one = max(time.perf_counter() - t, 1e-7)
+    one = max(clock() - t, 1e-7)
     return max(1, min(10_000, int(min_sample_s / one) + 1)) if one < min_sample_s else 1
 
 
@@ -130,8 +132,10 @@ def interleaved(
     device: Any = None,
     min_sample_s: float = 0.0,
     setup: dict[str, Callable[[], Any]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[str, Any]]:
-    """Time each of `fns` `rounds` times, interleaved; return per-name stats.
+    """Time each of `fns` `rounds` times, interleaved; return per-name stats (`clock`: wall
+    time by default; `time.process_time` on a shared CPU, where other jobs should not count).
 
     `setup[name]`, when given, runs (untimed) before every call of `fns[name]`
     (e.g. to undo what the timed call did). When a call is shorter than
@@ -146,7 +150,9 @@ def interleaved(
                 setup[name]()
             fns[name]()
     sync(device)
-    inner = {n: 1 if (n in setup or min_sample_s <= 0) else _calibrate(fns[n], device, min_sample_s) for n in names}
+    inner = {
+        n: 1 if (n in setup or min_sample_s <= 0) else _calibrate(fns[n], device, min_sample_s, clock) for n in names
+    }
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
@@ -155,11 +161,11 @@ def interleaved(
             if name in setup:
                 setup[name]()
             sync(device)
-            t = time.perf_counter()
+            t = clock()
             for _ in range(inner[name]):
                 fn()
             sync(device)
-            samples[name].append((time.perf_counter() - t) / inner[name])
+            samples[name].append((clock() - t) / inner[name])
     out = {}
     for n in names:
         out[n] = summarize(samples[n])
