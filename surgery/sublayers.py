@@ -12,19 +12,13 @@ input and its output. Roles name the FFN's leaves (``mlp.up`` / ``mlp.gate``
   right under the layer that holds both (``intermediate``), for the input.
 
 A module hit by the selector that is not a leaf is taken as a whole FFN site as it is.
+`check_forward` refuses, at inject, an FFN site whose forward does not map ``[..., d_in]`` tokens
+to ``[..., d_out]`` (ConvNeXt's layer: the FFN is then entered at its up projection).
 
-Every FFN site is checked at inject (`check_forward`): its forward must map one tensor of
-tokens x features ``[..., d_in]`` to one ``[..., d_out]``. A module that holds the FFN *and*
-more in another layout (ConvNeXt's layer: depthwise conv on NCHW, then the FFN on NHWC) is
-not taken whole: the FFN is then entered at its up projection, as for a split FFN.
-
-**Fused experts.** Sparse MoE blocks in transformers 5.x (Mixtral, Qwen2-MoE, Qwen3-MoE, ...)
-keep their experts as fused 3-D parameters (``gate_up_proj`` [n, 2 i, d], ``down_proj``
-[n, d, i]) in one module, not as linears: no role lands on them and no sublayer method can
-attach to them. `fused_experts` finds such modules (own floating parameters of 3 or more
-dimensions with one leading expert dimension, named or configured as experts; convolutions
-left out); `with_fused` adds them to a method's default targets so that `fused_refusal` /
-`fused_warning` can say what is and is not covered instead of silently covering less.
+**Fused experts.** Sparse MoE blocks in transformers 5.x (Mixtral, Qwen-MoE, ...) keep their
+experts as fused 3-D parameters, not linears: no role lands on them. `fused_experts` finds such
+modules; `with_fused` adds them to a method's default targets so that `fused_refusal` /
+`fused_warning` can say what is not covered instead of silently covering less (docs/moe.md).
 """
 
 from __future__ import annotations
@@ -32,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,10 +77,8 @@ def out_width(m: nn.Module) -> int | None:
         return int(m.nf)  # type: ignore[arg-type]
     if isinstance(m, nn.Embedding):
         return m.embedding_dim
-    last = None
-    for sub in _base_linears(m):
-        last = sub
-    return None if last is None else out_width(last)
+    subs = _base_linears(m)
+    return out_width(subs[-1]) if subs else None
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -94,13 +87,7 @@ def _is_block(m: nn.Module) -> bool:
 
 
 def _common(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for seg in zip(*parts, strict=False):
-        if len(set(seg)) != 1:
-            break
-        out.append(seg[0])
-    return ".".join(out)
+    return ".".join(os.path.commonprefix([p.split(".") for p in paths]))
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -324,17 +311,9 @@ class Fused:
 
 
 def _counts(model: nn.Module) -> set[int]:
-    out: set[int] = set()
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        for c in (cfg, getattr(cfg, "text_config", None)):
-            for a in _EXPERT_COUNTS:
-                v = getattr(c, a, None)
-                if isinstance(v, int) and v > 1:
-                    out.add(v)
-        if cfg is not None:
-            break  # the outermost config is enough
-    return out
+    cfg = next((c for m in model.modules() if (c := getattr(m, "config", None)) is not None), None)  # the outermost
+    values = [getattr(c, a, None) for c in (cfg, getattr(cfg, "text_config", None)) for a in _EXPERT_COUNTS]
+    return {v for v in values if isinstance(v, int) and v > 1}
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -392,17 +371,9 @@ def with_fused(targets: Any) -> Sel:
 def split_fused(model: nn.Module, hits: list[tuple[str, nn.Module]]) -> tuple[list[Fused], list[tuple[str, nn.Module]]]:
     """(the fused expert modules among or above `hits`, the other hits)."""
     fused = fused_experts(model)
-    if not fused:
-        return [], hits
-    got: dict[str, Fused] = {}
-    rest = []
-    for p, m in hits:
-        f = next((f for f in fused if p == f.path or p.startswith(f.path + ".")), None)
-        if f is None:
-            rest.append((p, m))
-        else:
-            got.setdefault(f.path, f)
-    return list(got.values()), rest
+    owner = {p: next((f for f in fused if p == f.path or p.startswith(f.path + ".")), None) for p, _ in hits}
+    got = {f.path: f for f in owner.values() if f is not None}
+    return list(got.values()), [(p, m) for p, m in hits if owner[p] is None]
 
 
 def _advice(model: nn.Module, fused: list[Fused]) -> str:
@@ -452,10 +423,7 @@ def fused_warning(model: nn.Module, who: str, fused: list[Fused], covered: list[
 def fused_beside(model: nn.Module, who: str, sites: list[tuple[str, nn.Module]]) -> None:
     """Warn when sites sit inside a sparse MoE block whose fused experts they leave out (Qwen2-MoE's
     shared expert, a router): the block's output still comes mostly from experts left as they are."""
-    fused = fused_experts(model)
-    if not fused:
-        return
-    near = [f for f in fused if any(p.startswith(f.block + ".") for p, _ in sites)]
+    near = [f for f in fused_experts(model) if any(p.startswith(f.block + ".") for p, _ in sites)]
     if near:
         inside = [p for p, _ in sites if any(p.startswith(f.block + ".") for f in near)]
         warnings.warn(
