@@ -64,6 +64,7 @@ _MATMUL = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
 _LINEAR_OPS = frozenset({"linear", "addmm", "mm", "matmul", "conv1d", "conv2d", "convolution"})
 _RESIDUAL = frozenset({"add", "index_add", "scatter_add"})
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+_MODULE_KINDS = ((_NORM_TYPES, "layer_norm"), ((nn.Dropout, nn.Identity), "dropout"), (nn.Softmax, "softmax"))
 _ATTN_ROLES = frozenset({"q", "k", "v", "qkv", "o"})
 
 
@@ -247,12 +248,8 @@ def _complete(model: nn.Module, inputs: tuple | dict | torch.Tensor) -> tuple | 
         inputs = {getattr(model, "main_input_name", "input_ids"): inputs}
     if isinstance(inputs, Mapping):  # a tokenizer's BatchEncoding is a Mapping, not a dict
         inputs = dict(inputs)
-    if (
-        isinstance(inputs, dict)
-        and "use_cache" not in inputs
-        and "use_cache" in inspect.signature(model.forward).parameters
-    ):
-        inputs = {**inputs, "use_cache": False}
+    if isinstance(inputs, dict) and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs = {**inputs, "use_cache": inputs.get("use_cache", False)}
     return inputs
 
 
@@ -462,12 +459,9 @@ class _Flow:
     def _kind(self, node: fx.Node) -> str:
         if node.op == "call_module":
             m = self.mods.get(node.target)
-            if isinstance(m, _NORM_TYPES):
-                return "layer_norm"
-            if isinstance(m, (nn.Dropout, nn.Identity)):
-                return "dropout"
-            if isinstance(m, nn.Softmax):
-                return "softmax"
+            for types, kind in _MODULE_KINDS:
+                if isinstance(m, types):
+                    return kind
             return "act" if m is not None and _is_activation(m) else "module"
         if node.op == "call_method":
             name = cast(str, node.target)  # fx: a call_method target is the method's name
