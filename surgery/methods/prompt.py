@@ -89,17 +89,15 @@ class Prompt(Adapter):
         }
         self.n, self.dim, self.encoder, self.placement = n, dim, encoder, placement
         self.prompt_embeddings = nn.Parameter(torch.zeros(n, dim, **kw))
+
+        def lin(d_in: int, d_out: int) -> nn.Linear:
+            return nn.Linear(d_in, d_out, **kw)
+
         if encoder == "mlp":
-            self.mlp = nn.Sequential(
-                nn.Linear(dim, hidden, **kw),
-                nn.ReLU(),
-                nn.Linear(hidden, hidden, **kw),
-                nn.ReLU(),
-                nn.Linear(hidden, dim, **kw),
-            )
+            self.mlp = nn.Sequential(lin(dim, hidden), nn.ReLU(), lin(hidden, hidden), nn.ReLU(), lin(hidden, dim))
         elif encoder == "lstm":
             self.lstm = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True, **kw)
-            self.lstm_head = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw))
+            self.lstm_head = nn.Sequential(lin(2 * hidden, hidden), nn.ReLU(), lin(hidden, dim))
         # thread -> (shape of the ids, rows, cols, prompt rows) for the next call of the embedding
         self.pending: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -289,12 +287,19 @@ class PromptTuning(Method):
         return _extend(model, front, inline, args, kwargs)
 
 
+def _prompts(model: nn.Module) -> list[str]:
+    """The names of the model's prompt deltas, in injection order."""
+    from surgery import engine
+
+    return [n for n in engine.names(model) if engine.method_of(model, n).name == PromptTuning.name]
+
+
 def _active(model: nn.Module, spec: tuple[Any, ...]) -> tuple[list[Prompt], list[tuple[Prompt, torch.Tensor]]] | None:
     """The prompts active in `spec` that put vectors in front, and the inline ones with their slots."""
     from surgery import engine
 
     key = engine.context_key(model)
-    mine = {n for n in engine.names(model) if engine.method_of(model, n).name == PromptTuning.name}
+    mine = set(_prompts(model))
     if not mine:
         return None
     ads: dict[str, Prompt] = {n: next(iter(engine.adapters(model, n).values())) for n in mine}  # type: ignore[misc]
@@ -331,15 +336,7 @@ class _EncoderInputs:
         from surgery import engine
 
         model = self.model
-        lead = next(
-            (
-                n
-                for n in engine.names(model)
-                if engine.method_of(model, n).name == PromptTuning.name
-                and engine.config_of(model, n).placement == "prepend"
-            ),
-            None,
-        )
+        lead = next((n for n in _prompts(model) if engine.config_of(model, n).placement == "prepend"), None)
         if lead is None or next(iter(engine.adapters(self.model, lead).values())) is not self.adapter:
             return None
         got = _active(self.model, engine.active(self.model))
@@ -577,12 +574,7 @@ def _extend(
                 if isinstance(v, torch.Tensor) and v.shape[-1] == t:
                     kwargs[key] = _front(v, n, 0) if key == "token_type_ids" else _positions(v, n)
             labels = None if encoder else kwargs.get("labels")
-            if (
-                isinstance(labels, torch.Tensor)
-                and labels.dim() == 2
-                and labels.shape == (b, t)
-                and not labels.is_floating_point()
-            ):
+            if isinstance(labels, torch.Tensor) and labels.shape == (b, t) and not labels.is_floating_point():
                 kwargs["labels"] = _front(labels, n, IGNORE_INDEX)
         for ad, slots in inline:
             if slots.shape != (b, t):
@@ -648,13 +640,11 @@ def prompt_length(model: nn.Module) -> int:
     """How many positions the prompts active in this context put in front of the input."""
     from surgery import engine
 
-    total = 0
-    for n in engine.active(model):
-        if isinstance(n, str) and engine.method_of(model, n).name == PromptTuning.name:
-            ad = next(iter(engine.adapters(model, n).values()))
-            if isinstance(ad, Prompt) and ad.placement == "prepend":
-                total += ad.n
-    return total
+    mine = set(_prompts(model))
+    ads = [
+        next(iter(engine.adapters(model, n).values())) for n in engine.active(model) if isinstance(n, str) and n in mine
+    ]
+    return sum(ad.n for ad in ads if isinstance(ad, Prompt) and ad.placement == "prepend")
 
 
 __all__ = [
