@@ -112,13 +112,8 @@ class PrefixKV(Adapter):
 
     # the engine's hook: the work happens inside the attention call, the output is left as it is
     def contribute(self, x: torch.Tensor, out: Any, inplace: bool = False) -> Any:
-        site = self.__dict__.get("surgery_site")
-        # make sets the site with the kind: an "interface" prefix always has one
-        if (
-            site is not None
-            and self.__dict__.get("surgery_kind") == "interface"
-            and not attention.interface_active(site)
-        ):
+        site = cast(nn.Module, self.__dict__.get("surgery_site"))  # make sets it with the kind: never None here
+        if self.__dict__.get("surgery_kind") == "interface" and not attention.interface_active(site):
             raise SurgeryError(
                 f"the prefix at {type(site).__name__} did not run: the model's attention implementation was "
                 f"switched to {attention.config_of(site)._attn_implementation!r} after it was injected. Switch back, or "
@@ -415,17 +410,13 @@ class PrefixTuning(Method):
                 hidden = int(shapes["prefix_mlp.0.weight"][0])
         like = next((t for t in module.parameters() if t.is_floating_point()), torch.empty(0))
         ad = PrefixKV(n_kv, p, d_k, d_v, d_in, cfg.reparam, hidden, float(cfg.init_std), like)
-        object.__setattr__(ad, "surgery_model", model)  # plain references, not submodules
-        object.__setattr__(ad, "surgery_site", module)
-        object.__setattr__(ad, "surgery_kind", kind)
-        object.__setattr__(ad, "surgery_rewrite", rewrite)
+        # plain references, not submodules
+        ad.__dict__.update(surgery_model=model, surgery_site=module, surgery_kind=kind, surgery_rewrite=rewrite)
         return ad
 
     def attached(self, adapters: dict[str, Adapter]) -> None:
         ads = _prefixes(adapters)
-        hf = [ad.surgery_site for ad in ads if ad.surgery_kind == "interface"]
-        if hf:
-            attention.install_interface(hf)
+        attention.install_interface([ad.surgery_site for ad in ads if ad.surgery_kind == "interface"])
         for ad in ads:
             if ad.surgery_kind == "fx" and ad.surgery_rewrite is not None:
                 attention.install_forward(ad.surgery_site, ad.surgery_rewrite)
