@@ -110,12 +110,6 @@ def tracing(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or bool(exporting and exporting())
 
 
-def expert_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Assignments per expert, [n] (a static shape, unlike bincount's)."""
-    flat = idx.reshape(-1)
-    return flat.new_zeros(n).scatter_add_(0, flat, torch.ones_like(flat))
-
-
 class Routed(Adapter):
     """An adapter with a router: keeps the load-balancing loss of its last forward in `aux`."""
 
@@ -128,7 +122,8 @@ class Routed(Adapter):
         """gates [T, k], experts [T, k], counts [n] (assignments per expert); sets `aux`
         (not while a graph is captured: the value would be a placeholder)."""
         probs, gates, idx = route(self.router, x2, top_k, jitter, self.training)
-        counts = expert_counts(idx, probs.shape[-1])
+        flat = idx.reshape(-1)
+        counts = flat.new_zeros(probs.shape[-1]).scatter_add_(0, flat, torch.ones_like(flat))  # unlike bincount: [n]
         if not tracing(x2):
             self.aux = balance_loss(probs, counts, idx.numel())
         return gates, idx, counts
@@ -187,12 +182,10 @@ class MoELayer(Routed):
     def contribute(self, x: torch.Tensor, out: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
         # replacing: the output is the experts' mixture whatever came before (see surgery.compose
         # for blocks: Average / BatchSplit pass the base output, which this takes the place of)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.d_in)
-        y = self.mix(x2)
+        y = self.mix(x.reshape(-1, self.d_in))
         if out is not None and y.dtype != out.dtype:
             y = y.to(out.dtype)
-        return y.view(*lead, self.d_out)
+        return y.view(*x.shape[:-1], self.d_out)
 
     def capacity(self, tokens: int) -> int | None:
         cf = self.capacity_factor
