@@ -7,10 +7,9 @@ PEFT stores them on disk) and the fingerprint of the base it was trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -61,12 +60,6 @@ class Delta:
         )
 
 
-def _base_items(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    items = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    items = [(k, t) for k, t in items if not engine.is_adapter_path(model, k)]
-    return sorted(items, key=lambda kv: kv[0])
-
-
 def fingerprint(model: nn.Module, weights: bool = False) -> str:
     """A string that identifies the base's architecture (class, parameter names
     and shapes; not dtype or device), and with `weights=True` also its weight
@@ -74,7 +67,8 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
     Injected deltas are left out, so it is the same before and after injection."""
     arch = engine.cached_fingerprint(model)
     if arch is None or weights:
-        items = _base_items(model)
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        items = sorted((kv for kv in named if not engine.is_adapter_path(model, kv[0])), key=lambda kv: kv[0])
         h = hashlib.sha256(type(model).__qualname__.encode())
         for k, t in items:
             h.update(f"{k}:{tuple(t.shape)};".encode())
@@ -197,7 +191,7 @@ def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Te
 
 
 def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(method.Config)}
+    known = {f.name for f in fields(method.Config)}
     return {k: v for k, v in config.items() if k in known}
 
 
