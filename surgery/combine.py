@@ -81,8 +81,8 @@ def _delta_weight(ad: Any, mod: nn.Module) -> torch.Tensor:
     same values and the same strides, so magnitude ranks and random masks land alike."""
     A, B = ad.lora_A.detach(), ad.lora_B.detach()
     dtype = B.dtype
-    cast = A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-    if cast:
+    upcast = A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    if upcast:
         A, B = A.float(), B.float()
     if isinstance(ad, LinearLoRA):
         out = B @ A
@@ -93,7 +93,7 @@ def _delta_weight(ad: Any, mod: nn.Module) -> torch.Tensor:
         out = (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * ad.scale
     else:
         out = ad.conv(A.transpose(0, 1), B).transpose(0, 1) * ad.scale
-    return out.to(dtype) if cast else out
+    return out.to(dtype) if upcast else out
 
 
 def _factorwise(
