@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "do not count) or wall time (default, and the only choice, on CUDA)",
     )
     ap.add_argument("--parts", default="idle,ia3,dora", help="which measurements, comma-separated")
+    ap.add_argument("--hidden", type=int, default=0, help="width of the model (default 512; 2048: a 1B-sized Llama)")
     opt = ap.parse_args(argv)
     # --quick: one thread, as bench_lora (a smoke run's small ops make two threads wait on each other)
     threads = opt.threads or (1 if opt.quick else C.set_threads())
@@ -476,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     # thread, CPU time is the work); wall time on CUDA, where the work is the device's
     opt.timer = time.process_time if opt.clock == "cpu" else time.perf_counter
     cfg = TINY if opt.quick else MODEL
+    if opt.hidden:  # the same shape, wider: where compute, not per-call overhead, sets the time
+        cfg = dict(
+            cfg, hidden_size=opt.hidden, intermediate_size=opt.hidden * 11 // 4, num_attention_heads=opt.hidden // 64
+        )
     res: dict[str, Any] = {
         "benchmark": "bench_methods",
         "quick": opt.quick,

@@ -74,11 +74,9 @@ class IA3Output(_IA3):
 
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         s = self.scale()
-        if (
-            inplace
-            and s.dtype == out.dtype
-            and not (torch.is_grad_enabled() and (out.requires_grad or s.requires_grad))
-        ):
+        if inplace and not (torch.is_grad_enabled() and (out.requires_grad or s.requires_grad)):
+            # one kernel, no temporary: computed in the promoted dtype (fp32 vectors on a bf16 base,
+            # as PEFT does) and stored in out's
             return out.mul_(s)
         return (out * s).to(out.dtype)
 
@@ -96,6 +94,8 @@ class IA3Input(_IA3):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale()
+        if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+            return torch.mul(x, s, out=torch.empty_like(x))  # one kernel, the same numbers as below
         return (x.to(s.dtype) * s).to(x.dtype)
 
     def merge(self, site: SiteView) -> Merge:
