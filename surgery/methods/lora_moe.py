@@ -85,9 +85,7 @@ class LoRAMoELayer(Routed):
 
     def contribute(self, x: torch.Tensor, out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         A, B = self.lora_A, self.lora_B
-        x2 = x.reshape(-1, A.shape[1])
-        if x2.dtype != A.dtype:
-            x2 = x2.to(A.dtype)
+        x2 = x.reshape(-1, A.shape[1]).to(A.dtype)  # no copy when the dtype is A's already
         gates, idx, _ = self._route(x2, self.top_k)
         dense = gates.new_zeros(x2.shape[0], self.n).scatter(1, idx, gates)  # 0 for the unchosen
         if self.p and self.training:
