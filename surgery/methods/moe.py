@@ -183,9 +183,7 @@ class MoELayer(Routed):
         # replacing: the output is the experts' mixture whatever came before (see surgery.compose
         # for blocks: Average / BatchSplit pass the base output, which this takes the place of)
         y = self.mix(x.reshape(-1, self.d_in))
-        if out is not None and y.dtype != out.dtype:
-            y = y.to(out.dtype)
-        return y.view(*x.shape[:-1], self.d_out)
+        return (y if out is None else y.to(out.dtype)).view(*x.shape[:-1], self.d_out)
 
     def capacity(self, tokens: int) -> int | None:
         cf = self.capacity_factor
