@@ -100,8 +100,7 @@ class Bottleneck(Adapter):
 
     def delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What this adapter adds to the site's output."""
-        h = x if self.parallel else out
-        h = h.to(self.adapter_down.weight.dtype)
+        h = (x if self.parallel else out).to(self.adapter_down.weight.dtype)
         if self.p and self.training:
             h = F.dropout(h, self.p, training=True)
         a = self.adapter_up(self.act(self.adapter_down(h)))
