@@ -335,12 +335,8 @@ def combine(
     # PEFT gives every site the scale of r = alpha = new_rank; a site whose factors keep
     # another rank (factor-wise methods on rank_pattern deltas) gets an alpha that gives it that scale
     target = new_rank / (math.sqrt(new_rank) if first_cfg.rslora else new_rank)
-    rank_pattern, alpha_pattern = {}, {}
-    for path, (A, _) in out.items():
-        if (rs := A.shape[0]) != new_rank:
-            key = "re:" + re.escape(path)
-            rank_pattern[key] = rs
-            alpha_pattern[key] = target * (math.sqrt(rs) if first_cfg.rslora else rs)
+    rank_pattern = {"re:" + re.escape(p): A.shape[0] for p, (A, _) in out.items() if A.shape[0] != new_rank}
+    alpha_pattern = {k: target * (math.sqrt(rs) if first_cfg.rslora else rs) for k, rs in rank_pattern.items()}
     cfg = lora.config(
         r=new_rank,
         alpha=new_rank,
