@@ -184,10 +184,8 @@ def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Te
                 return f"tensor {path}.{suf} is missing"
             if tuple(ts[suf].shape) != tuple(t.shape):
                 return f"{path}.{suf} has shape {tuple(ts[suf].shape)} but the model holds {tuple(t.shape)}"
-    for path in current:
-        if path not in by_site:
-            return f"site {path!r} is missing from the delta applied"
-    return None
+    missing = next((p for p in current if p not in by_site), None)
+    return None if missing is None else f"site {missing!r} is missing from the delta applied"
 
 
 def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
