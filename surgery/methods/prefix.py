@@ -1,19 +1,18 @@
 r"""Prefix tuning (Li & Liang, 2021) and P-tuning v2 (Liu et al., 2022): learned keys and
 values prepended at every attention layer.
 
-At an attention layer with queries :math:`Q` (one head shown), keys :math:`K` and values
-:math:`V` of the :math:`T` input positions (after RoPE, after the KV-cache update), a
-prefix adds :math:`P` learned positions :math:`P_K, P_V \in \mathbb{R}^{P \times d}` in front:
+At an attention layer with queries :math:`Q` (one head shown), keys :math:`K` and values :math:`V`
+of the :math:`T` input positions (after RoPE, after the KV-cache update), a prefix adds :math:`P`
+learned positions :math:`P_K, P_V \in \mathbb{R}^{P \times d}` in front:
 
 .. math::  \mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\Big(\frac{Q\,[P_K; K]^\top}{\sqrt d} + [\,0 \;|\; M\,]\Big)\,[P_V; V]
 
-where :math:`M` is the layer's own mask (causal, padding) and the :math:`P` columns are
-never masked. The prefix has the layer's *key/value* heads (grouped-query attention:
-``num_key_value_heads``, shared by the query heads of a group as the layer's own keys
-are) and is not rotated: it acts like a KV cache of :math:`P` tokens that every query
-sees, as PEFT's ``past_key_values`` prefix does. It is never written to the KV cache;
-it is prepended at every call, so ``generate()``, padding and changing batch sizes need
-nothing special.
+where :math:`M` is the layer's own mask (causal, padding) and the :math:`P` columns are never
+masked. The prefix has the layer's *key/value* heads (grouped-query attention: shared by the query
+heads of a group as the layer's own keys are) and is not rotated: it acts like a KV cache of
+:math:`P` tokens that every query sees, as PEFT's ``past_key_values`` prefix does. It is never
+written to the KV cache but prepended at every call, so ``generate()``, padding and changing batch
+sizes need nothing special.
 
 With ``reparam="mlp"`` the keys and values come from a per-layer embedding through an MLP
 (one per layer, unlike PEFT's shared one, so every site stays self-contained); `surgery.merge`
@@ -196,19 +195,16 @@ def _is_cross(path: str, m: nn.Module, mods: dict[str, nn.Module]) -> bool:
 
 def _reach(module: nn.Module, path: str) -> tuple[str | None, list[str]]:
     """How to reach `module`'s attention call: ("interface" | "fx", []) or (None, what was tried)."""
-    tried = []
-    if attention.calls_interface(module):
-        why = attention.check_interface(module, path)
-        if why is None:
-            return "interface", []
-        tried.append(f"transformers' attention interface: {why}")
-    else:
-        tried.append("transformers' attention interface: its forward does not call ALL_ATTENTION_FUNCTIONS")
-    graph, why = attention.find_sdpa_calls(module)
+    why: str | None = "its forward does not call ALL_ATTENTION_FUNCTIONS"
+    if attention.calls_interface(module) and (why := attention.check_interface(module, path)) is None:
+        return "interface", []
+    graph, fx_why = attention.find_sdpa_calls(module)
     if graph is not None:
         return "fx", []
-    tried.append(f"torch.fx rewrite of F.scaled_dot_product_attention: {why}")
-    return None, tried
+    return None, [
+        f"transformers' attention interface: {why}",
+        f"torch.fx rewrite of F.scaled_dot_product_attention: {fx_why}",
+    ]
 
 
 def _direct(m: nn.Module) -> bool:
