@@ -1,15 +1,10 @@
 r"""Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021).
 
-A prompt is :math:`n` learned vectors :math:`P \in \mathbb{R}^{n \times d}` in the
-model's input-embedding space. With the prompt active, a sequence of token
-embeddings :math:`E = (e_1, \dots, e_T)` becomes
-
-.. math::  (p_1, \dots, p_n, e_1, \dots, e_T)
-
-and everything else is the frozen model. With ``encoder="mlp"`` or ``"lstm"``
-(P-tuning, as PEFT's ``PromptEncoder``) the vectors are reparameterised,
-:math:`P = f(P_0)`, with :math:`f` a 3-layer MLP or a 2-layer bidirectional
-LSTM followed by a 2-layer MLP; :math:`P_0` and :math:`f` train together.
+A prompt is :math:`n` learned vectors :math:`P \in \mathbb{R}^{n \times d}` in the model's
+input-embedding space. With the prompt active, token embeddings :math:`(e_1, \dots, e_T)` become
+:math:`(p_1, \dots, p_n, e_1, \dots, e_T)`; everything else is the frozen model. With
+``encoder="mlp"`` or ``"lstm"`` (P-tuning, as PEFT's ``PromptEncoder``) :math:`P = f(P_0)`, with
+:math:`f` a 3-layer MLP or a 2-layer bidirectional LSTM then a 2-layer MLP, trained together.
 
 How the prompt gets in (``placement="prepend"``): the model's root forward pre-hook
 (`Method.prepare_inputs`) puts ``n`` placeholder ids in front of ``input_ids`` and extends the
@@ -265,8 +260,7 @@ class PromptTuning(Method):
                     raise ConfigError(f"prompt: the tokenizer gives no tokens for {init[5:]!r}")
             else:
                 ids = list(init)
-            bad = [i for i in ids if i >= vocab]
-            if bad:
+            if bad := [i for i in ids if i >= vocab]:
                 raise ConfigError(f"prompt: init token ids {bad[:5]} are outside the vocabulary (size {vocab})")
             ids = (ids * math.ceil(n / len(ids)))[:n]
             return _embed(module, torch.tensor(ids, dtype=torch.long)).float()
@@ -306,8 +300,7 @@ def _active(model: nn.Module, spec: tuple[Any, ...]) -> tuple[list[Prompt], list
     tid = threading.get_ident()
     for ad in ads.values():  # what a failed call may have left
         ad.pending.pop(tid, None)
-    nested = [n for b in spec if not isinstance(b, str) for n in b.names() if n in mine]
-    if nested:
+    if nested := [n for b in spec if not isinstance(b, str) for n in b.names() if n in mine]:
         raise CompositionError(
             f"prompt {nested[0]!r} sits inside a composition block; a prompt extends the model's input "
             f"for every row, so activate it by name: surgery.use(model, {nested[0]!r}, <block>)"
@@ -340,9 +333,7 @@ class _EncoderInputs:
         if lead is None or next(iter(engine.adapters(self.model, lead).values())) is not self.adapter:
             return None
         got = _active(self.model, engine.active(self.model))
-        if got is None:
-            return None
-        return _extend(self.model, got[0], got[1], args, kwargs, encoder=True)
+        return None if got is None else _extend(self.model, *got, args, kwargs, encoder=True)
 
 
 def _seq2seq_mask(front: list[Prompt], args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -371,9 +362,7 @@ def _seq2seq_mask(front: list[Prompt], args: tuple, kwargs: dict) -> tuple[tuple
         x = next((v for v in given if isinstance(v, torch.Tensor)), None)
         if x is None or mask.shape[-1] != x.shape[1]:
             return None  # the model reports the mismatch itself
-    kwargs = dict(kwargs)
-    kwargs["attention_mask"] = _front(mask, n, 1)
-    return args, kwargs
+    return args, {**kwargs, "attention_mask": _front(mask, n, 1)}
 
 
 # the names transformers has given the KV cache argument (5.x: `cache`; 4.x: `past_key_values`)
@@ -382,10 +371,8 @@ _CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "cache_params", "la
 
 def _find_cache(kwargs: dict) -> Any:
     """The KV cache of a call, whatever its keyword: a known name, else any `transformers.Cache` value."""
-    for key in _CACHE_KEYS:
-        v = kwargs.get(key)
-        if v is not None:
-            return v
+    if known := [kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None]:
+        return known[0]
     try:
         from transformers import Cache
     except ImportError:  # a plain torch model
@@ -518,11 +505,10 @@ def _extend(
     """The call's inputs with the prompts in front. `encoder`: the call of a seq2seq model's encoder
     (no cache, no labels; its mask may already count the prompt, put there by the model's own hook)."""
     kwargs = dict(kwargs)
-    hf = getattr(model, "config", None) is not None
     embeds = kwargs.get("inputs_embeds")
     ids, positional = kwargs.get("input_ids"), False
     if ids is None and embeds is None and args and isinstance(args[0], torch.Tensor):
-        if hf and len(args) > 1:
+        if getattr(model, "config", None) is not None and len(args) > 1:
             raise SurgeryError(
                 "a prompt is active: pass the model's inputs as keywords (input_ids=..., "
                 "attention_mask=...) so they can be extended to match"
@@ -611,11 +597,10 @@ def _extend(
                 v = kwargs.get(key)
                 if isinstance(v, torch.Tensor):
                     kwargs[key] = v + n
-    if ids is not None:
-        if positional:
-            args = (ids, *args[1:])
-        else:
-            kwargs["input_ids"] = ids
+    if positional:
+        args = (ids, *args[1:])
+    elif ids is not None:
+        kwargs["input_ids"] = ids
     else:
         kwargs["inputs_embeds"] = embeds
     return args, kwargs
