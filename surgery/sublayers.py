@@ -1,15 +1,13 @@
 """Sublayer sites: a feed-forward block as one site, found from roles.
 
-Methods that act on a whole FFN (parallel adapters, MoE upcycling) need its
-input and its output. Roles name the FFN's leaves (``mlp.up`` / ``mlp.gate``
-/ ``mlp.down``); from them:
+Methods that act on a whole FFN (parallel adapters, MoE upcycling) need its input and its output.
+Roles name the FFN's leaves (``mlp.up`` / ``mlp.gate`` / ``mlp.down``); from them:
 
-* if one module holds the FFN and nothing else (Llama's ``mlp``, GPT-2's
-  ``mlp``), that module is the site: its input and output are the FFN's;
-* otherwise (BERT splits the FFN over ``intermediate`` and ``output``, whose
-  forward also adds the residual and normalises) the site is the ``down``
-  linear, for the output, and its *entry* is the module on the way to ``up``
-  right under the layer that holds both (``intermediate``), for the input.
+* if one module holds the FFN and nothing else (Llama's and GPT-2's ``mlp``), that module is the
+  site: its input and output are the FFN's;
+* otherwise (BERT splits the FFN over ``intermediate`` and ``output``, whose forward also adds the
+  residual and normalises) the site is the ``down`` linear, for the output, and its *entry* is the
+  module on the way to ``up`` right under the layer that holds both (``intermediate``), for the input.
 
 A module hit by the selector that is not a leaf is taken as a whole FFN site as it is.
 `check_forward` refuses, at inject, an FFN site whose forward does not map ``[..., d_in]`` tokens
@@ -236,8 +234,7 @@ def check_forward(model: nn.Module, sub: Sublayer, who: str, *, alone: bool) -> 
     first = entry if entry is not None else sub.module
     where = sub.entry if sub.entry is not None else sub.path
     name = type(first).__name__
-    extra = _required_positional(first)[1:]
-    if extra:
+    if extra := _required_positional(first)[1:]:
         if alone:
             raise InjectionError(
                 f"{who}: the FFN module {where!r} ({name}) takes {extra} besides its input "
@@ -456,8 +453,6 @@ def note_fused(model: nn.Module, who: str, targets: Any, sites: list[tuple[str, 
     """For methods that do not check fused experts themselves (LoRA, ...): warn when `targets` ask
     for the FFN's linears by role ('@linear', '@mlp', ...) on a model whose experts are fused 3-D
     tensors, which no role reaches: the sites then cover less than the selector says."""
-    if not _names_ffn_roles(targets):
-        return
-    fused = fused_experts(model)
+    fused = fused_experts(model) if _names_ffn_roles(targets) else []
     if fused:
         fused_warning(model, who, fused, [p for p, _ in sites])
