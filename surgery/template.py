@@ -153,11 +153,8 @@ class Template:
             return None
         if self.name in engine.names(model):
             inj = engine.injection(model, self.name)
-            if (
-                inj.method != "prompt"
-                or inj.config.get("placement") != "inline"
-                or inj.config.get("n_tokens") != self.n_soft
-            ):
+            got = (inj.method, inj.config.get("placement"), inj.config.get("n_tokens"))
+            if got != ("prompt", "inline", self.n_soft):
                 raise ConfigError(
                     f"Template: the model already has a delta named {self.name!r} that is not this template's "
                     f"{self.n_soft} soft vectors ({inj.method}, {inj.config}); give the template another name="
@@ -177,8 +174,7 @@ class Template:
 
     def _values(self, x: Any) -> dict[str, Any]:
         if isinstance(x, Mapping):
-            missing = [f for f in self.fields if f not in x]
-            if missing:
+            if missing := [f for f in self.fields if f not in x]:
                 raise ConfigError(f"Template: input {dict(x)!r} lacks field(s) {missing} of {self.text!r}")
             return dict(x)
         if isinstance(x, str):
