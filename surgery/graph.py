@@ -282,10 +282,9 @@ def _lookup(cfgs: list, name: str, prefer: str = "") -> Any:
 def _hf_inputs(model: nn.Module) -> list[dict]:
     """Candidate dummy inputs for a `transformers` model, fullest first; [] for other models.
 
-    Built from the model alone: its ``main_input_name``, the parameters its forward takes and its
-    config (with sub-configs), never from a per-architecture table. The first candidate also fills
-    optional inputs a model may need (CLIP and SigLIP want ``pixel_values`` next to ``input_ids``);
-    the second leaves them out, for models where they need more care (image tokens, ...).
+    Built from the model alone (``main_input_name``, its forward's parameters, its config), never from
+    a per-architecture table. The first candidate also fills optional inputs a model may need (CLIP
+    wants ``pixel_values`` next to ``input_ids``); the second leaves them out (image tokens, ...).
     """
     if not _is_hf(model):
         return []
