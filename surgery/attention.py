@@ -205,9 +205,7 @@ def calls_interface(module: nn.Module) -> bool:
 def impl_of(config: Any) -> str:
     """The implementation a config asks for, as its original (our wrapper's name stripped)."""
     impl = config._attn_implementation
-    if impl is None:
-        return "eager"
-    return impl.removeprefix(WRAP)
+    return "eager" if impl is None else impl.removeprefix(WRAP)
 
 
 def check_interface(module: nn.Module, path: str) -> str | None:
