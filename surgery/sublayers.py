@@ -79,8 +79,8 @@ def out_width(m: nn.Module) -> int | None:
     return out_width(subs[-1]) if subs else None
 
 
-def _is_block(m: nn.Module) -> bool:
-    # injected adapters live in a child named "surgery": they do not make a leaf a block
+def is_block(m: nn.Module) -> bool:
+    """Whether `m` has children of its own (injected adapters, in a ``surgery`` child, do not count)."""
     return any(name != "surgery" for name, _ in m.named_children())
 
 
@@ -96,13 +96,13 @@ def ffn_sublayers(model: nn.Module, hits: list[tuple[str, nn.Module]]) -> list[S
     """The FFN sites for what a selector hit: leaves with FFN roles are grouped by their FFN."""
     from surgery.graph import roles as graph_roles
 
-    leaves = [(p, m) for p, m in hits if not _is_block(m)]
+    leaves = [(p, m) for p, m in hits if not is_block(m)]
     roles = graph_roles(model) if leaves else {}
     downs = [p for p, r in roles.items() if "mlp.down" in r]
     ups = [p for p, r in roles.items() if r & {"mlp.up", "mlp.gate"}]
     out: dict[str, Sublayer] = {}
     for p, m in hits:
-        if _is_block(m):  # a block: the site as it is
+        if is_block(m):  # a block: the site as it is
             d_in, d_out = in_width(m), out_width(m)
             if d_in is None or d_out is None:
                 raise SelectorError(f"module {p!r} holds no linear layer; it cannot be taken as an FFN")
