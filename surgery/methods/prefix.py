@@ -35,7 +35,7 @@ from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
 from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
-from surgery.sublayers import in_width, out_width
+from surgery.sublayers import in_width, is_block, out_width
 
 _QKV = frozenset({"q", "k", "v", "qkv"})
 _HEAD_ATTRS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
@@ -164,10 +164,6 @@ def _prefixes(adapters: dict[str, Adapter]) -> list[PrefixKV]:
     return [cast(PrefixKV, a) for a in adapters.values()]
 
 
-def _is_leaf(m: nn.Module) -> bool:
-    return not any(n != engine.CHILD for n, _ in m.named_children())
-
-
 # names transformers gives cross-attention (keys and values from the encoder's output):
 # T5's EncDecAttention, BART / Whisper / Marian's encoder_attn, BERT's crossattention, cross_attn
 _CROSS_NAME = re.compile(r"cross|encdec|enc_dec|encoder_?att", re.IGNORECASE)
@@ -209,7 +205,7 @@ def _reach(module: nn.Module, path: str) -> tuple[str | None, list[str]]:
 
 def _direct(m: nn.Module) -> bool:
     """Whether `m` itself makes an attention call we may reach (checked for real in `place`)."""
-    return not _is_leaf(m) and (
+    return is_block(m) and (
         attention.calls_interface(m) or "scaled_dot_product_attention" in attention.forward_source(type(m))
     )
 
@@ -311,7 +307,7 @@ class PrefixTuning(Method):
                 raise ConfigError(f"prefix: layers={cfg.layers!r}: {e}") from None
 
     def supports(self, module: nn.Module) -> bool:
-        return not _is_leaf(module) and _reach(module, "")[0] is not None
+        return is_block(module) and _reach(module, "")[0] is not None
 
     def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: PrefixConfig) -> list:
         from surgery.graph import roles as graph_roles
@@ -320,7 +316,7 @@ class PrefixTuning(Method):
         found: dict[str, nn.Module] = {}
         roles: dict[str, frozenset[str]] | None = None
         for path, mod in hits:
-            if _is_leaf(mod):
+            if not is_block(mod):
                 if roles is None:
                     try:
                         roles = graph_roles(model)
