@@ -13,7 +13,7 @@ from surgery.engine.runtime import Site
 from surgery.engine.state import ModelState, adapters, get_entry, state_of
 from surgery.errors import MergeError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
-from surgery.methods.base import Adapter, Method, NotMergeable
+from surgery.methods.base import Adapter, NotMergeable
 
 
 def site_tensor(site: Site, tname: str) -> torch.Tensor:
@@ -193,8 +193,6 @@ def mergeable(model: nn.Module, name: str) -> bool | str:
     else the reason it cannot (the first site's)."""
     st, e = state_of(model), get_entry(model, name)
     assert st is not None
-    if type(e.method).fold is not Method.fold:
-        return True  # folds within its own tensors (a prefix's reparameterisation)
     for p in e.injection.sites:
         rule = cast(Adapter, st.sites[p].adapters[name]).merge(st.sites[p].view)
         if isinstance(rule, NotMergeable):

@@ -33,7 +33,7 @@ from torch import nn
 
 from surgery import attention, engine
 from surgery.errors import ConfigError, GraphError, InjectionError, MergeError, SelectorError, SurgeryError
-from surgery.methods.base import Action, Adapter, Method, MethodConfig, SiteView, register
+from surgery.methods.base import Action, Adapter, Merge, Method, MethodConfig, NotMergeable, SiteView, register
 from surgery.selectors import MatchContext, Sel, layer_index, layers
 from surgery.sublayers import in_width, is_block, out_width
 
@@ -142,6 +142,14 @@ class PrefixKV(Adapter):
         return self._from_mlp()
 
     @torch.no_grad()
+    def merge(self, site: SiteView) -> Merge | NotMergeable:
+        if self.reparam is None:
+            return NotMergeable(
+                "its keys and values are plain tensors already (no reparameterisation to fold), and "
+                "extra attention positions cannot be merged into the base weights"
+            )
+        return {}  # merge folds its MLP within its own tensors (PrefixTuning.fold): no base tensor changes
+
     def fold(self) -> None:
         k, v = self._from_mlp()
         self.register_buffer("folded_key", k.contiguous(), persistent=False)
