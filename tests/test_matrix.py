@@ -76,7 +76,8 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lokr": ("lokr", {"r": 4}),
 }
 
-MERGEABLE = {"lora", "lora@linear", "lora@attn", "ia3", "dora", "vera", "loha", "lokr"}  # the others must raise MergeError on merge
+# the columns that merge; the others must raise MergeError on merge
+MERGEABLE = {"lora", "lora@linear", "lora@attn", "ia3", "dora", "vera", "loha", "lokr"}
 CHANGES_OUTPUT = {"prefix", "prompt"}  # by design; every other column is the identity at injection
 
 FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
