@@ -224,15 +224,21 @@ class Adapter(nn.Module, abc.ABC):
         ATTENTION adapters are called here too, after their attention ran (to check it did)."""
         if self.action is Action.ATTENTION:
             return out
-        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'output'")
+        raise TypeError(
+            f"{type(self).__name__} declares action {self.action.value!r}, not 'output': the engine never calls this"
+        )
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """`Action.INPUT`: the input the base module runs on instead of `x`."""
-        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'input'")
+        raise TypeError(
+            f"{type(self).__name__} declares action {self.action.value!r}, not 'input': the engine never calls this"
+        )
 
     def weight_delta(self, site: SiteView) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`Action.WEIGHT`: ``(dW, db)`` in the layout of the site's weight and bias."""
-        raise NotImplementedError(f"{type(self).__name__} declares action {self.action.value!r}, not 'weight'")
+        raise TypeError(
+            f"{type(self).__name__} declares action {self.action.value!r}, not 'weight': the engine never calls this"
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The learned tensors, keyed by their suffix under the site path (what a Delta stores)."""
@@ -298,7 +304,6 @@ class Method(abc.ABC):
     def make(self, site: SiteView, cfg: Any, shapes: dict[str, torch.Size] | None = None) -> Adapter:
         """Build the adapter for one site. `shapes`, when given, are the tensor shapes of a
         stored delta for this site (so per-site ranks are kept)."""
-        raise NotImplementedError
 
     def attached(self, adapters: dict[str, Adapter]) -> None:
         """Called once a delta's adapters are in place (site path -> adapter)."""

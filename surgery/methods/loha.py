@@ -17,6 +17,7 @@ The shared LyCORIS machinery (config checks, dropouts, PEFT's format) lives here
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 from dataclasses import dataclass, field
@@ -106,8 +107,9 @@ class LycorisAdapter(Adapter):
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, rank_dropout={self.rank_dropout:g}, module_dropout={self.module_dropout:g}"
 
+    @abc.abstractmethod
     def dense(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The update W's layout wants before scale, dropouts and transposition (each method's own)."""
 
     def _site_layout(self, w: torch.Tensor, site: SiteView) -> torch.Tensor:
         return (w.t() if self.transpose else w).to(site.dtype)
@@ -244,13 +246,13 @@ class Lycoris(Method):
         return ad
 
     # ---- PEFT's format
+    @abc.abstractmethod
     def site_rank(self, shapes: dict[str, torch.Size], default: int) -> int:
         """A site's rank: from its tensors' shapes where they hold it, else `default` (the config's)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def complete(self, suffixes: set[str]) -> bool:
         """Whether a site's tensor names make one update of this method."""
-        raise NotImplementedError
 
     def to_peft(
         self, config: dict[str, Any], sites: dict[str, dict[str, torch.Tensor]], ctx: PeftContext
