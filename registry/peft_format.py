@@ -45,7 +45,7 @@ import surgery
 from surgery import engine
 from surgery.errors import ConfigError, SurgeryError
 from surgery.methods import METHODS, get_method
-from surgery.methods.base import Method, PeftContext, kind_of
+from surgery.methods.base import Method, PeftContext, kind_of, peft_pattern
 from surgery.selectors import path_matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -465,14 +465,10 @@ def _check_config(cfg: dict[str, Any]) -> None:
 
 
 def _peft_pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's `get_pattern_key`: the first key with ``re.match(rf"(.*\\.)?({key})$", path)``."""
-    for key, v in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return v
-        except re.error as e:
-            raise PeftFormatError(f"PEFT adapter pattern key {key!r} is not a valid regular expression: {e}") from None
-    return default
+    try:
+        return peft_pattern(patterns, path, default)
+    except ConfigError as e:
+        raise PeftFormatError(str(e)) from None
 
 
 def _split_key(key: str) -> tuple[str, str]:

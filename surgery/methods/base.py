@@ -6,6 +6,7 @@ import abc
 import dataclasses
 import difflib
 import enum
+import re
 from typing import Any, ClassVar, cast
 
 import torch
@@ -361,6 +362,17 @@ class Method(abc.ABC):
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix of a site path in adapter_model.safetensors
+
+
+def peft_pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's `get_pattern_key`: the first key with ``re.match(rf"(.*\\.)?({key})$", path)``."""
+    for key, v in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return v
+        except re.error as e:
+            raise ConfigError(f"PEFT pattern key {key!r} is not a valid regular expression: {e}") from None
+    return default
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ from surgery.methods.base import (
     PeftContext,
     SiteView,
     WeightUpdate,
+    peft_pattern,
     register,
 )
 from surgery.methods.lora import adapter_dtype, is_conv1d_transformers
@@ -74,17 +75,6 @@ def peft_shape(site: SiteView) -> tuple[int, ...]:
     """The site's weight shape as PEFT's LyCORIS layers see it: [out, in / groups, *kernel]."""
     w = cast(torch.Tensor, site.weight)
     return (w.shape[1], w.shape[0]) if site.kind == "conv1d_tf" else tuple(w.shape)
-
-
-def peft_pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's `get_pattern_key`: the first key with ``re.match(rf"(.*\\.)?({key})$", path)``."""
-    for key, v in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return v
-        except re.error as e:
-            raise ConfigError(f"PEFT pattern key {key!r} is not a valid regular expression: {e}") from None
-    return default
 
 
 def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
