@@ -339,7 +339,7 @@ def _fuse(site: SiteView, fusion: Any, members: tuple[str, ...], x: Any, out: An
     return fusion.fuse(out, contributions)
 
 
-def stacked_names(spec: tuple[Any, ...], path: str) -> list[str]:
+def stacked_names(spec: tuple[Any, ...]) -> list[str]:
     """The names that run one after the other at a site, in order: plain names and Stacks
     (the only places an input transform is defined; `use` checks the others)."""
     out: list[str] = []
@@ -347,7 +347,7 @@ def stacked_names(spec: tuple[Any, ...], path: str) -> list[str]:
         if isinstance(item, str):
             out.append(item)
         elif isinstance(item, Stack):
-            out.extend(stacked_names(item.children, path))
+            out.extend(stacked_names(item.children))
     return out
 
 

@@ -113,7 +113,7 @@ class Site:
         live = self.live
         spec = self.state.active()
         x = None
-        for name in compose.stacked_names(spec, self.path):
+        for name in compose.stacked_names(spec):
             ad = live.get(name)
             if ad is not None and ad.action is Action.INPUT:
                 if x is None:
