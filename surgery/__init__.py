@@ -39,12 +39,14 @@ from surgery.errors import (
     MergeError,
     ModelTypeError,
     SelectorError,
+    SlotError,
     SurgeryError,
 )
 from surgery.methods import METHODS
 from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
 from surgery.selectors import Sel, Site, layers, sel
+from surgery.serving import Prepared, SlotBank, route, serve
 from surgery.summary import Summary, summary
 from surgery.template import Template
 
@@ -184,4 +186,9 @@ __all__ = [
     "aux_loss",
     "ModelTypeError",
     "base_state_dict",
+    "Prepared",
+    "SlotBank",
+    "SlotError",
+    "route",
+    "serve",
 ]

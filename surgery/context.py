@@ -1,7 +1,8 @@
 """The per-call routing context: which deltas run, per thread and per asyncio task.
 
 Each injected model's state has a token; a `contextvars.ContextVar` maps tokens to the spec
-(names and composition blocks) chosen by `surgery.use` / `disable` in this context. This module
+(names and composition blocks) chosen by `surgery.use` / `disable` in this context, and
+another to the per-row route `surgery.route` chose (which slot of a bank each row uses). This module
 knows no engine: the engine, the graph (which traces the base with every delta off) and the
 sublayer probes all go through it, so none of them imports another to switch deltas.
 """
@@ -20,6 +21,8 @@ STATE_ATTR = "_surgery_state"  # where a model keeps its engine state (an instan
 
 # token of a model's state -> spec active in this context; None: no override anywhere
 _OVERRIDE: ContextVar[dict[int, tuple[Any, ...]] | None] = ContextVar("surgery_active", default=None)
+# token of a model's state -> the per-row route of this context (a serving plan); None: none anywhere
+_ROUTE: ContextVar[dict[int, Any] | None] = ContextVar("surgery_route", default=None)
 _tokens = itertools.count(1)
 
 
@@ -43,6 +46,23 @@ def choose(token: int, spec: tuple[Any, ...]) -> Iterator[None]:
         yield
     finally:
         _OVERRIDE.reset(tok)
+
+
+def routing(token: int) -> Any:
+    """The per-row route chosen for this token in the current context (`surgery.route`), or None."""
+    r = _ROUTE.get()
+    return None if r is None else r.get(token)
+
+
+@contextlib.contextmanager
+def routed(token: int, plan: Any) -> Iterator[None]:
+    """Within this context, the model with this token routes its batch rows by `plan`."""
+    cur = _ROUTE.get()
+    tok = _ROUTE.set({**(cur or {}), token: plan})
+    try:
+        yield
+    finally:
+        _ROUTE.reset(tok)
 
 
 @contextlib.contextmanager

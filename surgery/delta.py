@@ -110,7 +110,7 @@ def apply(
         )
     method = get_method(delta.method)
     by_site = delta.sites()
-    _check_finite(delta)
+    check_finite(delta)
     if name in engine.names(model):
         current = engine.adapters(model, name)
         have = engine.method_of(model, name).name
@@ -126,7 +126,7 @@ def apply(
             )
         return _hot_swap(model, name, delta, current, by_site)
     engine.check_name(model, name)
-    cfg = method.config(**_config_kwargs(method, delta.config))
+    cfg = method.config(**config_kwargs(method, delta.config))
     made = []
     for path, ts in by_site.items():
         try:
@@ -149,7 +149,7 @@ def apply(
     return engine.attach(model, name, method, cfg, made)
 
 
-def _check_finite(delta: Delta) -> None:
+def check_finite(delta: Delta) -> None:
     """Refuse a Delta holding NaN or Inf before anything is touched: it would silently poison
     every output (and, merged, the base weights)."""
     floats = [(k, t) for k, t in delta.tensors.items() if t.is_floating_point() or t.is_complex()]
@@ -188,7 +188,7 @@ def _first_misfit(current: dict[str, Any], by_site: dict[str, dict[str, torch.Te
     return None if missing is None else f"site {missing!r} is missing from the delta applied"
 
 
-def _config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
+def config_kwargs(method: Any, config: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in fields(method.Config)}
     return {k: v for k, v in config.items() if k in known}
 
@@ -198,7 +198,7 @@ def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site:
     method, old = engine.method_of(model, name), engine.config_of(model, name)
     # validate before touching anything (a merged delta is unmerged below)
     same = delta.config == engine.injection(model, name).config
-    cfg = old if same else method.config(**_config_kwargs(method, delta.config))
+    cfg = old if same else method.config(**config_kwargs(method, delta.config))
     was_merged = name in engine.merged(model)
     if was_merged:
         engine.unmerge(model, name)

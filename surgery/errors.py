@@ -39,5 +39,10 @@ class CompositionError(SurgeryError, ValueError):
     """A composition of deltas (Stack, Fuse, Average, Parallel, BatchSplit) is not possible as given."""
 
 
+class SlotError(SurgeryError):
+    """A slot bank or a per-row route refuses: a slot out of range, empty or in use, a delta it
+    cannot serve (rank above max_rank, other sites, not low-rank)."""
+
+
 class FusedExpertsWarning(UserWarning):
     """A method's targets cover less than they say: the model's experts are fused tensors it cannot attach to."""

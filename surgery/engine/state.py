@@ -62,6 +62,7 @@ class ModelState:
         # merged delta -> its tensors and their requires_grad flags before merge (frozen while merged)
         self.frozen: dict[str, list[tuple[nn.Parameter, bool]]] = {}
         self.spec_now: tuple[Any, ...] = ()  # the active spec the last model call pinned (read under torch.compile)
+        self.route_now: Any = None  # the per-row route the last model call pinned (read under torch.compile)
         self.specs: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # interned specs: stable objects for dynamo's guards
 
     def __deepcopy__(self, memo: dict) -> ModelState:
@@ -71,6 +72,7 @@ class ModelState:
         for k, v in self.__dict__.items():
             setattr(new, k, copy.deepcopy(v, memo))
         new.token = context.new_token()
+        new.route_now = None
         return new
 
     def override(self) -> tuple[Any, ...] | None:
@@ -82,6 +84,7 @@ class ModelState:
         if len(self.specs) > 256:  # bounded: blocks built with ever new weights would otherwise pile up
             self.specs.clear()
         self.spec_now = spec = self.specs.setdefault(spec, spec)
+        self.route_now = context.routing(self.token)
         return spec
 
     def check_frozen(self) -> None:
@@ -102,6 +105,12 @@ class ModelState:
             return self.spec_now
         names = context.override(self.token)
         return self.default_active if names is None else names
+
+    def route(self) -> Any:
+        """The per-row route of this call (`surgery.route`), or None."""
+        if torch.compiler.is_compiling():
+            return self.route_now
+        return context.routing(self.token)
 
     def deltas(self) -> dict[str, tuple[str, ...]]:
         """Delta name -> the members it composes over (() but for fusions)."""

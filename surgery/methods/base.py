@@ -256,6 +256,14 @@ class Adapter(nn.Module, abc.ABC):
             return out
         return NotMergeable("its output is not a weight update (an activation or a per-token router is in the way)")
 
+    def low_rank(self, site: SiteView) -> Merge | NotMergeable:
+        """This adapter as a slot bank serves it (`surgery.serve`): a `merge` whose weight update
+        is low-rank factors ``(left, right)`` and, at most, a scale of the output channels (and
+        a bias update). The default is `merge`; a method whose merge is a dense tensor that
+        factors exactly (LoHa's Hadamard product, LoKr's Kronecker product) gives the factors
+        here. A dense update is refused by the bank."""
+        return self.merge(site)
+
 
 class Method(abc.ABC):
     """One kind of surgery: a config dataclass, which modules it can wrap, and

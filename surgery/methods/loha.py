@@ -34,6 +34,7 @@ from surgery.methods.base import (
     Merge,
     Method,
     MethodConfig,
+    NotMergeable,
     PeftContext,
     SiteView,
     WeightUpdate,
@@ -160,6 +161,17 @@ class LoHaAdapter(LycorisAdapter):
         else:
             w = ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)) * self.scale
         return w.reshape(self.shape)
+
+    def low_rank(self, site: SiteView) -> Merge | NotMergeable:
+        # (W1a W1b) * (W2a W2b) = sum over i, j of (W1a[:, i] * W2a[:, j]) (W1b[i] * W2b[j]): rank r**2
+        if self.hada_t1 is not None or len(self.shape) != 2:
+            return NotMergeable("a LoHa update of a convolution does not factor into a low-rank product")
+        out, inp = self.shape
+        r1, r2 = self.hada_w1_a.shape[1], self.hada_w2_a.shape[1]
+        left = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(out, r1 * r2) * self.scale
+        right = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r1 * r2, inp)
+        pair = (right.t(), left.t()) if self.transpose else (left, right)
+        return {"weight": WeightUpdate(delta=(pair[0].to(site.dtype), pair[1].to(site.dtype)))}
 
 
 class Lycoris(Method):

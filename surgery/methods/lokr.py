@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ConfigError
-from surgery.methods.base import Adapter, MethodConfig, SiteView, register
+from surgery.methods.base import Adapter, Merge, MethodConfig, NotMergeable, SiteView, WeightUpdate, register
 from surgery.methods.loha import Lycoris, LycorisAdapter, peft_shape
 from surgery.methods.lora import adapter_dtype
 
@@ -129,6 +129,24 @@ class LoKrAdapter(LycorisAdapter):
             w1 = w1[:, :, None, None]
         # torch.kron as PEFT calls it (a 3-D full W2 of a Conv1d included), then PEFT's reshape
         return (torch.kron(w1, w2.contiguous()) * self.scale).reshape(self.shape)
+
+    def low_rank(self, site: SiteView) -> Merge | NotMergeable:
+        # kron(X1 Y1, X2 Y2) = kron(X1, X2) kron(Y1, Y2): a full factor splits as (W, I) or (I, W)
+        t = cast(dict[str, torch.Tensor], self._parameters)
+        if "lokr_t2" in t or len(self.shape) != 2:
+            return NotMergeable("a LoKr update of a convolution does not factor into a low-rank product")
+
+        def split(full: str, a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if full not in t:
+                return t[a], t[b]
+            w = t[full]
+            eye = torch.eye(min(w.shape), dtype=w.dtype, device=w.device)
+            return (w, eye) if w.shape[1] <= w.shape[0] else (eye, w)
+
+        (l1, r1), (l2, r2) = split("lokr_w1", "lokr_w1_a", "lokr_w1_b"), split("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        left, right = torch.kron(l1, l2) * self.scale, torch.kron(r1, r2)
+        pair = (right.t(), left.t()) if self.transpose else (left, right)
+        return {"weight": WeightUpdate(delta=(pair[0].to(site.dtype), pair[1].to(site.dtype)))}
 
 
 @register
