@@ -232,13 +232,6 @@ class SlotBank:
             )
         method = get_method(delta.method)
         by_site = delta.sites()
-        other = sorted(set(by_site) - set(self.adapters))
-        if other:
-            raise SlotError(
-                f"delta {label!r} has sites this bank does not hold: {other[:3]}{' ...' if len(other) > 3 else ''} "
-                f"({len(other)} of {len(by_site)}). Serve a bank whose targets cover them "
-                f"(surgery.serve(model, ..., targets=...)), or merge this delta into the base"
-            )
         check_finite(delta)
         cfg = method.config(**config_kwargs(method, delta.config))
         model = self.model()
@@ -256,6 +249,13 @@ class SlotBank:
         for path, ad in made.items():
             ad.eval()
             factors[path] = self._factors(label, delta.method, path, ad)
+        other = sorted(set(by_site) - set(self.adapters))
+        if other:
+            raise SlotError(
+                f"delta {label!r} has sites this bank does not hold: {other[:3]}{' ...' if len(other) > 3 else ''} "
+                f"({len(other)} of {len(by_site)}). Serve a bank whose targets cover them "
+                f"(surgery.serve(model, ..., targets=...)), or merge this delta into the base"
+            )
         rank = max((f[0].shape[0] for f in factors.values()), default=0)
         return Prepared(label, delta.base, rank, factors)
 
@@ -265,6 +265,8 @@ class SlotBank:
         refuse = f"delta {label!r} ({method}) cannot be served from a slot bank at {path!r}: "
         if isinstance(got, NotMergeable):
             raise SlotError(refuse + got.reason)
+        if site.kind not in ("linear", "conv1d_tf"):
+            raise SlotError(refuse + f"it sits on a {type(site.module).__name__}; a bank serves linear layers")
         unknown = sorted(set(got) - {"weight", "bias"})
         if unknown or "weight" not in got:
             raise SlotError(refuse + f"it updates {sorted(got)}, a bank serves weight and bias updates only")
@@ -428,7 +430,11 @@ def serve(
         view = SiteView(model, path, mod)
         w = cast(torch.Tensor, view.weight)
         made.append(
-            (path, mod, BankAdapter(slots, max_rank, cast(int, view.in_features), cast(int, view.out_features), w, dtype))
+            (
+                path,
+                mod,
+                BankAdapter(slots, max_rank, cast(int, view.in_features), cast(int, view.out_features), w, dtype),
+            )
         )
     engine.attach(model, name, _BANK, BankConfig(slots, max_rank), made, activate=False)
     adapters = {p: cast(BankAdapter, a) for p, _, a in made}

@@ -95,7 +95,9 @@ def build(bank: SlotBank, ids: list[int]) -> Plan:
 def _row_ids(bank: SlotBank, slots: Any) -> list[int]:
     if isinstance(slots, torch.Tensor):
         if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
-            raise SlotError(f"route: slots as a tensor must be 1-D integers (one per row), got {slots.dtype} {tuple(slots.shape)}")
+            raise SlotError(
+                f"route: slots as a tensor must be 1-D integers (one per row), got {slots.dtype} {tuple(slots.shape)}"
+            )
         slots = slots.tolist()
     if isinstance(slots, (str, bytes)) or not hasattr(slots, "__iter__"):
         raise SlotError(
