@@ -296,7 +296,7 @@ class SlotBank:
                 f"with max_rank >= {A.shape[0]}"
             )
         mul = add = None
-        bias = cast(torch.Tensor | None, site.bias)
+        bias = site.bias
         if out_scale is not None:
             mul = out_scale.detach().to(torch.float32)
             # the bias is added after the scale unless the method scales (or updates) it too
