@@ -13,8 +13,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from registry.errors import BaseMismatchError, IntegrityError, NotFoundError, RefError, RegistryError
+from registry.errors import BaseMismatchError, IntegrityError, NotFoundError, PoolError, RefError, RegistryError
 from registry.hub import Hub
+from registry.pool import AdapterPool, Lease
 from registry.refs import Ref
 
 # provided by registry.peft_format, imported on first use (so a missing optional module
@@ -29,10 +30,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AdapterPool",
     "BaseMismatchError",
     "Hub",
     "IntegrityError",
+    "Lease",
     "NotFoundError",
+    "PoolError",
     "Ref",
     "RefError",
     "RegistryError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from surgery.errors import DeltaMismatchError, SurgeryError
+from surgery.errors import DeltaMismatchError, SlotError, SurgeryError
 
 
 class RegistryError(SurgeryError):
@@ -26,4 +26,9 @@ class BaseMismatchError(RegistryError, DeltaMismatchError):
     """A delta was trained on another base than the model it is loaded into."""
 
 
-__all__ = ["BaseMismatchError", "IntegrityError", "NotFoundError", "RefError", "RegistryError"]
+class PoolError(RegistryError, SlotError):
+    """An `AdapterPool` refuses: more distinct deltas than its unpinned slots, no slot free within
+    the timeout, a closed pool, malformed arguments. The pool and its bank are unchanged."""
+
+
+__all__ = ["BaseMismatchError", "IntegrityError", "NotFoundError", "PoolError", "RefError", "RegistryError"]
