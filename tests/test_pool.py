@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
+from models import batch_for, tiny_gpt2, tiny_llama
 
 import registry
 import surgery
 from registry import AdapterPool, Lease, NotFoundError, PoolError, RefError
-from models import batch_for, tiny_gpt2, tiny_llama
 
 ROWS = 4
 NAMES = [f"acme/a{i:02d}" for i in range(25)]  # two versions each: 50 adapters
