@@ -233,7 +233,7 @@ class AdapterPool:
         while True:
             with self._cond:
                 self._check_fits(wanted)
-                reads = self._reads(wanted, preps, read_at, count)
+                reads, inline = self._reads(wanted, preps, read_at, count)
                 count = False
                 plan = None if reads else self._assign(wanted)
                 if not reads and plan is None:
@@ -241,6 +241,8 @@ class AdapterPool:
                         raise self._no_room(wanted)
                     continue
             if reads:
+                if inline is not None:
+                    self._read(*inline)
                 for d, fut in reads.items():
                     preps[d] = self._result(fut, deadline)
                 continue
@@ -285,9 +287,10 @@ class AdapterPool:
 
     def _reads(
         self, wanted: dict[str, Ref], preps: dict[str, Prepared], read_at: dict[str, float], count: bool
-    ) -> dict[str, Future[Prepared]]:
-        """The hub reads this lease must wait for (started here unless under way); under the lock."""
-        reads = {}
+    ) -> tuple[dict[str, Future[Prepared]], tuple[Ref, Future[Prepared]] | None]:
+        """The hub reads this lease must wait for (started here unless under way), and the one it runs
+        itself (the others go to the workers); under the lock."""
+        reads, inline = {}, None
         for d, r in wanted.items():
             if d in self._where or d in preps:
                 self._counts["hits"] += count and d in self._where
@@ -301,12 +304,15 @@ class AdapterPool:
             if fut is None:
                 fut = self._loading[d] = Future()
                 self._counts["misses"] += 1
-                self._executor.submit(self._read, r, fut)
+                if inline is None:  # on the leasing thread: no hand-off for the usual single miss
+                    inline = (r, fut)
+                else:
+                    self._executor.submit(self._read, r, fut)
             else:
                 self._counts["joined"] += count
             read_at.setdefault(d, time.perf_counter())
             reads[d] = fut
-        return reads
+        return reads, inline
 
     def _assign(
         self, wanted: dict[str, Ref]
