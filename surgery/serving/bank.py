@@ -75,7 +75,7 @@ class BankAdapter(Adapter):
     """The slot tensors at one linear site (buffers: not trainable, not in `state_dict`)."""
 
     action = Action.OUTPUT
-    A: torch.Tensor  # [slots + 1, max_rank, in]; the last slot is all zeros (the base)
+    A: torch.Tensor  # [slots + 1, in, max_rank] (transposed: the batched matmul reads it as is); the last slot is zeros
     B: torch.Tensor  # [slots + 1, max_rank, out]
     mul: torch.Tensor  # [slots + 1, out]
     add: torch.Tensor  # [slots + 1, out]
@@ -84,14 +84,14 @@ class BankAdapter(Adapter):
         super().__init__()
         kw: dict[str, Any] = {"device": like.device, "dtype": dtype or like.dtype}
         self.in_f, self.out_f = in_f, out_f
-        self.register_buffer("A", torch.zeros(slots + 1, max_rank, in_f, **kw), persistent=False)
+        self.register_buffer("A", torch.zeros(slots + 1, in_f, max_rank, **kw), persistent=False)
         self.register_buffer("B", torch.zeros(slots + 1, max_rank, out_f, **kw), persistent=False)
         self.register_buffer("mul", torch.ones(slots + 1, out_f, **kw), persistent=False)
         self.register_buffer("add", torch.zeros(slots + 1, out_f, **kw), persistent=False)
         self.bank: Any = None  # the SlotBank (set by serve): where the call's route is read
 
     def extra_repr(self) -> str:
-        s, r, i = self.A.shape
+        s, i, r = self.A.shape
         return f"slots={s - 1}, max_rank={r}, in={i}, out={self.out_f}"
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -117,16 +117,25 @@ class BankAdapter(Adapter):
         if plan.scaled:  # DoRA's magnitude, IA3 on the output: m * out + c per row
             o3 = torch.addcmul(self.add[plan.idx].unsqueeze(1), o3, self.mul[plan.idx].unsqueeze(1))
             inplace = True
-        groups = (plan.full,) if torch.compiler.is_compiling() else plan.groups
+        compiling = torch.compiler.is_compiling()
+        groups = (plan.full,) if compiling else plan.groups
         grad = torch.is_grad_enabled() and x3.requires_grad
+        cache = None if compiling or grad else plan.cache
         for g in groups:
-            A = self.A[:, : g.rank].index_select(0, g.idx)  # [rows, r, in]
-            B = self.B[:, : g.rank].index_select(0, g.idx)  # [rows, r, out]
+            got = None if cache is None else cache.get((id(self), g.rank))
+            if got is None:
+                got = (
+                    self.A[:, :, : g.rank].index_select(0, g.idx),  # [rows, in, r]
+                    self.B[:, : g.rank].index_select(0, g.idx),  # [rows, r, out]
+                )
+                if cache is not None:
+                    cache[id(self), g.rank] = got
+            A, B = got
             if g.rows is None:
-                h = torch.bmm(x3, A.transpose(1, 2))
+                h = torch.bmm(x3, A)
                 o3 = o3.baddbmm_(h, B) if inplace and not grad else torch.baddbmm(o3, h, B)
             else:
-                h = torch.bmm(x3.index_select(0, g.rows), A.transpose(1, 2))
+                h = torch.bmm(x3.index_select(0, g.rows), A)
                 o3 = (o3.index_add_ if inplace and not grad else o3.index_add)(0, g.rows, torch.bmm(h, B))
             inplace = True
         o3 = o3.to(out.dtype) if cast_back else o3
@@ -355,8 +364,8 @@ class SlotBank:
                 continue
             A, B, mul, add = f
             r = A.shape[0]
-            ad.A[slot, :r].copy_(A, non_blocking=True)
-            ad.A[slot, r:].zero_()
+            ad.A[slot, :, :r].copy_(A.t(), non_blocking=True)
+            ad.A[slot, :, r:].zero_()
             ad.B[slot, :r].copy_(B, non_blocking=True)
             ad.B[slot, r:].zero_()
             if mul is None:

@@ -45,7 +45,15 @@ class Plan:
     groups: tuple[Group, ...]
     scaled: bool
     ids: list[int]  # per row, -1 for the base
+    # site, rank -> the rows' gathered A and B, kept while the route is open (None: not kept). On a
+    # CPU the gather costs as much as the matmuls that read it; decoding steps reuse it. Its size
+    # is at most the bank's when rows <= slots, and the slots it copies cannot change meanwhile.
+    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None
     wider: dict[int, Plan] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for p in (self, *self.wider.values()):
+            p.wider, p.cache = {}, None
 
     def expanded(self, n: int) -> Plan:
         """The plan for a batch of `n` = k * rows rows, each row repeated k times in place
@@ -89,7 +97,8 @@ def build(bank: SlotBank, ids: list[int]) -> Plan:
             for r, rows in sorted(buckets.items())
         )
     scaled = any(s >= 0 and bank.scaled[s] for s in ids)
-    return Plan(bank, len(ids), idx, Group(bank.max_rank, idx, None), groups, scaled, list(ids))
+    cache = {} if dev.type == "cpu" and len(ids) <= bank.slots + 1 else None
+    return Plan(bank, len(ids), idx, Group(bank.max_rank, idx, None), groups, scaled, list(ids), cache)
 
 
 def _row_ids(bank: SlotBank, slots: Any) -> list[int]:
@@ -130,6 +139,7 @@ def route(model: nn.Module, slots: Any, bank: SlotBank | str | None = None) -> I
     ids = _row_ids(bank, slots)
     used = sorted({s for s in ids if s >= 0})
     bank.acquire(used)
+    plan = None
     try:
         plan = build(bank, ids)
         st = engine.state_of(model)
@@ -140,4 +150,6 @@ def route(model: nn.Module, slots: Any, bank: SlotBank | str | None = None) -> I
         with context.choose(st.token, spec), context.routed(st.token, plan):
             yield plan
     finally:
+        if plan is not None:
+            plan.close()
         bank.release(used)
