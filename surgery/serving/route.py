@@ -97,7 +97,8 @@ def build(bank: SlotBank, ids: list[int]) -> Plan:
             for r, rows in sorted(buckets.items())
         )
     scaled = any(s >= 0 and bank.scaled[s] for s in ids)
-    cache = {} if dev.type == "cpu" and len(ids) <= bank.slots + 1 else None
+    keep = dev.type == "cpu" and len(ids) <= bank.slots + 1
+    cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = {} if keep else None
     return Plan(bank, len(ids), idx, Group(bank.max_rank, idx, None), groups, scaled, list(ids), cache)
 
 
