@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from surgery import engine
-from surgery.errors import DeltaMismatchError
-from surgery.methods.base import SiteView, get_method
+from surgery.errors import DeltaMismatchError, InjectionError
+from surgery.methods.base import METHODS, SiteView, get_method
 
 
 @dataclass
@@ -86,6 +86,11 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
 def delta(model: nn.Module, name: str = "default") -> Delta:
     """What the delta `name` has learned, as a `Delta` (tensors copied, detached)."""
     inj = engine.injection(model, name)
+    if METHODS.get(inj.method) is not engine.method_of(model, name):
+        raise InjectionError(
+            f"{name!r} is a slot bank (surgery.serve), not a delta with learned "
+            "tensors: it has nothing to save; the deltas it serves come from the hub"
+        )
     ads = engine.adapters(model, name)
     tensors = {f"{path}.{suf}": t.detach().clone() for path, ad in ads.items() for suf, t in ad.tensors().items()}
     return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))

@@ -289,6 +289,7 @@ def test_bad_input_is_refused_and_the_bank_is_unaffected():
         (lambda: surgery.route(model, [0.5]).__enter__(), SlotError, "slot id"),
         (lambda: surgery.route(tiny_llama(), [0]).__enter__(), SlotError, "no slot bank"),
         (lambda: surgery.serve(model, slots=2), SlotError, "already has"),
+        (lambda: surgery.delta(model, "slots"), surgery.InjectionError, "slot bank"),
         (lambda: surgery.serve(tiny_llama(), slots=0), surgery.ConfigError, "slots"),
         (lambda: surgery.serve(tiny_llama(), max_rank=2.5), surgery.ConfigError, "max_rank"),
     ]
