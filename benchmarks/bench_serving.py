@@ -1,6 +1,7 @@
 """Serving many LoRA deltas at once (issue 11): a slot bank with per-row routing vs the base and PEFT.
 
-Each figure is timed against the base model and PEFT in the same interleaved rounds (see common.py):
+Ours and PEFT are each timed against the base in interleaved rounds (see common.py); PEFT's calls are
+slow on CPU (a loop over the distinct adapters at every site), so they get rounds of their own, fewer:
 
 1. prefill: one forward of 64 x 32 tokens with k distinct deltas (k = 1 .. 64, rows round-robin):
    ours `surgery.serve` + `surgery.route`, PEFT one `PeftModel` with 64 adapters and `adapter_names=`.
@@ -137,12 +138,10 @@ def peft_model(base: nn.Module, deltas: list[Any]) -> nn.Module:
     return pm.eval()
 
 
-def forward(model: nn.Module, slots: list[int] | None, **kw: Any) -> Any:
-    """One call of our model with row i on slot slots[i] (None: the base, no route)."""
+def forward(model: nn.Module, slots: list[int], **kw: Any) -> Any:
+    """One call of our model with row i on slot slots[i] (the route is built per call, as a server would)."""
     import surgery
 
-    if slots is None:
-        return model(**kw)
     with surgery.route(model, slots):
         return model(**kw)
 
@@ -181,10 +180,14 @@ class Rig:
     """The base, ours (64 slots, rank 16) and PEFT (the same 64 deltas), built once for every part."""
 
     def __init__(self, opt: argparse.Namespace, cfg: dict) -> None:
+        import surgery
+
         t = time.perf_counter()
         self.base = llama(cfg, opt)
         self.deltas = random_deltas(self.base, opt.slots, R, seed=1000)
         self.ours, self.bank = serve(self.base, opt.slots, self.deltas)
+        self.plain = copy.deepcopy(self.base)  # one delta injected the ordinary way: unmerged LoRA's own cost
+        surgery.apply(self.plain, self.deltas[0])
         self.pm = peft_model(self.base, self.deltas)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(3, cfg["vocab_size"], (opt.batch, opt.seq), generator=g).to(opt.device)
@@ -193,8 +196,8 @@ class Rig:
     def rows(self, k: int) -> list[int]:
         return [i % k for i in range(len(self.ids))]
 
-    def names(self, slots: list[int], deltas: list[Any] | None = None) -> list[str]:
-        return [(deltas or self.deltas)[s].name for s in slots]
+    def names(self, slots: list[int]) -> list[str]:
+        return [self.deltas[s].name for s in slots]
 
 
 # ----------------------------------------------------------------------------- 1. prefill, 5. check
@@ -203,7 +206,11 @@ class Rig:
 def bench_prefill(opt: argparse.Namespace, rig: Rig) -> dict[str, Any]:
     """Ours and PEFT each against the base in rounds of their own (PEFT's rounds are long: fewer of them)."""
     kw = {"input_ids": rig.ids, "use_cache": False}
-    ours: dict[str, Callable[[], Any]] = {"base": lambda: rig.base(**kw), "base_again": lambda: rig.base(**kw)}
+    ours: dict[str, Callable[[], Any]] = {
+        "base": lambda: rig.base(**kw),
+        "base_again": lambda: rig.base(**kw),
+        "plain": lambda: rig.plain(**kw),
+    }
     peft: dict[str, Callable[[], Any]] = {"base": lambda: rig.base(**kw)}
     for k in opt.ks:
         s, n = rig.rows(k), rig.names(rig.rows(k))
@@ -216,6 +223,7 @@ def bench_prefill(opt: argparse.Namespace, rig: Rig) -> dict[str, Any]:
         p = peft_forward(rig.pm, rig.names(rig.rows(k)), **kw).logits
         per_row = (o.float() - p.float()).abs().amax(dim=(1, 2))
         base_rows = forward(rig.ours, [-1] * len(rig.ids), **kw).logits  # rows routed to the base
+        one = forward(rig.ours, rig.rows(1), **kw).logits
         check = {
             "k": k,
             "max_abs_diff_ours_vs_peft": per_row.max().item(),
@@ -223,9 +231,10 @@ def bench_prefill(opt: argparse.Namespace, rig: Rig) -> dict[str, Any]:
             "rows": len(per_row),
             "max_abs_diff_ours_vs_base": max_diff(o, ref),
             "max_abs_diff_route_base_vs_base": max_diff(base_rows, ref),
+            "max_abs_diff_one_slot_vs_plain": max_diff(one, rig.plain(**kw).logits),
             "distinct_rows": len({tuple(row[-1, :8].tolist()) for row in o.float().cpu()}),
         }
-        del ref, o, p, base_rows
+        del ref, o, p, base_rows, one
         st = timing(ours, opt)
         st_peft = timing(peft, opt, rounds=opt.peft_rounds)
     over = {**ratios(st_peft), **ratios(st)}
@@ -261,7 +270,7 @@ def bench_decode(opt: argparse.Namespace, rig: Rig) -> dict[str, Any]:
             "max_abs_diff_ours_vs_peft": max_diff(logits[f"ours_{k}"], logits[f"peft_{k}"]),
             "max_abs_diff_ours_vs_base": max_diff(logits[f"ours_{k}"], logits["base"]),
         }
-        st = timing(fns, opt, setup)
+        st = timing(fns, opt, setup, rounds=3 * opt.rounds)  # short calls: more rounds
     return {"stats": st, "over_base": ratios(st), "check": check, "k": k, "cache_positions": opt.seq}
 
 
@@ -344,7 +353,8 @@ def svg_plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str
     out += [
         f'<line x1="{L}" y1="{H - Bm}" x2="{W - Rm}" y2="{H - Bm}" stroke="black"/>',
         f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - Bm}" stroke="black"/>',
-        f'<text x="{(W - Rm + L) / 2}" y="{H - 10}" text-anchor="middle">distinct deltas in the batch (log2 scale)</text>',
+        f'<text x="{(W - Rm + L) / 2}" y="{H - 10}" text-anchor="middle">'
+        "distinct deltas in the batch (log2 scale)</text>",
         f'<text transform="translate(18 {(H - Bm + T) / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>',
     ]
     for i, (name, pts) in enumerate(series.items()):
@@ -408,13 +418,14 @@ def markdown(res: dict[str, Any], svg_name: str | None) -> str:
         f'each); ours: `surgery.serve(model, slots={s["slots"]}, max_rank={R}, targets="@linear")` + '
         "`surgery.route(model, [slot per row])` (the route is built inside every timed call); PEFT: one `PeftModel` "
         "with every delta as an adapter, `model(..., adapter_names=[...])`. Timing: "
-        f"{s['warmup']} warm-ups, then {s['rounds']} interleaved rounds (contenders in rotating order), "
+        f"{s['warmup']} warm-up(s), then {s['rounds']} interleaved rounds ({3 * s['rounds']} for the decode step; "
+        "contenders in rotating order), "
         f"{'CPU time of this process' if s['clock'] == 'cpu' else 'wall clock'}; times are median / min over rounds; "
         "`x base` is the median over rounds of the ratio to the base within a round (`mins`: the ratio of minima); "
         "tokens/s is tokens over the median time"
         + (
             f" (CPU time: with {s['threads']} threads busy, up to {s['threads']}x the wall time)."
-            if s["clock"] == "cpu"
+            if s["clock"] == "cpu" and s["threads"] > 1
             else "."
         ),
         "",
@@ -423,6 +434,7 @@ def markdown(res: dict[str, Any], svg_name: str | None) -> str:
         out += [f"Prefill: **failed**: {pre['error']}", ""]
     elif pre:
         rows = [row("base", pre, "base"), row("base again (A/A control: the noise floor)", pre, "base_again")]
+        rows.append(row("(reference) one LoRA delta injected and active, no bank (`surgery.apply`)", pre, "plain"))
         for k in s["ks"]:
             rows.append(
                 row(f"ours, {k} distinct", pre, f"ours_{k}", {64: TARGET["prefill_64"], 8: TARGET["prefill_8"]}.get(k))
@@ -442,7 +454,8 @@ def markdown(res: dict[str, Any], svg_name: str | None) -> str:
             f"{c['max_abs_diff_ours_vs_peft']:.3g} ({c['rows_within_tol']} of {c['rows']} rows within "
             f"{TARGET['max_abs_diff']:g}); ours vs base {c['max_abs_diff_ours_vs_base']:.3g} (the deltas are live; "
             f"{c['distinct_rows']} distinct rows); every row routed to the base (-1) vs the base "
-            f"{c['max_abs_diff_route_base_vs_base']:.3g}.",
+            f"{c['max_abs_diff_route_base_vs_base']:.3g}; every row on slot 0 vs that delta injected alone "
+            f"{c['max_abs_diff_one_slot_vs_plain']:.3g}.",
             "",
         ]
     if "error" in dec:
