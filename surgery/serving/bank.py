@@ -21,6 +21,7 @@ keeps what it returns in its CPU tier), `SlotBank.load` copies it into a slot.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | 
 @dataclass
 class Prepared:
     """A delta converted for a bank: per site, ``(A [r, in], B [r, out], mul [out] | None,
-    add [out] | None)`` with the scale folded into B, on the device it was prepared on.
+    add [out] | None)`` with the scale folded into B, on the device it was prepared on (B is
+    the transpose of a contiguous [out, r], the layout of a slot).
     `label` names it in errors and in `SlotBank.label`; `base` is the base it was trained on."""
 
     label: str
@@ -75,8 +77,10 @@ class BankAdapter(Adapter):
     """The slot tensors at one linear site (buffers: not trainable, not in `state_dict`)."""
 
     action = Action.OUTPUT
-    A: torch.Tensor  # [slots + 1, in, max_rank] (transposed: the batched matmul reads it as is); the last slot is zeros
-    B: torch.Tensor  # [slots + 1, max_rank, out]
+    A: (
+        torch.Tensor
+    )  # [slots + 1, max_rank, in] (LoRA's layout: a slot is filled without a transpose); the last is zeros
+    B: torch.Tensor  # [slots + 1, out, max_rank]
     mul: torch.Tensor  # [slots + 1, out]
     add: torch.Tensor  # [slots + 1, out]
 
@@ -84,14 +88,14 @@ class BankAdapter(Adapter):
         super().__init__()
         kw: dict[str, Any] = {"device": like.device, "dtype": dtype or like.dtype}
         self.in_f, self.out_f = in_f, out_f
-        self.register_buffer("A", torch.zeros(slots + 1, in_f, max_rank, **kw), persistent=False)
-        self.register_buffer("B", torch.zeros(slots + 1, max_rank, out_f, **kw), persistent=False)
+        self.register_buffer("A", torch.zeros(slots + 1, max_rank, in_f, **kw), persistent=False)
+        self.register_buffer("B", torch.zeros(slots + 1, out_f, max_rank, **kw), persistent=False)
         self.register_buffer("mul", torch.ones(slots + 1, out_f, **kw), persistent=False)
         self.register_buffer("add", torch.zeros(slots + 1, out_f, **kw), persistent=False)
         self.bank: Any = None  # the SlotBank (set by serve): where the call's route is read
 
     def extra_repr(self) -> str:
-        s, i, r = self.A.shape
+        s, r, i = self.A.shape
         return f"slots={s - 1}, max_rank={r}, in={i}, out={self.out_f}"
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -125,8 +129,8 @@ class BankAdapter(Adapter):
             got = None if cache is None else cache.get((id(self), g.rank))
             if got is None:
                 got = (
-                    self.A[:, :, : g.rank].index_select(0, g.idx),  # [rows, in, r]
-                    self.B[:, : g.rank].index_select(0, g.idx),  # [rows, r, out]
+                    self.A[:, : g.rank].index_select(0, g.idx).transpose(1, 2),  # [rows, in, r]
+                    self.B[:, :, : g.rank].index_select(0, g.idx).transpose(1, 2),  # [rows, r, out]
                 )
                 if cache is not None:
                     cache[id(self), g.rank] = got
@@ -178,10 +182,15 @@ class SlotBank:
         self.scaled: list[bool] = [False] * slots
         self.labels: list[str | None] = [None] * slots
         self.busy: list[int] = [0] * slots  # routes in flight per slot
+        self.written: list[int] = [0] * slots  # rank of what a slot's tensors hold (kept when unloaded)
+        self.scaled_rows: list[bool] = [False] * slots  # whether its output scales differ from 1, 0
+        self.spare: dict[tuple[str, str, str], list[dict[str, Adapter]]] = {}  # adapters prepare reuses
         self.lock = threading.Lock()
         ad = next(iter(adapters.values()))
         self.device, self.dtype = ad.A.device, ad.A.dtype
         self.state = engine.state_of(model)
+        proxy = cast(nn.Module, weakref.proxy(model))
+        self.views = {p: SiteView(proxy, p, engine.site_module(model, p)) for p in adapters}
 
     def __repr__(self) -> str:
         used = sum(r >= 0 for r in self.ranks)
@@ -242,22 +251,36 @@ class SlotBank:
         method = get_method(delta.method)
         by_site = delta.sites()
         check_finite(delta)
-        cfg = method.config(**config_kwargs(method, delta.config))
-        model = self.model()
-        made: dict[str, Adapter] = {}
-        for path, ts in by_site.items():
-            view = SiteView(model, path, engine.site_module(model, path))
-            ad = method.make(view, cfg, shapes={k: t.shape for k, t in ts.items()})
-            for suf, t in ad.tensors().items():
-                if suf not in ts or tuple(ts[suf].shape) != tuple(t.shape):
-                    raise DeltaMismatchError(f"delta {label!r}: tensor {path}.{suf} is missing or of another shape")
-                t.data = ts[suf].to(t.device, t.dtype)
-            made[path] = ad
-        method.attached(made)
-        factors: dict[str, Factors] = {}
-        for path, ad in made.items():
-            ad.eval()
-            factors[path] = self._factors(label, delta.method, path, ad)
+        shapes = {p: {k: t.shape for k, t in ts.items()} for p, ts in by_site.items()}
+        key = (delta.method, json.dumps(delta.config, sort_keys=True, default=str), repr(shapes))
+        with self.lock:
+            made = self.spare.get(key, []).pop() if self.spare.get(key) else None
+        if made is None:  # the first delta of this method, config and shapes builds the adapters
+            cfg = method.config(**config_kwargs(method, delta.config))
+            model = self.model()
+            made = {
+                p: method.make(
+                    self.views.get(p) or SiteView(model, p, engine.site_module(model, p)), cfg, shapes=shapes[p]
+                )
+                for p in by_site
+            }
+            method.attached(made)
+            for ad in made.values():
+                ad.eval()
+        try:
+            factors: dict[str, Factors] = {}
+            for path, ad in made.items():
+                ts = by_site[path]
+                for suf, t in ad.tensors().items():
+                    if suf not in ts or ts[suf].shape != t.shape:
+                        raise DeltaMismatchError(f"delta {label!r}: tensor {path}.{suf} is missing or of another shape")
+                    t.data = ts[suf].to(t.device, t.dtype)
+                factors[path] = self._factors(label, delta.method, path, ad)
+        finally:  # kept for the next delta of the same kind: building adapters is most of a prepare
+            with self.lock:
+                if len(self.spare) > 16:
+                    self.spare.clear()
+                self.spare.setdefault(key, []).append(made)
         other = sorted(set(by_site) - set(self.adapters))
         if other:
             raise SlotError(
@@ -269,7 +292,7 @@ class SlotBank:
         return Prepared(label, delta.base, rank, factors)
 
     def _factors(self, label: str, method: str, path: str, ad: Adapter) -> Factors:
-        site = SiteView(self.model(), path, engine.site_module(self.model(), path))
+        site = self.views.get(path) or SiteView(self.model(), path, engine.site_module(self.model(), path))
         got = ad.low_rank(site)
         refuse = f"delta {label!r} ({method}) cannot be served from a slot bank at {path!r}: "
         if isinstance(got, NotMergeable):
@@ -298,7 +321,8 @@ class SlotBank:
             A, B = A.detach().to(torch.float32), B.detach().to(torch.float32)
             if out_scale is not None:  # m * (W + D) x: the scale rides on D's output side too
                 B = B * out_scale.detach().to(torch.float32)[None, :]
-            A, B = A.to(**kw).contiguous(), B.to(**kw).contiguous()
+            # laid out as the slot holds them (B transposed), so the copy into a slot is a plain one
+            A, B = A.to(**kw).contiguous(), B.to(**kw).t().contiguous().t()
         if A.shape[0] > self.max_rank:
             raise SlotError(
                 refuse + f"its rank there is {A.shape[0]}, above this bank's max_rank={self.max_rank}; serve a bank "
@@ -353,28 +377,26 @@ class SlotBank:
 
     @torch.no_grad()
     def _write(self, slot: int, prep: Prepared) -> bool:
-        scaled = False
+        # only what the slot's previous content set is cleared: ranks up to `written`, scales if set
+        old, scaled = self.written[slot], False
+        self.written[slot], self.scaled_rows[slot] = self.max_rank, True  # if this write fails: clear all next time
         for path, ad in self.adapters.items():
-            f = prep.factors.get(path)
-            if f is None:
-                ad.A[slot].zero_()
-                ad.B[slot].zero_()
-                ad.mul[slot].fill_(1)
-                ad.add[slot].zero_()
-                continue
-            A, B, mul, add = f
-            r = A.shape[0]
-            ad.A[slot, :, :r].copy_(A.t(), non_blocking=True)
-            ad.A[slot, :, r:].zero_()
-            ad.B[slot, :r].copy_(B, non_blocking=True)
-            ad.B[slot, r:].zero_()
-            if mul is None:
-                ad.mul[slot].fill_(1)
-                ad.add[slot].zero_()
-            else:
+            A, B, mul, add = prep.factors.get(path) or (None, None, None, None)
+            r = 0 if A is None or B is None else A.shape[0]
+            if A is not None and B is not None and r:
+                (ad.A[slot] if r == self.max_rank else ad.A[slot, :r]).copy_(A, non_blocking=True)
+                (ad.B[slot] if r == self.max_rank else ad.B[slot, :, :r]).copy_(B.t(), non_blocking=True)
+            if r < old:
+                ad.A[slot, r:old].zero_()
+                ad.B[slot, :, r:old].zero_()
+            if mul is not None:
                 ad.mul[slot].copy_(mul, non_blocking=True)
                 ad.add[slot].copy_(cast(torch.Tensor, add), non_blocking=True)
                 scaled = True
+            elif self.scaled_rows[slot]:
+                ad.mul[slot].fill_(1)
+                ad.add[slot].zero_()
+        self.written[slot], self.scaled_rows[slot] = prep.rank, scaled
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return scaled
