@@ -297,13 +297,14 @@ class SlotBank:
         refuse = f"delta {label!r} ({method}) cannot be served from a slot bank at {path!r}: "
         if isinstance(got, NotMergeable):
             raise SlotError(refuse + got.reason)
-        if site.kind not in ("linear", "conv1d_tf"):
+        kind = site.kind
+        if kind not in ("linear", "conv1d_tf"):
             raise SlotError(refuse + f"it sits on a {type(site.module).__name__}; a bank serves linear layers")
         unknown = sorted(set(got) - {"weight", "bias"})
         if unknown or "weight" not in got:
             raise SlotError(refuse + f"it updates {sorted(got)}, a bank serves weight and bias updates only")
         w: WeightUpdate = got["weight"]
-        tr = site.kind == "conv1d_tf"  # weight [in, out]: rows scale the input, cols the output
+        tr = kind == "conv1d_tf"  # weight [in, out]: rows scale the input, cols the output
         out_scale, in_scale = (w.cols, w.rows) if tr else (w.rows, w.cols)
         if in_scale is not None:
             raise SlotError(refuse + "it scales the site's input (IA3 on a feed-forward input); a bank adds to outputs")
@@ -318,11 +319,12 @@ class SlotBank:
         else:
             left, right = w.delta
             A, B = (left.t(), right) if tr else (right, left.t())  # delta x = B^T (A x)
-            A, B = A.detach().to(torch.float32), B.detach().to(torch.float32)
             if out_scale is not None:  # m * (W + D) x: the scale rides on D's output side too
-                B = B * out_scale.detach().to(torch.float32)[None, :]
+                B = B.float() * out_scale.detach().float()[None, :]
+            A, B = A.detach().to(**kw), B.detach().to(**kw)
             # laid out as the slot holds them (B transposed), so the copy into a slot is a plain one
-            A, B = A.to(**kw).contiguous(), B.to(**kw).t().contiguous().t()
+            A = A if A.is_contiguous() else A.contiguous()
+            B = B if B.t().is_contiguous() else B.t().contiguous().t()
         if A.shape[0] > self.max_rank:
             raise SlotError(
                 refuse + f"its rank there is {A.shape[0]}, above this bank's max_rank={self.max_rank}; serve a bank "
