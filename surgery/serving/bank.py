@@ -380,24 +380,29 @@ class SlotBank:
     @torch.no_grad()
     def _write(self, slot: int, prep: Prepared) -> bool:
         # only what the slot's previous content set is cleared: ranks up to `written`, scales if set
-        old, scaled = self.written[slot], False
+        old, old_scaled, scaled = self.written[slot], self.scaled_rows[slot], False
         self.written[slot], self.scaled_rows[slot] = self.max_rank, True  # if this write fails: clear all next time
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        full = self.max_rank
         for path, ad in self.adapters.items():
             A, B, mul, add = prep.factors.get(path) or (None, None, None, None)
             r = 0 if A is None or B is None else A.shape[0]
             if A is not None and B is not None and r:
-                (ad.A[slot] if r == self.max_rank else ad.A[slot, :r]).copy_(A, non_blocking=True)
-                (ad.B[slot] if r == self.max_rank else ad.B[slot, :, :r]).copy_(B.t(), non_blocking=True)
+                dst += (ad.A[slot] if r == full else ad.A[slot, :r], ad.B[slot] if r == full else ad.B[slot, :, :r])
+                src += (A, B.t())
             if r < old:
                 ad.A[slot, r:old].zero_()
                 ad.B[slot, :, r:old].zero_()
             if mul is not None:
-                ad.mul[slot].copy_(mul, non_blocking=True)
-                ad.add[slot].copy_(cast(torch.Tensor, add), non_blocking=True)
+                dst += (ad.mul[slot], ad.add[slot])
+                src += (mul, cast(torch.Tensor, add))
                 scaled = True
-            elif self.scaled_rows[slot]:
+            elif old_scaled:
                 ad.mul[slot].fill_(1)
                 ad.add[slot].zero_()
+        if dst:
+            torch._foreach_copy_(dst, src, non_blocking=True)  # one dispatch for every site's tensors
         self.written[slot], self.scaled_rows[slot] = prep.rank, scaled
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
