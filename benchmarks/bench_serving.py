@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import gc
 import math
+import os
 import sys
 import time
 import traceback
@@ -410,7 +411,9 @@ def markdown(res: dict[str, Any], svg_name: str | None) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(res['started']))}: torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}, {env.get('cuda_device') or env.get('cpu')}, {env['cpu_count']} "
         f"CPU(s), device {s['device']}, {s['threads']} torch thread(s) (load average at start "
-        f"{env['load_average_at_start']}, at end {env.get('load_average_at_end')}); {res['elapsed_s']:.0f} s.",
+        f"{env['load_average_at_start']}, at end {env.get('load_average_at_end')}; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
+        f"{res['elapsed_s']:.0f} s.",
         "",
         f"Model: LlamaForCausalLM {s['model']}, {s['dtype']}, eval, `torch.no_grad()`, batch {s['batch'][0]} x "
         f"{s['batch'][1]} tokens{' (--quick: a tiny model, figures not judged)' if quick else ''}. {s['slots']} LoRA "
