@@ -312,10 +312,9 @@ class SlotBank:
             raise SlotError(
                 refuse + "its update is a dense matrix, not low-rank factors; merge it into a copy of the base instead"
             )
-        in_f, out_f = cast(int, site.in_features), cast(int, site.out_features)
         kw: dict[str, Any] = {"device": self.device, "dtype": self.dtype}
         if w.delta is None:
-            A, B = torch.zeros(0, in_f, **kw), torch.zeros(0, out_f, **kw)
+            A, B = torch.zeros(0, cast(int, site.in_features), **kw), torch.zeros(0, cast(int, site.out_features), **kw)
         else:
             left, right = w.delta
             A, B = (left.t(), right) if tr else (right, left.t())  # delta x = B^T (A x)
@@ -335,7 +334,7 @@ class SlotBank:
         if out_scale is not None:
             mul = out_scale.detach().to(torch.float32)
             # the bias is added after the scale unless the method scales (or updates) it too
-            add = torch.zeros(out_f) if bias is None else bias.detach().float().cpu() * (1 - mul.cpu())
+            add = torch.zeros_like(mul, device="cpu") if bias is None else bias.detach().float().cpu() * (1 - mul.cpu())
         bu = got.get("bias")
         if bu is not None:
             if bias is None:
@@ -343,7 +342,7 @@ class SlotBank:
             b0 = bias.detach().float()
             nb = b0 if bu.delta is None else b0 + cast(torch.Tensor, bu.delta).detach().float()
             nb = nb if bu.rows is None else nb * bu.rows.detach().float()
-            m = mul if mul is not None else torch.ones(out_f)
+            m = mul if mul is not None else torch.ones_like(b0)
             mul = m
             add = (nb - b0 * m.to(b0.device)).cpu()  # out = m * (W x + b) + (b' - m b)
         if mul is not None:
