@@ -106,8 +106,7 @@ def start_chunk_check(data: bytes | bytearray, chunk_size: int) -> list:
     The caller parses the header meanwhile (hashlib releases the GIL on big buffers)."""
     view = memoryview(data)
     pieces = [view[i : i + chunk_size] for i in range(0, max(len(view), 1), chunk_size)]
-    # one chunk is hashed on the pool too where there is a second core: the header parse overlaps it
-    return pieces if len(pieces) == 1 and _workers() < 2 else [get_pool().submit(_sha, p) for p in pieces]
+    return pieces if len(pieces) == 1 else [get_pool().submit(_sha, p) for p in pieces]
 
 
 def finish_chunk_check(started: list) -> list[str]:
