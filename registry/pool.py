@@ -160,6 +160,22 @@ class AdapterPool:
             self._let_go([self._where[r.digest]])
             return r
 
+    def evict(self, ref: RefLike) -> bool:
+        """Take the version `ref` resolves to out of its slot and the CPU tier (an admin's "unload").
+        False if it was not resident; `PoolError` if a lease or a pin holds it (unpin first)."""
+        r = self._resolve(ref)
+        with self._cond:
+            self._cpu.pop(r.digest, None)
+            slot = self._where.get(r.digest)
+            if slot is None or not self._ready[slot]:
+                return False
+            if self._holds[slot]:
+                raise PoolError(f"{r} is in use ({self._holds[slot]} lease(s) or pin(s) hold it); unpin it or retry")
+            self.bank.unload(slot)
+            self._clear(slot)
+            self._lru.move_to_end(slot, last=False)  # the first to be filled again
+            return True
+
     def prefetch(self, refs: Sequence[RefLike]) -> list[Future[Ref]]:
         """Start loading `refs` into the CPU tier (and into an empty slot, evicting nothing) and return
         at once: one future per distinct ref, with its resolved `Ref` or the error."""

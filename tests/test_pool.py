@@ -335,3 +335,17 @@ def test_alease_under_gather(world):
         for slots, out in asyncio.run(all_of()):
             assert _mismatches(world, out, slots) == []
         assert pool.stats()["held"] == 0 and len(pool.stats()["resident"]) == 5
+
+
+def test_evict_takes_a_version_out_unless_held(world):
+    pool, model = _pool(world, slots=2)
+    a, b = "acme/a10@1", "acme/a11@1"
+    with pool:
+        with pool.lease([a, b, None, None]) as slots:
+            with pytest.raises(PoolError, match="in use"):
+                pool.evict(a)
+        assert pool.evict(a) is True and pool.evict(a) is False
+        assert set(pool.stats()["resident"].values()) == {"acme/a11@1"}
+        with pool.lease([a, a, b, None]) as slots:  # read from the hub again: the CPU tier let it go too
+            _check(world, model, slots)
+        assert pool.stats()["misses"] == 3
