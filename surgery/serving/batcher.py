@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import secrets
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -131,13 +132,8 @@ class Batcher:
         self._check_cache_layers(cfg)
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = (
-            []
-            if eos_token_id is None
-            else [eos_token_id]
-            if not isinstance(eos_token_id, Iterable)
-            else list(eos_token_id)
-        )
+        eos = list(eos_token_id) if isinstance(eos_token_id, Iterable) else [eos_token_id]
+        eos = [] if eos_token_id is None else eos
         if not all(_is_int(e) for e in eos):
             raise ConfigError(f"Batcher: eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
         self.model, self.bank, self.max_batch, self.eos = model, bank, max_batch, frozenset(eos)
@@ -195,15 +191,14 @@ class Batcher:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) is above the model's "
                 f"{self.max_positions} positions; shorten the prompt or lower max_tokens"
             )
+        gen = None
+        if sp.temperature > 0:
+            gen = torch.Generator(self.device).manual_seed(secrets.randbits(63) if sp.seed is None else sp.seed)
         slot = -1 if request.slot is None or request.slot == -1 and _is_int(request.slot) else request.slot
         if slot != -1:
             if self.bank is None:
                 raise SlotError(f"request for slot {slot} but this Batcher has no bank; serve one, or use -1 / None")
             self.bank.acquire([self.bank.check_slot(slot)])  # pinned until the request finishes
-        gen = None
-        if sp.temperature > 0:
-            seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            gen = torch.Generator(self.device).manual_seed(seed)
         with self.lock:
             seq = _Seq(next(self.ids), slot, prompt, sp, gen)
             self.waiting.append(seq)
