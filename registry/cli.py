@@ -28,6 +28,7 @@ examples:
   surgery hub --json history acme/sql@prod        every move of an alias, as JSON
   surgery hub verify                              hash everything; exit 1 on any problem
   surgery hub push-hf acme/sql@3 --repo-id acme/sql-lora
+  surgery serve --model path/to/model --hub ./hub --slots 32 --port 8000 --keys keys.toml
 
 the hub is --hub PATH, else $SURGERY_HUB, else ~/.cache/model-surgery/hub
 (see `surgery hub --help` for every hub command)
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="surgery", description="model-surgery command line", epilog=EXAMPLES, formatter_class=raw, parents=[common]
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="cmd", metavar="{demo,hub}")
+    sub = parser.add_subparsers(dest="cmd", metavar="{demo,hub,serve}")
     demo = sub.add_parser("demo", help="inject LoRA into a small model, train, merge, move the delta, remove")
     demo.add_argument("--steps", type=int, default=60)
 
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main", help="branch, tag (e.g. v3) or commit sha (default: main)")
     p.add_argument("--name", help="the hub name to push it as (default: from the repo id)")
     p.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN or the saved login)")
+    from registry.server.main import add_parser as add_serve
+
+    add_serve(sub)
     parser._hub_parser = hub  # type: ignore[attr-defined]
     return parser
 
@@ -458,6 +462,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.json = getattr(args, "json", False)
         return _run_hub(args)
+    if args.cmd == "serve":
+        try:
+            return int(args.serve_main(args))
+        except Exception as e:  # a SurgeryError, a missing model or keys file: one line, exit 2
+            import surgery
+
+            if not isinstance(e, (surgery.SurgeryError, OSError, ValueError, ImportError)):
+                raise
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
     if args.version:
         import surgery
 

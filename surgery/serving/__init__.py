@@ -5,12 +5,14 @@
     with surgery.route(model, [3, -1, 3]):    # one slot per row; -1 / None: the base
         out = model.generate(**batch)
 
-`registry.AdapterPool` manages which deltas are resident in a bank's slots.
+`Batcher` runs requests for different slots as rows of every decode step (iteration-level
+batching); `registry.AdapterPool` manages which deltas are resident in a bank's slots.
 """
 
 from __future__ import annotations
 
 from surgery.serving.bank import BankAdapter, Prepared, SlotBank, bank_of, serve
+from surgery.serving.batcher import Batcher, Request, Sampling
 from surgery.serving.route import Plan, route
 
-__all__ = ["BankAdapter", "Plan", "Prepared", "SlotBank", "bank_of", "route", "serve"]
+__all__ = ["BankAdapter", "Batcher", "Plan", "Prepared", "Request", "Sampling", "SlotBank", "bank_of", "route", "serve"]

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server (`registry.server`): completions and chat, streaming by SSE, models,
+health, metrics, admin, tenancy and limits, and correctness under load with alias moves and
+evictions. Every response is checked against the single-tenant reference: the version its ref
+resolved to at admission, applied alone to a copy of the base, decoded greedily."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+
+import pytest
+import torch
+from models import tiny_llama
+
+import registry
+import surgery
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from registry.pool import AdapterPool  # noqa: E402
+from registry.server.app import create_app  # noqa: E402
+from registry.server.tenancy import Keys, Limits  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
+
+
+class CharTokenizer:
+    """A character tokenizer over the tiny model's vocabulary (ids 3..), with a chat template."""
+
+    eos_token_id = 2
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [1] + [3 + CHARS.index(c) for c in text.lower() if c in CHARS]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(CHARS[i - 3] if 3 <= i < 3 + len(CHARS) else "" for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
+        text = " ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:"
+        return self(text)["input_ids"]
+
+
+TOK = CharTokenizer()
+TOKENS = {"acme-key": (["acme/*"], False), "other-key": (["other/*"], False), "root-key": (["*"], True)}
+
+
+def _lora(template: surgery.Delta, seed: int) -> surgery.Delta:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(t.shape, generator=g) * 0.3 for k, t in template.tensors.items()}
+    return surgery.Delta("lora", "d", dict(template.config), tensors, template.base)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tiny_llama()
+    m = copy.deepcopy(base)
+    surgery.inject(m, "lora", targets="@attn", r=4)
+    template = surgery.delta(m)
+    hub = registry.Hub(tmp_path_factory.mktemp("server") / "hub", create=True)
+    deltas = {}
+    for i in range(15):  # 30 adapters: 15 names x 2 versions
+        for v in (1, 2):
+            d = _lora(template, 10 * i + v)
+            ref = hub.push(d, f"acme/a{i}", alias="prod" if v == 1 else None)
+            deltas[str(ref)] = d
+    hub.push(_lora(template, 99), "other/x")
+    return {"base": base, "hub": hub, "deltas": deltas}
+
+
+def _reference(world, version: str | None, prompt_ids: list[int], max_tokens: int) -> str:
+    model = world["base"]
+    if version is not None:
+        model = copy.deepcopy(model)
+        surgery.apply(model, world["deltas"][version])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    return TOK.decode(out[0, len(prompt_ids) :].tolist())
+
+
+@pytest.fixture()
+def client(world):
+    model = copy.deepcopy(world["base"])
+    bank = surgery.serve(model, slots=3, max_rank=4, targets="@attn")
+    pool = AdapterPool(bank, registry.Hub(world["hub"].root), cpu_cache=4)
+    keys = Keys.from_tokens({t: {"namespaces": ns, "admin": admin} for t, (ns, admin) in TOKENS.items()})
+    app = create_app(
+        model, TOK, pool=pool, keys=keys, limits=Limits(max_tokens=32, max_body_bytes=4096), model_id="tiny"
+    )
+    with TestClient(app) as c:
+        yield c
+    pool.close()
+
+
+def _auth(token: str = "acme-key") -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_completion_equals_single_tenant_reference(world, client):
+    for model, version in (("acme/a1@prod", "acme/a1@1"), ("acme/a2@2", "acme/a2@2"), ("tiny", None)):
+        r = client.post(
+            "/v1/completions",
+            headers=_auth(),
+            json={"model": model, "prompt": "hello world", "max_tokens": 8, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == _reference(world, version, TOK("hello world")["input_ids"], 8)
+        assert body["object"] == "text_completion" and body["model"] == model
+
+
+def test_streaming_and_chat(world, client):
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        headers=_auth(),
+        json={"model": "acme/a3@1", "prompt": "abc", "max_tokens": 6, "stream": True, "temperature": 0},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == _reference(world, "acme/a3@1", TOK("abc")["input_ids"], 6)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    msgs = [{"role": "user", "content": "hi there"}]
+    r = client.post(
+        "/v1/chat/completions",
+        headers=_auth(),
+        json={"model": "acme/a4@1", "messages": msgs, "max_tokens": 5, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    want = _reference(world, "acme/a4@1", TOK.apply_chat_template(msgs), 5)
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": want}
+
+
+def test_tenancy_models_and_errors(world, client):
+    r = client.post("/v1/completions", json={"model": "acme/a1", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    other = client.post("/v1/completions", headers=_auth("other-key"), json={"model": "acme/a1", "prompt": "x"})
+    missing = client.post("/v1/completions", headers=_auth("other-key"), json={"model": "other/nope", "prompt": "x"})
+    assert other.status_code == missing.status_code == 404
+    assert other.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
+    ids = [m["id"] for m in client.get("/v1/models", headers=_auth("other-key")).json()["data"]]
+    assert ids == ["tiny", "other/x"]
+    acme = [m["id"] for m in client.get("/v1/models", headers=_auth()).json()["data"]]
+    assert "other/x" not in acme and "acme/a0" in acme
+    r = client.post("/v1/completions", headers=_auth(), content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/completions", headers=_auth(), json={"model": "acme/a1", "prompt": "x", "max_tokens": 999})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", headers=_auth(), json={"model": "acme/a1", "prompt": "x" * 5000})
+    assert r.status_code == 413
+    assert client.post("/admin/pin", headers=_auth(), json={"model": "acme/a1@1"}).status_code == 403
+    r = client.post("/admin/pin", headers=_auth("root-key"), json={"model": "acme/a1@1"})
+    assert r.status_code == 200, r.text
+    assert client.get("/health").json()["status"] == "ok"
+    metrics = client.get("/metrics").text
+    assert "surgery_requests_total" in metrics and "surgery_ttft_seconds_bucket" in metrics
+
+
+def test_correct_under_load_with_alias_moves_and_evictions(world, client):
+    prompts = ["the cat", "a dog sat", "hello", "zz top"]
+    names = [f"acme/a{i}" for i in range(15)]
+    hub = world["hub"]
+    expect: dict[tuple, str] = {}
+    errors: list[str] = []
+    evicted: list[bool] = []
+    lock = threading.Lock()
+
+    def want(version: str, p: int) -> str:
+        key = (version, p)
+        with lock:
+            if key not in expect:
+                expect[key] = _reference(world, version, TOK(prompts[p])["input_ids"], 4)
+            return expect[key]
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(100):
+            name, p = rng.choice(names), rng.randrange(len(prompts))
+            ref = f"{name}@prod" if rng.random() < 0.5 else f"{name}@{rng.choice((1, 2))}"
+            r = client.post(
+                "/v1/completions",
+                headers=_auth(),
+                json={"model": ref, "prompt": prompts[p], "max_tokens": 4, "temperature": 0},
+            )
+            if r.status_code != 200:
+                errors.append(f"{ref}: {r.status_code} {r.text}")
+                continue
+            body = r.json()
+            version = body["system_fingerprint"]  # the version the ref resolved to at admission
+            if body["choices"][0]["text"] != want(version, p):
+                errors.append(f"{ref} -> {version}: {body['choices'][0]['text']!r}")
+
+    def mover() -> None:
+        rng = random.Random(0)
+        for _ in range(60):
+            hub.alias(rng.choice(names), "prod", version=rng.choice((1, 2)))
+            r = client.post("/admin/evict", headers=_auth("root-key"), json={"model": f"{rng.choice(names)}@1"})
+            if r.status_code not in (200, 409):  # 409: a request holds it now
+                errors.append(f"evict: {r.status_code} {r.text}")
+            evicted.append(r.status_code == 200 and r.json()["evicted"])
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)] + [threading.Thread(target=mover)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert any(evicted)  # versions really left their slots during the run
