@@ -20,7 +20,7 @@ from registry.refs import Ref
 
 # provided by registry.peft_format, imported on first use (so a missing optional module
 # never breaks `import registry`)
-_LAZY = {"save_peft": "registry.peft_format", "load_peft": "registry.peft_format"}
+_LAZY = {"save_peft": "registry.peft_format", "load_peft": "registry.peft_format", "export_vllm": "registry.vllm"}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +40,7 @@ __all__ = [
     "Ref",
     "RefError",
     "RegistryError",
+    "export_vllm",
     "load_peft",
     "save_peft",
 ]
