@@ -107,12 +107,8 @@ def apply(
     DeltaMismatchError naming the first misfit, and the model is left as it was.
     """
     name = name or delta.name
-    arch = fingerprint(model)
-    if not allow_other_base and delta.base.split("+", 1)[0] != arch:
-        raise DeltaMismatchError(
-            f"delta {delta.name!r} was trained on base {delta.base.split('+', 1)[0]} but this model is "
-            f"{arch} (another architecture); pass allow_other_base=True if you know it fits"
-        )
+    if not allow_other_base:
+        check_base(delta, fingerprint(model))
     method = get_method(delta.method)
     by_site = delta.sites()
     check_finite(delta)
@@ -132,8 +128,30 @@ def apply(
         return _hot_swap(model, name, delta, current, by_site)
     engine.check_name(model, name)
     cfg = method.config(**config_kwargs(method, delta.config))
+    made = make_adapters(model, delta, cfg)
+    with torch.no_grad():
+        for path, _, ad in made:
+            for suf, t in ad.tensors().items():
+                t.copy_(by_site[path][suf])
+    return engine.attach(model, name, method, cfg, made)
+
+
+def check_base(delta: Delta, arch: str, label: str | None = None) -> None:
+    """Refuse a Delta trained on another base than `arch` (the architecture fingerprint)."""
+    if delta.base.split("+", 1)[0] != arch:
+        raise DeltaMismatchError(
+            f"delta {label or delta.name!r} was trained on base {delta.base.split('+', 1)[0]} but this model is "
+            f"{arch} (another architecture); pass allow_other_base=True if you know it fits"
+        )
+
+
+def make_adapters(model: nn.Module, delta: Delta, cfg: Any) -> list[tuple[str, nn.Module, Any]]:
+    """The method's adapters for each site of `delta` in `model`, shaped as its tensors (not yet
+    filled with them, not attached); DeltaMismatchError for a site the model lacks, a module the
+    method cannot attach to, or tensors of other shapes."""
+    method = get_method(delta.method)
     made = []
-    for path, ts in by_site.items():
+    for path, ts in delta.sites().items():
         try:
             mod = engine.site_module(model, path)
         except AttributeError:
@@ -147,11 +165,7 @@ def apply(
         if misfit := _first_misfit({path: ad}, {path: ts}):
             raise DeltaMismatchError(f"delta {delta.name!r}: {misfit}")
         made.append((path, mod, ad))
-    with torch.no_grad():
-        for path, _, ad in made:
-            for suf, t in ad.tensors().items():
-                t.copy_(by_site[path][suf])
-    return engine.attach(model, name, method, cfg, made)
+    return made
 
 
 def check_finite(delta: Delta) -> None:

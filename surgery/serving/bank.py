@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from surgery import engine
-from surgery.delta import Delta, check_finite, config_kwargs, fingerprint
-from surgery.errors import ConfigError, DeltaMismatchError, SlotError
+from surgery.delta import Delta, check_base, check_finite, config_kwargs, fingerprint, make_adapters
+from surgery.errors import ConfigError, SlotError
 from surgery.methods.base import Action, Adapter, Method, NotMergeable, SiteView, WeightUpdate, get_method
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # A, B, mul, add
@@ -243,11 +243,8 @@ class SlotBank:
         if not isinstance(delta, Delta):
             raise SlotError(f"a slot bank loads a surgery.Delta (hub.pull(ref)), got {type(delta).__name__}")
         label = label or delta.name
-        if not allow_other_base and delta.base.split("+", 1)[0] != self.base:
-            raise DeltaMismatchError(
-                f"delta {label!r} was trained on base {delta.base.split('+', 1)[0]} but this bank serves "
-                f"{self.base}; pass allow_other_base=True if you know it fits"
-            )
+        if not allow_other_base:
+            check_base(delta, self.base, label)
         method = get_method(delta.method)
         by_site = delta.sites()
         check_finite(delta)
@@ -257,13 +254,7 @@ class SlotBank:
             made = self.spare.get(key, []).pop() if self.spare.get(key) else None
         if made is None:  # the first delta of this method, config and shapes builds the adapters
             cfg = method.config(**config_kwargs(method, delta.config))
-            model = self.model()
-            made = {
-                p: method.make(
-                    self.views.get(p) or SiteView(model, p, engine.site_module(model, p)), cfg, shapes=shapes[p]
-                )
-                for p in by_site
-            }
+            made = {p: ad for p, _, ad in make_adapters(self.model(), delta, cfg)}
             method.attached(made)
             for ad in made.values():
                 ad.eval()
@@ -271,9 +262,7 @@ class SlotBank:
             factors: dict[str, Factors] = {}
             for path, ad in made.items():
                 ts = by_site[path]
-                for suf, t in ad.tensors().items():
-                    if suf not in ts or ts[suf].shape != t.shape:
-                        raise DeltaMismatchError(f"delta {label!r}: tensor {path}.{suf} is missing or of another shape")
+                for suf, t in ad.tensors().items():  # shapes checked when made (the spares are keyed by them)
                     t.data = ts[suf].to(t.device, t.dtype)
                 factors[path] = self._factors(label, delta.method, path, ad)
         finally:  # kept for the next delta of the same kind: building adapters is most of a prepare
