@@ -9,6 +9,7 @@ import copy
 import json
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -201,20 +202,29 @@ def test_correct_under_load_with_alias_moves_and_evictions(world, client):
             if body["choices"][0]["text"] != want(version, p):
                 errors.append(f"{ref} -> {version}: {body['choices'][0]['text']!r}")
 
+    workers_done = threading.Event()
+    pool = client.app.state.server.pool
+
     def mover() -> None:
         rng = random.Random(0)
-        for _ in range(60):
+        while not workers_done.is_set():  # move aliases and evict what is resident, all through the run
             hub.alias(rng.choice(names), "prod", version=rng.choice((1, 2)))
-            r = client.post("/admin/evict", headers=_auth("root-key"), json={"model": f"{rng.choice(names)}@1"})
-            if r.status_code not in (200, 409):  # 409: a request holds it now
-                errors.append(f"evict: {r.status_code} {r.text}")
-            evicted.append(r.status_code == 200 and r.json()["evicted"])
+            resident = list(pool.stats()["resident"].values())
+            if resident:
+                r = client.post("/admin/evict", headers=_auth("root-key"), json={"model": rng.choice(resident)})
+                if r.status_code not in (200, 409):  # 409: a request holds it now
+                    errors.append(f"evict: {r.status_code} {r.text}")
+                evicted.append(r.status_code == 200 and r.json()["evicted"])
+            time.sleep(0.01)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)] + [threading.Thread(target=mover)]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    moving = threading.Thread(target=mover)
+    for t in (*workers, moving):
         t.start()
-    for t in threads:
+    for t in workers:
         t.join(240)
-    assert not any(t.is_alive() for t in threads)
+    workers_done.set()
+    moving.join(30)
+    assert not any(t.is_alive() for t in (*workers, moving))
     assert errors == []
     assert any(evicted)  # versions really left their slots during the run
