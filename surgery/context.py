@@ -38,14 +38,18 @@ def override(token: int) -> tuple[Any, ...] | None:
 
 
 @contextlib.contextmanager
-def choose(token: int, spec: tuple[Any, ...]) -> Iterator[None]:
-    """Within this context (this thread / asyncio task only), the model with this token runs `spec`."""
-    cur = _OVERRIDE.get()
-    tok = _OVERRIDE.set({**(cur or {}), token: spec})
+def _scoped(var: ContextVar[dict[int, Any] | None], token: int, value: Any) -> Iterator[None]:
+    cur = var.get()
+    tok = var.set({**(cur or {}), token: value})
     try:
         yield
     finally:
-        _OVERRIDE.reset(tok)
+        var.reset(tok)
+
+
+def choose(token: int, spec: tuple[Any, ...]) -> contextlib.AbstractContextManager[None]:
+    """Within this context (this thread / asyncio task only), the model with this token runs `spec`."""
+    return _scoped(_OVERRIDE, token, spec)
 
 
 def routing(token: int) -> Any:
@@ -54,15 +58,9 @@ def routing(token: int) -> Any:
     return None if r is None else r.get(token)
 
 
-@contextlib.contextmanager
-def routed(token: int, plan: Any) -> Iterator[None]:
+def routed(token: int, plan: Any) -> contextlib.AbstractContextManager[None]:
     """Within this context, the model with this token routes its batch rows by `plan`."""
-    cur = _ROUTE.get()
-    tok = _ROUTE.set({**(cur or {}), token: plan})
-    try:
-        yield
-    finally:
-        _ROUTE.reset(tok)
+    return _scoped(_ROUTE, token, plan)
 
 
 @contextlib.contextmanager
