@@ -27,7 +27,6 @@ import copy
 import gc
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -426,17 +425,7 @@ def run_part(name: str, fn: Callable[[argparse.Namespace, dict], dict], opt: arg
     if method and method not in surgery.METHODS:
         log(f"[{name}] skipped: method {method!r} not available")
         return {"error": f"method {method!r} not available"}
-    log(f"[{name}] ...")
-    t = time.perf_counter()
-    try:
-        out = fn(opt, cfg)
-    except Exception as e:  # noqa: BLE001  (one failing part must not lose the others)
-        traceback.print_exc()
-        out = {"error": f"{type(e).__name__}: {e}"[:500]}
-    gc.collect()
-    out["elapsed_s"] = time.perf_counter() - t
-    log(f"[{name}] {out['elapsed_s']:.1f} s")
-    return out
+    return C.run_part(name, fn, opt, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import math
 import os
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -529,20 +527,6 @@ def markdown(res: dict[str, Any], svg_name: str | None) -> str:
     return "\n".join(out)
 
 
-def run_part(name: str, fn: Callable[..., dict], *args: Any) -> dict:
-    log(f"[{name}] ...")
-    t = time.perf_counter()
-    try:
-        out = fn(*args)
-    except Exception as e:  # noqa: BLE001  (one failing part must not lose the others)
-        traceback.print_exc()
-        out = {"error": f"{type(e).__name__}: {e}"[:500]}
-    gc.collect()
-    out["elapsed_s"] = time.perf_counter() - t
-    log(f"[{name}] {out['elapsed_s']:.1f} s")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run on a tiny model: seconds, prints, not judged")
@@ -599,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         parts = {"prefill": bench_prefill, "decode": bench_decode, "mixed": bench_mixed}
         for name in opt.parts.split(","):
-            res[name] = run_part(name, parts[name], opt, rig)
+            res[name] = C.run_part(name, parts[name], opt, rig)
     res["env"]["load_average_at_end"] = C.load_average()
     res["elapsed_s"] = time.time() - res["started"]
     svg = None

@@ -290,3 +290,21 @@ def write_results(results: dict[str, Any], json_path: Path, md_path: Path, md_te
     md_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
     md_path.write_text(md_text.rstrip() + "\n")
+
+
+def run_part(name: str, fn: Callable[..., dict], *args: Any) -> dict:
+    """One part of a benchmark, timed; a part that fails records its error and the others still run."""
+    import gc
+    import traceback
+
+    log(f"[{name}] ...")
+    t = time.perf_counter()
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001  (one failing part must not lose the others)
+        traceback.print_exc()
+        out = {"error": f"{type(e).__name__}: {e}"[:500]}
+    gc.collect()
+    out["elapsed_s"] = time.perf_counter() - t
+    log(f"[{name}] {out['elapsed_s']:.1f} s")
+    return out
