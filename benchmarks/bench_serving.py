@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -264,11 +265,13 @@ def bench_decode(opt: argparse.Namespace, rig: Rig) -> dict[str, Any]:
         f"peft_{k}": lambda **kw: peft_forward(rig.pm, names, **kw),
     }
     fns, setup, logits = {}, {}, {}
+    # transformers >= 5.24 names the KV cache `cache`; before, `past_key_values`
+    arg = "cache" if "cache" in inspect.signature(rig.base.forward).parameters else "past_key_values"
     with torch.no_grad(), surgery.route(rig.ours, slots):
         for name, run in runs.items():
-            cache = run(input_ids=rig.ids, use_cache=True).cache  # the prefill, once
-            logits[name] = run(input_ids=step_ids, cache=cache, use_cache=True).logits
-            fns[name] = lambda run=run, cache=cache: run(input_ids=step_ids, cache=cache, use_cache=True)
+            cache = run(input_ids=rig.ids, use_cache=True)[arg]  # the prefill, once
+            logits[name] = run(input_ids=step_ids, **{arg: cache}, use_cache=True).logits
+            fns[name] = lambda run=run, cache=cache: run(input_ids=step_ids, **{arg: cache}, use_cache=True)
             setup[name] = lambda cache=cache: rewind(cache, opt.seq)
         check = {
             "max_abs_diff_ours_vs_peft": max_diff(logits[f"ours_{k}"], logits[f"peft_{k}"]),
