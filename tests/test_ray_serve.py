@@ -1,0 +1,234 @@
+"""Ray Serve (`registry.ray_serve`): a local Ray instance started here (loopback only), 2 replicas over
+a tiny llama, a hub of 6 LoRA versions with an alias. Every answer, by handle and by HTTP, equals the
+single-tenant reference (the version alone applied to a fresh copy of the base, greedy); requests for
+an adapter id go to a replica that has it loaded; an alias move serves the new version."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_llama
+
+import registry
+import surgery
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from registry.ray_serve import deployment  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
+PROMPTS = ["the cat", "a dog sat", "hello", "zz top"]
+IDS = ["acme/a0@prod", "acme/a0@2", "acme/a1@1", "acme/a2", "acme/a3@1", "acme/a4@1"]  # the base too, as ""
+
+
+class CharTokenizer:
+    """A character tokenizer over the tiny model's vocabulary (ids 3..)."""
+
+    eos_token_id = 2
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [1] + [3 + CHARS.index(c) for c in text.lower() if c in CHARS]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(CHARS[i - 3] if 3 <= i < 3 + len(CHARS) else "" for i in ids)
+
+
+def load_model():
+    """Runs in each replica (imported there by name: the tests folder is on the workers' PYTHONPATH)."""
+    torch.set_num_threads(1)
+    return tiny_llama(), CharTokenizer()
+
+
+def _lora(template: surgery.Delta, seed: int) -> surgery.Delta:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(t.shape, generator=g) * 0.3 for k, t in template.tensors.items()}
+    return surgery.Delta("lora", "d", dict(template.config), tensors, template.base)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tiny_llama()
+    m = copy.deepcopy(base)
+    surgery.inject(m, "lora", targets="@attn", r=4)
+    template = surgery.delta(m)
+    hub = registry.Hub(tmp_path_factory.mktemp("ray") / "hub", create=True)
+    deltas = {}
+    for i, name in enumerate(["acme/a0", "acme/a0", "acme/a1", "acme/a2", "acme/a3", "acme/a4"]):
+        d = _lora(template, i)
+        deltas[str(hub.push(d, name))] = d
+    hub.alias("acme/a0", "prod", 1)
+    return {"base": base, "hub": hub, "deltas": deltas, "refs": {}}
+
+
+@pytest.fixture(scope="module")
+def app(world):
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)  # workers inherit it
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # loopback only: Ray swaps 127.0.0.1 for the host's address unless it runs as a single-machine instance
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        application = deployment(
+            load_model,
+            hub=world["hub"].root,
+            slots=8,
+            max_rank=4,
+            targets="@attn",
+            num_replicas=2,
+            max_batch=8,
+            model_id="tiny",
+            ray_actor_options={"num_cpus": 0.5},
+        )
+        handle = serve.run(application, name="surgery", route_prefix="/")
+        yield {"handle": handle, "url": f"http://127.0.0.1:{port}"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _reference(world, version: str | None, prompt: str, max_tokens: int = 6) -> str:
+    key = (version, prompt, max_tokens)
+    if key not in world["refs"]:
+        model = world["base"]
+        if version is not None:
+            model = copy.deepcopy(model)
+            surgery.apply(model, world["deltas"][version])
+        ids = CharTokenizer()(prompt)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=2,
+            )
+        world["refs"][key] = CharTokenizer().decode(out[0, len(ids) :].tolist())
+    return world["refs"][key]
+
+
+def _generate(app, ref: str, prompt: str) -> dict:
+    return app["handle"].options(multiplexed_model_id=ref).generate.remote(prompt, max_tokens=6, temperature=0).result()
+
+
+def test_outputs_equal_reference_and_requests_follow_loaded_adapters(world, app):
+    hub = world["hub"]
+    version = {ref: str(hub.resolve(ref)) for ref in IDS} | {"": "tiny"}
+    loaded_by: dict[str, set[str]] = {}
+    for ref in IDS:  # each id loaded once, on the replica Ray picks
+        out = _generate(app, ref, "hello")
+        assert out["version"] == version[ref] and out["text"] == _reference(world, version[ref], "hello")
+        loaded_by.setdefault(ref, set()).add(out["replica"])
+    time.sleep(1.0)  # replicas push their loaded ids every 0.1 s; let the routers learn them
+    results: list[tuple[str, str, dict]] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            ref, prompt = rng.choice(["", *IDS]), rng.choice(PROMPTS)
+            out = _generate(app, ref, prompt)
+            with lock:
+                results.append((ref, prompt, out))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 48
+    for ref, prompt, out in results:
+        want = None if ref == "" else version[ref]
+        assert out["version"] == version[ref] and out["text"] == _reference(world, want, prompt), (ref, prompt)
+        if ref:  # Ray routes an id to a replica that has it loaded while one is free (max_ongoing_requests=8)
+            assert out["replica"] in loaded_by[ref], (ref, out["replica"], loaded_by[ref])
+    assert len({out["replica"] for _, _, out in results}) == 2
+    for ref in IDS:  # what Ray's multiplexer holds on that replica is pinned in its pool
+        held = app["handle"].options(multiplexed_model_id=ref).resident.remote().result()
+        assert held["replica"] in loaded_by[ref] and ref in held["adapters"] and version[ref] in held["pool"]
+
+
+def test_http_route_and_bad_refs(world, app):
+    def post(ref: str, body: dict) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(
+            app["url"] + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "serve_multiplexed_model_id": ref},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, dict(r.headers), json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())
+
+    status, headers, body = post(
+        "acme/a1@1", {"model": "acme/a1@1", "prompt": "a dog sat", "max_tokens": 6, "temperature": 0}
+    )
+    assert status == 200, body
+    assert body["choices"][0]["text"] == _reference(world, "acme/a1@1", "a dog sat")
+    assert body["system_fingerprint"] == "acme/a1@1" and headers["x-surgery-replica"]
+    status, _, body = post("acme/nope@1", {"model": "acme/nope@1", "prompt": "x"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+    with pytest.raises(registry.NotFoundError, match="acme/nope"):
+        _generate(app, "acme/nope@1", "hello")
+    with pytest.raises(registry.RefError):
+        _generate(app, "Bad Name!!", "hello")
+
+
+def test_alias_move_serves_the_new_version(world, app):
+    hub = world["hub"]
+    assert _generate(app, "acme/a0@prod", "the cat")["version"] == "acme/a0@1"
+    hub.alias("acme/a0", "prod", 2)
+    try:
+        out = _generate(app, "acme/a0@prod", "the cat")
+        assert out["version"] == "acme/a0@2" and out["text"] == _reference(world, "acme/a0@2", "the cat")
+        held = app["handle"].options(multiplexed_model_id="acme/a0@prod").resident.remote().result()
+        assert "acme/a0@2" in held["pinned"]  # Ray still holds the id; its pin followed the alias
+    finally:
+        hub.alias("acme/a0", "prod", 1)
+    out = _generate(app, "acme/a0@prod", "the cat")
+    assert out["version"] == "acme/a0@1" and out["text"] == _reference(world, "acme/a0@1", "the cat")
+
+
+def test_ray_evictions_unpin(world, app):
+    hub = world["hub"]
+    refs = [hub.resolve(v) for v in world["deltas"]]
+    ids = [f"{r.name}@sha256:{r.digest.removeprefix('sha256:')[:n]}" for n in (12, 13, 14) for r in refs]
+    assert len(set(ids)) == 18 > 2 * 7  # more ids than both replicas' LRUs (slots - 1 = 7 each) hold
+    for ref in ids:
+        out = _generate(app, ref, "hello")
+        assert out["text"] == _reference(world, str(hub.resolve(ref)), "hello"), ref
+    time.sleep(1.0)  # let the routers learn what each replica holds now
+    by_replica = {}
+    for ref in ids:
+        held = app["handle"].options(multiplexed_model_id=ref).resident.remote().result()
+        by_replica[held["replica"]] = held
+    assert len(by_replica) == 2
+    for held in by_replica.values():  # the pool pins exactly the versions of the ids Ray still holds
+        assert len(held["adapters"]) <= 7
+        assert set(held["pinned"]) == {str(hub.resolve(a)) for a in held["adapters"]}
+    assert sum(len(set(h["adapters"]) & set(ids)) for h in by_replica.values()) <= 14
