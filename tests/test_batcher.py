@@ -146,6 +146,22 @@ def test_eos_and_stop_sequences(llama):
     assert [t for t, _, _ in got_eos] == ref[: k + 1] and got_eos[-1][1:] == (True, "eos")
     assert [t for t, _, _ in got_stop] == ref[: j + 1] and got_stop[-1][1:] == (True, "stop")
     assert b.pending == b2.pending == 0 and b.cache is None and b.running == []
+    # ignore_eos: the same batcher's eos does not end this request, which runs to max_tokens
+    got_all = _drive(b, {0: [Request(prompt, 2, Sampling(max_tokens=16, ignore_eos=True))]})[0][0]
+    assert [t for t, _, _ in got_all] == ref and got_all[-1][1:] == (True, "length")
+
+
+def test_prefill_admits_within_max_prefill_tokens(llama):
+    base, donors, model, bank = llama
+    b = Batcher(model, bank=bank, max_batch=8, eos_token_id=[], max_prefill_tokens=25)
+    reqs = [Request(_prompt(10, seed=40 + i), i % 3, Sampling(max_tokens=5)) for i in range(4)]
+    long = Request(_prompt(30, seed=50), 1, Sampling(max_tokens=3))  # above the cap: admitted alone
+    got, rows = _drive(b, {0: reqs, 1: [long]})
+    # step 0: 2 prompts (2 x 10 <= 25 < 3 x 10); step 1: 2 more, then the long one alone in step 2
+    assert rows[:3] == [2, 4, 5]
+    for r, events in zip([*reqs, long], got.values(), strict=True):
+        ref = _generate(donors[r.slot], list(r.prompt_ids), r.sampling.max_tokens, do_sample=False, eos_token_id=None)
+        assert [t for t, _, _ in events] == ref
 
 
 def test_cancel_frees_the_row_and_the_slot(llama):
@@ -229,6 +245,7 @@ def test_bad_requests_queue_nothing(llama, request_, error, words):
         (dict(seed=1.5), "seed"),
         (dict(stop_token_ids=[13]), "stop_token_ids"),
         (dict(stop_token_ids=[[]]), "stop_token_ids"),
+        (dict(ignore_eos=1), "ignore_eos"),
     ],
 )
 def test_bad_sampling(kw, words):
@@ -240,6 +257,8 @@ def test_bad_batchers(llama):
     base, donors, model, bank = llama
     with pytest.raises(ConfigError, match="max_batch"):
         Batcher(model, bank=bank, max_batch=0)
+    with pytest.raises(ConfigError, match="max_prefill_tokens"):
+        Batcher(model, bank=bank, max_prefill_tokens=0)
     with pytest.raises(SlotError, match="SlotBank"):
         Batcher(base, bank=bank)  # the bank of another model
     with pytest.raises(ConfigError, match="decoder-only"):

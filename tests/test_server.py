@@ -228,3 +228,84 @@ def test_correct_under_load_with_alias_moves_and_evictions(world, client):
     assert not any(t.is_alive() for t in (*workers, moving))
     assert errors == []
     assert any(evicted)  # versions really left their slots during the run
+
+
+def test_usage_chunk_and_ignore_eos(world, client):
+    body = {"model": "acme/a5@1", "prompt": "abc", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        headers=_auth(),
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 12,  # eos does not end it: all 12 tokens
+        "total_tokens": 16,
+    }
+    model = copy.deepcopy(world["base"])
+    surgery.apply(model, world["deltas"]["acme/a5@1"])
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([TOK("abc")["input_ids"]]), max_new_tokens=12, do_sample=False, eos_token_id=None
+        )
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == TOK.decode(out[0, 4:].tolist())
+    r = client.post("/v1/completions", headers=_auth(), json=body | {"ignore_eos": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+
+
+def test_shutdown_drains_requests_in_flight(world):
+    """A real uvicorn server told to exit while a stream is running: the listening socket closes to new
+    requests, the stream still ends complete and equal to the reference, then the scheduler stops."""
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    model = copy.deepcopy(world["base"])
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.02))  # a step of 20 ms: the stream lasts ~1 s
+    pool = AdapterPool(surgery.serve(model, slots=2, max_rank=4, targets="@attn"), registry.Hub(world["hub"].root))
+    app = create_app(model, TOK, pool=pool, limits=Limits(max_tokens=64), model_id="tiny")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = {"model": "acme/a6@2", "prompt": "drain", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+
+        def post(body: dict) -> urllib.request.Request:
+            return urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+        lines: list[str] = []
+        with urllib.request.urlopen(post(body | {"stream": True}), timeout=60) as r:
+            for raw in r:  # the SSE lines as they arrive
+                if raw.strip():
+                    if not lines:
+                        server.should_exit = True  # the first token is out: shut down now
+                    if len(lines) == 30:  # the shutdown is under way: no new connection, this stream goes on
+                        with pytest.raises(urllib.error.URLError):
+                            urllib.request.urlopen(post(body), timeout=2)
+                    lines.append(raw.decode().strip())
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(json.loads(ln.removeprefix("data: "))["choices"][0]["text"] for ln in lines[:-1])
+        single = copy.deepcopy(world["base"])
+        surgery.apply(single, world["deltas"]["acme/a6@2"])
+        with torch.no_grad():
+            ids = TOK("drain")["input_ids"]
+            out = single.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=None)
+        assert text == TOK.decode(out[0, len(ids) :].tolist())
+        thread.join(30)
+        assert not thread.is_alive()
+        assert not app.state.server.scheduler.thread.is_alive()  # the lifespan's drain stopped it
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        pool.close()

@@ -434,6 +434,7 @@ def test_a_chat_request_is_normalised():
         "n": 1,
         "stream": True,
         "include_usage": True,
+        "ignore_eos": False,
     }
 
 
@@ -450,6 +451,7 @@ def test_a_completion_request_is_normalised():
         "n": 1,
         "stream": False,
         "include_usage": False,
+        "ignore_eos": False,
     }
 
 

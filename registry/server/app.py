@@ -121,13 +121,16 @@ class Server:
         limits: Limits,
         model_id: str,
         max_batch: int,
+        max_prefill_tokens: int = 2048,
     ) -> None:
         self.model, self.tokenizer, self.pool, self.keys, self.limits = model, tokenizer, pool, keys, limits
         self.model_id = model_id
         self.metrics = Metrics()
         self.gate = ConcurrencyGate(limits.max_concurrent_per_key)
         eos = getattr(tokenizer, "eos_token_id", None)
-        self.batcher = Batcher(model, bank=pool.bank, max_batch=max_batch, eos_token_id=eos)
+        self.batcher = Batcher(
+            model, bank=pool.bank, max_batch=max_batch, eos_token_id=eos, max_prefill_tokens=max_prefill_tokens
+        )
         self.scheduler = Scheduler(self.batcher, self.metrics)
         self.draining = False
         self.in_flight = 0
@@ -180,6 +183,7 @@ class Server:
                         temperature=0.0 if greedy else float(req["temperature"]),
                         top_p=1.0 if greedy else float(req["top_p"]),
                         seed=req["seed"],
+                        ignore_eos=req["ignore_eos"],
                     )
                     job = self.scheduler.submit(
                         Request(prompt_ids=ids, slot=slot, sampling=sampling), asyncio.get_running_loop()
@@ -247,6 +251,11 @@ def _envelope(rid: str, obj: str, model: str, info: dict[str, Any], choice: dict
     }
 
 
+def _usage(info: dict[str, Any]) -> dict[str, int]:
+    p, c = info.get("prompt_tokens", 0), info.get("completion_tokens", 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
 def _chunk(kind: str, rid: str, model: str, info: dict[str, Any], text: str, reason: str | None) -> dict[str, Any]:
     if kind == "chat":
         choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
@@ -264,9 +273,12 @@ def create_app(
     limits: Limits | None = None,
     model_id: str = "base",
     max_batch: int = 32,
+    max_prefill_tokens: int = 2048,
 ) -> Any:
-    """The FastAPI app serving `model` (with `pool.bank` in it) and the hub's adapters through `pool`."""
-    srv = Server(model, tokenizer, pool, keys, limits or Limits(), model_id, max_batch)
+    """The FastAPI app serving `model` (with `pool.bank` in it) and the hub's adapters through `pool`;
+    `max_batch` rows decode at once, and one step's prefill of newcomers stays within
+    `max_prefill_tokens` (the `Batcher`'s)."""
+    srv = Server(model, tokenizer, pool, keys, limits or Limits(), model_id, max_batch, max_prefill_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -310,6 +322,7 @@ def create_app(
     async def complete(request: HttpRequest, chat: bool) -> Any:
         req, tenant = await body_of(request, chat)
         kind = "chat" if chat else "text"
+        kind_obj = "chat.completion.chunk" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         info: dict[str, Any] = {}
         pieces = srv.run(req, tenant, chat, info)
@@ -322,6 +335,12 @@ def create_app(
                     while item is not None:
                         yield f"data: {json.dumps(_chunk(kind, rid, req['model'], info, *item))}\n\n".encode()
                         item = await anext(pieces, None)
+                    if req["include_usage"]:  # OpenAI's last chunk: no choices, the counts
+                        usage = _envelope(rid, kind_obj, req["model"], info, {}) | {
+                            "choices": [],
+                            "usage": _usage(info),
+                        }
+                        yield f"data: {json.dumps(usage)}\n\n".encode()
                     yield b"data: [DONE]\n\n"
                 finally:
                     await pieces.aclose()
@@ -330,14 +349,13 @@ def create_app(
         text, reason = "", None
         async for piece, r in pieces:
             text, reason = text + piece, r or reason
-        p, c = info.get("prompt_tokens", 0), info.get("completion_tokens", 0)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
             out = _envelope(rid, "chat.completion", req["model"], info, choice)
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             out = _envelope(rid, "text_completion", req["model"], info, choice)
-        return {**out, "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}
+        return {**out, "usage": _usage(info)}
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest) -> Any:

@@ -43,6 +43,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--targets", default="@linear", help="the sites the bank covers (default @linear)")
     p.add_argument("--cpu-cache", type=int, default=512, help="prepared adapters kept in host memory (default 512)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per decode step (default 32)")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=2048,
+        help="prompt tokens (padded) prefilled in one step, which bounds the pause a burst gives running rows",
+    )
     p.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0 with --keys, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys", help="keys.toml: API keys (sha256), their namespaces, admin")
@@ -89,7 +95,14 @@ def main(args: argparse.Namespace) -> int:
         max_concurrent_per_key=args.max_concurrent_per_key,
     )
     app = create_app(
-        model, tok, pool=pool, keys=keys, limits=limits, model_id=args.model_id or args.model, max_batch=args.max_batch
+        model,
+        tok,
+        pool=pool,
+        keys=keys,
+        limits=limits,
+        model_id=args.model_id or args.model,
+        max_batch=args.max_batch,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     uvicorn.run(app, host=host, port=args.port)
     pool.close()

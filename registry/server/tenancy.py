@@ -454,7 +454,7 @@ def parse_completion_request(raw: bytes, chat: bool) -> dict[str, Any]:
     """The validated body of a `/v1/chat/completions` (`chat`) or `/v1/completions` request, as
     {"model", "messages" [{"role", "content": str}] | "prompt": str, "max_tokens": int | None,
     "temperature", "top_p", "stop": [str], "seed": int | None, "stream": bool, "include_usage": bool,
-    "n": 1}. Unknown fields are ignored as OpenAI does; known ones this server cannot honour, wrong
+    "ignore_eos": bool, "n": 1}. Unknown fields are ignored as OpenAI does; known ones this server cannot honour, wrong
     types and out-of-range values get a 400 naming the field in `param`."""
     body = parse_json_object(raw)
     for field, fine in _UNSUPPORTED.items():
@@ -490,6 +490,7 @@ def parse_completion_request(raw: bytes, chat: bool) -> dict[str, Any]:
         raise ApiError.invalid(f"only n=1 is supported, but got {n}; send {n} requests instead.", "n")
     out["n"] = 1
     out["stream"] = _bool(body, "stream")
+    out["ignore_eos"] = _bool(body, "ignore_eos")  # vLLM's extension: run to max_tokens
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _wrong_type("stream_options", "an object", options)

@@ -46,14 +46,16 @@ Event = tuple[int, int, bool, "str | None"]  # (request id, token id, finished, 
 class Sampling:
     """How a request's tokens are chosen: greedy at ``temperature == 0``, else sampled from the
     top-`top_p` mass with a generator seeded by `seed` (the same seed gives the same tokens
-    whatever else is in the batch). It stops after `max_tokens`, on the batcher's eos, or when
-    its tokens end with one of `stop_token_ids` (token-id sequences); the stopping token is kept."""
+    whatever else is in the batch). It stops after `max_tokens`, on the batcher's eos (unless
+    `ignore_eos`), or when its tokens end with one of `stop_token_ids` (token-id sequences); the
+    stopping token is kept."""
 
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: Sequence[Sequence[int]] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         def bad(what: str) -> ConfigError:
@@ -68,6 +70,8 @@ class Sampling:
             raise bad(f"top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an int or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
             raise bad(f"stop_token_ids is a list of token-id sequences, e.g. [[13, 13]], got {stops!r}")
@@ -106,6 +110,9 @@ class _Seq:
 class Batcher:
     """Runs many requests as rows of one batch, each row on its request's slot of `bank`
     (None: base only); at most `max_batch` rows run at once, the others wait in submit order.
+    A step admits waiting requests while their prefill (padded to the longest prompt) stays within
+    `max_prefill_tokens` (always at least one), so a burst of long prompts delays the running
+    rows' next token by a bounded prefill rather than one of every waiting prompt.
 
     `submit` and `cancel` may be called from any thread while one thread runs `step`. A request
     pins its slot from `submit` until it finishes or is cancelled: the bank refuses to load or
@@ -117,10 +124,12 @@ class Batcher:
         bank: SlotBank | None = None,
         max_batch: int = 32,
         eos_token_id: int | Sequence[int] | None = None,
+        max_prefill_tokens: int = 2048,
     ) -> None:
         engine.check_model(model)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"Batcher: max_batch must be an integer >= 1, got {max_batch!r}")
+        for what, v in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Batcher: {what} must be an integer >= 1, got {v!r}")
         if bank is not None and (not isinstance(bank, SlotBank) or bank.model_ref() is not model):
             raise SlotError("Batcher: bank must be the SlotBank that surgery.serve(model, ...) made for this model")
         cfg = getattr(model, "config", None)
@@ -137,6 +146,7 @@ class Batcher:
         if not all(_is_int(e) for e in eos):
             raise ConfigError(f"Batcher: eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
         self.model, self.bank, self.max_batch, self.eos = model, bank, max_batch, frozenset(eos)
+        self.max_prefill_tokens = max_prefill_tokens
         self.vocab: int | None = getattr(cfg, "vocab_size", None)
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
         self.logits_arg = "logits_to_keep" in params
@@ -236,8 +246,7 @@ class Batcher:
                     self.cancelled.discard(seq.rid)
                     self._forget(seq)
                 drop = {i for i, s in enumerate(self.running) if s.rid in self.cancelled}
-                room = self.max_batch - len(self.running) + len(drop)
-                new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                new = self._admit(self.max_batch - len(self.running) + len(drop))
             if drop:
                 self._leave(drop)
             old = self.running
@@ -273,6 +282,17 @@ class Batcher:
                 self._leave(done)
             return events
 
+    def _admit(self, room: int) -> list[_Seq]:  # under self.lock
+        new: list[_Seq] = []
+        width = 0
+        while self.waiting and len(new) < room:
+            w = max(width, len(self.waiting[0].prompt))
+            if new and w * (len(new) + 1) > self.max_prefill_tokens:
+                break
+            new.append(self.waiting.popleft())
+            width = w
+        return new
+
     def run_until_done(self) -> dict[int, list[int]]:
         """Step until no request waits or runs; the tokens each request got meanwhile."""
         out: dict[int, list[int]] = {}
@@ -283,7 +303,7 @@ class Batcher:
 
     def _stop_reason(self, seq: _Seq) -> str | None:
         toks, sp = seq.tokens, seq.sampling
-        if toks[-1] in self.eos:
+        if toks[-1] in self.eos and not sp.ignore_eos:
             return "eos"
         if any(len(toks) >= len(s) and tuple(toks[-len(s) :]) == s for s in sp.stop_token_ids):
             return "stop"
