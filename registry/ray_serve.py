@@ -26,6 +26,7 @@ The header only routes: the body's `model` says what is served. `ray` is importe
 from __future__ import annotations
 
 import asyncio
+import copyreg
 import json
 import threading
 from collections.abc import Callable
@@ -36,8 +37,18 @@ from registry.errors import NotFoundError, PoolError, RefError, RegistryError
 from registry.hub import Hub
 from registry.pool import AdapterPool
 from registry.refs import Ref
+from registry.server.tenancy import ApiError, Keys, parse_completion_request
 
 ModelLoader = Callable[[], tuple[Any, Any]]
+
+
+def _reduce_api_error(e: ApiError) -> tuple[type[ApiError], tuple[Any, ...]]:
+    return type(e), (e.status, e.message, e.type, e.code, e.param, e.headers())
+
+
+# a replica's ApiError (a bad argument to generate) reaches the caller pickled; its own pickling would call
+# ApiError(message) and fail, so Ray would raise an UnserializableException instead
+copyreg.pickle(ApiError, _reduce_api_error)
 
 
 class Resident:
@@ -92,7 +103,6 @@ class AdapterServer:
 
         import surgery
         from registry.server.app import create_app
-        from registry.server.tenancy import Keys
 
         model, tokenizer = model_loader()
         bank = surgery.serve(model, slots=slots, max_rank=max_rank, targets=targets)
@@ -138,8 +148,6 @@ class AdapterServer:
         from fastapi.responses import JSONResponse
         from ray import serve
 
-        from registry.server.tenancy import ApiError
-
         ref = serve.get_multiplexed_model_id()
         if ref and ref != self.model_id:
             try:
@@ -148,6 +156,8 @@ class AdapterServer:
                     await self._resident(ref)
                 except (NotFoundError, RefError):
                     raise ApiError.model_not_found(ref) from None
+                except PoolError as e:  # no slot within the pool's timeout: as the app's routes answer it
+                    raise ApiError(409, str(e), code="conflict") from None
             except ApiError as e:
                 return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
         response = await call_next(request)
@@ -168,8 +178,6 @@ class AdapterServer:
         id: the base). OpenAI's defaults and limits; `version` is what the ref resolved to at admission.
         A ref that does not resolve raises NotFoundError / RefError, a bad argument ApiError."""
         from ray import serve
-
-        from registry.server.tenancy import parse_completion_request
 
         ref = serve.get_multiplexed_model_id() or self.model_id
         chat = not isinstance(prompt, str)
@@ -225,6 +233,8 @@ def deployment(
 
     if not callable(model_loader):
         raise RegistryError(f"model_loader must be a function returning (model, tokenizer), got {model_loader!r}")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise RegistryError(f"slots must be an integer >= 1 (the bank's slots per replica), got {slots!r}")
     root = (hub if isinstance(hub, Hub) else Hub(hub)).root.resolve()
     if not root.is_dir():  # checked here: a replica would fail at its first request
         raise NotFoundError(f"no hub at {root}; give the path of a hub folder every replica can read")

@@ -27,6 +27,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from registry.ray_serve import deployment  # noqa: E402
+from registry.server.tenancy import ApiError  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
 PROMPTS = ["the cat", "a dog sat", "hello", "zz top"]
@@ -43,6 +44,9 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(CHARS[i - 3] if 3 <= i < 3 + len(CHARS) else "" for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
+        return self(" ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:")["input_ids"]
 
 
 def load_model():
@@ -110,14 +114,15 @@ def app(world):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def _reference(world, version: str | None, prompt: str, max_tokens: int = 6) -> str:
-    key = (version, prompt, max_tokens)
+def _reference(world, version: str | None, prompt: str | list, max_tokens: int = 6) -> str:
+    tok = CharTokenizer()
+    ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else tok.apply_chat_template(prompt)
+    key = (version, tuple(ids), max_tokens)
     if key not in world["refs"]:
         model = world["base"]
         if version is not None:
             model = copy.deepcopy(model)
             surgery.apply(model, world["deltas"][version])
-        ids = CharTokenizer()(prompt)["input_ids"]
         with torch.no_grad():
             out = model.generate(
                 input_ids=torch.tensor([ids]),
@@ -126,11 +131,11 @@ def _reference(world, version: str | None, prompt: str, max_tokens: int = 6) -> 
                 pad_token_id=0,
                 eos_token_id=2,
             )
-        world["refs"][key] = CharTokenizer().decode(out[0, len(ids) :].tolist())
+        world["refs"][key] = tok.decode(out[0, len(ids) :].tolist())
     return world["refs"][key]
 
 
-def _generate(app, ref: str, prompt: str) -> dict:
+def _generate(app, ref: str, prompt: str | list) -> dict:
     return app["handle"].options(multiplexed_model_id=ref).generate.remote(prompt, max_tokens=6, temperature=0).result()
 
 
@@ -193,6 +198,12 @@ def test_http_route_and_bad_refs(world, app):
     status, _, body = post("acme/nope@1", {"model": "acme/nope@1", "prompt": "x"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
 
+    chat = [{"role": "user", "content": "hi there"}]
+    out = _generate(app, "acme/a3@1", chat)  # messages go through the tokenizer's chat template
+    assert out["text"] == _reference(world, "acme/a3@1", chat)
+    with pytest.raises(ApiError) as bad:
+        app["handle"].options(multiplexed_model_id="acme/a3@1").generate.remote("x", max_tokens=0).result()
+    assert bad.value.status == 400 and bad.value.param == "max_tokens"
     with pytest.raises(registry.NotFoundError, match="acme/nope"):
         _generate(app, "acme/nope@1", "hello")
     with pytest.raises(registry.RefError):
