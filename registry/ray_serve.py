@@ -58,7 +58,8 @@ class Resident:
     def __init__(self, pool: AdapterPool, ref: str) -> None:
         self.pool, self.ref, self.released = pool, ref, False
         self.lock = threading.Lock()
-        self.version: Ref | None = pool.pin(ref)  # resolves the ref: NotFoundError / RefError
+        self.version: Ref | None = None
+        self.version = pool.pin(ref)  # resolves the ref: NotFoundError / RefError
 
     def follow(self, now: Ref) -> None:
         """Re-pin at `now` if the ref (an alias) has moved since it was pinned."""

@@ -185,7 +185,11 @@ def test_http_route_and_bad_refs(world, app):
         )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, dict(r.headers), json.loads(r.read())
+                raw = r.read().decode()
+                if body.get("stream"):  # SSE: the text pieces joined, as one completion
+                    chunks = [json.loads(ln[6:]) for ln in raw.splitlines() if ln.startswith("data: {")]
+                    return r.status, dict(r.headers), {"text": "".join(c["choices"][0]["text"] for c in chunks)}
+                return r.status, dict(r.headers), json.loads(raw)
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), json.loads(e.read())
 
@@ -195,6 +199,9 @@ def test_http_route_and_bad_refs(world, app):
     assert status == 200, body
     assert body["choices"][0]["text"] == _reference(world, "acme/a1@1", "a dog sat")
     assert body["system_fingerprint"] == "acme/a1@1" and headers["x-surgery-replica"]
+    streamed = {"model": "acme/a2@1", "prompt": "zz top", "max_tokens": 6, "temperature": 0, "stream": True}
+    status, _, body = post("acme/a2@1", streamed)
+    assert status == 200 and body["text"] == _reference(world, "acme/a2@1", "zz top")
     status, _, body = post("acme/nope@1", {"model": "acme/nope@1", "prompt": "x"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
 
