@@ -30,10 +30,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from registry.ray_serve import deployment  # noqa: E402
-from registry.server.tenancy import ApiError  # noqa: E402
+from registry.server.tenancy import ApiError, hash_token  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
 PROMPTS = ["the cat", "a dog sat", "hello", "zz top"]
+TOKENS = {"acme-key": "acme/*", "other-key": "other/*"}
 IDS = ["acme/a0@prod", "acme/a0@2", "acme/a1@1", "acme/a2", "acme/a3@1", "acme/a4@1"]  # the base too, as ""
 
 
@@ -82,7 +83,11 @@ def world(tmp_path_factory):
         d = _lora(template, i)
         deltas[str(hub.push(d, name))] = d
     hub.alias("acme/a0", "prod", 1)
-    return {"base": base, "hub": hub, "deltas": deltas, "refs": {}}
+    keys = hub.root.parent / "keys.toml"
+    keys.write_text(
+        "".join(f'[[key]]\nsha256 = "{hash_token(t)}"\nnamespaces = ["{ns}"]\n' for t, ns in TOKENS.items())
+    )
+    return {"base": base, "hub": hub, "deltas": deltas, "refs": {}, "keys": keys}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,7 @@ def app(world):
             num_replicas=2,
             max_batch=8,
             model_id="tiny",
+            keys=world["keys"],  # HTTP only: handle calls come from inside the cluster
             ray_actor_options={"num_cpus": 0.5},
         )
         handle = serve.run(application, name="surgery", route_prefix="/")
@@ -194,12 +200,10 @@ def test_outputs_equal_reference_and_requests_follow_loaded_adapters(world, app)
 
 
 def test_http_route_and_bad_refs(world, app):
-    def post(ref: str, body: dict) -> tuple[int, dict, dict]:
-        req = urllib.request.Request(
-            app["url"] + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "serve_multiplexed_model_id": ref},
-        )
+    def post(ref: str, body: dict, key: str | None = "acme-key") -> tuple[int, dict, dict]:
+        headers = {"Content-Type": "application/json", "serve_multiplexed_model_id": ref}
+        headers |= {"Authorization": f"Bearer {key}"} if key else {}
+        req = urllib.request.Request(app["url"] + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 raw = r.read().decode()
@@ -221,6 +225,10 @@ def test_http_route_and_bad_refs(world, app):
     assert status == 200 and body["text"] == _reference(world, "acme/a2@1", "zz top")
     status, _, body = post("acme/nope@1", {"model": "acme/nope@1", "prompt": "x"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, _, body = post("acme/a1@1", {"model": "acme/a1@1", "prompt": "x"}, key="other-key")
+    assert status == 404 and body["error"]["code"] == "model_not_found"  # another tenant's: as if missing
+    status, _, body = post("acme/a1@1", {"model": "acme/a1@1", "prompt": "x"}, key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
 
     chat = [{"role": "user", "content": "hi there"}]
     out = _generate(app, "acme/a3@1", chat)  # messages go through the tokenizer's chat template
