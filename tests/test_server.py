@@ -5,6 +5,7 @@ resolved to at admission, applied alone to a copy of the base, decoded greedily.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -263,21 +264,11 @@ def test_shutdown_drains_requests_in_flight(world):
     import urllib.error
     import urllib.request
 
-    import uvicorn
-
     model = copy.deepcopy(world["base"])
     model.register_forward_pre_hook(lambda *_: time.sleep(0.02))  # a step of 20 ms: the stream lasts ~1 s
     pool = AdapterPool(surgery.serve(model, slots=2, max_rank=4, targets="@attn"), registry.Hub(world["hub"].root))
     app = create_app(model, TOK, pool=pool, limits=Limits(max_tokens=64), model_id="tiny")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with _uvicorn(app) as (server, thread, port):
         body = {"model": "acme/a6@2", "prompt": "drain", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
         url = f"http://127.0.0.1:{port}/v1/completions"
 
@@ -305,7 +296,49 @@ def test_shutdown_drains_requests_in_flight(world):
         thread.join(30)
         assert not thread.is_alive()
         assert not app.state.server.scheduler.thread.is_alive()  # the lifespan's drain stopped it
+    pool.close()
+
+
+@contextlib.contextmanager
+def _uvicorn(app):
+    """A real uvicorn server of `app` on a free port of 127.0.0.1, in a thread; stopped on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield server, thread, server.servers[0].sockets[0].getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(30)
-        pool.close()
+
+
+def test_the_openai_client(world):
+    """The `openai` package's client against the server: chat and completions, streamed and not."""
+    openai = pytest.importorskip("openai")
+    model = copy.deepcopy(world["base"])
+    pool = AdapterPool(surgery.serve(model, slots=2, max_rank=4, targets="@attn"), registry.Hub(world["hub"].root))
+    keys = Keys.from_tokens({"acme-key": {"namespaces": ["acme/*"]}})
+    app = create_app(model, TOK, pool=pool, keys=keys, limits=Limits(max_tokens=32), model_id="tiny")
+    with _uvicorn(app) as (_, _, port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="acme-key", max_retries=0)
+        msgs = [{"role": "user", "content": "hi there"}]
+        want = _reference(world, "acme/a7@1", TOK.apply_chat_template(msgs), 6)
+        stream = client.chat.completions.create(
+            model="acme/a7@1", messages=msgs, max_tokens=6, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+        done = client.completions.create(model="acme/a7@1", prompt="hello world", max_tokens=6, temperature=0)
+        assert done.choices[0].text == _reference(world, "acme/a7@1", TOK("hello world")["input_ids"], 6)
+        assert done.system_fingerprint == "acme/a7@1" and done.usage.completion_tokens <= 6
+        assert [m.id for m in client.models.list()][:2] == ["tiny", "acme/a0"]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other/x", prompt="x", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+    pool.close()
