@@ -192,10 +192,8 @@ class AdapterServer:
         async for piece, r in self.server.run(req, None, chat, info):
             text, reason = text + piece, r or reason
         p, c = info.get("prompt_tokens", 0), info.get("completion_tokens", 0)
-        usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-        return {"text": text, "finish_reason": reason, "version": info["version"], "replica": self.replica} | {
-            "usage": usage
-        }
+        out = {"text": text, "finish_reason": reason, "version": info["version"], "replica": self.replica}
+        return out | {"usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}
 
     async def resident(self) -> dict[str, Any]:
         """This replica's id, the adapter ids Ray's multiplexer holds here, the pool's resident and pinned versions."""
