@@ -26,7 +26,6 @@ The header only routes: the body's `model` says what is served. `ray` is importe
 from __future__ import annotations
 
 import asyncio
-import copyreg
 import json
 import threading
 from collections.abc import Callable
@@ -40,15 +39,6 @@ from registry.refs import Ref
 from registry.server.tenancy import ApiError, Keys, parse_completion_request
 
 ModelLoader = Callable[[], tuple[Any, Any]]
-
-
-def _reduce_api_error(e: ApiError) -> tuple[type[ApiError], tuple[Any, ...]]:
-    return type(e), (e.status, e.message, e.type, e.code, e.param, e.headers())
-
-
-# a replica's ApiError (a bad argument to generate) reaches the caller pickled; its own pickling would call
-# ApiError(message) and fail, so Ray would raise an UnserializableException instead
-copyreg.pickle(ApiError, _reduce_api_error)
 
 
 class Resident:

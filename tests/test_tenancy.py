@@ -545,3 +545,12 @@ def test_n_above_one_says_so_and_json_objects_are_parsed_for_admin_bodies():
     with _raises(400, None) as info:
         parse_json_object(b'"acme/sql"')
     assert "string, not an object" in str(info.value)
+
+
+def test_api_errors_pickle_whole():
+    """Across processes (Ray replicas) an ApiError arrives with its status, body and headers."""
+    import pickle
+
+    e = ApiError(429, "slow down", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    got = pickle.loads(pickle.dumps(e))
+    assert (type(got), got.status, got.body(), got.headers()) == (ApiError, 429, e.body(), {"Retry-After": "1"})

@@ -68,6 +68,9 @@ class ApiError(RegistryError):
     def headers(self) -> dict[str, str]:
         return dict(self._headers)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (Ray, multiprocessing): __init__ takes the status first
+        return type(self), (self.status, self.message, self.type, self.code, self.param, self._headers)
+
     @classmethod
     def bad_json(cls, why: str) -> ApiError:
         return cls(400, f"We could not parse the JSON body of your request ({why}). Send a JSON object.")
