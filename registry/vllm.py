@@ -107,6 +107,7 @@ class HubLoRAs:
         self.cache = Path(cache) if cache else self.hub.root / "vllm-cache"
         self.max_lora_rank = max_lora_rank
         self.namespaces = namespaces
+        self.log = log  # the plugin logs through vLLM's logger instead
 
     @classmethod
     def from_env(cls) -> HubLoRAs:
@@ -144,10 +145,10 @@ class HubLoRAs:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         except VllmExportError as e:
-            log.warning("vLLM resolver: %s refused: %s", ref, e)
+            self.log.warning("vLLM resolver: %s refused: %s", ref, e)
             return None
         except RegistryError as e:
-            log.info("vLLM resolver: %s not resolved: %s", ref, e)
+            self.log.info("vLLM resolver: %s not resolved: %s", ref, e)
             return None
         return lora_name(r), out
 

@@ -68,8 +68,10 @@ def register() -> None:
     """The entry point vLLM calls (maybe more than once per process): register the resolver and make
     the serving layer's name cache follow alias moves."""
     from vllm.entrypoints.openai.models import serving
+    from vllm.logger import init_logger
 
     loras = HubLoRAs.from_env()
+    loras.log = init_logger("vllm.surgery_hub")  # under vLLM's handler, in the server's log
     LoRAResolverRegistry.register_resolver(NAME, HubResolver(loras))
     models = serving.OpenAIServingModels
     if getattr(models, "_surgery_fresh", False):
