@@ -267,3 +267,23 @@ def test_bad_batchers(llama):
         Batcher(model, eos_token_id="</s>")
     with pytest.raises(SlotError, match="no bank"):
         Batcher(model).submit(Request([5, 6], 0))
+
+
+def test_prompts_of_unlike_lengths_prefill_apart(llama):
+    """Admitted together, prompts of 4/5 and 16/17 tokens run as two prefills (one would be 40 % padding);
+    every request still equals its delta alone."""
+    base, donors, model, bank = llama
+    calls: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        reqs = [Request(_prompt(n, seed=60 + n), n % 3, Sampling(max_tokens=3)) for n in (4, 16, 5, 17)]
+        got, _ = _drive(Batcher(model, bank=bank, eos_token_id=[]), {0: reqs})
+    finally:
+        hook.remove()
+    assert sorted(calls[:2]) == [(2, 5), (2, 17)] and all(c[1] == 1 for c in calls[2:])
+    for r, events in zip(reqs, got.values(), strict=True):
+        assert [t for t, _, _ in events] == _generate(
+            donors[r.slot], list(r.prompt_ids), 3, do_sample=False, eos_token_id=None
+        )

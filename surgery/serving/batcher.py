@@ -253,22 +253,21 @@ class Batcher:
             if not old and not new:
                 return []
             mask, saved = self.mask, [(layer.keys, layer.values) for layer in self.cache.layers] if old else []
+            admitted, new = new, [s for g in self._by_length(new) for s in g]
             try:  # nothing is kept until every row has its token
-                prefill = self._prefill(new) if new else None
+                prefills = [self._prefill(g) for g in self._by_length(new)]
                 logits = self._decode() if old else None
-                if prefill is not None:
-                    logits = prefill[2] if logits is None else torch.cat([logits, prefill[2]])
-                assert logits is not None
-                tokens = self._sample(logits, old + new)
+                parts = ([] if logits is None else [logits]) + [p[2] for p in prefills]
+                tokens = self._sample(torch.cat(parts), old + new)
             except BaseException:
                 self.mask = mask
                 for layer, (k, v) in zip(self.cache.layers if old else (), saved, strict=True):
                     layer.keys, layer.values = k, v  # the layers a failed call already grew
                 with self.lock:  # the admitted requests wait again, first in line
-                    self.waiting.extendleft(reversed(new))
+                    self.waiting.extendleft(reversed(admitted))
                 raise
-            if prefill is not None:
-                self._merge(prefill[0], prefill[1])
+            for cache, mask, _ in prefills:
+                self._merge(cache, mask)
             self.running = old + new
             events: list[Event] = []
             done: set[int] = set()
@@ -323,6 +322,22 @@ class Batcher:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         got = out.get("cache", out.get("past_key_values"))
         return out.logits[:, -1], got
+
+    @staticmethod
+    def _by_length(seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Prompts of similar length, each group one prefill: a group's padding stays within 1/8 of its
+        tokens (one call for prompts of 40 and 150 tokens would spend 40 % of it on padding)."""
+        groups: list[list[_Seq]] = []
+        real = 0
+        for s in sorted(seqs, key=lambda s: len(s.prompt)):
+            n = len(s.prompt)
+            if groups and n * (len(groups[-1]) + 1) <= 1.125 * (real + n):
+                groups[-1].append(s)
+                real += n
+            else:
+                groups.append([s])
+                real = n
+        return groups
 
     def _prefill(self, seqs: list[_Seq]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         width = max(len(s.prompt) for s in seqs)
