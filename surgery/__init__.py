@@ -45,6 +45,7 @@ from surgery.errors import (
 from surgery.methods import METHODS
 from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
+from surgery.methods.sparse import sparse_delta, sparse_from_dense
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.serving import Prepared, SlotBank, route, serve
 from surgery.summary import Summary, summary
@@ -184,6 +185,8 @@ __all__ = [
     "use",
     "combine",
     "aux_loss",
+    "sparse_delta",
+    "sparse_from_dense",
     "ModelTypeError",
     "base_state_dict",
     "Prepared",

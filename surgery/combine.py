@@ -277,6 +277,10 @@ def combine(
     names = list(weights)
     for n in names:
         engine.injection(model, n)  # InjectionError naming the injected deltas
+    kinds = {engine.method_of(model, n).name for n in names}
+    own = getattr(get_method(kinds.pop()), "combine_linear", None) if len(kinds) == 1 else None
+    if own is not None and method == "linear":  # a method that sums its own deltas (sparse: over the union of entries)
+        return own(model, dict(weights), name)
     for n in names:
         have = engine.method_of(model, n).name
         if have != "lora":
