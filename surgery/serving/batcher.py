@@ -37,7 +37,7 @@ from torch import nn
 from surgery import engine
 from surgery.errors import ConfigError, SlotError
 from surgery.serving.bank import SlotBank
-from surgery.serving.route import route
+from surgery.serving.route import Plan, build, install
 
 Event = tuple[int, int, bool, "str | None"]  # (request id, token id, finished, reason)
 
@@ -93,6 +93,15 @@ class Request:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+@contextlib.contextmanager
+def _closing(model: nn.Module, plan: Plan) -> Any:
+    try:
+        with install(model, plan):
+            yield plan
+    finally:
+        plan.close()
 
 
 @dataclass(eq=False)
@@ -159,6 +168,9 @@ class Batcher:
         self.running: list[_Seq] = []  # the rows of the batch, in order
         self.cache: Any = None  # the running rows' KV cache (a DynamicCache)
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 0 on left padding
+        # the running rows' route, kept over the decoding steps while the rows stay the same: its gathered
+        # factors are reused (their slots are held by the rows' requests, so they cannot change meanwhile)
+        self.plan: Plan | None = None
         self.ids = itertools.count()
 
     @staticmethod
@@ -312,7 +324,13 @@ class Batcher:
         slots = [s.slot for s in seqs]
         if self.bank is None or all(s < 0 for s in slots):
             return contextlib.nullcontext()
-        return route(self.model, slots, self.bank)
+        if seqs is not self.running:  # a prefill: its own plan, for one call
+            return _closing(self.model, build(self.bank, slots))
+        if self.plan is None or self.plan.ids != slots:
+            if self.plan is not None:
+                self.plan.close()
+            self.plan = build(self.bank, slots)
+        return install(self.model, self.plan)
 
     def _forward(self, seqs: list[_Seq], ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> Any:
         kw: dict[str, Any] = {self.cache_arg or "cache": cache} if cache is not None else {}
@@ -384,6 +402,9 @@ class Batcher:
                 self._forget(s)
         if not self.running:
             self.cache = self.mask = None
+            if self.plan is not None:
+                self.plan.close()
+                self.plan = None
             return
         idx = torch.tensor(keep, device=self.device)
         mask = self.mask.index_select(0, idx)

@@ -138,19 +138,28 @@ def route(model: nn.Module, slots: Any, bank: SlotBank | str | None = None) -> I
     if bank.model_ref() is not model:
         raise SlotError("route: this bank belongs to another model")
     ids = _row_ids(bank, slots)
-    used = sorted({s for s in ids if s >= 0})
-    bank.acquire(used)
-    plan = None
+    plan = build(bank, ids)
     try:
-        plan = build(bank, ids)
+        with install(model, plan):
+            yield plan
+    finally:
+        plan.close()
+
+
+@contextlib.contextmanager
+def install(model: nn.Module, plan: Plan) -> Iterator[Plan]:
+    """Route the calls in this context by a plan built before (`build`): a caller that runs the same
+    rows again (the decoding steps of one batch) keeps the plan and its gathered factors between
+    contexts, as long as it holds the plan's slots meanwhile (so their contents cannot change)."""
+    used = sorted({s for s in plan.ids if s >= 0})
+    plan.bank.acquire(used)
+    try:
         st = engine.state_of(model)
         assert st is not None
         spec = st.active()
-        if bank.name not in engine.spec_names(spec):
-            spec = (*spec, bank.name)
+        if plan.bank.name not in engine.spec_names(spec):
+            spec = (*spec, plan.bank.name)
         with context.choose(st.token, spec), context.routed(st.token, plan):
             yield plan
     finally:
-        if plan is not None:
-            plan.close()
-        bank.release(used)
+        plan.bank.release(used)
