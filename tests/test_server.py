@@ -167,6 +167,9 @@ def test_tenancy_models_and_errors(world, client):
     assert client.get("/health").json()["status"] == "ok"
     metrics = client.get("/metrics").text
     assert "surgery_requests_total" in metrics and "surgery_ttft_seconds_bucket" in metrics
+    values = dict(ln.split() for ln in metrics.splitlines() if ln and not ln.startswith("#"))
+    assert values["surgery_queue_depth"] == values["surgery_running_requests"] == "0"  # idle: none waits or runs
+    assert values["surgery_pool_loads_total"] == "1"  # the admin pin above loaded one version
 
 
 def test_correct_under_load_with_alias_moves_and_evictions(world, client):

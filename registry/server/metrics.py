@@ -66,10 +66,12 @@ class Metrics:
         metric("surgery_requests_total", "counter", "Completion requests admitted.", self.requests.value)
         metric("surgery_generated_tokens_total", "counter", "Tokens generated.", self.tokens.value)
         metric("surgery_request_errors_total", "counter", "Requests answered with an error.", self.errors.value)
-        metric("surgery_queue_depth", "gauge", "Requests waiting to join the batch.", batcher.pending)
+        metric("surgery_queue_depth", "gauge", "Requests waiting to join the batch.", len(batcher.waiting))
+        metric("surgery_running_requests", "gauge", "Requests in the running batch.", len(batcher.running))
         metric("surgery_batch_size", "gauge", "Rows in the last decode step.", self.last_batch)
         for key, kind in (
             ("hits", "counter"),
+            ("loads", "counter"),
             ("cpu_hits", "counter"),
             ("misses", "counter"),
             ("evictions", "counter"),
