@@ -257,7 +257,9 @@ def _peft_method(delta_method: str) -> Method:
     if method is None or method.peft_type is None:
         have = sorted(n for n, m in METHODS.items() if m.peft_type)
         raise PeftFormatError(
-            f"a {delta_method!r} delta has no PEFT layout (field: method); PEFT's format holds {have}"
+            f"a {delta_method!r} delta has no PEFT layout (field: method); PEFT's format holds "
+            f"{sorted({'lora', 'dora', *have})}. surgery.to_lora(model, name, r=16) makes a LoRA of any "
+            "mergeable delta (reporting its error), which PEFT and serving engines load"
         ) from None
     return method
 
