@@ -195,3 +195,17 @@ def test_bad_finalize_leaves_the_delta() -> None:
     surgery.activate(model, "lo")
     dp.finalize(model, "dp")  # what is active stays as it was: here, the LoRA alone
     assert engine.method_of(model, "dp").name == "sparse" and engine.active(model) == ("lo",)
+
+
+def test_l0_loss_over_the_active_deltas() -> None:
+    model = tiny_mlp()
+    assert float(dp.l0_loss(model)) == 0.0  # nothing injected
+    surgery.inject(model, "diffpruning", name="a", targets="fc1", init_log_alpha=0.0)
+    surgery.inject(model, "diffpruning", name="b", targets="fc2", init_log_alpha=0.0)
+    with torch.no_grad():
+        model(X)
+    assert (
+        float(dp.l0_loss(model)) == 0.5 * (16 * 32 + 32 * 32) == float(dp.l0_loss(model, "a") + dp.l0_loss(model, "b"))
+    )
+    surgery.activate(model, "b")
+    assert float(dp.l0_loss(model)) == 0.5 * 32 * 32

@@ -145,13 +145,22 @@ def _adapters(model: nn.Module, name: str, where: str) -> dict[str, DiffPruningA
     return cast(dict[str, DiffPruningAdapter], engine.adapters(model, name))
 
 
-def l0_loss(model: nn.Module, name: str) -> torch.Tensor:
-    """The expected number of nonzero entries of delta `name` at its last forward (Guo et al.'s L0 penalty,
-    before its weight lambda); differentiable in the gates."""
-    ads = _adapters(model, name, "l0_loss")
-    auxes = [ad.aux for ad in ads.values() if ad.aux is not None]
+def l0_loss(model: nn.Module, name: str | None = None) -> torch.Tensor:
+    """The expected number of nonzero entries at the last forward (Guo et al.'s L0 penalty, before its weight
+    lambda) of delta `name`, or summed over the active diffpruning deltas; differentiable in the gates.
+    A 0-dim tensor, zero when there are none."""
+    from surgery import engine  # lazy: the engine imports the method table
+
+    todo: list[dict[str, Any]]
+    if name is not None:
+        todo = [_adapters(model, name, "l0_loss")]
+    else:
+        active = [n for n in dict.fromkeys(engine.spec_names(engine.active(model))) if n in engine.names(model)]
+        todo = [engine.adapters(model, n) for n in active if engine.method_of(model, n).name == DiffPruning.name]
+    auxes = [ad.aux for ads in todo for ad in ads.values() if isinstance(ad, DiffPruningAdapter) and ad.aux is not None]
     if not auxes:
-        return torch.zeros((), device=next(iter(ads.values())).diff.device)
+        p = next(iter(model.parameters()), None)
+        return torch.zeros((), device=p.device if p is not None else None)
     return torch.stack([a.to(auxes[0].device) for a in auxes]).sum()
 
 
