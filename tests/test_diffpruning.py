@@ -209,3 +209,17 @@ def test_l0_loss_over_the_active_deltas() -> None:
     )
     surgery.activate(model, "b")
     assert float(dp.l0_loss(model)) == 0.5 * 32 * 32
+
+
+def test_stored_and_applied_back() -> None:
+    model = tiny_gpt2()
+    surgery.inject(model, "diffpruning", name="dp", structured=True, stretch=(-0.5, 1.2))
+    with torch.no_grad():
+        for ad in engine.adapters(model, "dp").values():
+            ad.diff.normal_(0, 0.1)
+            ad.log_alpha.normal_(0, 2)
+        want = model(**batch_for(model)).logits
+    fresh = tiny_gpt2()
+    surgery.apply(fresh, surgery.delta(model, "dp"))
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch_for(fresh)).logits, want)
