@@ -13,7 +13,7 @@ from torch import nn
 
 import surgery
 from surgery import engine
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, InjectionError
 from surgery.methods import diffpruning as dp
 
 X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
@@ -191,6 +191,10 @@ def test_bad_finalize_leaves_the_delta() -> None:
         dp.finalize(model, "dp", steps=3)
     with pytest.raises(ConfigError, match="steps"):
         dp.finalize(model, "dp", steps=-1)
+    surgery.merge(model, "dp")
+    with pytest.raises(InjectionError, match="is merged"):
+        dp.finalize(model, "dp")
+    surgery.unmerge(model, "dp")
     assert engine.method_of(model, "dp").name == "diffpruning"
     surgery.activate(model, "lo")
     dp.finalize(model, "dp")  # what is active stays as it was: here, the LoRA alone

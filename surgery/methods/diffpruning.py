@@ -231,7 +231,7 @@ def finalize(
             f"diffpruning {name!r}: the gates kept {opened / total:.4%} of the entries, more than the target "
             f"sparsity {cfg.sparsity:.4%}; the magnitude projection cut the rest (train longer, or with a larger "
             f"L0 weight, for the gates to reach it)",
-            stacklevel=2,
+            stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
         )
     delta = sparse_delta(model, pairs, name=name)
     delta.config["density"] = cfg.sparsity
