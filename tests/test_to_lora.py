@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from models import batch_for, tiny_gpt2, tiny_llama
+from models import batch_for, tiny_cnn, tiny_gpt2, tiny_llama
 from torch import nn
 
 import registry
@@ -55,8 +55,13 @@ def test_error_matches_svd_of_merged_change() -> None:
 
 @pytest.mark.parametrize(
     ("factory", "method", "config"),
-    [(tiny_llama, "loha", {"r": 4}), (tiny_gpt2, "ia3", {}), (tiny_gpt2, "sparse", {"density": 0.02})],
-    ids=["loha", "ia3-conv1d", "sparse-conv1d"],
+    [
+        (tiny_llama, "loha", {"r": 4}),
+        (tiny_gpt2, "dora", {"r": 4}),
+        (tiny_gpt2, "ia3", {}),
+        (tiny_gpt2, "sparse", {"density": 0.02}),
+    ],
+    ids=["loha", "dora-conv1d", "ia3-conv1d", "sparse-conv1d"],
 )
 def test_full_rank_reproduces_source(factory, method: str, config: dict) -> None:
     model = factory()
@@ -119,3 +124,11 @@ def test_refusals_leave_model_alone() -> None:
     with pytest.raises(surgery.ConfigError, match="unmerge"):
         to_lora(model, "s")
     assert surgery.names(model) == ["b", "s"]
+
+
+def test_conv_site_refused() -> None:
+    model = tiny_cnn()
+    surgery.inject(model, "sparse", targets=nn.Conv2d, density=0.1, name="c")
+    with pytest.raises(surgery.ConfigError, match="conv"):
+        to_lora(model, "c")
+    assert surgery.names(model) == ["c"]
