@@ -43,6 +43,7 @@ from surgery.errors import (
     SurgeryError,
 )
 from surgery.methods import METHODS
+from surgery.methods.diffpruning import l0_loss
 from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
 from surgery.methods.sparse import sparse_delta, sparse_from_dense
@@ -185,6 +186,7 @@ __all__ = [
     "use",
     "combine",
     "aux_loss",
+    "l0_loss",
     "sparse_delta",
     "sparse_from_dense",
     "ModelTypeError",

@@ -76,10 +76,23 @@ COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lokr": ("lokr", {"r": 4}),
     "bitfit": ("bitfit", {}),  # every bias, and every linear layer
     "sparse": ("sparse", {"density": 0.05}),  # @linear
+    "diffpruning": ("diffpruning", {"sparsity": 0.05}),  # @linear
 }
 
 # the columns that merge; the others must raise MergeError on merge
-MERGEABLE = {"lora", "lora@linear", "lora@attn", "ia3", "dora", "vera", "loha", "lokr", "bitfit", "sparse"}
+MERGEABLE = {
+    "lora",
+    "lora@linear",
+    "lora@attn",
+    "ia3",
+    "dora",
+    "vera",
+    "loha",
+    "lokr",
+    "bitfit",
+    "sparse",
+    "diffpruning",
+}
 CHANGES_OUTPUT = {"prefix", "prompt"}  # by design; every other column is the identity at injection
 
 FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
@@ -139,7 +152,9 @@ def _expected() -> dict[tuple[str, str], str]:
         exp[arch, "ia3"] = ok(attn or ffn)  # @k @v @qkv @mlp.down: either is enough
         for column in ("dora", "vera", "loha", "lokr"):
             exp[arch, column] = ok(attn)  # LoRA's targets
-        exp[arch, "bitfit"] = exp[arch, "sparse"] = "works"  # every architecture has linear layers
+        exp[arch, "bitfit"] = exp[arch, "sparse"] = exp[arch, "diffpruning"] = (
+            "works"  # every architecture has linear layers
+        )
     return exp
 
 
@@ -147,7 +162,11 @@ EXPECTED: dict[tuple[str, str], str] = _expected()
 
 # Works, but covers less than the targets mean (the FFN's fused experts are left out): inject must say so
 # with a FusedExpertsWarning. No other cell may warn it.
-PARTIAL = {(arch, column) for arch in FUSED_EXPERTS for column in ("houlsby", "lora@linear", "ia3", "bitfit", "sparse")}
+PARTIAL = {
+    (arch, column)
+    for arch in FUSED_EXPERTS
+    for column in ("houlsby", "lora@linear", "ia3", "bitfit", "sparse", "diffpruning")
+}
 
 # Cells whose behaviour today differs from EXPECTED (a later crash, a raw exception, a silent no-op, or a
 # refusal where the table says works): (arch, column) -> diagnosis. strict: a fix makes it XPASS.
