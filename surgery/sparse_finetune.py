@@ -13,7 +13,7 @@ values alone, the only trainable parameters).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -33,7 +33,9 @@ def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 class SparseFinetune:
     """LT-SFT on `model`'s `targets` (sites a "sparse" delta fits), keeping `density` of their
     entries: per weight (``scope="tensor"``) or over all of them together (``scope="global"``).
-    `optimizer` builds each phase's optimizer from its parameters (AdamW, lr 1e-4, by default)."""
+    `optimizer` builds each phase's optimizer from its parameters (AdamW, lr 1e-4, by default).
+    `dense` parameters (a new task head, say) train as they are in both phases: never reset, never
+    part of the delta."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class SparseFinetune:
         scope: str = "tensor",
         name: str = "sft",
         optimizer: MakeOptimizer = _adamw,
+        dense: Iterable[nn.Parameter] = (),
     ) -> None:
         from surgery import engine
         from surgery.methods.base import get_method
@@ -54,6 +57,9 @@ class SparseFinetune:
         self.model, self.scope, self.name, self.make_optimizer = model, scope, name, optimizer
         sites = engine.resolve_sites(model, get_method("sparse"), targets)
         self.weights = {p: cast(nn.Parameter, m.weight) for p, m in sites}
+        self.dense = list(dense)
+        if {id(w) for w in self.weights.values()} & {id(d) for d in self.dense}:
+            raise ConfigError("SparseFinetune: a `dense` parameter is also a targeted weight; narrow targets=")
         self.pretrained: dict[str, torch.Tensor] | None = None  # the targeted weights before the full phase
 
     def _loop(self, train_step: Step, steps: int, params: list[nn.Parameter]) -> list[float]:
@@ -82,12 +88,12 @@ class SparseFinetune:
             )
         if self.pretrained is None:
             self.pretrained = {p: w.detach().clone() for p, w in self.weights.items()}
-        targeted = {id(w) for w in self.weights.values()}
+        targeted = {id(w) for w in [*self.weights.values(), *self.dense]}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in targeted)
         if steps and train_step is None:
             raise ConfigError("SparseFinetune.full_phase: steps given without train_step(model) -> loss")
-        return self._loop(train_step, steps, list(self.weights.values())) if train_step is not None else []
+        return self._loop(train_step, steps, [*self.weights.values(), *self.dense]) if train_step is not None else []
 
     def _diff(self, path: str) -> torch.Tensor:
         return (self.weights[path] - cast(dict, self.pretrained)[path]).reshape(-1)
@@ -110,7 +116,7 @@ class SparseFinetune:
     def select(self) -> Any:
         """Keep the largest |theta - theta0| entries, put the pretrained weights back, and inject
         the "sparse" delta `name` (active) at those entries with values from zero: its values are
-        then the model's only trainable parameters. Returns the Injection."""
+        then the model's only trainable parameters (with `dense`). Returns the Injection."""
         from surgery import engine
         from surgery.delta import apply
         from surgery.methods.sparse import sparse_delta
@@ -129,8 +135,11 @@ class SparseFinetune:
         inj = apply(self.model, sparse_delta(self.model, picked, name=self.name))
         for prm in self.model.parameters():
             prm.requires_grad_(False)
-        for ad in engine.adapters(self.model, self.name).values():
-            cast(SparseDelta, ad).values.requires_grad_(True)
+        for prm in [
+            *self.dense,
+            *(cast(SparseDelta, ad).values for ad in engine.adapters(self.model, self.name).values()),
+        ]:
+            prm.requires_grad_(True)
         return inj
 
     @property
@@ -149,4 +158,4 @@ class SparseFinetune:
         if self.name not in engine.names(self.model):
             raise ConfigError("SparseFinetune.sparse_phase: call select() first (after a full phase)")
         values = [cast(SparseDelta, ad).values for ad in engine.adapters(self.model, self.name).values()]
-        return self._loop(train_step, steps, values)
+        return self._loop(train_step, steps, [*values, *self.dense])

@@ -137,3 +137,21 @@ def test_out_of_order_calls_leave_model_alone() -> None:
     assert surgery.names(model) == [] and all(
         p.requires_grad == q.requires_grad for p, q in zip(model.parameters(), base.parameters(), strict=True)
     )
+
+
+def test_dense_parameters_train_in_both_phases() -> None:
+    model = tiny_llama()
+    head = model.lm_head.weight
+    with pytest.raises(surgery.ConfigError, match="dense"):
+        SparseFinetune(model, targets=nn.Linear, dense=[head])  # lm_head is an nn.Linear too
+    sft = SparseFinetune(
+        model, targets=lambda p, m: isinstance(m, nn.Linear) and ".mlp." in p, dense=[head], optimizer=_lr
+    )
+    h0 = head.detach().clone()
+    sft.full_phase(_step, steps=1)
+    h1 = head.detach().clone()
+    sft.select()
+    assert torch.equal(head, h1) and not torch.equal(h1, h0)  # moved in the full phase, not reset
+    assert "lm_head" not in engine.adapters(model, "sft")
+    sft.sparse_phase(_step, steps=1)
+    assert head.requires_grad and not torch.equal(head, h1)
