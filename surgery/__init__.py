@@ -49,8 +49,10 @@ from surgery.methods.moe import aux_loss
 from surgery.methods.sparse import sparse_delta, sparse_from_dense
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.serving import Prepared, SlotBank, route, serve
+from surgery.sparse_finetune import SparseFinetune
 from surgery.summary import Summary, summary
 from surgery.template import Template
+from surgery.to_lora import LoraFit, to_lora
 
 if TYPE_CHECKING:
     import torch
@@ -189,6 +191,9 @@ __all__ = [
     "l0_loss",
     "sparse_delta",
     "sparse_from_dense",
+    "SparseFinetune",
+    "LoraFit",
+    "to_lora",
     "ModelTypeError",
     "base_state_dict",
     "Prepared",
