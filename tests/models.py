@@ -571,6 +571,23 @@ def tiny_cnn():
     return _seeded(TinyCNN)
 
 
+class CharTokenizer:
+    """A character tokenizer over the tiny models' vocabulary (ids 3..), with a chat template: what the
+    server tests give `create_app` beside a tiny model."""
+
+    chars = "abcdefghijklmnopqrstuvwxyz .,:"
+    eos_token_id = 2
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [1] + [3 + self.chars.index(c) for c in text.lower() if c in self.chars]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.chars[i - 3] if 3 <= i < 3 + len(self.chars) else "" for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
+        return self(" ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:")["input_ids"]
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_llama
+from models import CharTokenizer, tiny_llama
 
 import registry
 import surgery
@@ -32,25 +32,9 @@ from ray import serve  # noqa: E402
 from registry.ray_serve import deployment  # noqa: E402
 from registry.server.tenancy import ApiError, hash_token  # noqa: E402
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
 PROMPTS = ["the cat", "a dog sat", "hello", "zz top"]
 TOKENS = {"acme-key": "acme/*", "other-key": "other/*"}
 IDS = ["acme/a0@prod", "acme/a0@2", "acme/a1@1", "acme/a2", "acme/a3@1", "acme/a4@1"]  # the base too, as ""
-
-
-class CharTokenizer:
-    """A character tokenizer over the tiny model's vocabulary (ids 3..)."""
-
-    eos_token_id = 2
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [1] + [3 + CHARS.index(c) for c in text.lower() if c in CHARS]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(CHARS[i - 3] if 3 <= i < 3 + len(CHARS) else "" for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
-        return self(" ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:")["input_ids"]
 
 
 def load_model():

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from models import tiny_llama
+from models import CharTokenizer, tiny_llama
 
 import registry
 import surgery
@@ -25,25 +25,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from registry.pool import AdapterPool  # noqa: E402
 from registry.server.app import create_app  # noqa: E402
 from registry.server.tenancy import Keys, Limits  # noqa: E402
-
-CHARS = "abcdefghijklmnopqrstuvwxyz .,:"
-
-
-class CharTokenizer:
-    """A character tokenizer over the tiny model's vocabulary (ids 3..), with a chat template."""
-
-    eos_token_id = 2
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [1] + [3 + CHARS.index(c) for c in text.lower() if c in CHARS]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(CHARS[i - 3] if 3 <= i < 3 + len(CHARS) else "" for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True):
-        text = " ".join(f"{m['role']}: {m['content']}" for m in messages) + " assistant:"
-        return self(text)["input_ids"]
-
 
 TOK = CharTokenizer()
 TOKENS = {"acme-key": (["acme/*"], False), "other-key": (["other/*"], False), "root-key": (["*"], True)}
