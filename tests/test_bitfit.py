@@ -179,3 +179,19 @@ def test_bad_input_leaves_the_model_unchanged() -> None:
     with pytest.raises(surgery.SelectorError):
         surgery.inject(model, "bitfit", targets="embed_tokens", name="b")
     assert_snapshot_equal(before, snapshot(model))
+
+
+def test_remove_keep_merged_bakes_the_biases_in() -> None:
+    """remove(keep_merged=True) of a merged BitFit delta leaves its biases in the modules (a Llama
+    projection keeps the bias merging gave it) and the model a plain one with the merged outputs."""
+    model = tiny_llama()
+    surgery.inject(model, "bitfit", name="b")
+    deltas = _randomize(model)
+    want = _out(model)
+    surgery.merge(model, "b")
+    surgery.remove(model, "b", keep_merged=True)
+    assert surgery.names(model) == []
+    torch.testing.assert_close(_out(model), want, rtol=0, atol=1e-5)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.bias, nn.Parameter)
+    assert torch.equal(q.bias, deltas["model.layers.0.self_attn.q_proj"].to(q.bias.dtype))

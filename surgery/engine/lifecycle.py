@@ -11,7 +11,7 @@ from torch import nn
 
 from surgery import context
 from surgery.engine.active import spec_names
-from surgery.engine.merging import unmerge
+from surgery.engine.merging import merged, unmerge
 from surgery.engine.runtime import RootHook, Site, Tap
 from surgery.engine.saving import SaveBase
 from surgery.engine.state import Entry, Injection, ModelState, adapters, check_model, get_entry, state_of
@@ -172,8 +172,8 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
     users = [f for f, e in st.entries.items() if f not in todo and set(e.method.members(e.cfg)) & set(todo)]
     if users:
         raise InjectionError(f"delta {todo[0]!r} is fused in {users}; surgery.remove(model, {users[0]!r}) first")
-    for n in reversed(todo):
-        if not keep_merged and any(n == mn for s in st.sites.values() for mn, _ in s.merged):
+    for n in reversed(todo):  # a method that folds (BitFit into the bias) counts as merged too
+        if not keep_merged and n in merged(model):
             unmerge(model, n)
     for n in todo:
         entry = st.entries.pop(n)

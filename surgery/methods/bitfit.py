@@ -189,7 +189,3 @@ class BitFit(Method):
 
     def folded(self, adapters: dict[str, Adapter]) -> bool:
         return any(cast(BiasDelta, a).merged for a in adapters.values())
-
-    def detached(self, adapters: dict[str, Adapter]) -> None:
-        # `remove` takes out only what the engine merged: give the base back here
-        self.unfold(adapters)
