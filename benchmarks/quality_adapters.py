@@ -322,9 +322,15 @@ class Budget:
 
 
 def train(
-    model: nn.Module, param_groups: list[dict[str, Any]], data: Split, pad_id: int, budget: Budget
+    model: nn.Module,
+    param_groups: list[dict[str, Any]],
+    data: Split,
+    pad_id: int,
+    budget: Budget,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` (returns logits) with AdamW over `param_groups` ({"params", "lr"}), linear decay."""
+    """Train `model` (returns logits) with AdamW over `param_groups` ({"params", "lr"}), linear decay;
+    `extra_loss()`, when given, is added to each step's cross-entropy after the forward (a penalty)."""
     opt = torch.optim.AdamW(param_groups)
     steps_per_epoch = math.ceil(len(data) / budget.batch)
     total = steps_per_epoch * budget.epochs
@@ -341,6 +347,8 @@ def train(
             ids, mask, y = collate(data, order[s * budget.batch : (s + 1) * budget.batch], pad_id)
             t = time.perf_counter()
             loss = F.cross_entropy(model(ids, mask), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             loss.backward()
             opt.step()
             sched.step()
