@@ -19,4 +19,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== ruff check"; ruff check surgery registry tests benchmarks
 echo "== ruff format --check"; ruff format --check surgery registry tests benchmarks
 echo "== mypy"; mypy surgery registry
-echo "== pytest"; python -m pytest tests "$@"
+# two workers (CI has 2 cores), a whole file per worker: module fixtures (models, servers) built once
+echo "== pytest"; python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
