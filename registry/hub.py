@@ -3,7 +3,7 @@ movable aliases with a history. Embedded (no server); safe with several processe
 
 Layout under the hub's root (see docs/hub.md)::
 
-    blobs/sha256/<aa>/<64 hex>            one safetensors file per delta, named by its sha256
+    blobs/sha256/<aa>/<64 hex>            one safetensors file per delta (and per extra), named by its sha256
     names/<org>/<name>/versions/<n>.json  immutable manifest of version n
     names/<org>/<name>/digests.log        "version -> manifest digest" index (JSON lines; a cache)
     names/<org>/<name>/aliases.log        append-only alias moves (JSON lines; the truth)
@@ -149,10 +149,15 @@ class Hub:
         alias: str | None = None,
         meta: dict[str, Any] | None = None,
         parent: int | str | Ref | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Ref:
         """Store a delta (a `surgery.Delta`, or the delta `adapter` of a model) as the next version
-        of `name`; move `alias` to it if given. All or nothing: blob first, manifest last.
-        Pushing the same tensors again stores no new tensor bytes (the blob is shared)."""
+        of `name`; move `alias` to it if given. All or nothing: blobs first, manifest last.
+        Pushing the same tensors again stores no new tensor bytes (the blob is shared).
+
+        `extra`: tensors kept next to the delta (name -> tensor, plus an optional ``"__meta__"`` dict
+        of JSON values), e.g. ``EWC.state()``: a blob of their own, referenced from the manifest and
+        read back, verified, by `hub.extra(ref)`; pulling the delta does not read them."""
         check_name(name)
         if alias is not None:
             check_alias(alias)
@@ -187,13 +192,12 @@ class Hub:
                     f"delta {delta.name!r}: tensor {key!r} is not a tensor of a dtype "
                     f"safetensors stores ({sorted(store.DTYPES)})"
                 )
+        extra_tensors, extra_meta = _check_extra(extra) if extra is not None else ({}, {})
         parent_info = self._parent(name, parent) if parent is not None else None
 
-        data = store.serialize(tensors)
-        chunk = store.chunk_size_for(len(data))
-        whole, chunks = store.digests(data, chunk)
-        digest = f"sha256:{whole}"
-        tensor_list = [[k, {"dtype": store.DTYPE_NAMES[t.dtype], "shape": list(t.shape)}] for k, t in tensors.items()]
+        data, blob, tensor_list = _blob_of(tensors)
+        digest = blob["digest"]
+        extra_data, extra_blob, extra_list = _blob_of(extra_tensors) if extra is not None else (b"", {}, [])
         ndir = self._name_dir(name)
         vdir = ndir / "versions"
         self._create()
@@ -201,6 +205,10 @@ class Hub:
             self._ensure_dirs(vdir)
             blob_jobs = self._store_blob(self._blob_path(digest), data, digest)
             try:
+                if extra is not None:
+                    blob_jobs += self._store_blob(
+                        self._blob_path(extra_blob["digest"]), extra_data, extra_blob["digest"]
+                    )
                 with store.file_lock(ndir / ".lock"):
                     nums = self._version_numbers(name)
                     version = (nums[-1] if nums else 0) + 1
@@ -217,9 +225,11 @@ class Hub:
                         "created": _now(),
                         "user": _user(),
                         "meta": meta,
-                        "blob": {"digest": digest, "size": len(data), "chunk_size": chunk, "chunks": chunks},
+                        "blob": blob,
                         "tensors": tensor_list,
                     }
+                    if extra is not None:
+                        manifest["extra"] = {"blob": extra_blob, "tensors": extra_list, "meta": extra_meta}
                     manifest["digest"] = manifest_digest(manifest)
                     body = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False).encode()
                     tmp_man = store.write_temp(self.tmp, f"v{version}", body, fsync=True)
@@ -392,6 +402,19 @@ class Hub:
         return surgery.Delta(
             man["method"], man["delta_name"], copy.deepcopy(man["config"]), tensors, man["base"], lineage
         )
+
+    def extra(self, ref: str | Ref, recheck: bool | None = None) -> dict[str, Any]:
+        """The tensors pushed with `extra=` next to a version's delta (and their ``"__meta__"`` if one
+        was given), checked as `pull` checks the delta: manifest digest, blob size, every byte's sha256."""
+        r, man = self._resolve(parse(ref), self.recheck if recheck is None else recheck)
+        if "extra" not in man:
+            raise NotFoundError(f"{r} has no extra tensors; push them with hub.push(..., extra={{name: tensor}})")
+        out: dict[str, Any] = self._read_blob(
+            man["extra"], f"{r} (extra)", self.recheck if recheck is None else recheck
+        )
+        if man["extra"]["meta"]:
+            out["__meta__"] = copy.deepcopy(man["extra"]["meta"])
+        return out
 
     def _read_blob(self, man: dict[str, Any], what: str, recheck: bool = True) -> dict[str, torch.Tensor]:
         b = man["blob"]
@@ -619,16 +642,19 @@ class Hub:
                     problems.append(str(e))
                     continue
                 digests[v] = man["digest"]
-                key = man["blob"]["digest"]
-                if key not in checked:
-                    checked[key] = self._check_blob_file(key)
-                if checked[key] is not None:
-                    problems.append(f"{what}: {checked[key]}")
-                    continue
-                try:
-                    self._read_blob(man, what)
-                except RegistryError as e:
-                    problems.append(str(e))
+                for part, label in ((man, what), (man.get("extra"), f"{what} (extra)")):
+                    if part is None:
+                        continue
+                    key = part["blob"]["digest"]
+                    if key not in checked:
+                        checked[key] = self._check_blob_file(key)
+                    if checked[key] is not None:
+                        problems.append(f"{label}: {checked[key]}")
+                        continue
+                    try:
+                        self._read_blob(part, label)
+                    except RegistryError as e:
+                        problems.append(str(e))
             for line in store.read_lines(self._name_dir(name) / "digests.log"):
                 lv, ld = line.get("v"), line.get("d")
                 if type(lv) is int and lv in digests and ld != digests[lv]:
@@ -695,7 +721,8 @@ class Hub:
             for name in self._all_name_dirs():
                 for v in self._version_numbers(name):
                     try:
-                        referenced.add(self._manifest(name, v, f"{name}@{v}")["blob"]["digest"])
+                        man = self._manifest(name, v, f"{name}@{v}")
+                        referenced.update(part["blob"]["digest"] for part in (man, man.get("extra")) if part)
                     except RegistryError as e:
                         unreadable.append(str(e))
             for p in sorted(self.tmp.iterdir()) if self.tmp.is_dir() else []:
@@ -744,6 +771,44 @@ class Hub:
         from registry.hf import pull_hf
 
         return pull_hf(self, repo_id, revision or "main", name, **kw)
+
+
+def _blob_of(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any], builtins.list[Any]]:
+    """(safetensors bytes, the manifest's blob record, its tensor list) of `tensors`."""
+    data = store.serialize(tensors)
+    chunk = store.chunk_size_for(len(data))
+    whole, chunks = store.digests(data, chunk)
+    blob = {"digest": f"sha256:{whole}", "size": len(data), "chunk_size": chunk, "chunks": chunks}
+    return data, blob, [[k, {"dtype": store.DTYPE_NAMES[t.dtype], "shape": list(t.shape)}] for k, t in tensors.items()]
+
+
+def _check_extra(extra: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of a push's `extra`, refused before anything is written if it is not a dict of
+    finite tensors safetensors stores plus an optional "__meta__" dict of JSON values."""
+    usage = "extra must be a dict of name -> tensor, plus an optional '__meta__' dict of JSON values"
+    if not isinstance(extra, dict):
+        raise RegistryError(f"{usage}, not {type(extra).__name__}")
+    meta = extra.get("__meta__", {})
+    try:
+        if not isinstance(meta, dict):
+            raise TypeError(f"it is a {type(meta).__name__}")
+        canonical(meta)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"extra '__meta__' must be a dict of JSON values (no NaN): {e}") from None
+    tensors = {k: v for k, v in extra.items() if k != "__meta__"}
+    if not tensors:
+        raise RegistryError(f"{usage}; it has no tensors (pass extra=None to store none)")
+    for key, t in tensors.items():
+        if not isinstance(key, str) or not key or key.startswith("__"):
+            raise RegistryError(f"{usage}: name {key!r} is not a non-empty string (names starting '__' are reserved)")
+        if not isinstance(t, torch.Tensor) or t.dtype not in store.DTYPE_NAMES:
+            raise RegistryError(
+                f"{usage}: {key!r} is {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}, not a "
+                f"tensor of a dtype safetensors stores ({sorted(store.DTYPES)})"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach().float()).all()):
+            raise RegistryError(f"extra tensor {key!r} holds NaN or infinite values; fix it before pushing")
+    return tensors, meta
 
 
 def _ref(name: str, version: int, digest: str) -> Ref:
@@ -814,7 +879,26 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
         and isinstance(p.get("digest"), str)
     ):
         raise _fail(what, "field 'parent' is not null or {name, version, digest}")
-    b = man["blob"]
+    _check_blob_part(man, what)
+    x = man.get("extra")
+    if x is not None:
+        if not (isinstance(x, dict) and isinstance(x.get("blob"), dict) and isinstance(x.get("tensors"), list)):
+            raise _fail(what, "field 'extra' is not {blob, tensors, meta}")
+        if not isinstance(x.get("meta"), dict):
+            raise _fail(what, "field 'extra.meta' is not an object")
+        _check_blob_part(x, f"{what} (extra)")
+    try:
+        digest = manifest_digest(man)
+    except (TypeError, ValueError) as e:
+        raise _fail(what, f"cannot be hashed ({e})") from None
+    if digest != man["digest"]:
+        raise _fail(what, f"its content hashes to {digest} but it records {man['digest'][:80]}")
+    return man
+
+
+def _check_blob_part(part: dict[str, Any], what: str) -> None:
+    """The "blob" record and "tensors" list of a manifest (or of its "extra")."""
+    b = part["blob"]
     if not (
         isinstance(b.get("digest"), str) and b["digest"].startswith("sha256:") and _HEX64.fullmatch(b["digest"][7:])
     ):
@@ -830,7 +914,7 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
     ):
         raise _fail(what, f"blob chunks must be {n} sha256 hex digests")
     seen = set()
-    for item in man["tensors"]:
+    for item in part["tensors"]:
         if not (
             isinstance(item, list)
             and len(item) == 2
@@ -845,13 +929,6 @@ def check_manifest(raw: bytes, name: str, version: int, what: str) -> dict[str, 
         if item[0] in seen:
             raise _fail(what, f"tensor {item[0][:80]!r} is listed twice")
         seen.add(item[0])
-    try:
-        digest = manifest_digest(man)
-    except (TypeError, ValueError) as e:
-        raise _fail(what, f"cannot be hashed ({e})") from None
-    if digest != man["digest"]:
-        raise _fail(what, f"its content hashes to {digest} but it records {man['digest'][:80]}")
-    return man
 
 
 def _no_constant(c: str) -> Any:
