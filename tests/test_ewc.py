@@ -176,6 +176,19 @@ def test_models_vmap_cannot_run_fall_back_to_a_per_example_loop_with_a_note() ->
     assert_close(ewc.tasks[0]["fisher"], loop_fisher(model, batches, ce_loss))
 
 
+def test_the_loop_fallback_on_a_padded_hf_batch_equals_the_reference() -> None:
+    model, b = tiny_bert_cls(), padded(tiny_bert_cls())
+
+    def branchy_loss(m: nn.Module, batch: dict) -> torch.Tensor:
+        loss = m(**batch).loss
+        return loss * 2 if batch["labels"].sum() > 0 else loss  # data-dependent: vmap refuses it
+
+    with pytest.warns(RuntimeWarning, match="vmap cannot run"):
+        ewc = EWC(model, [b], branchy_loss)
+    assert ewc.per_example == "loop"
+    assert_close(ewc.tasks[0]["fisher"], loop_fisher(model, [b], branchy_loss))
+
+
 def test_fisher_in_eval_mode_leaves_mode_and_grads_alone() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Tanh(), nn.Linear(32, 3)).train()

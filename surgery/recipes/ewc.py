@@ -311,6 +311,7 @@ class EWC:
                     t.zero_()
         ps = {k: p.detach().requires_grad_(True) for k, p in prefixed.items()}
         for example, shared in _pieces(batch, 1):
+            example = _map(example, lambda t: t[0])  # `one` makes it a batch of one again
             grads = torch.autograd.grad(one(ps, example, shared), list(ps.values()), allow_unused=True)
             add(
                 {
