@@ -120,6 +120,9 @@ def test_one_pass_for_a_mixed_batch_equals_per_task_passes(arch: str) -> None:
             torch.testing.assert_close(out.losses[task], one.loss, rtol=0, atol=1e-5)
     share = sum(out.losses[t] * len(out.rows[t]) / 4 for t in out.rows)
     torch.testing.assert_close(out.loss, share)
+    with torch.no_grad():  # one task per row as task= (a data collator's column) routes the same way
+        per_row = model(**batch, task=ids, labels=labels)
+    assert all(torch.equal(per_row.logits[t], out.logits[t]) for t in out.rows) and torch.equal(per_row.loss, out.loss)
     with route_tasks(model, torch.tensor([0, 0, 1, 2])), torch.no_grad():  # ids: indices into tasks(model)
         out = model(**batch)
     assert tasks(model) == ["a", "b", "t"] and out.rows["a"].tolist() == [0, 1] and out.loss is None

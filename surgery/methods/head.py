@@ -246,8 +246,9 @@ class HeadMethod(Method):
             return None if "task" not in kwargs else (args, {k: v for k, v in kwargs.items() if k != "task"})
         kwargs = {k: v for k, v in kwargs.items() if k != "task"}
         active = {n: ad for n, ad in heads.items() if n in spec}
-        if task is not None:
-            route = {task: None}  # task= wins over a route_tasks around the call
+        if task is not None:  # task= wins over a route_tasks around the call; one per row routes them
+            route = {task: None} if isinstance(task, str) else dict(task_rows(model, task))
+            task = task if isinstance(task, str) else None
         assert route is not None
         tasks = {t: (find_head(model, t, active, heads), rows) for t, rows in route.items()}
         if task is not None and tasks[task][0].specs[task]["kind"] == "lm":
@@ -259,6 +260,24 @@ class HeadMethod(Method):
         lead = next(iter(heads.values()))
         lead.pending[tid] = Call(tasks, task is None, kwargs.pop("labels", None))
         return args, kwargs
+
+
+def task_rows(model: nn.Module, task_ids: Any) -> dict[str, torch.Tensor]:
+    """Task -> its rows, from one task per row (a name, or an index into the model's tasks)."""
+    known = [t for ad in head_deltas(model).values() for t in ad.specs]
+    if not known:
+        raise ConfigError("the model has no task heads; add them with surgery.heads(model, {...})")
+    ids = task_ids.tolist() if isinstance(task_ids, torch.Tensor) else task_ids
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or not ids:
+        raise ConfigError(f"task ids must be one task per row (names or indices), got {task_ids!r}")
+    rows: dict[str, list[int]] = {}
+    for i, t in enumerate(ids):
+        if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(known):
+            t = known[t]
+        if t not in known:
+            raise ConfigError(f"row {i} asks for task {t!r}, which has no head; the heads there are: {known}")
+        rows.setdefault(t, []).append(i)
+    return {t: torch.tensor(r, dtype=torch.long) for t, r in rows.items()}
 
 
 def head_deltas(model: nn.Module) -> dict[str, TaskHeads]:

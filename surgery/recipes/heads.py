@@ -18,7 +18,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import ConfigError
-from surgery.methods.head import _ROUTES, HeadMethod, TaskHeads, backbone_of, head_deltas, home, resolve
+from surgery.methods.head import _ROUTES, HeadMethod, TaskHeads, backbone_of, head_deltas, home, resolve, task_rows
 
 
 def heads(model: nn.Module, spec: dict[str, Any], *, name: str = "heads", pooling: str | None = None) -> TaskHeads:
@@ -62,22 +62,7 @@ def route_tasks(model: nn.Module, task_ids: Sequence[str | int] | torch.Tensor) 
     and the model returns a `TaskOutputs` (per task: the logits of its rows, `rows[task]` their
     positions, its loss when ``labels=`` is given). Yields task -> rows."""
     engine.check_model(model)
-    known = tasks(model)
-    if not known:
-        raise ConfigError("route_tasks: the model has no task heads; add them with surgery.heads(model, {...})")
-    ids = task_ids.tolist() if isinstance(task_ids, torch.Tensor) else list(task_ids)
-    if not ids:
-        raise ConfigError("route_tasks: task_ids is empty; give one task per row of the batch")
-    rows: dict[str, list[int]] = {}
-    for i, t in enumerate(ids):
-        if isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(known):
-            t = known[t]
-        if t not in known:
-            raise ConfigError(
-                f"route_tasks: row {i} asks for task {t!r}, which has no head; the heads there are: {known}"
-            )
-        rows.setdefault(t, []).append(i)
-    plan = {t: torch.tensor(r, dtype=torch.long) for t, r in rows.items()}
+    plan = task_rows(model, task_ids)
     key = engine.context_key(model)
     assert key is not None
     cur = _ROUTES.get()
