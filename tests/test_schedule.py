@@ -97,6 +97,13 @@ def test_depths_fallback_overrides_and_deltas():
     assert lora and all(w == ("model.layers", int(n.split(".")[2]) + 1) for n, w in lora.items() if "layers" in n)
     assert [w for n, w in lora.items() if n.startswith("lm_head")] == [("model.layers", 3)] * 2
 
+    from surgery.recipes.heads import heads  # task heads sit at the backbone, their depth is its stack's top
+
+    m = tiny_bert_cls()
+    heads(m, {"a": 3, "b": 1})
+    task = {n: w for n, w in depths(m).items() if ".task_heads." in n}
+    assert len(task) == 4 and set(task.values()) == {("bert.encoder.layer", 3)}
+
 
 def _bert_plan(**kw):
     m = tiny_bert_cls()

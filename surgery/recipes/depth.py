@@ -15,7 +15,8 @@ list counts (T5's ``block.0.layer`` list sits inside a block). Every stack is it
 * a module the forward never uses goes by registration order next to its nearest stack.
 
 This comes from the dataflow graph (`surgery.graph.build_graph`, cached per model), never from
-name patterns. Parameters of injected deltas take their site's depth. With no stack at all (a plain
+name patterns. Parameters of injected deltas take their site's depth (task heads, the 'head'
+method's, the top depth of their site's stack). With no stack at all (a plain
 MLP), each top-level child with parameters is one depth, in registration order (`Layout.found`
 is False). ``overrides`` (selector -> depth, or -> ``(stack, depth)``) fix what the graph gets wrong.
 """
@@ -70,13 +71,13 @@ def layout(model: nn.Module, overrides: Mapping[Any, Any] | None = None) -> Layo
     mods = dict(mods)
     if overrides:
         _override(model, stacks, mods, overrides)
-    params: dict[str, Where] = {}
-    site_of = {
-        id(p): path for path, ads in engine.sites_of(model).items() for a in ads.values() for p in a.parameters()
-    }
-    for name, p in model.named_parameters():
-        owner = site_of.get(id(p)) or name.rpartition(".")[0]
-        params[name] = _at(owner, mods, stacks)
+    delta_at: dict[int, Where] = {}  # a delta's tensors: their site's depth; task heads: the top of its stack
+    for path, ads in engine.sites_of(model).items():
+        for name, a in ads.items():
+            stack, depth = _at(path, mods, stacks)
+            top = engine.method_of(model, name).name == "head"
+            delta_at |= {id(p): (stack, stacks[stack]) if top else (stack, depth) for p in a.parameters()}
+    params = {n: delta_at.get(id(p)) or _at(n.rpartition(".")[0], mods, stacks) for n, p in model.named_parameters()}
     return Layout(dict(stacks), mods, params, found)
 
 
