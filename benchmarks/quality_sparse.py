@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 FULL_LR = 1e-4  # full fine-tuning's chosen rate in docs/results/quality_adapters.json: LT-SFT's full phase
-BITFIT_LRS = (1e-3, 3e-3, 1e-2)
+BITFIT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)  # widened once upward: 1e-2, the largest first tried, won
 SPARSE_LRS = (3e-4, 1e-3, 3e-3)  # LT-SFT's sparse phase
 DP_LRS = ((1e-4, 1e-2), (1e-4, 1e-1), (3e-4, 1e-1))  # (the difference's rate, the gates' rate)
 DP_SPARSITY = 0.005
