@@ -351,6 +351,26 @@ def test_route_is_per_context() -> None:
     assert type(seen["out"]).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
 
 
+def test_the_trainer_routes_by_a_task_column(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_bert()
+    heads(model, {"a": 3, "b": 2})
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(3, 100, (7,), generator=g), "labels": torch.tensor(i % 2), "task": i % 2}
+        for i in range(16)
+    ]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, per_device_train_batch_size=4, remove_unused_columns=False, report_to=[],
+        use_cpu=True, save_strategy="no", learning_rate=1e-2,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data).train()
+    moved = {n.split("task_heads.")[-1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
 # ---------------------------------------------------------------------------- samplers
 
 

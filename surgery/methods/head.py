@@ -38,7 +38,7 @@ POOLINGS = ("pooler", "cls", "mean", "last")
 _KEYS = {"kind", "num_labels", "pooling", "bias", "dropout", "module"}
 
 # token of a model's state -> task -> the batch rows that go to its head (`route_tasks`)
-_ROUTES: ContextVar[dict[int, dict[str, torch.Tensor]] | None] = ContextVar("surgery_task_routes", default=None)
+TASK_ROUTES: ContextVar[dict[int, dict[str, torch.Tensor]] | None] = ContextVar("surgery_task_routes", default=None)
 
 
 @dataclass
@@ -238,7 +238,7 @@ class HeadMethod(Method):
         for ad in heads.values():  # what a failed call may have left
             ad.pending.pop(tid, None)
         task = kwargs.get("task")
-        routes = _ROUTES.get()
+        routes = TASK_ROUTES.get()
         route: dict[str, torch.Tensor | None] | None = None
         if routes is not None:
             route = dict(routes.get(engine.context_key(model) or -1) or {}) or None

@@ -18,7 +18,17 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import ConfigError
-from surgery.methods.head import _ROUTES, HeadMethod, TaskHeads, backbone_of, head_deltas, home, resolve, task_rows
+from surgery.methods.head import (
+    TASK_ROUTES,
+    HeadMethod,
+    TaskHeads,
+    backbone_of,
+    head_deltas,
+    hidden_size,
+    home,
+    resolve,
+    task_rows,
+)
 
 
 def heads(model: nn.Module, spec: dict[str, Any], *, name: str = "heads", pooling: str | None = None) -> TaskHeads:
@@ -65,12 +75,12 @@ def route_tasks(model: nn.Module, task_ids: Sequence[str | int] | torch.Tensor) 
     plan = task_rows(model, task_ids)
     key = engine.context_key(model)
     assert key is not None
-    cur = _ROUTES.get()
-    tok = _ROUTES.set({**(cur or {}), key: plan})
+    cur = TASK_ROUTES.get()
+    tok = TASK_ROUTES.set({**(cur or {}), key: plan})
     try:
         yield plan
     finally:
-        _ROUTES.reset(tok)
+        TASK_ROUTES.reset(tok)
 
 
 # ---------------------------------------------------------------------------- transformers' layout
@@ -180,7 +190,7 @@ def heads_from_hf(
     spec: dict[str, Any] = {"kind": kind, "num_labels": int(w.shape[0]), "bias": bias}
     if kind == "sequence":
         spec["pooling"] = _hf_pooling(model)
-    if w.shape[1] != (d := _width(model)):
+    if w.shape[1] != (d := hidden_size(model)):
         raise ConfigError(f"heads_from_hf: the head reads {w.shape[1]} features but this backbone gives {d}")
     out = heads(model, {task: spec}, name=name)
     lin = out[task]
@@ -190,12 +200,6 @@ def heads_from_hf(
         if lin.bias is not None:
             lin.bias.copy_(sd[f"{stem}.bias"])
     return out
-
-
-def _width(model: nn.Module) -> int:
-    from surgery.methods.head import hidden_size
-
-    return hidden_size(model)
 
 
 __all__ = ["heads", "heads_from_hf", "heads_to_hf", "home", "route_tasks", "tasks"]
