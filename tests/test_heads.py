@@ -4,6 +4,7 @@ transformers' head layout, and the task samplers."""
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -208,7 +209,10 @@ def test_heads_train_with_a_lora_on_the_backbone() -> None:
     loss = model(**padded(), task="sent", labels=torch.tensor([0, 1, 1, 0])).loss
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n or "task_heads" in n)
-    surgery.merge(model)  # the LoRA folds into the base; the heads stay as they are
+    with torch.no_grad():
+        want = model(**padded(), task="sent").logits
+        surgery.merge(model)  # the LoRA folds into the base; the heads stay as they are
+        torch.testing.assert_close(model(**padded(), task="sent").logits, want, rtol=0, atol=1e-5)
     assert sorted(surgery.merged(model)) == ["default", "heads"]
     surgery.unmerge(model, "heads")
     surgery.unmerge(model, "default")
@@ -232,7 +236,18 @@ def test_hub_round_trip(arch: str, tmp_path) -> None:
     with torch.no_grad():
         for task in ("sections", "ner"):
             assert torch.equal(fresh(**batch, task=task).logits, model(**batch, task=task).logits)
-    surgery.apply(fresh, surgery.delta(model, "heads"))  # the same delta again: a hot-swap in place
+    d = surgery.delta(model, "heads")
+    d.config["heads"]["sections"]["pooling"] = "mean"  # another pooling travels with a hot-swap's tensors
+    surgery.apply(fresh, d)
+    assert surgery.engine.config_of(fresh, "heads").heads["sections"]["pooling"] == "mean"
+    with torch.no_grad():
+        assert not torch.equal(fresh(**batch, task="sections").logits, model(**batch, task="sections").logits)
+    copied = copy.deepcopy(fresh)  # a copy has its own heads and hooks
+    with torch.no_grad():
+        assert torch.equal(copied(**batch, task="sections").logits, fresh(**batch, task="sections").logits)
+    surgery.remove(copied)
+    with torch.no_grad():
+        assert fresh(**batch, task="ner").logits.shape[-1] == 9
     surgery.remove(fresh)
     assert all(torch.equal(v, FACTORIES[arch]().state_dict()[k]) for k, v in fresh.state_dict().items())
 

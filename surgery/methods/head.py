@@ -187,7 +187,13 @@ class HeadMethod(Method):
 
     def place(self, model: nn.Module, hits: list[tuple[str, nn.Module]], cfg: HeadConfig) -> list:
         path, module = home(model)
+        if not any(m is module for _, m in hits):
+            raise ConfigError(f"head: task heads sit at {path!r} (they read the backbone's output); leave targets= out")
         return [(path, module)]
+
+    def refresh(self, adapter: Adapter, path: str, cfg: HeadConfig) -> None:
+        if isinstance(adapter, TaskHeads):  # a hot-swapped Delta's specs (pooling, dropout) come with its tensors
+            adapter.specs = {t: dict(v) for t, v in (cfg.heads or {}).items()}
 
     def make(self, site: SiteView, cfg: HeadConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
         model = site.model
