@@ -13,7 +13,7 @@ from torch import nn
 
 import surgery
 from surgery.errors import ConfigError
-from surgery.recipes.ewc import EWC
+from surgery.recipes.ewc import EWC, default_loss
 
 
 def padded(model: nn.Module, n: int = 4, seq: int = 8, seed: int = 0) -> dict:
@@ -129,6 +129,10 @@ def test_only_trainable_parameters_so_lora_state_is_small() -> None:
     assert numel == 2 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert numel < 0.02 * sum(p.numel() for p in model.parameters())
     assert_close(ewc.tasks[0]["fisher"], loop_fisher(model, [padded(model)], hf_loss))
+    from transformers import BatchEncoding
+
+    one = EWC(model, BatchEncoding(padded(model)))  # a tokenizer's output (a Mapping) as the single batch
+    assert_close(one.tasks[0]["fisher"], ewc.tasks[0]["fisher"])
 
 
 def test_true_fisher_approaches_the_expectation_over_the_models_labels() -> None:
@@ -321,6 +325,10 @@ def test_bad_input_is_refused_and_nothing_is_half_applied() -> None:
         EWC(model, data, fisher="exact")
     with pytest.raises(ConfigError, match="batch 0 is a Tensor"):
         EWC(model, [torch.randn(4, 10)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a ConfigError is raised as is, not retried in a loop
+        with pytest.raises(ConfigError, match="needs 'labels'"):
+            EWC(nn.Sequential(nn.Linear(10, 3)), {"input": torch.randn(4, 10)}, lambda m, b: default_loss(m, b))
     frozen = mlp()
     surgery.freeze(frozen)
     with pytest.raises(ConfigError, match="no trainable parameters"):

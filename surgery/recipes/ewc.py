@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -143,14 +143,14 @@ def _pieces(batch: Any, chunk: int) -> Iterator[tuple[Any, dict[str, Any]]]:
 
 
 def _batches(data: Any) -> Iterator[Any]:
-    if isinstance(data, dict) or (isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data)):
-        yield data  # one batch, not an iterable of its keys or tensors
-        return
+    if isinstance(data, Mapping) or (isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data)):
+        data = [data]  # one batch, not an iterable of its keys or tensors
     try:
         it = iter(data)
     except TypeError:
         raise ConfigError(f"EWC: data must be an iterable of batches, not {type(data).__name__}") from None
-    yield from it
+    for batch in it:
+        yield dict(batch) if isinstance(batch, Mapping) else batch  # a tokenizer's BatchEncoding, say
 
 
 def _check_options(mode: str, decay: float, lam: float, fisher: str) -> None:
@@ -299,6 +299,8 @@ class EWC:
                     for example, shared in _pieces(batch, chunk):
                         add(torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, None))(prefixed, example, shared))
                 return out
+            except ConfigError:
+                raise
             except (RuntimeError, NotImplementedError, ValueError) as e:
                 warnings.warn(
                     f"EWC: torch.func.vmap cannot run this model ({type(e).__name__}: {str(e)[:200]}); "
