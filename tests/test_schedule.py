@@ -72,6 +72,32 @@ def test_depths_t5_encoder_and_decoder_and_tied_embeddings():
     assert mods["lm_head"] == (d, 3)
 
 
+def test_depths_vlm_vision_tower_and_decoder_apart():
+    """The bug of a `.layers.N.` regex (unsloth #7834): a VLM's vision blocks and decoder blocks are two axes."""
+    from models import decoder_kw
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(**{**decoder_kw(), "vocab_size": 200})
+    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=150)
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[1] + [150] * 16 + [5, 6, 7]])  # 16 image tokens: (32 / 8) ** 2 patches
+    surgery.trace(m, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32), "use_cache": False})
+    v, t = "model.vision_tower.encoder.layers", "model.language_model.layers"
+    assert layout(m).stacks == {v: 3, t: 3}
+    _check(
+        m,
+        [
+            (v, ["model.vision_tower.embeddings", "model.vision_tower.pre_layrnorm"],
+             ["model.vision_tower.post_layernorm", "model.multi_modal_projector"]),  # the projector: fed by the tower
+            (t, ["model.language_model.embed_tokens"], ["model.language_model.norm", "lm_head"]),
+        ],
+    )  # fmt: skip
+
+
 def test_depths_fallback_overrides_and_deltas():
     m = tiny_mlp()
     lay = layout(m)
