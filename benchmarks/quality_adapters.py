@@ -328,9 +328,11 @@ def train(
     pad_id: int,
     budget: Budget,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (returns logits) with AdamW over `param_groups` ({"params", "lr"}), linear decay;
-    `extra_loss()`, when given, is added to each step's cross-entropy after the forward (a penalty)."""
+    `extra_loss()`, when given, is added to each step's cross-entropy after the forward (a penalty);
+    `on_step(step)` runs before each step (a freezing schedule)."""
     opt = torch.optim.AdamW(param_groups)
     steps_per_epoch = math.ceil(len(data) / budget.batch)
     total = steps_per_epoch * budget.epochs
@@ -345,6 +347,8 @@ def train(
         acc = 0.0
         for s in range(steps_per_epoch):
             ids, mask, y = collate(data, order[s * budget.batch : (s + 1) * budget.batch], pad_id)
+            if on_step is not None:
+                on_step(len(losses))
             t = time.perf_counter()
             loss = F.cross_entropy(model(ids, mask), y)
             if extra_loss is not None:

@@ -47,6 +47,11 @@ from surgery.methods.diffpruning import l0_loss
 from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
 from surgery.methods.sparse import sparse_delta, sparse_from_dense
+from surgery.recipes.ewc import EWC
+from surgery.recipes.heads import heads, heads_from_hf, heads_to_hf, route_tasks, tasks
+from surgery.recipes.partial import partial
+from surgery.recipes.schedule import Schedule
+from surgery.recipes.tasks import TaskSampler
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.serving import Prepared, SlotBank, route, serve
 from surgery.sparse_finetune import SparseFinetune
@@ -192,6 +197,15 @@ __all__ = [
     "sparse_delta",
     "sparse_from_dense",
     "SparseFinetune",
+    "EWC",
+    "Schedule",
+    "TaskSampler",
+    "heads",
+    "heads_from_hf",
+    "heads_to_hf",
+    "partial",
+    "route_tasks",
+    "tasks",
     "LoraFit",
     "to_lora",
     "ModelTypeError",
