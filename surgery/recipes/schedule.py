@@ -57,7 +57,7 @@ class Explanation:
                 v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, width, strict=True))
             )
 
-        at = "before the first step" if self.step is None else f"at step {self.step}"
+        at = "at step 0 (no step() yet)" if self.step is None else f"at step {self.step}"
         out = [f"scale: lr / base lr {at} (0: frozen now)", line(self.columns), *map(line, cells)]
         return "\n".join(out + ([self.note] if self.note else []))
 
@@ -226,8 +226,8 @@ class Schedule:
         lr = self.lr * self.layer_decay ** (self.layout.stacks[stack] - depth) * scale
         parts = [f"{stack}:{depth}", "" if decay else "no_decay", "" if until == 0 else f"from {_cell(until)}"]
         name = ":".join(p for p in [*parts, "" if scale == 1 else f"x{scale:g}"] if p)
-        return {"lr": lr, "initial_lr": lr, "weight_decay": (self.weight_decay if decay else 0.0) if wd is None else wd,
-                "name": name}  # fmt: skip
+        wd = (self.weight_decay if decay else 0.0) if wd is None else wd
+        return {"lr": lr, "initial_lr": lr, "weight_decay": wd, "name": name}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Plain torch param groups: every scheduled parameter once (frozen ones included), each group
