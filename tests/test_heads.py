@@ -363,6 +363,8 @@ def test_route_is_per_context() -> None:
         t = threading.Thread(target=other)
         t.start()
         t.join()
+        with torch.no_grad():
+            assert model(**batch, task="b").logits.shape == (4, 3)  # task= wins over the route around it
     assert type(seen["out"]).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
 
 
