@@ -412,6 +412,15 @@ def test_sampler_proportions(strategy: str, want: dict[str, float] | None) -> No
         assert abs(counts[t] / n - p) < 0.012, (t, counts[t] / n, p)
 
 
+def test_public_spelling() -> None:
+    assert (surgery.heads, surgery.route_tasks, surgery.tasks) == (heads, route_tasks, tasks)
+    assert (surgery.heads_to_hf, surgery.heads_from_hf, surgery.TaskSampler) == (
+        heads_to_hf,
+        heads_from_hf,
+        TaskSampler,
+    )
+
+
 def test_sampler_resumes_and_caps() -> None:
     s = TaskSampler({"a": 5, "b": 7}, "temperature", temperature=3.0, seed=4)
     s.sample(11)
