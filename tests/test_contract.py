@@ -36,6 +36,7 @@ def _fusion_members(model: nn.Module, name: str) -> None:
 # "config": inject overrides; "prepare": deltas it needs first; "inject": replaces surgery.inject
 SETUP: dict[str, dict[str, Any]] = {
     "prompt": {"config": {"n_tokens": 4}},
+    "head": {"config": {"heads": {"t": 2}}},  # task heads: tests/test_heads.py checks their outputs
     "fusion": {
         "prepare": _fusion_members,
         "inject": lambda model, name: surgery.fuse(model, [f"{name}_a", f"{name}_b"], name=name),
@@ -43,7 +44,12 @@ SETUP: dict[str, dict[str, Any]] = {
 }
 
 # (method, contract item) -> why it fails today (findings for the lead)
-KNOWN: dict[tuple[str, str], str] = {}
+KNOWN: dict[tuple[str, str], str] = {
+    # by design: a head acts only on a call that names its task (model(**batch, task=...)), so the
+    # contract's plain forward and LM loss never reach it (tests/test_heads.py trains and checks them)
+    ("head", "trains"): "a task head is not part of a plain forward: nothing of it gets a gradient",
+    ("head", "disable"): "a task head is not part of a plain forward: on or off, the base runs",
+}
 
 
 def methods(item: str) -> list[Any]:
