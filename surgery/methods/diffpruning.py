@@ -1,6 +1,7 @@
 r"""Diff pruning (Guo et al., 2021): a dense difference :math:`w` per weight behind hard-concrete gates.
 
-Each site's weight becomes :math:`W + z \odot w` (`Action.WEIGHT`): ``diff`` (:math:`w`, from zero, so a fresh
+Each site's weight becomes :math:`W + z \odot w` (run as one operation on that weight, `Action.REPLACE`, as the
+"sparse" deltas do: not the base's matmul and a second one): ``diff`` (:math:`w`, from zero, so a fresh
 injection is the base) and ``log_alpha`` (the gates' :math:`\log\alpha`, one per entry, or one per output
 row with ``structured=True``). In training :math:`z = \min(1, \max(0, s(\zeta - \gamma) + \gamma))` with
 :math:`s = \sigma((\log u - \log(1 - u) + \log\alpha) / \beta)`, :math:`u \sim U(0, 1)` (Louizos et al.,
@@ -58,13 +59,15 @@ class DiffPruningConfig(MethodConfig):
 class DiffPruningAdapter(Adapter):
     """``diff`` (w) gated by hard-concrete ``log_alpha``: the forward adds z * w to the site's weight."""
 
-    action = Action.WEIGHT
+    action = Action.REPLACE  # the site's operation on W + z * w: one matmul, not the base's and a second
     diff: nn.Parameter
     log_alpha: nn.Parameter
     aux: torch.Tensor | None
+    host: nn.Module
 
-    def __init__(self, w: torch.Tensor, gate_shape: tuple[int, ...], cfg: DiffPruningConfig) -> None:
+    def __init__(self, module: nn.Module, w: torch.Tensor, gate_shape: tuple[int, ...], cfg: DiffPruningConfig) -> None:
         super().__init__()
+        self.__dict__["host"] = module  # a plain reference, not a submodule
         dt = adapter_dtype(w)
         self.diff = nn.Parameter(torch.zeros(w.shape, dtype=dt, device=w.device))
         self.log_alpha = nn.Parameter(torch.full(gate_shape, float(cfg.init_log_alpha), dtype=dt, device=w.device))
@@ -95,9 +98,13 @@ class DiffPruningAdapter(Adapter):
         """z * w in the weight's layout (deterministic gates unless `sample`)."""
         return self.gates(sample) * self.diff
 
-    def weight_delta(self, site: SiteView) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def contribute(self, x: torch.Tensor, out: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
         self.aux = self.expected_l0()
-        return self.dense(self.training).to(site.dtype), None
+        site = SiteView(self.host, "", self.host)
+        dw = self.dense(self.training).to(site.dtype)
+        if out is not None:  # behind another delta, or under a composition block: add this one's part
+            return out + site.forward(x, dw).to(out.dtype)
+        return site.forward(x, cast(torch.Tensor, site.weight) + dw, site.bias)
 
     def merge(self, site: SiteView) -> Merge:
         return {"weight": WeightUpdate(delta=self.dense().detach().to(site.dtype))}  # never a sampled gate
@@ -132,7 +139,7 @@ class DiffPruning(Method):
         if cfg.structured:  # one gate per output row: the output dim kept, the others broadcast
             out_dim = 1 if site.kind == "conv1d_tf" else 0
             gate_shape = tuple(n if d == out_dim else 1 for d, n in enumerate(w.shape))
-        return DiffPruningAdapter(w, gate_shape, cfg)
+        return DiffPruningAdapter(site.module, w, gate_shape, cfg)
 
 
 def _adapters(model: nn.Module, name: str, where: str) -> dict[str, DiffPruningAdapter]:
