@@ -240,6 +240,10 @@ def _cmd_show(hub: Any, args: argparse.Namespace) -> int:
         ("meta", _compact(man["meta"])),
         ("lineage", _compact(man["lineage"])),
     ]
+    if "extra" in man:  # tensors stored next to the delta (hub.push(..., extra=)), read by hub.extra(ref)
+        x = man["extra"]
+        fields.append(("extra", f"{len(x['tensors'])} tensors, {_size(x['blob']['size'])}, blob {x['blob']['digest']}"))
+        fields.append(("extra meta", _compact(x["meta"])))
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         print(f"{k + ':':<{width + 1}} {v}")

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import huggingface_hub as hfh
 from huggingface_hub import CommitOperationAdd, HfApi
@@ -41,6 +41,7 @@ from surgery.errors import SurgeryError
 from surgery.selectors import path_matches
 
 MANIFEST_NAME = "surgery_manifest.json"
+EXTRA_NAME = "surgery_extra.safetensors"  # tensors pushed with hub.push(..., extra=), when the version has them
 PROGRESS_DELAY_S = 1.0  # progress bars appear only for transfers that take longer than this
 
 __all__ = ["MANIFEST_NAME", "HfTransferError", "pull_hf", "push_hf"]
@@ -112,6 +113,16 @@ def _files_for(delta: surgery.Delta, manifest: dict[str, Any]) -> dict[str, byte
     return files
 
 
+def _extra_file(hub: Any, ref: str | Ref, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The version's extra tensors (an EWC state, say) as one more file; its meta rides in the manifest."""
+    if "extra" not in manifest:
+        return {}
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in hub.extra(ref).items() if k != "__meta__"}
+    return {EXTRA_NAME: save(tensors)}
+
+
 def push_hf(
     hub: Any,
     ref: str | Ref,
@@ -123,7 +134,8 @@ def push_hf(
     commit_message: str | None = None,
 ) -> str:
     """Upload the version `ref` of `hub` to the model repo `repo_id` as one commit
-    (``adapter_config.json``, ``adapter_model.safetensors``, ``surgery_manifest.json``),
+    (``adapter_config.json``, ``adapter_model.safetensors``, ``surgery_manifest.json``, and
+    ``surgery_extra.safetensors`` when the version holds extra tensors),
     create the repo first if needed, tag the commit ``v{version}``; return the commit sha.
 
     `hub` needs ``resolve(ref) -> Ref``, ``show(ref) -> dict`` and ``pull(ref) -> Delta``;
@@ -131,7 +143,7 @@ def push_hf(
     r = hub.resolve(ref)
     manifest = dict(hub.show(ref))
     delta = hub.pull(ref)
-    files = _files_for(delta, manifest)
+    files = _files_for(delta, manifest) | _extra_file(hub, ref, manifest)
     api = api if api is not None else HfApi(token=token)
     tag = f"v{r.version}"
     try:
@@ -262,8 +274,8 @@ def pull_hf(
     if names is not None:
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in names]
         if missing:
-            extra = " (adapter_model.bin is pickle and never loaded here)" if "adapter_model.bin" in names else ""
-            raise HfTransferError(f"{where} ({sha[:12]}) has no {', '.join(missing)}{extra}; files: {sorted(names)}")
+            note = " (adapter_model.bin is pickle and never loaded here)" if "adapter_model.bin" in names else ""
+            raise HfTransferError(f"{where} ({sha[:12]}) has no {', '.join(missing)}{note}; files: {sorted(names)}")
 
     def get(filename: str, required: bool) -> str | None:
         try:
@@ -293,6 +305,7 @@ def pull_hf(
 
     config_path = get(CONFIG_NAME, True)
     weights_path = get(WEIGHTS_NAME, True)
+    extra: dict[str, Any] | None = None
     manifest_path = get(MANIFEST_NAME, False) if names is None or MANIFEST_NAME in names else None
     assert config_path is not None and weights_path is not None
     target = name or _name_from_repo(repo_id)
@@ -305,6 +318,25 @@ def pull_hf(
             raise HfTransferError(f"{MANIFEST_NAME} of {where} is not valid JSON: {e}") from None
         if isinstance(manifest, dict):
             _merge_manifest(delta, manifest)
+            if isinstance(manifest.get("extra"), dict):  # pushed with extra tensors: they come too, or nothing does
+                extra = _read_extra(cast(str, get(EXTRA_NAME, True)), manifest["extra"], where)
     hf = {"hf_repo": repo_id, "hf_revision": revision, "hf_sha": sha}
     delta.lineage.update(hf)
+    if extra is not None:
+        return hub.push(delta, target, meta={**(meta or {}), **hf}, extra=extra)
     return hub.push(delta, target, meta={**(meta or {}), **hf})
+
+
+def _read_extra(path: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors: dict[str, Any] = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise HfTransferError(f"{EXTRA_NAME} of {where} cannot be read: {e}") from None
+    if sorted(tensors) != sorted(k for k, _ in entry.get("tensors", [])):
+        raise HfTransferError(f"{EXTRA_NAME} of {where} does not hold the tensors its manifest names")
+    if entry.get("meta"):
+        tensors["__meta__"] = entry["meta"]
+    return tensors

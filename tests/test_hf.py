@@ -350,3 +350,30 @@ def test_push_hf_and_pull_hf_every_peft_method(fake_download, tmp_path, method, 
     fresh = tiny_llama().eval()
     surgery.apply(fresh, got, "t")
     torch.testing.assert_close(run(fresh, x), run(model, x), atol=1e-6, rtol=1e-6)
+
+
+def test_extra_tensors_travel_with_the_version(fake_download, tmp_path):
+    """A version pushed with extra tensors (an EWC state) reaches the HF Hub as one more file, and pull_hf
+    brings them back into the hub next to the delta, meta included."""
+    from registry import Hub
+
+    api = FakeApi()
+    fake_download(api)
+    hub = Hub(tmp_path / "hub", create=True)
+    _, delta = _trained_delta()
+    extra = {"fisher.w": torch.rand(3, 4), "anchor.w": torch.randn(3, 4), "__meta__": {"mode": "online", "lam": 2e5}}
+    r = hub.push(delta, "acme/sql", extra=extra)
+    sha = push_hf(hub, f"acme/sql@{r.version}", "acme/sql-lora", api=api)
+    assert sorted(api.commits[sha]) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME, rhf.EXTRA_NAME])
+    ref = pull_hf(hub, "acme/sql-lora", revision=f"v{r.version}", name="acme/sql-back", api=api)
+    back = hub.extra(f"{ref.name}@{ref.version}")
+    assert back["__meta__"] == extra["__meta__"]
+    for k in ("fisher.w", "anchor.w"):
+        assert torch.equal(back[k], extra[k])
+    # a repo whose manifest names extra tensors it does not hold: refused, nothing pushed
+    api.commits[sha].pop(rhf.EXTRA_NAME)
+    before = hub.versions("acme/sql-back") if hasattr(hub, "versions") else None
+    with pytest.raises(HfTransferError, match="surgery_extra"):
+        pull_hf(hub, "acme/sql-lora", revision=sha, name="acme/sql-back", api=api)
+    if before is not None:
+        assert hub.versions("acme/sql-back") == before

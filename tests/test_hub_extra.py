@@ -154,6 +154,7 @@ def test_cli_show_with_an_extra(hub: Hub, capsys) -> None:
     assert cli.main(["hub", "--hub", str(hub.root), "show", str(ref)]) == 0
     out = capsys.readouterr().out
     assert "acme/a@1" in out and "lora" in out
+    assert "extra" in out and "surgery.EWC/1" in out  # the text view names the extra tensors and their meta
     assert cli.main(["hub", "--hub", str(hub.root), "--json", "show", "acme/a"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["extra"]["meta"]["kind"] == "surgery.EWC/1"
