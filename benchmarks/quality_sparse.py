@@ -42,10 +42,10 @@ from torch import nn  # noqa: E402
 FULL_LR = 1e-4  # full fine-tuning's chosen rate in docs/results/quality_adapters.json: LT-SFT's full phase
 BITFIT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)  # widened once upward: 1e-2, the largest first tried, won
 SPARSE_LRS = (1e-3, 3e-3)  # LT-SFT's sparse phase (1e-4, the full phase's, left it at 68.8 %: one seed, 1 %)
-DP_LRS = ((1e-4, 1e-2), (3e-4, 1e-1))  # (the difference's rate, the gates' rate)
+DP_LRS = ((3e-4, 1e-1), (3e-4, 1e-2))  # (the difference's rate, the gates' rate)
 DP_SPARSITY = 0.005
 DP_L0 = 1.0  # weight of the expected density (l0_loss / numel) in the loss
-DP_FIXED_EPOCHS = 1
+DP_FIXED_EPOCHS = 2
 DENSITIES = (0.01, 0.005)
 log = C.log
 
@@ -98,31 +98,26 @@ def run_diffpruning(
         raise RuntimeError("diffpruning: trainable tensors other than diff and log_alpha")
     total = dp.numel(enc, "dp")
     head = list(model.head.parameters())
-    groups = [{"params": diff + head, "lr": lr}, {"params": gates, "lr": gate_lr}]
+    # the gates' L0 gradient is ~1e-10 per gate (the density's, over 21 M entries): under Adam's eps (1e-8)
+    # it would barely move them; a tiny eps lets Adam scale it up like any other gradient
+    groups = [{"params": diff + head, "lr": lr}, {"params": gates, "lr": gate_lr, "eps": 1e-12, "weight_decay": 0.0}]
     out = Q.train(model, groups, fit, data.pad_id, budget, extra_loss=lambda: DP_L0 * dp.l0_loss(enc, "dp") / total)
     out["expected_density_after_training"] = dp.expected_density(enc, "dp")
-    # the fixed-mask phase: `finalize` trains the kept values (Adam, constant rate) on fresh batches
-    g = torch.Generator().manual_seed(budget.seed + 1000)
-    order: list[int] = []
-
-    def step(_: nn.Module) -> torch.Tensor:
-        nonlocal order
-        if len(order) < budget.batch:
-            order = torch.randperm(len(fit), generator=g).tolist()
-        idx, order = order[: budget.batch], order[budget.batch :]
-        ids, mask, y = Q.collate(fit, idx, data.pad_id)
-        return F.cross_entropy(model(ids, mask), y)
-
-    fixed = DP_FIXED_EPOCHS * -(-len(fit) // budget.batch)
-    model.train()
-    t0 = time.perf_counter()
+    out["before_projection"] = Q.evaluate(model, next(iter(evals.values())), data.pad_id)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = dp.finalize(enc, "dp", steps=fixed, train_step=step, lr=lr)
-    out["fixed_mask_ms_per_step"] = 1e3 * (time.perf_counter() - t0) / max(fixed, 1)
-    out["finalize"] = dict(report, fixed_steps=fixed, warnings=[str(w.message) for w in caught])
-    for p in head:
-        p.grad = None
+        report = dp.finalize(enc, "dp")
+    # the fixed-mask phase (our loop: the head trains with the kept values, the rate decays as in training)
+    values = [p for p in enc.parameters() if p.requires_grad]
+    fixed = Q.train(
+        model,
+        [{"params": values + head, "lr": lr}],
+        fit,
+        data.pad_id,
+        Q.Budget(DP_FIXED_EPOCHS, budget.batch, budget.seed),
+    )
+    out["fixed_mask_ms_per_step"] = fixed["ms_per_step"]
+    out["finalize"] = dict(report, fixed_steps=fixed["steps"], warnings=[str(w.message) for w in caught])
     out.update(lr=lr, gate_lr=gate_lr, l0_weight=DP_L0, density=report["density"])
     out["delta_params"] = sum(int(ad.values.numel()) for ad in _sparse_values(enc, "dp"))
     out["stored_bytes"] = _stored_bytes(enc, "dp")
@@ -200,22 +195,44 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
     tok, enc0 = Q.load_tokenizer_and_encoder()
     data = Q.load_data(tok)
     ck = args.checkpoint
+    for extra in args.merge or []:  # another part's checkpoint: its runs count as done here
+        for k, v in Q._load(extra).items():
+            Q._save(ck, k, v)
+    part = args.part
     seeds = [Q.SEED, *[int(s) for s in args.seeds.split(",") if s.strip()]]
     log(f"train {len(data.train)} (fit {len(data.fit)} + val {len(data.val)}), test {len(data.test)}")
     val, test = {"val": data.val}, {"test": data.test}
     res: dict[str, Any] = {"benchmark": "quality_sparse", "env": C.environment(), "rows": {}}
 
     # sweeps (seed 0, fit -> val)
-    bit_sweep = [
-        _cached(ck, f"sweep:bitfit:{lr!r}", lambda lr=lr: run_bitfit(enc0, data, lr, data.fit, val, Q.Budget()))
-        for lr in BITFIT_LRS
-    ]
+    if part == "dp":
+        bit_sweep = []
+    else:
+        bit_sweep = [
+            _cached(ck, f"sweep:bitfit:{lr!r}", lambda lr=lr: run_bitfit(enc0, data, lr, data.fit, val, Q.Budget()))
+            for lr in BITFIT_LRS
+        ]
     for r in bit_sweep:
         log(f"[bitfit sweep] lr {r['lr']:g}: val {r['val']['accuracy']:.1f} %")
-    dp_sweep = [
-        _cached(ck, f"sweep:dp:{lrs!r}", lambda lrs=lrs: run_diffpruning(enc0, data, lrs, data.fit, val, Q.Budget()))
-        for lrs in DP_LRS
-    ]
+    if part == "sparse":
+        dp_sweep = []
+    else:
+        dp_sweep = [
+            _cached(
+                ck, f"sweep:dp2:{lrs!r}", lambda lrs=lrs: run_diffpruning(enc0, data, lrs, data.fit, val, Q.Budget())
+            )
+            for lrs in DP_LRS
+        ]
+    if part == "dp":
+        dp_lrs = (Q.best(dp_sweep)["lr"], Q.best(dp_sweep)["gate_lr"])
+        for sd in seeds:
+            r = _cached(
+                ck,
+                f"final:dp2:{dp_lrs!r}:{sd}",
+                lambda sd=sd: run_diffpruning(enc0, data, dp_lrs, data.train, test, Q.Budget(seed=sd)),
+            )
+            log(f"[dp] seed {sd}: TEST {r['test']['accuracy']:.1f} %")
+        return {}
     for r in dp_sweep:
         log(f"[dp sweep] lr {r['lr']:g} gates {r['gate_lr']:g}: val {r['val']['accuracy']:.1f} %")
     lt_sweep = _cached(
@@ -226,8 +243,7 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
     for k, r in lt_sweep.items():
         log(f"[ltsft sweep] {k}: val {r['val']['accuracy']:.1f} %")
     bit_lr = Q.best(bit_sweep)["lr"]
-    best_dp = Q.best(dp_sweep)
-    dp_lrs = (best_dp["lr"], best_dp["gate_lr"])
+    dp_lrs = (Q.best(dp_sweep)["lr"], Q.best(dp_sweep)["gate_lr"]) if dp_sweep else (0.0, 0.0)
     lt_lr = {d: Q.best([r for k, r in lt_sweep.items() if k.startswith(f"{d}:")])["lr"] for d in DENSITIES}
 
     # finals: all of train -> test, every seed
@@ -237,9 +253,12 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
         finals["bitfit"][sd] = _cached(
             ck, f"final:bitfit:{bit_lr!r}:{sd}", lambda b=b: run_bitfit(enc0, data, bit_lr, data.train, test, b)
         )
-        finals["diffpruning"][sd] = _cached(
-            ck, f"final:dp:{dp_lrs!r}:{sd}", lambda b=b: run_diffpruning(enc0, data, dp_lrs, data.train, test, b)
-        )
+        if part == "sparse":
+            finals["diffpruning"][sd] = {"test": {"accuracy": float("nan")}}
+        else:
+            finals["diffpruning"][sd] = _cached(
+                ck, f"final:dp2:{dp_lrs!r}:{sd}", lambda b=b: run_diffpruning(enc0, data, dp_lrs, data.train, test, b)
+            )
         lt = _cached(
             ck,
             f"final:ltsft:{sorted(lt_lr.items())!r}:{sd}",
@@ -252,6 +271,8 @@ def full(args: argparse.Namespace) -> dict[str, Any]:
             f"{finals['diffpruning'][sd]['test']['accuracy']:.1f}, "
             + ", ".join(f"ltsft {d} {finals[f'ltsft_{d}'][sd]['test']['accuracy']:.1f}" for d in DENSITIES)
         )
+    if part == "sparse":
+        return {}
     sweeps = {"bitfit": bit_sweep, "diffpruning": dp_sweep, **{f"ltsft_{d}": [] for d in DENSITIES}}
     for k, r in lt_sweep.items():
         sweeps[f"ltsft_{k.split(':')[0]}"].append(r)
@@ -500,9 +521,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="1,2", help="extra seeds after seed 0 (default 1,2)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="save each finished run here and reuse them")
     ap.add_argument("--render", type=Path, default=None, help="only rewrite the markdown from this results JSON")
+    ap.add_argument(
+        "--part",
+        choices=("sparse", "dp"),
+        default=None,
+        help="run only BitFit + LT-SFT, or only DiffPruning, into --checkpoint (two processes side by side); "
+        "then a run without --part and with --merge of the other checkpoint writes the results",
+    )
+    ap.add_argument("--merge", type=Path, action="append", help="another --part's checkpoint to take runs from")
     args = ap.parse_args(argv)
     if args.render:
         args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())).rstrip() + "\n")
+        return 0
+    if args.part:
+        torch.set_num_threads(args.threads)
+        full(args)
         return 0
     torch.set_num_threads(args.threads)
     if args.smoke:
