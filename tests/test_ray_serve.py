@@ -76,10 +76,15 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(world):
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    slow = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", *slow)}
     here = str(Path(__file__).parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)  # workers inherit it
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # the controller kills a proxy that is not ready within 5 s: on 2 busy cores (the other test worker) it
+    # may not be; the processes Ray starts read these from the environment
+    for k in slow:
+        os.environ[k] = "60"
     # loopback only: Ray swaps 127.0.0.1 for the host's address unless it runs as a single-machine instance
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
