@@ -1,0 +1,198 @@
+"""`reference(model)`: the frozen base alone, with every delta off, and checked to be so.
+
+RL and preference training compare the policy with a reference: here the same model with every
+delta switched off (`surgery.disable`, context-local), so no second copy is held. TRL's "adapter
+disabled" reference is silently wrong when an adapter is hidden by a wrapper or biases were trained
+in place; `reference` refuses such a model instead (`ReferenceCheckError`, saying what to do):
+
+* a delta merged into the base weights (it cannot be switched off);
+* a base parameter that requires grad (the base is trained in place: the reference would move);
+* a parameter that is neither the base surgery recorded at the first injection nor one of its
+  deltas (a PEFT layer, a hand-added module), and any PEFT tuner layer;
+* base weights changed in place since the first `reference()`: that call hashes them and records
+  each tensor's `_version`; later ones re-hash only the tensors whose version moved.
+
+DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers are looked through, and
+deltas injected into any submodule (a wrapper around an injected model) are switched off too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from surgery import context, engine
+from surgery.errors import SurgeryError
+
+_RECORD = "_surgery_reference"  # the weights record, in the unwrapped model's instance __dict__
+
+
+class ReferenceCheckError(SurgeryError):
+    """`reference()` cannot vouch that the model with every delta off is the frozen base."""
+
+
+@dataclass
+class ReferenceCheck:
+    """What the weights check did for one model: `entries` (reference() calls checked), `tensors`
+    (base tensors watched), `hashed` (tensors hashed, the first call's included), `seconds` (time
+    spent hashing in all) and `first` (when the weights were first hashed, time.time())."""
+
+    entries: int = 0
+    tensors: int = 0
+    hashed: int = 0
+    seconds: float = 0.0
+    first: float = 0.0
+    seen: dict[str, tuple[int, int, str]] = field(default_factory=dict, repr=False)  # name -> (id, _version, digest)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    engine.check_model(model)
+    while True:
+        inner = model.__dict__.get("_orig_mod") or (
+            model._modules.get("module")
+            if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+            else None
+        )
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def injected(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module, for `model` and every submodule that holds surgery deltas."""
+    return {p: m for p, m in model.named_modules() if context.STATE_ATTR in m.__dict__}
+
+
+def _base_tensors(model: nn.Module, holders: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The base's parameters and buffers by name: everything but the deltas of every holder."""
+
+    def is_delta(name: str) -> bool:
+        return any(
+            (not p or name.startswith(p + ".")) and engine.is_adapter_path(m, name[len(p) + 1 :] if p else name)
+            for p, m in holders.items()
+        )
+
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {n: t for n, t in named if not is_delta(n)}
+
+
+def _check_structure(model: nn.Module, holders: dict[str, nn.Module], base: dict[str, torch.Tensor]) -> None:
+    tuner = next(
+        (p for p, m in model.named_modules() if any(c.__name__ == "BaseTunerLayer" for c in type(m).__mro__)), None
+    )
+    if tuner is not None:
+        raise ReferenceCheckError(
+            f"reference(): {tuner!r} is a PEFT adapter layer, which surgery cannot switch off; load the base without "
+            "PEFT and inject the delta with surgery.inject (or surgery.apply a Delta converted from PEFT)"
+        )
+    bad = sorted(n for n, p in model.named_parameters() if p.requires_grad and n in base)
+    if bad and holders:
+        raise ReferenceCheckError(
+            f"reference(): base parameter(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} require grad: the base is "
+            "being trained in place, so the reference would move with the policy. Train a delta instead "
+            "(surgery.inject(model, 'bitfit') for biases, 'sparse' for a few weights) or freeze them "
+            "(p.requires_grad_(False))"
+        )
+    merged = {p or "model": engine.merged(m) for p, m in holders.items() if engine.merged(m)}
+    if merged:
+        where, names = next(iter(merged.items()))
+        raise ReferenceCheckError(
+            f"reference(): delta(s) {names} are merged into {where}'s weights and cannot be switched off; "
+            f"surgery.unmerge(model, {names[0]!r}) first"
+        )
+    if not holders:
+        return
+    known = {id(p) for m in holders.values() for p in engine.state_of(m).params}  # type: ignore[union-attr]
+    stranger = sorted(n for n, p in model.named_parameters() if n in base and id(p) not in known)
+    if stranger:
+        raise ReferenceCheckError(
+            f"reference(): parameter(s) {stranger[:5]}{' ...' if len(stranger) > 5 else ''} were added after the "
+            "first delta was injected and are no delta of surgery's, so they cannot be switched off: a module "
+            "added by hand or by another library. Make it a surgery delta (surgery.inject, surgery.heads) or "
+            "remove it"
+        )
+
+
+def _digest(t: torch.Tensor) -> str:
+    if t.device.type == "meta":
+        return "meta"
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _check_weights(model: nn.Module, base: dict[str, torch.Tensor]) -> ReferenceCheck:
+    rec: ReferenceCheck | None = model.__dict__.get(_RECORD)
+    first = rec is None
+    if rec is None:
+        rec = ReferenceCheck(first=time.time())
+    if not first and set(base) != set(rec.seen):
+        gone, new = sorted(set(rec.seen) - set(base)), sorted(set(base) - set(rec.seen))
+        raise ReferenceCheckError(
+            f"reference(): the base's tensors changed since the first reference() (gone: {gone[:5]}, new: {new[:5]}); "
+            "the reference would not be the base it was. Rebuild the model, or reference.forget(model) to accept it"
+        )
+    t0 = time.perf_counter()
+    seen = dict(rec.seen)
+    changed = []
+    for n, t in base.items():
+        key = seen.get(n)
+        if key is not None and key[0] == id(t) and key[1] == t._version:
+            continue
+        d = _digest(t)
+        rec.hashed += 1
+        if key is not None and key[2] != d:
+            changed.append(n)
+        seen[n] = (id(t), t._version, d)
+    rec.seconds += time.perf_counter() - t0
+    if changed:
+        when = time.strftime("%H:%M:%S", time.localtime(rec.first))
+        raise ReferenceCheckError(
+            f"reference(): the base changed in place since the first reference() at {when}: {changed[:5]}"
+            f"{' ...' if len(changed) > 5 else ''}. Something trains or edits base weights (an optimizer over "
+            "base parameters, a merge without unmerge); train deltas only, or reference.forget(model) to take "
+            "the current weights as the base"
+        )
+    rec.seen, rec.tensors = seen, len(seen)
+    rec.entries += 1
+    model.__dict__[_RECORD] = rec
+    return rec
+
+
+@contextlib.contextmanager
+def reference(model: nn.Module) -> Iterator[None]:
+    """Within this context (this thread / asyncio task only), run `model` as the frozen base: every
+    delta off in it and in every injected submodule, after the checks above (`ReferenceCheckError`
+    when one fails). A model with no delta runs as it is (its weights are still watched). Nests."""
+    inner = unwrap(model)
+    holders = injected(inner)
+    base = _base_tensors(inner, holders)
+    _check_structure(inner, holders, base)
+    _check_weights(inner, base)
+    with contextlib.ExitStack() as stack:
+        for m in holders.values():
+            stack.enter_context(engine.disable(m))
+        yield
+
+
+def check(model: nn.Module) -> ReferenceCheck | None:
+    """The weights check's record for `model` (its cost: tensors hashed, seconds), None before the first
+    `reference()`."""
+    return unwrap(model).__dict__.get(_RECORD)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the weights record: the next `reference()` hashes the current weights as the base."""
+    unwrap(model).__dict__.pop(_RECORD, None)
+
+
+reference.check = check  # type: ignore[attr-defined]
+reference.forget = forget  # type: ignore[attr-defined]
+
+__all__ = ["ReferenceCheck", "ReferenceCheckError", "check", "forget", "reference", "unwrap"]
