@@ -20,4 +20,4 @@ echo "== ruff check"; ruff check surgery registry tests benchmarks
 echo "== ruff format --check"; ruff format --check surgery registry tests benchmarks
 echo "== mypy"; mypy surgery registry
 # two workers (CI has 2 cores), a whole file per worker: module fixtures (models, servers) built once
-echo "== pytest"; python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+echo "== pytest"; python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"
