@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from surgery import context, engine
+from surgery.engine.runtime import AdapterDict
 from surgery.errors import SurgeryError
 
 _RECORD = "_surgery_reference"  # the weights record, in the unwrapped model's instance __dict__
@@ -67,33 +68,55 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def injected(model: nn.Module) -> dict[str, nn.Module]:
     """Path -> module, for `model` and every submodule that holds surgery deltas."""
-    return {p: m for p, m in model.named_modules() if context.STATE_ATTR in m.__dict__}
+    return _walk(model)[0]
 
 
-def _base_tensors(model: nn.Module, holders: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The base's parameters and buffers by name: everything but the deltas of every holder."""
-
-    def is_delta(name: str) -> bool:
-        return any(
-            (not p or name.startswith(p + ".")) and engine.is_adapter_path(m, name[len(p) + 1 :] if p else name)
-            for p, m in holders.items()
-        )
-
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return {n: t for n, t in named if not is_delta(n)}
+@dataclass
+class _Tree:
+    holders: dict[str, nn.Module]  # path -> module holding surgery deltas
+    params: dict[str, nn.Parameter]  # the base's (every delta left out), by every name they have
+    tensors: dict[str, torch.Tensor]  # params and buffers
+    tuner: str | None  # the first PEFT tuner layer's path
 
 
-def _check_structure(model: nn.Module, holders: dict[str, nn.Module], base: dict[str, torch.Tensor]) -> None:
-    tuner = next(
-        (p for p, m in model.named_modules() if any(c.__name__ == "BaseTunerLayer" for c in type(m).__mro__)), None
-    )
-    if tuner is not None:
+def _is_tuner(cls: type, cache: dict[type, bool] = {}) -> bool:  # noqa: B006  (a per-class cache)
+    if cls not in cache:
+        cache[cls] = any(c.__name__ == "BaseTunerLayer" for c in cls.__mro__)
+    return cache[cls]
+
+
+def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], _Tree]:
+    """One pass over the module tree, skipping every delta's modules (the sites' ``surgery`` children)."""
+    tree = _Tree({}, {}, {}, None)
+    todo = [("", model)]
+    while todo:
+        path, m = todo.pop()
+        if isinstance(m, AdapterDict):
+            continue
+        if context.STATE_ATTR in m.__dict__:
+            tree.holders[path] = m
+        if tree.tuner is None and _is_tuner(type(m)):
+            tree.tuner = path
+        pre = path + "." if path else ""
+        for n, p in m._parameters.items():
+            if p is not None:
+                tree.params[pre + n] = tree.tensors[pre + n] = p
+        for n, b in m._buffers.items():
+            if b is not None:
+                tree.tensors[pre + n] = b
+        todo.extend((pre + n, c) for n, c in reversed(m._modules.items()) if c is not None)
+    return tree.holders, tree
+
+
+def _check_structure(tree: _Tree) -> None:
+    holders = tree.holders
+    if tree.tuner is not None:
         raise ReferenceCheckError(
-            f"reference(): {tuner!r} is a PEFT adapter layer, which surgery cannot switch off; load the base without "
-            "PEFT and inject the delta with surgery.inject (or surgery.apply a Delta converted from PEFT)"
+            f"reference(): {tree.tuner!r} is a PEFT adapter layer, which surgery cannot switch off; load the base "
+            "without PEFT and inject the delta with surgery.inject (or surgery.apply a Delta converted from PEFT)"
         )
-    bad = sorted(n for n, p in model.named_parameters() if p.requires_grad and n in base)
-    if bad and holders:
+    bad = sorted(n for n, p in tree.params.items() if p.requires_grad)
+    if bad and holders:  # a model without deltas is checked by its weights alone
         raise ReferenceCheckError(
             f"reference(): base parameter(s) {bad[:5]}{' ...' if len(bad) > 5 else ''} require grad: the base is "
             "being trained in place, so the reference would move with the policy. Train a delta instead "
@@ -109,8 +132,9 @@ def _check_structure(model: nn.Module, holders: dict[str, nn.Module], base: dict
         )
     if not holders:
         return
-    known = {id(p) for m in holders.values() for p in engine.state_of(m).params}  # type: ignore[union-attr]
-    stranger = sorted(n for n, p in model.named_parameters() if n in base and id(p) not in known)
+    # the base's parameters as the engine recorded them at the first injection (ModelState.params)
+    known = {id(p) for m in holders.values() for p in getattr(engine.state_of(m), "params", ())}
+    stranger = sorted(n for n, p in tree.params.items() if id(p) not in known)
     if stranger:
         raise ReferenceCheckError(
             f"reference(): parameter(s) {stranger[:5]}{' ...' if len(stranger) > 5 else ''} were added after the "
@@ -171,10 +195,9 @@ def reference(model: nn.Module) -> Iterator[None]:
     delta off in it and in every injected submodule, after the checks above (`ReferenceCheckError`
     when one fails). A model with no delta runs as it is (its weights are still watched). Nests."""
     inner = unwrap(model)
-    holders = injected(inner)
-    base = _base_tensors(inner, holders)
-    _check_structure(inner, holders, base)
-    _check_weights(inner, base)
+    holders, tree = _walk(inner)
+    _check_structure(tree)
+    _check_weights(inner, tree.tensors)
     with contextlib.ExitStack() as stack:
         for m in holders.values():
             stack.enter_context(engine.disable(m))
