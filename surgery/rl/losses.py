@@ -121,5 +121,5 @@ def orpo_loss(
     ratio = F.logsigmoid((c - r) - (_log1mexp(c) - _log1mexp(r)))
     return nll.reshape(()) - beta * ratio.mean(), {
         **_metrics(beta * c, beta * r),
-        "log_odds_ratio": float(ratio.mean()),
+        "log_odds_ratio": float(ratio.detach().mean()),
     }

@@ -1,0 +1,148 @@
+"""surgery.rl.dpo: the preference loop on a LoRA over one frozen base, its accuracy, and the Trainer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _helpers import assert_state_equal, bits, state_bits
+from models import CharTokenizer, tiny_llama
+
+import surgery
+from surgery.errors import ConfigError
+from surgery.rl import data as D
+from surgery.rl.dpo import DPOLoss, _reference, pair_loss, preference_accuracy, preference_margins, train_dpo
+from surgery.rl.logprobs import logprobs
+
+WORDS = ["cat", "dog", "sun", "tree", "milk", "rain", "bird", "fish", "lamp", "road", "star", "wolf", "leaf", "rock"]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """A learnable toy: say the word (chosen), not its mirror image (rejected)."""
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": w[::-1]} for w in WORDS]
+    return D.encode(CharTokenizer(), rows, max_length=32)
+
+
+def policy():
+    base = tiny_llama()
+    pristine = copy.deepcopy(base)
+    surgery.inject(base, "lora", targets="@linear", r=4, name="pol")
+    return base, pristine
+
+
+def test_dpo_learns_the_toy_and_leaves_the_base_alone(pairs):
+    model, pristine = policy()
+    base_before = state_bits(pristine)
+    assert preference_accuracy(model, pairs, delta="pol") == 0.0  # a fresh LoRA is the reference: margins 0
+    seen = []
+    history = train_dpo(model, pairs, delta="pol", epochs=6, lr=5e-3, batch_size=7, on_step=lambda s, r: seen.append(s))
+    assert seen == list(range(12)) and [r["step"] for r in history] == seen
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    assert history[0]["accuracy"] == 0.0 and history[0]["margin"] == 0.0
+    first, last = history[:2], history[-2:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first) - 0.05
+    assert sum(r["margin"] for r in last) > 0
+    assert preference_accuracy(model, pairs, delta="pol") >= 0.9
+    assert_state_equal(base_before, {k: bits(v) for k, v in surgery.base_state_dict(model).items()})
+    b = D.collate(pairs[:5], 0)
+    with torch.no_grad(), _reference(model):
+        ref = logprobs(model, b)
+    want = logprobs(pristine, b)
+    assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])  # the reference is the pristine base
+    with torch.no_grad(), surgery.use(model, "pol"):
+        assert not torch.equal(logprobs(model, b)[0], want[0])
+
+
+@pytest.mark.parametrize("loss", ["ipo", "kto", "orpo"])
+def test_other_losses_train_in_the_loop(pairs, loss):
+    model, _ = policy()
+    history = train_dpo(model, pairs, delta="pol", loss=loss, epochs=4, lr=5e-3, batch_size=7)
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["margin"] > history[0]["margin"]
+
+
+def test_kto_in_the_loop_uses_a_mismatched_kl_estimate(pairs):
+    model, _ = policy()
+    b = D.collate(pairs[:4], 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    loss, m = pair_loss(model, b, loss="kto", delta="pol")
+    assert m["kl"] >= 0.0 and math.isfinite(float(loss.detach()))
+    # the estimate: prompt i with the chosen completion of row i+1, policy minus reference
+    rows = [D.Encoded(pairs[i].prompt, pairs[(i + 1) % 4].chosen, []) for i in range(4)]
+    kb = D.collate(rows, 0)
+    with torch.no_grad(), surgery.use(model, "pol"):
+        pol = logprobs(model, kb)[0]
+    with torch.no_grad(), surgery.disable(model):
+        ref = logprobs(model, kb)[0]
+    assert m["kl"] == pytest.approx(max(0.0, float((pol - ref).mean())), abs=1e-6)
+
+
+def test_preference_margins_against_the_reference(pairs):
+    model, pristine = policy()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    h = preference_margins(model, pairs, delta="pol", batch_size=5)
+    b = D.collate(list(pairs), 0)
+    with torch.no_grad(), surgery.use(model, "pol"):
+        c, r = logprobs(model, b)
+    rc, rr = logprobs(pristine, b)
+    assert torch.allclose(h, (c - r) - (rc - rr), atol=1e-4)
+    assert preference_accuracy(model, pairs, delta="pol") == pytest.approx(float((h > 0).float().mean()))
+    own = preference_accuracy(model, pairs, delta="pol", reference=False)
+    assert own == pytest.approx(float((c > r).float().mean()))
+
+
+def test_train_dpo_refuses_bad_input(pairs):
+    bare = tiny_llama()
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        train_dpo(bare.requires_grad_(False), pairs, delta=None)
+    model, _ = policy()
+    with pytest.raises(ConfigError, match="no delta 'nope'"):
+        train_dpo(model, pairs, delta="nope")
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        train_dpo(model, pairs, delta="pol", loss="ppo")
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        train_dpo(model, pairs, delta="pol", beta=0)
+    sft = D.encode(CharTokenizer(), [{"prompt": "a", "chosen": "b"}], max_length=16)
+    with pytest.raises(ConfigError, match="rejected completion"):
+        train_dpo(model, sft, delta="pol")
+    with pytest.raises(ConfigError, match="encode"):
+        train_dpo(model, [{"prompt": "a", "chosen": "b", "rejected": "c"}], delta="pol")
+    surgery.merge(model, "pol")
+    with pytest.raises(ConfigError, match="merged"):
+        train_dpo(model, pairs, delta="pol")
+
+
+def test_two_steps_of_transformers_trainer(pairs, tmp_path):
+    from transformers import TrainingArguments
+
+    model, pristine = policy()
+    base_before = state_bits(pristine)
+    loss = DPOLoss(beta=0.1, delta="pol")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = loss.trainer()(model=model, args=args, train_dataset=list(pairs), data_collator=DPOLoss.collator(0))
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert len(loss.history) == 2 and loss.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert_state_equal(base_before, {k: bits(v) for k, v in surgery.base_state_dict(model).items()})
+    assert type(trainer).__name__ == "PreferenceTrainer"
