@@ -243,3 +243,18 @@ def test_under_ddp(tmp_path):
         assert check(ddp) is check(model)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_torch_compile():
+    model = tiny_llama()
+    pristine = copy.deepcopy(model)
+    batch = batch_for(model)
+    surgery.inject(model, "lora", r=4, name="a")
+    _perturb(model, "a")
+    compiled = torch.compile(model, backend="eager")
+    with_delta = _out(compiled, batch)
+    with reference(compiled):
+        assert torch.equal(_out(compiled, batch), _out(pristine, batch))
+    assert torch.equal(_out(compiled, batch), with_delta)
+    assert check(compiled) is check(model)

@@ -85,6 +85,16 @@ def test_policy_deltas_are_off_inside():
     assert not torch.allclose(rm(ids[:1], None), want[:1])
 
 
+def test_left_padding_scores_as_the_row_alone():
+    base = tiny_gpt2()  # absolute positions: a left-padded row needs its positions from the mask
+    rm = RewardModel(base, r=4)
+    _perturb(base, "rm")
+    ids = torch.randint(3, 30, (1, 5))
+    left = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], 1)  # as rollouts pad their prompts
+    mask = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), torch.ones_like(ids)], 1)
+    assert torch.allclose(rm(left, mask), rm(ids, torch.ones_like(ids)), atol=1e-5)
+
+
 def test_trains_only_its_deltas():
     base = tiny_gpt2()
     surgery.inject(base, "lora", r=4, name="policy")

@@ -56,11 +56,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model under DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     engine.check_model(model)
     while True:
-        inner = model.__dict__.get("_orig_mod") or (
-            model._modules.get("module")
-            if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-            else None
-        )
+        wraps = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        inner = model._modules.get("module") if wraps else model._modules.get("_orig_mod")
         if not isinstance(inner, nn.Module):
             return model
         model = inner

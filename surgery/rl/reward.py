@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -67,6 +68,7 @@ class RewardModel(nn.Module):
         engine.activate(base, *before)
         self.__dict__["base"] = base  # shared, not a submodule: rm.to() / state_dict() / deepcopy leave it alone
         self.__dict__["backbone"] = backbone
+        self._positions = "position_ids" in inspect.signature(backbone.forward).parameters
         self.delta, self.head_delta, self.tokenizer = delta, head, tokenizer
         self.parts = nn.ModuleList([*engine.adapters(base, delta).values(), lin])
 
@@ -82,8 +84,11 @@ class RewardModel(nn.Module):
         return lin
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if attention_mask is not None and self._positions:  # a left-padded row (a rollout) scores as the row alone
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with engine.use(self.base, self.delta):  # only the reward model's LoRA (the head is ours to run)
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.backbone(**kw)
         hidden = getattr(out, "last_hidden_state", None)
         if not isinstance(hidden, torch.Tensor):
             raise ConfigError(f"RewardModel: the backbone {type(self.backbone).__name__} gave no last_hidden_state")
