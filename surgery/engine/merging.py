@@ -13,7 +13,8 @@ from surgery.engine.runtime import Site
 from surgery.engine.state import ModelState, adapters, get_entry, state_of
 from surgery.errors import MergeError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
-from surgery.methods.base import Adapter, NotMergeable
+from surgery.methods.base import Adapter, Merge, NotMergeable
+from surgery.quantize import is_quantized
 
 
 def site_tensor(site: Site, tname: str) -> torch.Tensor:
@@ -21,6 +22,18 @@ def site_tensor(site: Site, tname: str) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise MergeError(f"site {site.path!r} has no {tname} tensor to merge into")
     return w
+
+
+def _into_4bit(s: Site, name: str, rule: Merge) -> str | None:
+    """Why `rule` may not merge at site `s`: it writes into a 4-bit weight (None if it does not)."""
+    if "weight" not in rule or not is_quantized(s.module):
+        return None
+    return (
+        f"delta {name!r} would merge into the 4-bit weight of {s.path!r}: W + dW rounded back to 4 bits "
+        "loses most of the delta (a LoRA update is far below NF4's step). Merge into a dequantised base: "
+        f"surgery.dequantize(model) (it reports the error against the original weights), then "
+        f"surgery.merge(model, {name!r}); or keep the delta unmerged"
+    )
 
 
 def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
@@ -67,6 +80,9 @@ def merge(model: nn.Module, name: str | None = None) -> None:
                 raise MergeError(
                     f"delta {n!r} ({entry.method.name}) has no merge rule: {rule.reason}; keep it unmerged"
                 )
+            refusal = _into_4bit(s, n, rule)
+            if refusal:
+                raise MergeError(refusal)
             for tname in rule:
                 owners = shared.get(id(site_tensor(s, tname)))
                 if owners:
@@ -197,4 +213,7 @@ def mergeable(model: nn.Module, name: str) -> bool | str:
         rule = cast(Adapter, st.sites[p].adapters[name]).merge(st.sites[p].view)
         if isinstance(rule, NotMergeable):
             return rule.reason
+        refusal = _into_4bit(st.sites[p], name, rule)
+        if refusal:
+            return refusal
     return True

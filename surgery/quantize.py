@@ -1,0 +1,242 @@
+"""A 4-bit NF4 base (QLoRA, Dettmers et al., 2023) under any delta, through bitsandbytes.
+
+`quantize(model, "nf4")` replaces the frozen linear layers, in place, by bitsandbytes'
+`Linear4bit`: weights in 4-bit NormalFloat, one absmax per block of 64, the absmax values
+themselves quantised to 8 bits in blocks of 256 (double quantisation): 4.127 bits a weight.
+These are the very layers `transformers` builds for ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")``, so a model quantised here and one loaded that way are the same
+to every delta method (docs/qlora.md: why bitsandbytes rather than torchao).
+
+Deltas then go on top (`surgery.inject`): those that add to the output (LoRA, adapters, IA3,
+prefixes, prompts, bias deltas) never read the 4-bit weight; those that read the base weight
+(DoRA's column norm, the weight-space methods' shapes) read it dequantised (`weight_of`).
+A delta never merges into a 4-bit weight: `surgery.merge` refuses, and `dequantize(model)`
+turns the layers back into plain linears first (with the error against the original weights).
+
+bitsandbytes is an optional dependency: ``pip install model-surgery[qlora]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from surgery.errors import ConfigError, InjectionError, ModelTypeError
+from surgery.selectors import select
+
+SCHEMES = ("nf4",)
+BLOCK, NESTED_BLOCK = 64, 256  # QLoRA's block sizes (the nested one is bitsandbytes' fixed choice)
+_ERROR_ATTR = "surgery_nf4_error"
+# what bitsandbytes' Linear4bit sets on top of nn.Linear (dropped when a layer turns back into one)
+_LINEAR4BIT_ATTRS = (
+    "quant_state",
+    "compute_dtype",
+    "compute_type_is_set",
+    "quant_storage",
+    "support_avx512bf16_for_cpu",
+)  # max |W_nf4 - W| of a layer we quantised, kept on the module
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "4-bit quantisation needs bitsandbytes, which is not installed: pip install model-surgery[qlora]"
+        ) from None
+    return bitsandbytes
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module`'s weight is a 4-bit bitsandbytes weight (ours or one `transformers` loaded)."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None or (
+        type(getattr(module, "weight", None)).__name__ == "Params4bit"
+    )
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight the module's forward uses: the dequantised one for a 4-bit layer ([out, in],
+    in the dtype it was quantised from), else `module.weight` itself."""
+    w = cast(torch.Tensor, module.weight)
+    if not is_quantized(module):
+        return w
+    bnb = _bnb()
+    qs = w.quant_state  # type: ignore[attr-defined]
+    if getattr(qs, "packing_format_for_cpu", False):  # repacked by a CPU inference kernel: undo, as bnb's save does
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)  # type: ignore[attr-defined]
+        qs = w.quant_state  # type: ignore[attr-defined]
+    return cast(torch.Tensor, bnb.functional.dequantize_4bit(w.data, qs))
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """Within: every 4-bit layer is a plain `nn.Linear` whose weight is a zero of the right shape
+    and dtype (a broadcast scalar: no memory), so torch.export can trace the model (it cannot
+    fake a bitsandbytes weight). For the graph's roles only: outputs inside are not the model's."""
+    swapped: list[tuple[nn.Linear, type, torch.Tensor]] = []
+    for m in model.modules():
+        if is_quantized(m) and isinstance(m, nn.Linear):
+            w = m.weight
+            dtype = getattr(w.quant_state, "dtype", torch.float32)  # type: ignore[attr-defined]
+            zero = torch.zeros((), dtype=dtype, device=w.device).expand(m.out_features, m.in_features)
+            swapped.append((m, m.__class__, w))
+            m.__class__ = nn.Linear
+            m._parameters["weight"] = nn.Parameter(zero, requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, cls, w in swapped:
+            m.__class__ = cls
+            m._parameters["weight"] = cast(nn.Parameter, w)
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes a 4-bit layer's weight takes: packed codes, absmax (8-bit with double quantisation),
+    the nested absmax and both code books."""
+    w = cast(torch.Tensor, module.weight)
+    qs = w.quant_state  # type: ignore[attr-defined]
+    parts = [w.data, qs.absmax, qs.code]
+    if qs.nested:
+        parts += [qs.state2.absmax, qs.state2.code, qs.offset]
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantReport:
+    """What `quantize` did: the layers it replaced, the bytes of their weights before and after,
+    and the largest absolute difference between a 4-bit weight and its original."""
+
+    scheme: str
+    layers: tuple[str, ...]
+    bytes_before: int
+    bytes_after: int
+    max_abs_error: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+
+def _head_paths(model: nn.Module) -> set[str]:
+    """The output head: `get_output_embeddings()` of a transformers model, and any linear whose
+    weight is an embedding's (tied): transformers' bitsandbytes loader keeps these too."""
+    heads: set[str] = set()
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for path, m in model.named_modules():
+        if m is out or (isinstance(m, nn.Linear) and id(m.weight) in emb):
+            heads.add(path)
+    return heads
+
+
+def quantize(
+    model: nn.Module,
+    scheme: str = "nf4",
+    *,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    targets: Any = None,
+    skip: Any = None,
+) -> QuantReport:
+    """Quantise the model's linear layers to 4-bit NF4, in place; returns a `QuantReport`.
+
+    `targets`: a selector (as for `surgery.inject`) of the linears to quantise; default every
+    `nn.Linear`. `skip`: a selector of linears to keep in full precision; default the output
+    head (and linears tied to an embedding), as transformers does. `double_quant` quantises the
+    per-block absmax too (0.127 instead of 0.5 bits a weight); `compute_dtype` is the dtype the
+    4-bit layers compute in (default: the dtype of the weight they replace).
+
+    Quantise the base before injecting deltas; a layer is quantised once."""
+    from surgery.engine.state import check_model, state_of
+
+    check_model(model)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantisation scheme {scheme!r}; known: {list(SCHEMES)}")
+    st = state_of(model)
+    if st is not None and st.entries:
+        raise InjectionError(
+            f"the model has deltas injected ({sorted(st.entries)}): quantise the base first, then inject "
+            "(surgery.remove(model) takes them out; save them with surgery.delta first)"
+        )
+    bnb = _bnb()
+    skipped = _head_paths(model) if skip is None else {p for p, _ in select(model, skip)}
+    hits = [(p, m) for p, m in select(model, targets if targets is not None else nn.Linear) if p not in skipped]
+    done = [p for p, m in hits if is_quantized(m)]
+    if done:
+        raise ConfigError(f"layers {done[:4]}{'...' if len(done) > 4 else ''} are already 4-bit; quantise a layer once")
+    layers = [(p, m) for p, m in hits if type(m) is nn.Linear]
+    if not layers:
+        raise ConfigError(
+            f"targets {targets!r} (less skip {skip!r}) hit no nn.Linear to quantise; "
+            "use surgery.find(model, targets) to preview a selector"
+        )
+    before = after = 0
+    err = 0.0
+    for path, lin in layers:
+        w = lin.weight.detach()
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=compute_dtype or w.dtype,
+            compress_statistics=double_quant,
+            quant_type=scheme,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            w, requires_grad=False, blocksize=BLOCK, compress_statistics=double_quant, quant_type=scheme, module=q
+        )._quantize(w.device)
+        if lin.bias is not None:
+            q.bias = lin.bias
+        q.train(lin.training)
+        layer_err = float((weight_of(q).float() - w.float()).abs().max())
+        q.__dict__[_ERROR_ATTR] = layer_err
+        err = max(err, layer_err)
+        before += w.numel() * w.element_size()
+        after += quantized_bytes(q)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, q)
+    return QuantReport(scheme, tuple(p for p, _ in layers), before, after, err)
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantReport:
+    """What `dequantize` did: the layers it turned back into `nn.Linear`, and the largest
+    absolute difference of their weights from the original full-precision ones (known for
+    layers `quantize` made; None when some came 4-bit from elsewhere, a transformers load)."""
+
+    layers: tuple[str, ...]
+    max_abs_error: float | None
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> DequantReport:
+    """Turn every 4-bit layer back into a plain `nn.Linear` holding its dequantised weight (in
+    `dtype`, default the dtype it was quantised from), in place: the outputs stay those of the
+    4-bit model, and deltas can then merge (`surgery.merge`). Works with deltas injected (each
+    layer keeps its identity, so its deltas stay attached)."""
+    from surgery.engine.state import check_model
+
+    check_model(model)
+    layers = [(p, m) for p, m in model.named_modules() if is_quantized(m) and isinstance(m, nn.Linear)]
+    if not layers:
+        raise ModelTypeError(f"{type(model).__name__} has no 4-bit layer to dequantise")
+    errs: list[float | None] = []
+    for _, m in layers:
+        w = weight_of(m).detach()
+        w = w.to(dtype) if dtype is not None else w
+        # the same module object becomes a plain Linear: hooks and injected deltas stay attached
+        errs.append(m.__dict__.pop(_ERROR_ATTR, None))
+        for attr in _LINEAR4BIT_ATTRS:
+            m.__dict__.pop(attr, None)
+        m.__class__ = nn.Linear
+        m._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    known = [e for e in errs if e is not None]
+    return DequantReport(tuple(p for p, _ in layers), max(known) if len(known) == len(errs) else None)
