@@ -1,0 +1,165 @@
+r"""GRPO (DeepSeekMath): `group` completions per prompt, each one's advantage its reward against its
+group's, :math:`A_i = (r_i - \bar r) / (\sigma_r + 10^{-4})` (``scale_rewards=False``: no division,
+as Dr. GRPO), a token-level clipped surrogate and a KL penalty to the reference by the k3 estimator
+:math:`\exp(\log\pi_{ref} - \log\pi) - (\log\pi_{ref} - \log\pi) - 1`. No value model.
+
+The policy is a delta on the base and the reference is that base with every delta off: one model.
+The loss is normalised as TRL's default ``loss_type="dapo"`` (over all completion tokens of the
+batch); ``"grpo"`` averages per sequence first, ``"dr_grpo"`` divides by batch x max_new_tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery import engine
+from surgery.errors import ConfigError
+from surgery.rl.reference import reference
+from surgery.rl.rollout import (
+    Rollout,
+    check_policy,
+    check_reward_funcs,
+    cycle_batches,
+    eval_mode,
+    forward_kwargs,
+    masked_mean,
+    prompt_batch,
+    rollout,
+    score,
+    token_stats,
+)
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
+    """Each reward against the mean of its group (consecutive `group` rows), divided by the group's
+    standard deviation (unbiased, + 1e-4) when `scale`."""
+    r = rewards.reshape(-1, group)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    return adv.reshape(-1)
+
+
+class GRPO:
+    """Group-relative policy optimisation of the delta `delta` of `policy` (see the module doc).
+    ``step(prompts)`` samples, scores, updates once per `iterations` and returns its statistics."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        *,
+        delta: str = "default",
+        reward_funcs: Any,
+        reward_weights: Any = None,
+        group: int = 8,
+        beta: float = 0.04,
+        clip: float = 0.2,
+        lr: float = 1e-5,
+        tokenizer: Any = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        scale_rewards: bool = True,
+        loss_type: str = "dapo",
+        iterations: int = 1,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        self.params = check_policy(policy, delta)
+        self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, reward_weights)
+        if group < 2:
+            raise ConfigError(f"GRPO: group must be >= 2 (advantages compare completions of one prompt), got {group}")
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if beta < 0 or not 0 < clip < 1 or lr <= 0 or temperature <= 0 or iterations < 1 or max_new_tokens < 1:
+            raise ConfigError(
+                "GRPO: needs beta >= 0, 0 < clip < 1, lr > 0, temperature > 0, iterations >= 1, max_new_tokens >= 1; "
+                f"got beta={beta}, clip={clip}, lr={lr}, temperature={temperature}, iterations={iterations}, "
+                f"max_new_tokens={max_new_tokens}"
+            )
+        self.policy, self.delta, self.group, self.beta, self.clip = policy, delta, group, beta, clip
+        self.tokenizer, self.max_new_tokens, self.temperature, self.top_p = (
+            tokenizer,
+            max_new_tokens,
+            temperature,
+            top_p,
+        )
+        self.scale_rewards, self.loss_type, self.iterations, self.max_grad_norm = (
+            scale_rewards,
+            loss_type,
+            iterations,
+            max_grad_norm,
+        )
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+
+    def _logits(self, ro: Rollout) -> torch.Tensor:
+        return self.policy(**forward_kwargs(self.policy, ro)).logits
+
+    def _loss(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.loss_type == "grpo":
+            return masked_mean(per_token, mask, 1).mean()
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (mask.shape[0] * self.max_new_tokens)
+        return masked_mean(per_token, mask)
+
+    def step(self, prompts: Any) -> dict[str, float]:
+        """One GRPO step on a batch of prompts (texts with `tokenizer`, `rl.data.Encoded` rows, or a
+        left-padded ``rl.data.prompts`` dict): ``reward`` (mean), ``reward_std`` (within groups),
+        ``kl`` (k3, mean per token), ``loss``, ``clip_fraction``, ``entropy``, ``length``."""
+        batch = {k: v.repeat_interleave(self.group, 0) for k, v in prompt_batch(prompts, self.tokenizer).items()}
+        with eval_mode(self.policy):
+            ro = rollout(
+                self.policy,
+                batch,
+                delta=self.delta,
+                tokenizer=self.tokenizer,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+            )
+            rewards = score(self.reward_funcs, self.reward_weights, ro, self.tokenizer)
+            adv = group_advantages(rewards, self.group, self.scale_rewards).unsqueeze(1)
+            mask = ro.mask
+            with torch.no_grad():
+                ref = None
+                if self.beta:
+                    with reference(self.policy):
+                        ref = token_stats(self._logits(ro), ro.labels, self.temperature)[0]
+                old = None
+                if self.iterations > 1:  # with one update per batch the ratio is 1 at its only step
+                    with engine.use(self.policy, self.delta):
+                        old = token_stats(self._logits(ro), ro.labels, self.temperature)[0]
+            for _ in range(self.iterations):
+                with engine.use(self.policy, self.delta):
+                    logp, entropy = token_stats(self._logits(ro), ro.labels, self.temperature)
+                ratio = torch.exp(logp - (logp.detach() if old is None else old))
+                clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
+                per_token = -torch.min(ratio * adv, clipped * adv)
+                kl = torch.zeros_like(logp)
+                if ref is not None:
+                    kl = torch.exp(ref - logp) - (ref - logp) - 1
+                    per_token = per_token + self.beta * kl
+                loss = self._loss(per_token, mask)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                self.optimizer.step()
+        return {
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.reshape(-1, self.group).std(1).mean().item(),
+            "kl": masked_mean(kl.detach(), mask).item(),
+            "loss": loss.item(),
+            "clip_fraction": masked_mean(((ratio - clipped).abs() > 0).float(), mask).item(),
+            "entropy": masked_mean(entropy.detach(), mask).item(),
+            "length": mask.sum(1).mean().item(),
+        }
+
+    def train(self, rows: Any, *, steps: int, batch_size: int = 4, seed: int = 0) -> list[dict[str, float]]:
+        """`steps` GRPO steps over `rows` (prompts, as `step` takes them), `batch_size` prompts a step
+        (each sampled `group` times), shuffled by `seed`; the statistics of every step."""
+        it = cycle_batches(list(rows), batch_size, seed)
+        return [self.step(next(it)) for _ in range(steps)]

@@ -1,0 +1,238 @@
+r"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022) with every role on one frozen base: the
+policy is a delta, the value a second delta (LoRA) with a linear head over the final hidden states,
+the reward a `RewardModel` on a third delta (or any callable), the reference the base with every
+delta off.
+
+Per token :math:`t` of a completion the reward is :math:`-\beta(\log\pi(a_t) - \log\pi_{ref}(a_t))`,
+plus the sequence's score at its last token. Advantages are GAE,
+:math:`\delta_t = r_t + \gamma V_{t+1} - V_t`, :math:`A_t = \delta_t + \gamma\lambda A_{t+1}` (0 past
+the last token), whitened over the batch's completion tokens; returns :math:`A_t + V_t`. The loss
+is the clipped surrogate :math:`\max(-A\rho, -A\,\mathrm{clip}(\rho, 1\pm\epsilon))` plus
+`vf_coef` times the clipped value loss, each averaged over completion tokens.
+
+Policy and value run in one forward: the batch twice, the first half through the policy delta, the
+second through the value delta (`surgery.BatchSplit`), when both deltas allow it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery import engine
+from surgery.compose import BatchSplit
+from surgery.errors import CompositionError, ConfigError
+from surgery.methods.head import hidden_size
+from surgery.rl.reference import reference
+from surgery.rl.rollout import (
+    Rollout,
+    check_policy,
+    check_reward_funcs,
+    cycle_batches,
+    eval_mode,
+    forward_kwargs,
+    masked_mean,
+    rollout,
+    score,
+    token_stats,
+)
+
+VALUE_HEADS = "_surgery_value_heads"  # model.__dict__ key: value delta name -> its head (not a submodule)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns over the tokens `mask` marks (batch, seq; each
+    row's marked tokens contiguous); the value past a row's last token is 0."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    n = rewards.shape[1]
+    for t in reversed(range(n)):
+        nxt = mask[:, t + 1] if t + 1 < n else torch.zeros_like(last)
+        nxt_v = values[:, t + 1] * nxt if t + 1 < n else nxt
+        delta = rewards[:, t] + gamma * nxt_v - values[:, t]
+        last = delta + gamma * lam * last * nxt
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit variance over the marked entries (0 elsewhere)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+class PPO:
+    """PPO on the delta `delta` of `policy` against `reward` (see the module doc). ``step(prompts)``
+    samples one completion per prompt, scores it, and runs `ppo_epochs` epochs of `minibatch`-row
+    updates of the policy delta, the value delta and the value head (the optimizer holds these alone)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        *,
+        delta: str = "default",
+        value: str = "v",
+        reward: Any,
+        kl: float = 0.05,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip: float = 0.2,
+        value_clip: float = 0.2,
+        vf_coef: float = 0.1,
+        ppo_epochs: int = 4,
+        minibatch: int | None = None,
+        lr: float = 1e-5,
+        tokenizer: Any = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        value_targets: Any = None,
+        value_r: int = 8,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        params = check_policy(policy, delta)
+        (self.reward,), _ = check_reward_funcs([reward], None)
+        bad = {
+            "kl >= 0": kl >= 0,
+            "0 <= gamma <= 1": 0 <= gamma <= 1,
+            "0 <= lam <= 1": 0 <= lam <= 1,
+            "0 < clip < 1": 0 < clip < 1,
+            "value_clip > 0": value_clip > 0,
+            "vf_coef >= 0": vf_coef >= 0,
+            "ppo_epochs >= 1": ppo_epochs >= 1,
+            "minibatch >= 1": minibatch is None or minibatch >= 1,
+            "lr > 0": lr > 0,
+            "temperature > 0": temperature > 0,
+            "max_new_tokens >= 1": max_new_tokens >= 1,
+        }
+        if not all(bad.values()):
+            raise ConfigError(f"PPO: needs {', '.join(k for k, ok in bad.items() if not ok)}")
+        if value == delta:
+            raise ConfigError(f"PPO: value={value!r} names the policy delta; the value needs its own delta")
+        heads: dict[str, nn.Linear] = policy.__dict__.setdefault(VALUE_HEADS, {})
+        if value in engine.names(policy) and value not in heads:
+            raise ConfigError(
+                f"PPO: delta {value!r} exists and is not a value delta (made by PPO, with a value head); "
+                "pass another value= name, or surgery.remove(model, name) first"
+            )
+        if value not in heads:
+            default = engine.active(policy)
+            engine.inject(policy, "lora", targets=value_targets, name=value, r=value_r)
+            engine.activate(policy, *default)  # the value delta is not part of the model's plain calls
+            ref = next(p for p in policy.parameters() if p.is_floating_point())
+            heads[value] = nn.Linear(hidden_size(policy), 1).to(ref.device, ref.dtype)
+        self.head = heads[value]
+        value_params = [p for ad in engine.adapters(policy, value).values() for p in ad.parameters()]
+        self.params = params + value_params + list(self.head.parameters())
+        for p in value_params:
+            p.requires_grad_(True)
+        self.policy, self.delta, self.value = policy, delta, value
+        self.kl, self.gamma, self.lam, self.clip, self.value_clip, self.vf_coef = (
+            kl,
+            gamma,
+            lam,
+            clip,
+            value_clip,
+            vf_coef,
+        )
+        self.ppo_epochs, self.minibatch, self.max_grad_norm = ppo_epochs, minibatch, max_grad_norm
+        self.tokenizer, self.max_new_tokens, self.temperature, self.top_p = (
+            tokenizer,
+            max_new_tokens,
+            temperature,
+            top_p,
+        )
+        self.batch_split = True  # until a delta refuses to run inside a BatchSplit
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+
+    def forward(self, ro: Rollout, rows: Any = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities and entropies under the policy delta, and values under the
+        value delta, aligned with the labels (batch, seq)."""
+        kw, labels = forward_kwargs(self.policy, ro, rows), ro.labels[rows]
+        n = labels.shape[0]
+        out = None
+        if self.batch_split:
+            both = {k: v.repeat(2, 1) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            try:
+                with engine.use(self.policy, BatchSplit(self.delta, self.value, batch_sizes=[n, n])):
+                    out = self.policy(**both, output_hidden_states=True)
+                logits, hidden = out.logits[:n], out.hidden_states[-1][n:]
+            except CompositionError:  # e.g. a prompt-tuning policy: its input change cannot split rows
+                self.batch_split = False
+        if out is None:
+            with engine.use(self.policy, self.delta):
+                logits = self.policy(**kw).logits
+            with engine.use(self.policy, self.value):
+                hidden = self.policy(**kw, output_hidden_states=True).hidden_states[-1]
+        logp, entropy = token_stats(logits, labels, self.temperature)
+        v = self.head(hidden).squeeze(-1).float()  # the value of the state before token t: the hidden state at t - 1
+        values = torch.cat([v.new_zeros(n, 1), v[:, :-1]], 1) * (labels != -100)
+        return logp, entropy, values
+
+    def step(self, prompts: Any) -> dict[str, float]:
+        """One PPO step on a batch of prompts (texts with `tokenizer`, `rl.data.Encoded` rows, or a
+        left-padded ``rl.data.prompts`` dict): ``reward`` (mean score), ``kl`` (summed over a
+        completion, mean over the batch), ``policy_loss``, ``value_loss``, ``clip_fraction``,
+        ``entropy``, ``length`` (the losses averaged over the updates)."""
+        with eval_mode(self.policy):
+            ro = rollout(
+                self.policy,
+                prompts,
+                delta=self.delta,
+                tokenizer=self.tokenizer,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+            )
+            mask = ro.mask
+            scores = score([self.reward], [1.0], ro, self.tokenizer)
+            with torch.no_grad():
+                old_logp, _, old_values = self.forward(ro)
+                with reference(self.policy):
+                    logits = self.policy(**forward_kwargs(self.policy, ro)).logits
+                ref_logp = token_stats(logits, ro.labels, self.temperature)[0]
+                kl = (old_logp - ref_logp) * mask
+                rewards = -self.kl * kl
+                last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # each completion's last token
+                rewards[torch.arange(len(last)), last] += scores
+                adv, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
+                adv = whiten(adv, mask)
+            totals = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "entropy"), 0.0)
+            n, updates = len(ro.completions), 0
+            size = self.minibatch or n
+            for _ in range(self.ppo_epochs):
+                for idx in torch.randperm(n, device=mask.device).split(size):
+                    m = mask[idx]
+                    logp, entropy, values = self.forward(ro, idx)
+                    v_clipped = old_values[idx] + (values - old_values[idx]).clamp(-self.value_clip, self.value_clip)
+                    vf = 0.5 * masked_mean(torch.max((values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2), m)
+                    ratio = torch.exp(logp - old_logp[idx])
+                    pg1, pg2 = -adv[idx] * ratio, -adv[idx] * ratio.clamp(1 - self.clip, 1 + self.clip)
+                    pg = masked_mean(torch.max(pg1, pg2), m)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    (pg + self.vf_coef * vf).backward()
+                    if self.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                    self.optimizer.step()
+                    for k, x in zip(
+                        totals, (pg, vf, masked_mean((pg2 > pg1).float(), m), masked_mean(entropy, m)), strict=True
+                    ):
+                        totals[k] += x.item()
+                    updates += 1
+        return {
+            "reward": scores.mean().item(),
+            "kl": kl.sum(1).mean().item(),
+            **{k: v / updates for k, v in totals.items()},
+            "length": mask.sum(1).mean().item(),
+        }
+
+    def train(self, rows: Any, *, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict[str, float]]:
+        """`steps` PPO steps over `rows` (prompts, as `step` takes them), `batch_size` prompts a step,
+        shuffled by `seed`; the statistics of every step."""
+        it = cycle_batches(list(rows), batch_size, seed)
+        return [self.step(next(it)) for _ in range(steps)]
