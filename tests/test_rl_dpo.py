@@ -13,8 +13,9 @@ from models import CharTokenizer, tiny_llama
 import surgery
 from surgery.errors import ConfigError
 from surgery.rl import data as D
-from surgery.rl.dpo import DPOLoss, _reference, pair_loss, preference_accuracy, preference_margins, train_dpo
+from surgery.rl.dpo import DPOLoss, pair_loss, preference_accuracy, preference_margins, train_dpo
 from surgery.rl.logprobs import logprobs
+from surgery.rl.reference import reference
 
 WORDS = ["cat", "dog", "sun", "tree", "milk", "rain", "bird", "fish", "lamp", "road", "star", "wolf", "leaf", "rock"]
 
@@ -48,7 +49,7 @@ def test_dpo_learns_the_toy_and_leaves_the_base_alone(pairs):
     assert preference_accuracy(model, pairs, delta="pol") >= 0.9
     assert_state_equal(base_before, {k: bits(v) for k, v in surgery.base_state_dict(model).items()})
     b = D.collate(pairs[:5], 0)
-    with torch.no_grad(), _reference(model):
+    with torch.no_grad(), reference(model):
         ref = logprobs(model, b)
     want = logprobs(pristine, b)
     assert torch.equal(ref[0], want[0]) and torch.equal(ref[1], want[1])  # the reference is the pristine base
@@ -97,7 +98,7 @@ def test_preference_margins_against_the_reference(pairs):
     rc, rr = logprobs(pristine, b)
     assert torch.allclose(h, (c - r) - (rc - rr), atol=1e-4)
     assert preference_accuracy(model, pairs, delta="pol") == pytest.approx(float((h > 0).float().mean()))
-    own = preference_accuracy(model, pairs, delta="pol", reference=False)
+    own = preference_accuracy(model, pairs, delta="pol", against_reference=False)
     assert own == pytest.approx(float((c > r).float().mean()))
 
 

@@ -21,17 +21,9 @@ from surgery.errors import ConfigError
 from surgery.rl.data import IGNORE, Encoded, collate
 from surgery.rl.logprobs import logprobs
 from surgery.rl.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss
+from surgery.rl.reference import reference
 
 LOSSES = ("dpo", "ipo", "kto", "orpo")
-
-
-def _reference(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Every delta off, checked (`surgery.rl.reference`); `disable` where that module is absent."""
-    try:
-        from surgery.rl.reference import reference
-    except ImportError:
-        return engine.disable(model)
-    return reference(model)
 
 
 def _policy(model: nn.Module, delta: str | None) -> contextlib.AbstractContextManager[None]:
@@ -97,7 +89,7 @@ def pair_loss(
     average = loss in ("ipo", "orpo")
     ref: tuple[torch.Tensor, torch.Tensor | None] | None = None
     if loss != "orpo":  # ORPO has no reference
-        with torch.no_grad(), _reference(model):
+        with torch.no_grad(), reference(model):
             ref = logprobs(model, batch, average=average)
     with _policy(model, delta):
         pol_c, pol_r = logprobs(model, batch, average=average)
@@ -118,7 +110,7 @@ def pair_loss(
     with torch.no_grad():
         with _policy(model, delta):
             kl_pol = logprobs(model, kl_batch)[0]
-        with _reference(model):
+        with reference(model):
             kl_ref = logprobs(model, kl_batch)[0]
     return kto_loss(pol_c, pol_r, ref_c, ref_r, kl_pol - kl_ref, beta)
 
@@ -212,10 +204,10 @@ def preference_margins(
     delta: str | None = None,
     batch_size: int = 8,
     pad_id: int | None = None,
-    reference: bool = True,
+    against_reference: bool = True,
 ) -> torch.Tensor:
     """Per pair, the implicit reward margin over beta: (pol_c - ref_c) - (pol_r - ref_r) of summed
-    log-probs (`reference=False`: pol_c - pol_r, the policy's own preference)."""
+    log-probs (`against_reference=False`: pol_c - pol_r, the policy's own preference)."""
     pairs = _check_pairs(pairs, "preference_accuracy")
     pad = _pad_id(policy, pad_id)
     device = next(policy.parameters()).device
@@ -227,8 +219,8 @@ def preference_margins(
                 c, r = logprobs(policy, batch)
             assert r is not None
             h = c - r
-            if reference:
-                with _reference(policy):
+            if against_reference:
+                with reference(policy):
                     rc, rr = logprobs(policy, batch)
                 assert rr is not None
                 h = h - (rc - rr)
@@ -243,12 +235,14 @@ def preference_accuracy(
     delta: str | None = None,
     batch_size: int = 8,
     pad_id: int | None = None,
-    reference: bool = True,
+    against_reference: bool = True,
 ) -> float:
     """The fraction of `pairs` whose implicit reward margin is > 0: the policy raised the chosen
     completion's log-probability relative to the reference more than the rejected one's (beta > 0 does
-    not change the sign). `reference=False`: the fraction the policy alone prefers."""
-    h = preference_margins(policy, pairs, delta=delta, batch_size=batch_size, pad_id=pad_id, reference=reference)
+    not change the sign). `against_reference=False`: the fraction the policy alone prefers."""
+    h = preference_margins(
+        policy, pairs, delta=delta, batch_size=batch_size, pad_id=pad_id, against_reference=against_reference
+    )
     return float((h > 0).float().mean())
 
 
