@@ -5,7 +5,8 @@ averages) them per row for a collated pair batch, chosen and rejected rows in on
 concatenated forward). Two things keep it lean: the model computes logits only from the first
 completion token on (``logits_to_keep``, where the model takes it), and the log-softmax is never
 materialised: the forward keeps the logits and one logsumexp per position, the backward rebuilds the
-softmax row by row (no second vocabulary-size fp32 tensor, as TRL's `selective_log_softmax`)."""
+softmax row by row (a naive log_softmax + gather holds an fp32 log-softmax beside the logits, and its
+backward a vocabulary-size scatter; TRL's `selective_log_softmax` loops over rows the same way)."""
 
 from __future__ import annotations
 
