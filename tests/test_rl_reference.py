@@ -202,6 +202,25 @@ def test_weights_hashed_once_and_in_place_edits_refused():
         pass
 
 
+def test_a_4bit_base_is_exact_and_its_quantisation_state_watched():
+    pytest.importorskip("bitsandbytes")
+    from surgery.quantize import quantize
+
+    model = tiny_llama()
+    quantize(model, "nf4")
+    batch = batch_for(model)
+    want = _out(model, batch)
+    surgery.inject(model, "prompt", n_tokens=3, name="p")
+    _perturb(model, "p")
+    assert not torch.equal(_out(model, batch), want)
+    with reference(model):
+        assert torch.equal(_out(model, batch), want)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    w.quant_state.state2.absmax.mul_(2)  # the double-quantised absmax is part of the base
+    with pytest.raises(ReferenceCheckError, match=r"q_proj.weight.quant_state.state2.absmax"), reference(model):
+        pass
+
+
 def test_context_local_another_thread_keeps_its_deltas():
     model = tiny_llama()
     pristine = copy.deepcopy(model)

@@ -23,6 +23,7 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,6 +83,17 @@ def _is_tuner(cls: type, cache: dict[type, bool] = {}) -> bool:  # noqa: B006  (
     return cache[cls]
 
 
+def _quant_tensors(prefix: str, qs: Any) -> dict[str, torch.Tensor]:
+    """A 4-bit weight's quantisation state (bitsandbytes' absmax, code, nested state2): part of the base too."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in (vars(qs) if qs is not None and hasattr(qs, "__dict__") else {}).items():
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}.{k}"] = v
+        elif k == "state2":
+            out.update(_quant_tensors(f"{prefix}.state2", v))
+    return out
+
+
 def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], _Tree]:
     """One pass over the module tree, skipping every delta's modules (the sites' ``surgery`` children)."""
     tree = _Tree({}, {}, {}, None)
@@ -98,6 +110,7 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], _Tree]:
         for n, p in m._parameters.items():
             if p is not None:
                 tree.params[pre + n] = tree.tensors[pre + n] = p
+                tree.tensors.update(_quant_tensors(f"{pre}{n}.quant_state", getattr(p, "quant_state", None)))
         for n, b in m._buffers.items():
             if b is not None:
                 tree.tensors[pre + n] = b
