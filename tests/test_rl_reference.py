@@ -277,3 +277,15 @@ def test_under_torch_compile():
         assert torch.equal(_out(compiled, batch), _out(pristine, batch))
     assert torch.equal(_out(compiled, batch), with_delta)
     assert check(compiled) is check(model)
+
+
+def test_a_replaced_base_tensor_is_rehashed():
+    model = tiny_llama()
+    with reference(model):
+        pass
+    n = check(model).hashed
+    lin = model.model.layers[0].mlp.down_proj
+    lin.weight = nn.Parameter(lin.weight.detach() + 1.0)  # a new tensor (fresh _version) under the same name
+    with pytest.raises(ReferenceCheckError, match="changed in place.*down_proj"), reference(model):
+        pass
+    assert check(model).hashed == n + 1

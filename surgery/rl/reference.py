@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,8 @@ class ReferenceCheck:
     hashed: int = 0
     seconds: float = 0.0
     first: float = 0.0
-    seen: dict[str, tuple[int, int, str]] = field(default_factory=dict, repr=False)  # name -> (id, _version, digest)
+    # name -> (the tensor, weakly: an id could be reused by a new one; its _version; digest)
+    seen: dict[str, tuple[Any, int, str]] = field(default_factory=dict, repr=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -177,13 +179,13 @@ def _check_weights(model: nn.Module, base: dict[str, torch.Tensor]) -> Reference
     changed = []
     for n, t in base.items():
         key = seen.get(n)
-        if key is not None and key[0] == id(t) and key[1] == t._version:
+        if key is not None and key[0]() is t and key[1] == t._version:
             continue
         d = _digest(t)
         rec.hashed += 1
         if key is not None and key[2] != d:
             changed.append(n)
-        seen[n] = (id(t), t._version, d)
+        seen[n] = (weakref.ref(t), t._version, d)
     rec.seconds += time.perf_counter() - t0
     if changed:
         when = time.strftime("%H:%M:%S", time.localtime(rec.first))
