@@ -289,3 +289,10 @@ def test_a_replaced_base_tensor_is_rehashed():
     with pytest.raises(ReferenceCheckError, match="changed in place.*down_proj"), reference(model):
         pass
     assert check(model).hashed == n + 1
+    forget(model)
+    with reference(model):
+        pass
+    model.extra = nn.Linear(2, 2)  # a plain model: no injection record, so the first reference()'s names are the base
+    with pytest.raises(ReferenceCheckError, match=r"tensors changed.*new: \['extra.bias', 'extra.weight'\]"):
+        with reference(model):
+            pass
