@@ -133,6 +133,7 @@ def test_two_steps_of_transformers_trainer(pairs, tmp_path):
         output_dir=str(tmp_path),
         max_steps=2,
         per_device_train_batch_size=4,
+        per_device_eval_batch_size=3,
         learning_rate=5e-3,
         report_to="none",
         save_strategy="no",
@@ -147,3 +148,8 @@ def test_two_steps_of_transformers_trainer(pairs, tmp_path):
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert_state_equal(base_before, {k: bits(v) for k, v in surgery.base_state_dict(model).items()})
     assert type(trainer).__name__ == "PreferenceTrainer"
+    ev = trainer.evaluate(eval_dataset=list(pairs[:6]))  # the pair loss, not model(**pair batch)
+    with torch.no_grad():
+        by_hand = [float(pair_loss(model, D.collate(pairs[i : i + 3], 0), delta="pol")[0]) for i in (0, 3)]
+    assert ev["eval_loss"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert len(loss.history) == 2  # evaluation steps are not training history

@@ -250,8 +250,8 @@ class DPOLoss:
     """The preference loss for a `transformers.Trainer` over pair batches:
     ``DPOLoss(beta=0.1).trainer()(model=policy, args=args, train_dataset=pairs, data_collator=loss.collator(pad))``
     (pairs: a list of `Encoded`; use ``remove_unused_columns=False``). The policy delta trains as the
-    Trainer's optimizer says; the reference is `reference()` on each batch. `history` keeps each step's
-    metrics."""
+    Trainer's optimizer says; the reference is `reference()` on each batch. `history` keeps each training
+    step's metrics; `evaluate()` reports the mean pair loss as ``eval_loss``."""
 
     def __init__(self, beta: float = 0.1, loss: str = "dpo", delta: str | None = None, label_smoothing: float = 0.0):
         _check_loss(loss, beta)
@@ -272,7 +272,8 @@ class DPOLoss:
         value, metrics = pair_loss(
             model, inputs, loss=self.loss, beta=self.beta, delta=self.delta, label_smoothing=self.label_smoothing
         )
-        self.history.append({"loss": float(value.detach()), **metrics})
+        if torch.is_grad_enabled():  # training steps; evaluate() runs under no_grad
+            self.history.append({"loss": float(value.detach()), **metrics})
         return (value, metrics) if return_outputs else value
 
     def trainer(self, base: type | None = None) -> type:
@@ -288,6 +289,12 @@ class DPOLoss:
                 self, model: nn.Module, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
             ) -> Any:
                 return compute(model, inputs, return_outputs, num_items_in_batch)
+
+            def prediction_step(
+                self, model: nn.Module, inputs: Any, prediction_loss_only: bool, ignore_keys: Any = None
+            ) -> Any:
+                with torch.no_grad():  # evaluate(): the pair loss (the default would call model(**pair batch))
+                    return compute(model, self._prepare_inputs(inputs)).detach(), None, None
 
         PreferenceTrainer.__name__ = PreferenceTrainer.__qualname__ = f"Preference{parent.__name__}"
         return PreferenceTrainer
