@@ -254,6 +254,26 @@ def test_merge_refuses_4bit_weights_and_merges_after_dequantize():
     assert all(torch.equal(q.get_submodule(p).weight, w) for p, w in deq.items())  # unmerge: exact
 
 
+@needs_engine
+def test_a_bias_delta_merges_on_a_4bit_layer():
+    from tests.models import tiny_qwen2
+
+    q = tiny_qwen2()  # q / k / v projections with biases
+    quantize(q)
+    packed = q.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    bias = q.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    surgery.inject(q, "bitfit", targets="re:.*q_proj")
+    _perturb(q, "default", 4)
+    b = batch_for(q)
+    with torch.no_grad():
+        on = q(**b).logits
+        surgery.merge(q, "default")  # a bias is full precision: it merges, the 4-bit weight is untouched
+        assert torch.allclose(q(**b).logits, on, atol=1e-5)
+        assert torch.equal(q.model.layers[0].self_attn.q_proj.weight, packed)
+        surgery.unmerge(q, "default")
+    assert torch.equal(q.model.layers[0].self_attn.q_proj.bias, bias)
+
+
 def _linear_paths(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if p.endswith(LINEARS)]
 
