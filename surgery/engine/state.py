@@ -154,6 +154,12 @@ def get_entry(model: nn.Module, name: str) -> Entry:
     return st.entries[name]
 
 
+def base_params(model: nn.Module) -> list[nn.Parameter]:
+    """The base's parameters as recorded at the first injection ([] with nothing injected)."""
+    st = state_of(model)
+    return [] if st is None else list(st.params)
+
+
 def names(model: nn.Module) -> list[str]:
     """Names of the deltas injected into `model`, in injection order."""
     st = state_of(model)

@@ -144,8 +144,7 @@ def _check_structure(tree: _Tree) -> None:
         )
     if not holders:
         return
-    # the base's parameters as the engine recorded them at the first injection (ModelState.params)
-    known = {id(p) for m in holders.values() for p in getattr(engine.state_of(m), "params", ())}
+    known = {id(p) for m in holders.values() for p in engine.base_params(m)}  # as recorded at first injection
     stranger = sorted(n for n, p in tree.params.items() if id(p) not in known)
     if stranger:
         raise ReferenceCheckError(
