@@ -274,6 +274,18 @@ def test_a_bias_delta_merges_on_a_4bit_layer():
     assert torch.equal(q.model.layers[0].self_attn.q_proj.bias, bias)
 
 
+@needs_engine
+def test_a_qlora_delta_fits_the_base_it_was_quantised_from():
+    fp, q = _fp_and_q()
+    assert surgery.fingerprint(q) == surgery.fingerprint(fp)  # the 4-bit weights by their logical shapes
+    surgery.inject(q, "lora", targets="re:.*_proj", r=4)
+    _perturb(q, "default", 5)
+    surgery.apply(fp, surgery.delta(q))  # no allow_other_base: the same base, in another precision
+    theirs = engine.adapters(fp, "default")
+    for path, ad in engine.adapters(q, "default").items():
+        assert all(torch.equal(t, theirs[path].tensors()[k]) for k, t in ad.tensors().items())
+
+
 def _linear_paths(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if p.endswith(LINEARS)]
 
