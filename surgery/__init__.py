@@ -11,6 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from surgery import methods as _methods  # noqa: F401  (fills the method table)
+from surgery import rl
 from surgery.combine import combine
 from surgery.compose import Average, BatchSplit, Fuse, Parallel, Stack
 from surgery.delta import Delta, apply, delta, fingerprint
@@ -47,11 +48,14 @@ from surgery.methods.diffpruning import l0_loss
 from surgery.methods.fusion import fuse, fusion_weights
 from surgery.methods.moe import aux_loss
 from surgery.methods.sparse import sparse_delta, sparse_from_dense
+from surgery.quantize import dequantize, quantize
 from surgery.recipes.ewc import EWC
 from surgery.recipes.heads import heads, heads_from_hf, heads_to_hf, route_tasks, tasks
 from surgery.recipes.partial import partial
 from surgery.recipes.schedule import Schedule
 from surgery.recipes.tasks import TaskSampler
+from surgery.rl.reference import ReferenceCheckError, reference
+from surgery.rl.reward import RewardModel
 from surgery.selectors import Sel, Site, layers, sel
 from surgery.serving import Prepared, SlotBank, route, serve
 from surgery.sparse_finetune import SparseFinetune
@@ -149,6 +153,12 @@ def trace(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None =
 
 
 __all__ = [
+    "ReferenceCheckError",
+    "RewardModel",
+    "dequantize",
+    "quantize",
+    "reference",
+    "rl",
     "Average",
     "BatchSplit",
     "CompositionError",
