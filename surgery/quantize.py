@@ -204,7 +204,30 @@ def quantize(
         after += quantized_bytes(q)
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, q)
+    done_paths = {p for p, _ in layers}
+    kept = [p for p, m in model.named_modules() if type(m) is nn.Linear and p not in done_paths]
+    _record_in_config(model, scheme, double_quant, compute_dtype or layers[0][1].weight.dtype, kept)
     return QuantReport(scheme, tuple(p for p, _ in layers), before, after, err)
+
+
+def _record_in_config(model: nn.Module, scheme: str, double_quant: bool, dtype: torch.dtype, kept: list[str]) -> None:
+    """A transformers model says in its config how it is quantised, as a 4-bit load does: then
+    `save_pretrained` writes a checkpoint `from_pretrained` loads back 4-bit (the linears left in
+    full precision named, escaped, in `llm_int8_skip_modules`)."""
+    import re
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    from transformers import BitsAndBytesConfig
+
+    config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=scheme,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=[re.escape(p) for p in kept] or None,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

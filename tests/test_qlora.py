@@ -350,6 +350,19 @@ def test_transformers_load_is_the_same_codec(hf_4bit):
         quantize(hf)
 
 
+def test_a_quantised_model_saves_and_loads_back_4bit(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    q = tiny_llama()
+    r = quantize(q, targets="re:.*self_attn.*")  # a part only: the loader must keep the MLPs full precision
+    b = batch_for(q)
+    q.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert [p for p, m in back.named_modules() if is_quantized(m)] == list(r.layers)
+    with torch.no_grad():
+        assert torch.equal(back(**b).logits, q(**b).logits)
+
+
 @needs_engine
 def test_transformers_4bit_load_takes_lora_by_role(hf_4bit):
     hf = hf_4bit()
