@@ -12,7 +12,7 @@ import torch
 import surgery
 from surgery.errors import ConfigError
 from surgery.rl import data
-from surgery.rl.grpo import GRPO, group_advantages
+from surgery.rl.grpo import GRPO, aggregate, group_advantages
 from surgery.rl.logprobs import token_logprobs
 from surgery.rl.reward import RewardModel
 from surgery.rl.rollout import rollout, score
@@ -92,6 +92,14 @@ def test_group_advantages_by_hand():
         group_advantages(r, 4, scale=False), torch.tensor([-1.5, -0.5, 0.5, 1.5, -0.5, -0.5, -0.5, 1.5])
     )
     assert group_advantages(torch.ones(4), 2).abs().max() == 0  # equal rewards: no signal, no NaN
+
+
+def test_loss_aggregation_by_hand():
+    per_token = torch.tensor([[9.0, 1.0, 2.0, 3.0], [9.0, 9.0, 4.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # 3 tokens, then 1
+    assert aggregate(per_token, mask, "dapo").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert aggregate(per_token, mask, "grpo").item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate(per_token, mask, "dr_grpo", max_new_tokens=5).item() == pytest.approx(10 / (2 * 5))
 
 
 def test_grpo_learns_a_rule_reward():

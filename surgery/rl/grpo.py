@@ -44,6 +44,19 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     return adv.reshape(-1)
 
 
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "dapo", max_new_tokens: int = 1
+) -> torch.Tensor:
+    """One loss from per-token losses (batch, seq) over the completion tokens `mask` marks: ``dapo``
+    the mean over all of them, ``grpo`` the mean of each sequence's mean, ``dr_grpo`` the sum over
+    batch x `max_new_tokens`."""
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, 1).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
+    return masked_mean(per_token, mask)
+
+
 class GRPO:
     """Group-relative policy optimisation of the delta `delta` of `policy` (see the module doc).
     ``step(prompts)`` samples, scores, updates once per `iterations` and returns its statistics."""
@@ -98,13 +111,6 @@ class GRPO:
     def _logits(self, ro: Rollout) -> torch.Tensor:
         return self.policy(**forward_kwargs(self.policy, ro)).logits
 
-    def _loss(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.loss_type == "grpo":
-            return masked_mean(per_token, mask, 1).mean()
-        if self.loss_type == "dr_grpo":
-            return (per_token * mask).sum() / (mask.shape[0] * self.max_new_tokens)
-        return masked_mean(per_token, mask)
-
     def step(self, prompts: Any) -> dict[str, float]:
         """One GRPO step on a batch of prompts (texts with `tokenizer`, `rl.data.Encoded` rows, or a
         left-padded ``rl.data.prompts`` dict): ``reward`` (mean), ``reward_std`` (within groups),
@@ -142,7 +148,7 @@ class GRPO:
                 if ref is not None:
                     kl = torch.exp(ref - logp) - (ref - logp) - 1
                     per_token = per_token + self.beta * kl
-                loss = self._loss(per_token, mask)
+                loss = aggregate(per_token, mask, self.loss_type, self.max_new_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.max_grad_norm is not None:
