@@ -30,8 +30,8 @@ from surgery.errors import ConfigError, InjectionError, ModelTypeError
 from surgery.selectors import select
 
 SCHEMES = ("nf4",)
-BLOCK, NESTED_BLOCK = 64, 256  # QLoRA's block sizes (the nested one is bitsandbytes' fixed choice)
-_ERROR_ATTR = "surgery_nf4_error"
+BLOCK = 64  # QLoRA's block; the absmax values' block of 256 is bitsandbytes' fixed choice
+_ERROR_ATTR = "surgery_nf4_error"  # max |W_nf4 - W| of a layer we quantised, kept on the module
 # what bitsandbytes' Linear4bit sets on top of nn.Linear (dropped when a layer turns back into one)
 _LINEAR4BIT_ATTRS = (
     "quant_state",
@@ -39,7 +39,7 @@ _LINEAR4BIT_ATTRS = (
     "compute_type_is_set",
     "quant_storage",
     "support_avx512bf16_for_cpu",
-)  # max |W_nf4 - W| of a layer we quantised, kept on the module
+)
 
 
 def _bnb() -> Any:

@@ -379,3 +379,12 @@ def test_transformers_4bit_load_takes_lora_by_role(hf_4bit):
     with pytest.raises(surgery.MergeError, match="dequantize"):
         surgery.merge(hf, "default")
     assert dequantize(hf).max_abs_error is None  # loaded 4-bit: the original weights are unknown here
+
+
+@needs_engine
+def test_bench_qlora_smoke():
+    from tests._helpers import load_benchmark
+
+    res = load_benchmark("bench_qlora").run(smoke=True, rounds=1)
+    assert res["bytes"]["layers"] == 14 and 0.25 < res["bytes"]["nf4_bytes_vs_bf16"] < 0.5  # code books weigh here
+    assert set(res["step"]["steps"]) == {"qlora", "lora_fp32_base", "peft_qlora"}  # PEFT's QLoRA runs on CPU
