@@ -119,8 +119,12 @@ def test_refusals():
     with pytest.raises(surgery.ConfigError, match="no backbone"):
         RewardModel(TinyTransformer())
     rm = RewardModel(base, r=4)
-    with pytest.raises(surgery.InjectionError, match="already injected"):
-        RewardModel(base, r=4)
+    surgery.inject(base, "lora", targets="@linear", r=2, name="lonely")
+    with pytest.raises(surgery.ConfigError, match="without its partner"):
+        RewardModel(base, delta="lonely")
+    surgery.inject(base, "lora", targets="@linear", r=2, name="lonely-head")
+    with pytest.raises(surgery.ConfigError, match="not a reward model"):
+        RewardModel(base, delta="lonely")
     sft = encode(tok, [{"prompt": "ab", "chosen": "cd"}])
     with pytest.raises(surgery.ConfigError, match="rejected"):
         train_reward(rm, sft)
@@ -128,6 +132,25 @@ def test_refusals():
         reward_accuracy(rm, [collate(sft, 0)])
     with pytest.raises(surgery.ConfigError, match="encode"):
         train_reward(rm, ["not a pair"])
+
+
+def test_reuses_its_deltas_applied_from_a_saved_copy():
+    """A reward model saved as its two deltas and applied to a fresh base scores as the original."""
+    tok = CharTokenizer()
+    base = tiny_llama()
+    rm = RewardModel(base, r=4)
+    _perturb(base, "rm")
+    with torch.no_grad():
+        rm.head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    b = collate(encode(tok, _rows(4, 1)), 0)
+    want = rm(b["chosen_input_ids"], b["chosen_attention_mask"])
+    fresh = tiny_llama()
+    for name in rm.deltas:
+        surgery.apply(fresh, surgery.delta(base, name))
+    again = RewardModel(fresh)  # finds "rm" and "rm-head": no new injection
+    assert surgery.names(fresh) == ["rm", "rm-head"]
+    assert torch.equal(again(b["chosen_input_ids"], b["chosen_attention_mask"]), want)
+    assert surgery.active(fresh) == surgery.active(tiny_llama())  # neither joined the default active set
 
 
 def test_pair_rewards_pads_both_sides_alike():

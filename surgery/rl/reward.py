@@ -30,13 +30,15 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import ConfigError
+from surgery.methods.head import head_deltas
 from surgery.recipes.heads import heads
 from surgery.rl.data import Encoded, collate, pad_id_of
 
 
 class RewardModel(nn.Module):
     """A scalar reward on the shared `base`: LoRA delta `delta` (rank `r`, at `targets`, default
-    ``"@linear"``) and the head delta ``f"{delta}-head"``. ``rm(input_ids, attention_mask)`` ->
+    ``"@linear"``) and the head delta ``f"{delta}-head"``; when the base already has both (applied
+    from the hub), they are reused as they are. ``rm(input_ids, attention_mask)`` ->
     rewards ``(batch,)``. Its parameters are those two deltas' tensors (an optimizer over
     ``rm.parameters()`` trains them alone); the base stays the caller's, outside this module."""
 
@@ -55,16 +57,29 @@ class RewardModel(nn.Module):
                 "a reward head can read; use a transformers model (AutoModelForCausalLM, AutoModel)"
             )
         head = f"{delta}-head"
-        for n in (delta, head):
-            engine.check_name(base, n)
+        have = [n for n in (delta, head) if n in engine.names(base)]
         # the default active set as outside any use(): the policy's deltas, not the reward model's
         before = contextvars.Context().run(engine.active, base)
-        engine.inject(base, "lora", targets="@linear" if targets is None else targets, name=delta, r=r, **lora)
-        try:
-            lin = heads(base, {delta: {"num_labels": 1, "pooling": "last"}}, name=head)[delta]
-        except BaseException:
-            engine.remove(base, delta)
-            raise
+        if len(have) == 2:  # both there (applied from the hub, or a second wrapper): reuse them
+            got = head_deltas(base).get(head)
+            if engine.method_of(base, delta).name != "lora" or got is None or delta not in got.tasks:
+                raise ConfigError(
+                    f"RewardModel: {delta!r} and {head!r} exist but are not a reward model's LoRA and its "
+                    f"one-output head {delta!r}; pick another delta= name"
+                )
+            lin = got[delta]
+        elif have:
+            raise ConfigError(
+                f"RewardModel: {have[0]!r} exists without its partner (a reward model is {delta!r} and {head!r}); "
+                "apply both, or pick another delta= name"
+            )
+        else:
+            engine.inject(base, "lora", targets="@linear" if targets is None else targets, name=delta, r=r, **lora)
+            try:
+                lin = heads(base, {delta: {"num_labels": 1, "pooling": "last"}}, name=head)[delta]
+            except BaseException:
+                engine.remove(base, delta)
+                raise
         engine.activate(base, *before)
         self.__dict__["base"] = base  # shared, not a submodule: rm.to() / state_dict() / deepcopy leave it alone
         self.__dict__["backbone"] = backbone
