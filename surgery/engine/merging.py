@@ -13,7 +13,7 @@ from surgery.engine.runtime import Site
 from surgery.engine.state import ModelState, adapters, get_entry, state_of
 from surgery.errors import MergeError
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
-from surgery.methods.base import Adapter, Merge, NotMergeable
+from surgery.methods.base import Adapter, Merge, NotMergeable, SiteView
 from surgery.quantize import is_quantized
 
 
@@ -24,7 +24,7 @@ def site_tensor(site: Site, tname: str) -> torch.Tensor:
     return w
 
 
-def _into_4bit(s: Site, name: str, rule: Merge) -> str | None:
+def refuse_4bit(s: Site | SiteView, name: str, rule: Merge) -> str | None:
     """Why `rule` may not merge at site `s`: it writes into a 4-bit weight (None if it does not)."""
     if "weight" not in rule or not is_quantized(s.module):
         return None
@@ -80,7 +80,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
                 raise MergeError(
                     f"delta {n!r} ({entry.method.name}) has no merge rule: {rule.reason}; keep it unmerged"
                 )
-            refusal = _into_4bit(s, n, rule)
+            refusal = refuse_4bit(s, n, rule)
             if refusal:
                 raise MergeError(refusal)
             for tname in rule:
@@ -213,7 +213,7 @@ def mergeable(model: nn.Module, name: str) -> bool | str:
         rule = cast(Adapter, st.sites[p].adapters[name]).merge(st.sites[p].view)
         if isinstance(rule, NotMergeable):
             return rule.reason
-        refusal = _into_4bit(st.sites[p], name, rule)
+        refusal = refuse_4bit(st.sites[p], name, rule)
         if refusal:
             return refusal
     return True
