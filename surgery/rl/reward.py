@@ -68,6 +68,7 @@ class RewardModel(nn.Module):
                     f"one-output head {delta!r}; pick another delta= name"
                 )
             lin = got[delta]
+            before = tuple(x for x in before if x not in (delta, head))  # out of the policy's default set
         elif have:
             raise ConfigError(
                 f"RewardModel: {have[0]!r} exists without its partner (a reward model is {delta!r} and {head!r}); "
