@@ -10,8 +10,9 @@ the last token), whitened over the batch's completion tokens; returns :math:`A_t
 is the clipped surrogate :math:`\max(-A\rho, -A\,\mathrm{clip}(\rho, 1\pm\epsilon))` plus
 `vf_coef` times the clipped value loss, each averaged over completion tokens.
 
-Policy and value run in one forward: the batch twice, the first half through the policy delta, the
-second through the value delta (`surgery.BatchSplit`), when both deltas allow it."""
+With ``batch_split=True`` policy and value run in one forward: the batch twice, the first half through
+the policy delta, the second through the value delta (`surgery.BatchSplit`). Off by default: within
+fp32 rounding of two forwards, not bit-identical, and not faster on CPU for SmolLM2 (docs/rl-ppo-grpo.md)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class PPO:
         value_targets: Any = None,
         value_r: int = 8,
         max_grad_norm: float | None = 1.0,
+        batch_split: bool = False,
     ) -> None:
         params = check_policy(policy, delta)
         (self.reward,), _ = check_reward_funcs([reward], None)
@@ -147,7 +149,7 @@ class PPO:
             temperature,
             top_p,
         )
-        self.batch_split = True  # until a delta refuses to run inside a BatchSplit
+        self.batch_split = batch_split  # off again if a delta refuses to run inside a BatchSplit
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
 
     def forward(self, ro: Rollout, rows: Any = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
