@@ -172,7 +172,8 @@ def score(funcs: Sequence[Any], weights: Sequence[float], ro: Rollout, tokenizer
             with torch.no_grad():
                 r = f(ro.input_ids, ro.attention_mask)
         elif tokenizer is not None:
-            r = f([tokenizer.decode(p) for p in ro.prompts], [tokenizer.decode(c) for c in ro.completions])
+            texts = [[tokenizer.decode(x, skip_special_tokens=True) for x in xs] for xs in (ro.prompts, ro.completions)]
+            r = f(*texts)
         else:
             r = f(ro.prompts, ro.completions)
         r = torch.as_tensor(r, dtype=torch.float32, device=total.device).reshape(-1)
