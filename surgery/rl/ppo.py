@@ -16,6 +16,7 @@ fp32 rounding of two forwards, not bit-identical, and not faster on CPU for Smol
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from torch import nn
 from surgery import engine
 from surgery.compose import BatchSplit
 from surgery.errors import CompositionError, ConfigError
-from surgery.methods.head import hidden_size
+from surgery.methods.head import head_deltas
+from surgery.recipes.heads import heads
 from surgery.rl.reference import reference
 from surgery.rl.rollout import (
     Rollout,
@@ -39,7 +41,30 @@ from surgery.rl.rollout import (
     token_stats,
 )
 
-VALUE_HEADS = "_surgery_value_heads"  # model.__dict__ key: value delta name -> its head (not a submodule)
+
+def value_head(model: nn.Module, value: str, targets: Any = None, r: int = 8) -> nn.Linear:
+    """The value head of the value delta `value`: a LoRA `value` and a one-output token head (the
+    head delta ``f"{value}-head"``), injected here when neither exists, outside the default active set."""
+    head = f"{value}-head"
+    held = head_deltas(model).get(head)
+    have = [n for n in (value, head) if n in engine.names(model)]
+    if have and not (len(have) == 2 and engine.method_of(model, value).name == "lora" and held and value in held.tasks):
+        raise ConfigError(
+            f"PPO: delta {have[0]!r} exists and is not part of a value delta (LoRA {value!r} + token head {head!r}); "
+            "pass another value= name, or surgery.remove(model, name) first"
+        )
+    if not have:
+        before = contextvars.Context().run(engine.active, model)  # the default set, outside any use()
+        engine.inject(model, "lora", targets=targets, name=value, r=r)
+        try:
+            heads(model, {value: ("token", 1)}, name=head)
+        except BaseException:
+            engine.remove(model, value)
+            raise
+        engine.activate(model, *before)  # the value is not part of the model's plain calls
+    lin = head_deltas(model)[head][value]
+    assert isinstance(lin, nn.Linear)
+    return lin
 
 
 def gae(
@@ -70,7 +95,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class PPO:
     """PPO on the delta `delta` of `policy` against `reward` (see the module doc). ``step(prompts)``
     samples one completion per prompt, scores it, and runs `ppo_epochs` epochs of `minibatch`-row
-    updates of the policy delta, the value delta and the value head (the optimizer holds these alone)."""
+    updates of the policy delta and the value delta and head (the optimizer holds these alone)."""
 
     def __init__(
         self,
@@ -116,21 +141,11 @@ class PPO:
             raise ConfigError(f"PPO: needs {', '.join(k for k, ok in bad.items() if not ok)}")
         if value == delta:
             raise ConfigError(f"PPO: value={value!r} names the policy delta; the value needs its own delta")
-        heads: dict[str, nn.Linear] = policy.__dict__.setdefault(VALUE_HEADS, {})
-        if value in engine.names(policy) and value not in heads:
-            raise ConfigError(
-                f"PPO: delta {value!r} exists and is not a value delta (made by PPO, with a value head); "
-                "pass another value= name, or surgery.remove(model, name) first"
-            )
-        if value not in heads:
-            default = engine.active(policy)
-            engine.inject(policy, "lora", targets=value_targets, name=value, r=value_r)
-            engine.activate(policy, *default)  # the value delta is not part of the model's plain calls
-            ref = next(p for p in policy.parameters() if p.is_floating_point())
-            heads[value] = nn.Linear(hidden_size(policy), 1).to(ref.device, ref.dtype)
-        self.head = heads[value]
-        value_params = [p for ad in engine.adapters(policy, value).values() for p in ad.parameters()]
-        self.params = params + value_params + list(self.head.parameters())
+        self.head = value_head(policy, value, value_targets, value_r)
+        value_params = [
+            p for n in (value, f"{value}-head") for ad in engine.adapters(policy, n).values() for p in ad.parameters()
+        ]
+        self.params = params + value_params
         for p in value_params:
             p.requires_grad_(True)
         self.policy, self.delta, self.value = policy, delta, value
@@ -175,7 +190,9 @@ class PPO:
             with engine.use(self.policy, self.value):
                 hidden = self.policy(**kw, output_hidden_states=True).hidden_states[-1]
         logp, entropy = token_stats(logits, labels, self.temperature)
-        v = self.head(hidden).squeeze(-1).float()  # the value of the state before token t: the hidden state at t - 1
+        v = (
+            self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        )  # the value of the state before token t: the hidden state at t - 1
         values = torch.cat([v.new_zeros(n, 1), v[:, :-1]], 1) * (labels != -100)
         return logp, entropy, values
 
