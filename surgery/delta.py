@@ -70,8 +70,9 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         items = sorted((kv for kv in named if not engine.is_adapter_path(model, kv[0])), key=lambda kv: kv[0])
         h = hashlib.sha256(type(model).__qualname__.encode())
-        for k, t in items:
-            h.update(f"{k}:{tuple(t.shape)};".encode())
+        for k, t in items:  # a 4-bit weight by its logical shape: a QLoRA delta fits the base it was quantised from
+            shape = getattr(getattr(t, "quant_state", None), "shape", t.shape)
+            h.update(f"{k}:{tuple(shape)};".encode())
         arch = "arch:" + h.hexdigest()[:16]
         engine.cache_fingerprint(model, arch)  # kept while deltas are injected: hot-swaps skip the walk
     if not weights:

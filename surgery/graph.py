@@ -109,8 +109,9 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | 
     entry = _CACHE.setdefault(model, _Entry())
     if entry.graph is None:
         from surgery import context  # the graph is the base's: injected deltas stay out of the trace
+        from surgery.fourbit import traceable  # torch.export cannot fake a 4-bit weight: trace plain linears
 
-        with context.base_only(model):
+        with context.base_only(model), traceable(model):
             entry.graph = _guarded(model, "tracing", lambda: _trace(model, example_inputs))
     return entry.graph
 
@@ -126,7 +127,10 @@ def roles(model: nn.Module, example_inputs: tuple | dict | torch.Tensor | None =
     if entry.roles is None:
         found = None
         if entry.graph is None and example_inputs is None and _is_hf(model):
-            found = _standin_roles(model)
+            from surgery.fourbit import traceable  # a 4-bit layer maps back to the stand-in's nn.Linear
+
+            with traceable(model):
+                found = _standin_roles(model)
         if found is None:
             g = build_graph(model, example_inputs)
             found = _guarded(model, "reading roles from the graph of", lambda: _find_roles(model, g))

@@ -18,94 +18,19 @@ bitsandbytes is an optional dependency: ``pip install model-surgery[qlora]``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
 from surgery.errors import ConfigError, InjectionError, ModelTypeError
+from surgery.fourbit import ERROR_ATTR, is_quantized, quantized_bytes, to_linear, weight_of
+from surgery.fourbit import bnb as _bnb
 from surgery.selectors import select
 
 SCHEMES = ("nf4",)
 BLOCK = 64  # QLoRA's block; the absmax values' block of 256 is bitsandbytes' fixed choice
-_ERROR_ATTR = "surgery_nf4_error"  # max |W_nf4 - W| of a layer we quantised, kept on the module
-# what bitsandbytes' Linear4bit sets on top of nn.Linear (dropped when a layer turns back into one)
-_LINEAR4BIT_ATTRS = (
-    "quant_state",
-    "compute_dtype",
-    "compute_type_is_set",
-    "quant_storage",
-    "support_avx512bf16_for_cpu",
-)
-
-
-def _bnb() -> Any:
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ConfigError(
-            "4-bit quantisation needs bitsandbytes, which is not installed: pip install model-surgery[qlora]"
-        ) from None
-    return bitsandbytes
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether `module`'s weight is a 4-bit bitsandbytes weight (ours or one `transformers` loaded)."""
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None or (
-        type(getattr(module, "weight", None)).__name__ == "Params4bit"
-    )
-
-
-def weight_of(module: nn.Module) -> torch.Tensor:
-    """The weight the module's forward uses: the dequantised one for a 4-bit layer ([out, in],
-    in the dtype it was quantised from), else `module.weight` itself."""
-    w = cast(torch.Tensor, module.weight)
-    if not is_quantized(module):
-        return w
-    bnb = _bnb()
-    qs = w.quant_state  # type: ignore[attr-defined]
-    if getattr(qs, "packing_format_for_cpu", False):  # repacked by a CPU inference kernel: undo, as bnb's save does
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)  # type: ignore[attr-defined]
-        qs = w.quant_state  # type: ignore[attr-defined]
-    return cast(torch.Tensor, bnb.functional.dequantize_4bit(w.data, qs))
-
-
-@contextlib.contextmanager
-def traceable(model: nn.Module) -> Iterator[None]:
-    """Within: every 4-bit layer is a plain `nn.Linear` whose weight is a zero of the right shape
-    and dtype (a broadcast scalar: no memory), so torch.export can trace the model (it cannot
-    fake a bitsandbytes weight). For the graph's roles only: outputs inside are not the model's."""
-    swapped: list[tuple[nn.Linear, type, torch.Tensor]] = []
-    for m in model.modules():
-        if is_quantized(m) and isinstance(m, nn.Linear):
-            w = m.weight
-            dtype = getattr(w.quant_state, "dtype", torch.float32)  # type: ignore[attr-defined]
-            zero = torch.zeros((), dtype=dtype, device=w.device).expand(m.out_features, m.in_features)
-            swapped.append((m, m.__class__, w))
-            m.__class__ = nn.Linear
-            m._parameters["weight"] = nn.Parameter(zero, requires_grad=False)
-    try:
-        yield
-    finally:
-        for m, cls, w in swapped:
-            m.__class__ = cls
-            m._parameters["weight"] = cast(nn.Parameter, w)
-
-
-def quantized_bytes(module: nn.Module) -> int:
-    """Bytes a 4-bit layer's weight takes: packed codes, absmax (8-bit with double quantisation),
-    the nested absmax and both code books."""
-    w = cast(torch.Tensor, module.weight)
-    qs = w.quant_state  # type: ignore[attr-defined]
-    parts = [w.data, qs.absmax, qs.code]
-    if qs.nested:
-        parts += [qs.state2.absmax, qs.state2.code, qs.offset]
-    return sum(t.numel() * t.element_size() for t in parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +123,7 @@ def quantize(
             q.bias = lin.bias
         q.train(lin.training)
         layer_err = float((weight_of(q).float() - w.float()).abs().max())
-        q.__dict__[_ERROR_ATTR] = layer_err
+        q.__dict__[ERROR_ATTR] = layer_err
         err = max(err, layer_err)
         before += w.numel() * w.element_size()
         after += quantized_bytes(q)
@@ -251,15 +176,6 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> DequantRep
     layers = [(p, m) for p, m in model.named_modules() if is_quantized(m) and isinstance(m, nn.Linear)]
     if not layers:
         raise ModelTypeError(f"{type(model).__name__} has no 4-bit layer to dequantise")
-    errs: list[float | None] = []
-    for _, m in layers:
-        w = weight_of(m).detach()
-        w = w.to(dtype) if dtype is not None else w
-        # the same module object becomes a plain Linear: hooks and injected deltas stay attached
-        errs.append(m.__dict__.pop(_ERROR_ATTR, None))
-        for attr in _LINEAR4BIT_ATTRS:
-            m.__dict__.pop(attr, None)
-        m.__class__ = nn.Linear
-        m._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    errs = [to_linear(m, dtype) for _, m in layers]
     known = [e for e in errs if e is not None]
     return DequantReport(tuple(p for p, _ in layers), max(known) if len(known) == len(errs) else None)

@@ -14,7 +14,6 @@ from torch import nn
 
 import surgery
 from surgery import engine
-from surgery.methods.base import SiteView
 from surgery.quantize import DequantReport, dequantize, is_quantized, quantize, weight_of
 from tests.models import batch_for, tiny_llama
 
@@ -29,19 +28,6 @@ NF4 = torch.tensor(
 )  # fmt: skip
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-def _engine_reads_4bit() -> bool:
-    """Whether the engine reads a 4-bit site's weight dequantised (the SiteView change that lets
-    weight-reading methods, LoRA's dtype among them, build on a 4-bit base)."""
-    q = nn.Sequential(nn.Linear(64, 64))
-    quantize(q)
-    return SiteView(q, "0", q[0]).weight is not None and SiteView(q, "0", q[0]).weight.is_floating_point()  # type: ignore[union-attr]
-
-
-needs_engine = pytest.mark.xfail(
-    not _engine_reads_4bit(), reason="needs the engine to read 4-bit weights dequantised", strict=True
-)
-READS_NO_WEIGHT = {"head", "prefix", "prompt"}  # these never read the base weight: no engine change needed
 
 _BASE: list[nn.Module] = []
 
@@ -174,9 +160,7 @@ def _perturb(model: nn.Module, name: str, seed: int) -> None:
                 t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * 0.05)
 
 
-@pytest.mark.parametrize(
-    "method", [m if m in READS_NO_WEIGHT else pytest.param(m, marks=needs_engine) for m in sorted(surgery.METHODS)]
-)
+@pytest.mark.parametrize("method", sorted(surgery.METHODS))
 def test_every_method_on_an_nf4_base(method, lent):
     q = lent
     b = batch_for(q)
@@ -201,7 +185,6 @@ def test_every_method_on_an_nf4_base(method, lent):
         assert torch.equal(q.get_submodule(p).weight, w)
 
 
-@needs_engine
 def test_lora_on_nf4_is_the_dequantised_base_plus_the_update(lent):
     q = lent
     surgery.inject(q, "lora", targets="re:.*q_proj", r=4, alpha=8)
@@ -213,7 +196,6 @@ def test_lora_on_nf4_is_the_dequantised_base_plus_the_update(lent):
     assert torch.allclose(m(x), want, atol=1e-5)
 
 
-@needs_engine
 def test_dora_norm_is_of_the_dequantised_weight(lent):
     q = lent
     surgery.inject(q, "dora", targets="re:.*v_proj", r=2)
@@ -226,7 +208,6 @@ def test_dora_norm_is_of_the_dequantised_weight(lent):
 # ---------------------------------------------------------------------------- merge and dequantize
 
 
-@needs_engine
 def test_merge_refuses_4bit_weights_and_merges_after_dequantize():
     fp, q = _fp_and_q()
     surgery.inject(q, "lora", targets="re:.*(q|v)_proj", r=4)
@@ -254,7 +235,6 @@ def test_merge_refuses_4bit_weights_and_merges_after_dequantize():
     assert all(torch.equal(q.get_submodule(p).weight, w) for p, w in deq.items())  # unmerge: exact
 
 
-@needs_engine
 def test_a_bias_delta_merges_on_a_4bit_layer():
     from tests.models import tiny_qwen2
 
@@ -274,7 +254,6 @@ def test_a_bias_delta_merges_on_a_4bit_layer():
     assert torch.equal(q.model.layers[0].self_attn.q_proj.bias, bias)
 
 
-@needs_engine
 def test_a_qlora_delta_fits_the_base_it_was_quantised_from():
     fp, q = _fp_and_q()
     assert surgery.fingerprint(q) == surgery.fingerprint(fp)  # the 4-bit weights by their logical shapes
@@ -314,7 +293,6 @@ def _train_lora(model: nn.Module, steps: int = 30) -> list[float]:
     return losses
 
 
-@needs_engine
 def test_qlora_trains_only_the_delta(lent):
     q = lent
     packed = {p: q.get_submodule(p).weight.detach().clone() for p in _linear_paths(q)}
@@ -363,7 +341,6 @@ def test_a_quantised_model_saves_and_loads_back_4bit(tmp_path):
         assert torch.equal(back(**b).logits, q(**b).logits)
 
 
-@needs_engine
 def test_transformers_4bit_load_takes_lora_by_role(hf_4bit):
     hf = hf_4bit()
     b = batch_for(hf)
@@ -381,7 +358,6 @@ def test_transformers_4bit_load_takes_lora_by_role(hf_4bit):
     assert dequantize(hf).max_abs_error is None  # loaded 4-bit: the original weights are unknown here
 
 
-@needs_engine
 def test_bench_qlora_smoke():
     from tests._helpers import load_benchmark
 

@@ -12,9 +12,9 @@ from torch import nn
 from surgery.engine.runtime import Site
 from surgery.engine.state import ModelState, adapters, get_entry, state_of
 from surgery.errors import MergeError
+from surgery.fourbit import is_quantized
 from surgery.merge import MergeRecord, merge_weight, unmerge_weight, update_of
 from surgery.methods.base import Adapter, Merge, NotMergeable, SiteView
-from surgery.quantize import is_quantized
 
 
 def site_tensor(site: Site, tname: str) -> torch.Tensor:

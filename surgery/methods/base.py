@@ -93,7 +93,13 @@ class SiteView:
 
     @property
     def weight(self) -> torch.Tensor | None:
+        """The weight the site's forward uses; for a 4-bit layer (`surgery.quantize`, or a
+        transformers 4-bit load) a dequantised copy, made on every read."""
         w = getattr(self.module, "weight", None)
+        if getattr(w, "quant_state", None) is not None:
+            from surgery.fourbit import weight_of
+
+            return weight_of(self.module)
         return w if isinstance(w, torch.Tensor) else None
 
     @property

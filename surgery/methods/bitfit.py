@@ -49,6 +49,8 @@ def _bias_shape(module: nn.Module) -> tuple[int, ...]:
         return (module.num_channels,)
     if isinstance(module, _CHANNEL_NORMS):
         return (cast(Any, module).num_features,)
+    if isinstance(module, nn.Linear):  # also a 4-bit one, whose packed weight has another shape
+        return (module.out_features,)
     w = cast(torch.Tensor, module.weight)
     return (w.shape[1] if kind_of(module) == "conv1d_tf" else w.shape[0],)
 

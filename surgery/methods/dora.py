@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import ConfigError
+from surgery.fourbit import weight_of  # a 4-bit base: its norm is taken of the dequantised weight
 from surgery.methods.base import Adapter, Merge, SiteView, WeightUpdate, register
 from surgery.methods.lora import ConvLoRA, EmbeddingLoRA, LinearLoRA, LoRA, LoRAConfig
 
@@ -63,7 +64,7 @@ class DoRAAdapter(Adapter):
         shaped as the magnitude (PEFT's shapes), without autograd."""
         lora = self.lora
         A, B, s = lora.lora_A, lora.lora_B, lora.scale
-        W = cast(torch.Tensor, self.base.weight if weight is None else weight).to(A.dtype)
+        W = (weight_of(self.base) if weight is None else weight).to(A.dtype)
         if self.kind == "linear":
             return torch.addmm(W, B, A, alpha=s).norm(dim=1)
         if self.kind in ("conv1d_tf", "embedding"):  # weight [in, out] / [num, dim]: norm per column
@@ -101,7 +102,7 @@ class DoRAAdapter(Adapter):
         (the base term recomputed on xd, without bias)."""
         lora = self.lora
         A, B, s = lora.lora_A, lora.lora_B, lora.scale
-        W = cast(torch.Tensor, self.base.weight).to(A.dtype)
+        W = weight_of(self.base).to(A.dtype)
         if isinstance(lora, ConvLoRA):
             xd = F.dropout(x.to(A.dtype), lora.p, training=True)
             bd = lora.conv(xd, W, None, lora.stride, lora.padding, lora.dilation)  # PEFT's: zero padding

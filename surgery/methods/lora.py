@@ -309,7 +309,8 @@ class LoRA(Method):
         scale = self.scale(cfg, path, r)
         ad: _LoRABase
         if isinstance(module, nn.Linear):
-            ad = LinearLoRA(module.in_features, module.out_features, r, scale, cfg.dropout, False, module.weight)
+            like = cast(torch.Tensor, site.weight)  # a 4-bit base's dequantised weight: its dtype, not uint8
+            ad = LinearLoRA(module.in_features, module.out_features, r, scale, cfg.dropout, False, like)
         elif is_conv1d_transformers(module):
             weight = cast(torch.Tensor, module.weight)
             in_f, out_f = weight.shape

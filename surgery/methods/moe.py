@@ -27,6 +27,7 @@ from torch import nn
 
 from surgery.engine.state import CHILD
 from surgery.errors import ConfigError, InjectionError, SelectorError
+from surgery.fourbit import is_quantized, to_linear
 from surgery.methods.base import Action, Adapter, Method, MethodConfig, NotMergeable, SiteView, register
 from surgery.sublayers import (
     check_forward,
@@ -325,7 +326,10 @@ class MoE(Method):
             experts = [copy.deepcopy(module) for _ in range(n)]
         else:
             experts = [nn.Sequential(copy.deepcopy(roots[0][1]), copy.deepcopy(module)) for _ in range(n)]
-        like = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
+        for e in experts:  # on a 4-bit base (surgery.quantize) the experts train in the dequantised precision
+            for m in [m for m in e.modules() if is_quantized(m) and isinstance(m, nn.Linear)]:
+                to_linear(m)
+        like = next((p for p in experts[0].parameters() if p.is_floating_point()), torch.empty(0))
         ad = MoELayer(
             experts, sub.d_in, sub.d_out, cfg.top_k, cfg.capacity_factor, float(cfg.jitter), float(cfg.router_std), like
         )

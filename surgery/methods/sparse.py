@@ -159,7 +159,10 @@ class SparseDelta(Adapter):
 
     @property
     def weight_shape(self) -> torch.Size:
-        return cast(torch.Tensor, self.host.weight).shape
+        h = self.host
+        if isinstance(h, nn.Linear):  # also a 4-bit one, whose packed weight has another shape
+            return torch.Size((h.out_features, h.in_features))
+        return cast(torch.Tensor, h.weight).shape
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"indices": self.indices, "values": self.values}
@@ -172,7 +175,7 @@ class SparseDelta(Adapter):
     def dense(self) -> torch.Tensor:
         """D as a dense tensor in the weight's layout."""
         self.check()
-        w = cast(torch.Tensor, self.host.weight)
+        w = cast(torch.Tensor, SiteView(self.host, "", self.host).weight)  # a 4-bit base's: dequantised
         return (
             torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
             .index_add_(0, self.indices, self.values.to(w.dtype))

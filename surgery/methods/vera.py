@@ -147,6 +147,8 @@ def _rank_ok(v: Any) -> bool:
 
 
 def _widths(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):  # also a 4-bit one, whose packed weight has another shape
+        return module.out_features, module.in_features
     w = cast(torch.Tensor, module.weight)
     return (int(w.shape[1]), int(w.shape[0])) if is_conv1d_transformers(module) else (int(w.shape[0]), int(w.shape[1]))
 
