@@ -120,6 +120,23 @@ def test_grpo_learns_a_rule_reward():
     }
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_minibatches_accumulate_to_the_whole_batch(loss_type):
+    tok, after, stats = CharTokenizer(), [], []
+    for minibatch in (None, 3):  # 8 completions: one forward, or 3 + 3 + 2
+        model = policy()
+        torch.manual_seed(0)
+        kw = {"group": 4, "lr": 1e-2, "beta": 0.1, "loss_type": loss_type, "minibatch": minibatch}
+        grpo = GRPO(model, reward_funcs=[count_a], tokenizer=tok, max_new_tokens=6, **kw)
+        grpo.step(PROMPTS[:2])  # a first update, so that the second one has a KL term
+        stats.append(grpo.step(PROMPTS[2:]))
+        after.append([p.detach().clone() for p in grpo.params])
+    for k in ("loss", "kl", "entropy", "reward"):
+        assert stats[0][k] == pytest.approx(stats[1][k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(*after, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_reward_model_and_rule_together():
     model, tok = policy(), CharTokenizer()
     rm = RewardModel(model, delta="rm", r=4, targets="*_proj")
@@ -145,6 +162,7 @@ def test_reward_model_and_rule_together():
     "kw, words",
     [
         ({"group": 1}, "group must be >= 2"),
+        ({"minibatch": 0}, "minibatch must be >= 1"),
         ({"loss_type": "sum"}, "loss_type must be one of"),
         ({"beta": -1.0}, "beta >= 0"),
         ({"clip": 1.5}, "0 < clip < 1"),

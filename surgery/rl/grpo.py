@@ -45,16 +45,24 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "dapo", max_new_tokens: int = 1
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "dapo",
+    max_new_tokens: int = 1,
+    *,
+    rows: int | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One loss from per-token losses (batch, seq) over the completion tokens `mask` marks: ``dapo``
     the mean over all of them, ``grpo`` the mean of each sequence's mean, ``dr_grpo`` the sum over
-    batch x `max_new_tokens`."""
+    batch x `max_new_tokens`. For a minibatch, `rows` and `tokens` are the whole batch's (sequences,
+    completion tokens): the minibatches' losses then add up to the whole batch's."""
+    rows = mask.shape[0] if rows is None else rows
     if loss_type == "grpo":
-        return masked_mean(per_token, mask, 1).mean()
+        return masked_mean(per_token, mask, 1).sum() / rows
     if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
-    return masked_mean(per_token, mask)
+        return (per_token * mask).sum() / (rows * max_new_tokens)
+    return (per_token * mask).sum() / (mask.sum() if tokens is None else tokens).clamp(min=1)
 
 
 class GRPO:
@@ -79,6 +87,7 @@ class GRPO:
         scale_rewards: bool = True,
         loss_type: str = "dapo",
         iterations: int = 1,
+        minibatch: int | None = None,
         max_grad_norm: float | None = 1.0,
     ) -> None:
         self.params = check_policy(policy, delta)
@@ -87,6 +96,8 @@ class GRPO:
             raise ConfigError(f"GRPO: group must be >= 2 (advantages compare completions of one prompt), got {group}")
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if minibatch is not None and minibatch < 1:
+            raise ConfigError(f"GRPO: minibatch must be >= 1 (completions per forward), got {minibatch}")
         if beta < 0 or not 0 < clip < 1 or lr <= 0 or temperature <= 0 or iterations < 1 or max_new_tokens < 1:
             raise ConfigError(
                 "GRPO: needs beta >= 0, 0 < clip < 1, lr > 0, temperature > 0, iterations >= 1, max_new_tokens >= 1; "
@@ -106,15 +117,19 @@ class GRPO:
             iterations,
             max_grad_norm,
         )
+        self.minibatch = minibatch
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
 
-    def _logits(self, ro: Rollout) -> torch.Tensor:
-        return self.policy(**forward_kwargs(self.policy, ro)).logits
+    def _logp(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.policy(**forward_kwargs(self.policy, ro, idx)).logits
+        return token_stats(logits, ro.labels[idx], self.temperature)
 
     def step(self, prompts: Any) -> dict[str, float]:
         """One GRPO step on a batch of prompts (texts with `tokenizer`, `rl.data.Encoded` rows, or a
         left-padded ``rl.data.prompts`` dict): ``reward`` (mean), ``reward_std`` (within groups),
-        ``kl`` (k3, mean per token), ``loss``, ``clip_fraction``, ``entropy``, ``length``."""
+        ``kl`` (k3, mean per token), ``loss``, ``clip_fraction``, ``entropy``, ``length`` (of the
+        last update). Forwards and backwards run `minibatch` completions at a time, the gradients
+        accumulated into one update."""
         batch = {k: v.repeat_interleave(self.group, 0) for k, v in prompt_batch(prompts, self.tokenizer).items()}
         with eval_mode(self.policy):
             ro = rollout(
@@ -128,39 +143,43 @@ class GRPO:
             )
             rewards = score(self.reward_funcs, self.reward_weights, ro, self.tokenizer)
             adv = group_advantages(rewards, self.group, self.scale_rewards).unsqueeze(1)
-            mask = ro.mask
+            mask, n = ro.mask, len(ro.completions)
+            chunks = torch.arange(n, device=mask.device).split(self.minibatch or n)
             with torch.no_grad():
-                ref = None
+                ref = old = None
                 if self.beta:
                     with reference(self.policy):
-                        ref = token_stats(self._logits(ro), ro.labels, self.temperature)[0]
-                old = None
+                        ref = torch.cat([self._logp(ro, idx)[0] for idx in chunks])
                 if self.iterations > 1:  # with one update per batch the ratio is 1 at its only step
                     with engine.use(self.policy, self.delta):
-                        old = token_stats(self._logits(ro), ro.labels, self.temperature)[0]
+                        old = torch.cat([self._logp(ro, idx)[0] for idx in chunks])
+            tokens = mask.sum()
             for _ in range(self.iterations):
-                with engine.use(self.policy, self.delta):
-                    logp, entropy = token_stats(self._logits(ro), ro.labels, self.temperature)
-                ratio = torch.exp(logp - (logp.detach() if old is None else old))
-                clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
-                per_token = -torch.min(ratio * adv, clipped * adv)
-                kl = torch.zeros_like(logp)
-                if ref is not None:
-                    kl = torch.exp(ref - logp) - (ref - logp) - 1
-                    per_token = per_token + self.beta * kl
-                loss = aggregate(per_token, mask, self.loss_type, self.max_new_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                sums = dict.fromkeys(("kl", "loss", "clip_fraction", "entropy"), 0.0)
+                for idx in chunks:
+                    m, a = mask[idx], adv[idx]
+                    with engine.use(self.policy, self.delta):
+                        logp, entropy = self._logp(ro, idx)
+                    ratio = torch.exp(logp - (logp.detach() if old is None else old[idx]))
+                    clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
+                    per_token = -torch.min(ratio * a, clipped * a)
+                    kl = torch.zeros_like(logp)
+                    if ref is not None:
+                        kl = torch.exp(ref[idx] - logp) - (ref[idx] - logp) - 1
+                        per_token = per_token + self.beta * kl
+                    loss = aggregate(per_token, m, self.loss_type, self.max_new_tokens, rows=n, tokens=tokens)
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    for k, x in (("kl", kl), ("clip_fraction", (ratio - clipped).abs() > 0), ("entropy", entropy)):
+                        sums[k] += (x.detach().float() * m).sum().item() / tokens.clamp(min=1).item()
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
                 self.optimizer.step()
         return {
             "reward": rewards.mean().item(),
             "reward_std": rewards.reshape(-1, self.group).std(1).mean().item(),
-            "kl": masked_mean(kl.detach(), mask).item(),
-            "loss": loss.item(),
-            "clip_fraction": masked_mean(((ratio - clipped).abs() > 0).float(), mask).item(),
-            "entropy": masked_mean(entropy.detach(), mask).item(),
+            **sums,
             "length": mask.sum(1).mean().item(),
         }
 
