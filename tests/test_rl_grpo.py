@@ -81,6 +81,21 @@ def test_rollout_sequences_match_generate():
         torch.testing.assert_close(lp[i, start : start + len(comp)], want, atol=1e-5, rtol=1e-5)
 
 
+def test_missing_eos_penalty():
+    model, tok = policy(), CharTokenizer()
+    with torch.no_grad():  # eos (id 2) likely: about half the completions end within 3 tokens
+        model.lm_head.surgery.default.lora_B[2].fill_(1.0)
+        model.lm_head.surgery.default.lora_A.fill_(0.0)
+        model.lm_head.surgery.default.lora_A[:, 0].fill_(1.0)
+    torch.manual_seed(0)
+    ro = rollout(model, PROMPTS * 4, tokenizer=tok, max_new_tokens=3)
+    assert ro.ended == [c[-1] == 2 for c in ro.completions]
+    assert 0 < sum(ro.ended) < len(ro.ended)  # both kinds present
+    base = score([count_a], [1.0], ro, tok)
+    want = base - 0.5 * torch.tensor([0.0 if e else 1.0 for e in ro.ended])
+    torch.testing.assert_close(score([count_a], [1.0], ro, tok, missing_eos_penalty=0.5), want)
+
+
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 2.0])
     std1 = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)  # unbiased, as TRL

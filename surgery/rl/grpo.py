@@ -89,6 +89,7 @@ class GRPO:
         iterations: int = 1,
         minibatch: int | None = None,
         max_grad_norm: float | None = 1.0,
+        missing_eos_penalty: float = 0.0,
     ) -> None:
         self.params = check_policy(policy, delta)
         self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, reward_weights)
@@ -118,6 +119,7 @@ class GRPO:
             max_grad_norm,
         )
         self.minibatch = minibatch
+        self.missing_eos_penalty = missing_eos_penalty
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
 
     def _logp(self, ro: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +143,7 @@ class GRPO:
                 temperature=self.temperature,
                 top_p=self.top_p,
             )
-            rewards = score(self.reward_funcs, self.reward_weights, ro, self.tokenizer)
+            rewards = score(self.reward_funcs, self.reward_weights, ro, self.tokenizer, self.missing_eos_penalty)
             adv = group_advantages(rewards, self.group, self.scale_rewards).unsqueeze(1)
             mask, n = ro.mask, len(ro.completions)
             chunks = torch.arange(n, device=mask.device).split(self.minibatch or n)

@@ -120,6 +120,7 @@ class PPO:
         value_targets: Any = None,
         value_r: int = 8,
         max_grad_norm: float | None = 1.0,
+        missing_eos_penalty: float = 0.0,
         batch_split: bool = False,
     ) -> None:
         params = check_policy(policy, delta)
@@ -165,6 +166,7 @@ class PPO:
             top_p,
         )
         self.batch_split = batch_split  # off again if a delta refuses to run inside a BatchSplit
+        self.missing_eos_penalty = missing_eos_penalty
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
 
     def forward(self, ro: Rollout, rows: Any = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,7 +214,7 @@ class PPO:
                 top_p=self.top_p,
             )
             mask = ro.mask
-            scores = score([self.reward], [1.0], ro, self.tokenizer)
+            scores = score([self.reward], [1.0], ro, self.tokenizer, self.missing_eos_penalty)
             with torch.no_grad():
                 old_logp, _, old_values = self.forward(ro)
                 with reference(self.policy):

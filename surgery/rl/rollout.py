@@ -28,23 +28,20 @@ from surgery.rl.logprobs import label_logprobs
 class Rollout:
     """Sampled completions: ``input_ids`` / ``attention_mask`` / ``labels`` (batch, seq), prompt +
     completion right-padded, labels the completion's ids (eos kept) and -100 elsewhere; the ids of
-    each prompt and completion as lists."""
+    each prompt and completion as lists; whether each completion ended with eos (else `max_new_tokens`
+    cut it)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     prompts: list[list[int]]
     completions: list[list[int]]
+    ended: list[bool]
 
     @property
     def mask(self) -> torch.Tensor:
         """1.0 on completion tokens, 0.0 elsewhere (batch, seq)."""
         return (self.labels != IGNORE).float()
-
-    def repeat(self, n: int) -> dict[str, torch.Tensor]:
-        """``input_ids`` / ``attention_mask`` stacked `n` times, for one forward whose batch a
-        `BatchSplit` divides between roles."""
-        return {"input_ids": self.input_ids.repeat(n, 1), "attention_mask": self.attention_mask.repeat(n, 1)}
 
 
 def prompt_batch(prompts: Any, tokenizer: Any = None) -> dict[str, torch.Tensor]:
@@ -120,6 +117,7 @@ def rollout(
         seqs["labels"].to(device),
         prompt_rows,
         completions,
+        [c[-1] == eos for c in completions],
     )
 
 
@@ -162,10 +160,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def score(funcs: Sequence[Any], weights: Sequence[float], ro: Rollout, tokenizer: Any) -> torch.Tensor:
+def score(
+    funcs: Sequence[Any], weights: Sequence[float], ro: Rollout, tokenizer: Any, missing_eos_penalty: float = 0.0
+) -> torch.Tensor:
     """The weighted sum of rewards of each completion: a module (a `RewardModel`) scores the ids
     ``(input_ids, attention_mask)``; a plain callable gets ``(prompts, completions)`` as texts when
-    a tokenizer is given, as lists of ids otherwise, and returns one number per completion."""
+    a tokenizer is given, as lists of ids otherwise, and returns one number per completion.
+    `missing_eos_penalty` is taken off each completion that `max_new_tokens` cut before its eos."""
     total = torch.zeros(len(ro.completions), device=ro.input_ids.device)
     for f, w in zip(funcs, weights, strict=True):
         if isinstance(f, nn.Module):
@@ -180,7 +181,7 @@ def score(funcs: Sequence[Any], weights: Sequence[float], ro: Rollout, tokenizer
         if r.numel() != total.numel():
             raise ConfigError(f"rl: reward function {f!r} gave {r.numel()} rewards for {total.numel()} completions")
         total = total + w * r
-    return total
+    return total - missing_eos_penalty * torch.tensor([not e for e in ro.ended], dtype=total.dtype, device=total.device)
 
 
 def check_reward_funcs(funcs: Any, weights: Any) -> tuple[list[Any], list[float]]:
