@@ -180,7 +180,7 @@ def test_reward_model_and_rule_together():
         ({"minibatch": 0}, "minibatch must be >= 1"),
         ({"loss_type": "sum"}, "loss_type must be one of"),
         ({"beta": -1.0}, "beta >= 0"),
-        ({"clip": 1.5}, "0 < clip < 1"),
+        ({"clip": 1.5, "top_p": 0.0}, "0 < clip < 1, 0 < top_p <= 1"),
         ({"delta": "nope"}, "has no delta 'nope'"),
         ({"reward_funcs": []}, "reward functions must be"),
         ({"reward_funcs": [count_a], "reward_weights": [1.0, 2.0]}, "2 reward_weights for 1 reward functions"),

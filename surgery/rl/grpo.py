@@ -99,12 +99,17 @@ class GRPO:
             raise ConfigError(f"GRPO: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         if minibatch is not None and minibatch < 1:
             raise ConfigError(f"GRPO: minibatch must be >= 1 (completions per forward), got {minibatch}")
-        if beta < 0 or not 0 < clip < 1 or lr <= 0 or temperature <= 0 or iterations < 1 or max_new_tokens < 1:
-            raise ConfigError(
-                "GRPO: needs beta >= 0, 0 < clip < 1, lr > 0, temperature > 0, iterations >= 1, max_new_tokens >= 1; "
-                f"got beta={beta}, clip={clip}, lr={lr}, temperature={temperature}, iterations={iterations}, "
-                f"max_new_tokens={max_new_tokens}"
-            )
+        need = {
+            "beta >= 0": beta >= 0,
+            "0 < clip < 1": 0 < clip < 1,
+            "lr > 0": lr > 0,
+            "temperature > 0": temperature > 0,
+            "0 < top_p <= 1": 0 < top_p <= 1,
+            "iterations >= 1": iterations >= 1,
+            "max_new_tokens >= 1": max_new_tokens >= 1,
+        }
+        if not all(need.values()):
+            raise ConfigError(f"GRPO: needs {', '.join(k for k, ok in need.items() if not ok)}")
         self.policy, self.delta, self.group, self.beta, self.clip = policy, delta, group, beta, clip
         self.tokenizer, self.max_new_tokens, self.temperature, self.top_p = (
             tokenizer,

@@ -125,7 +125,7 @@ class PPO:
     ) -> None:
         params = check_policy(policy, delta)
         (self.reward,), _ = check_reward_funcs([reward], None)
-        bad = {
+        need = {
             "kl >= 0": kl >= 0,
             "0 <= gamma <= 1": 0 <= gamma <= 1,
             "0 <= lam <= 1": 0 <= lam <= 1,
@@ -136,10 +136,11 @@ class PPO:
             "minibatch >= 1": minibatch is None or minibatch >= 1,
             "lr > 0": lr > 0,
             "temperature > 0": temperature > 0,
+            "0 < top_p <= 1": 0 < top_p <= 1,
             "max_new_tokens >= 1": max_new_tokens >= 1,
         }
-        if not all(bad.values()):
-            raise ConfigError(f"PPO: needs {', '.join(k for k, ok in bad.items() if not ok)}")
+        if not all(need.values()):
+            raise ConfigError(f"PPO: needs {', '.join(k for k, ok in need.items() if not ok)}")
         if value == delta:
             raise ConfigError(f"PPO: value={value!r} names the policy delta; the value needs its own delta")
         self.head = value_head(policy, value, value_targets, value_r)

@@ -129,6 +129,7 @@ def token_stats(
     at t - 1), 0 where labels == -100. `logits` may cover only the last positions (``logits_to_keep``).
     Logits are divided by the sampling temperature, as the completions were drawn."""
     n, t = labels.shape
+    logits = logits[:, -t:]  # counted from the end: a prompt delta may prepend virtual positions
     k = logits.shape[1]
     logits = logits[:, :-1] if temperature == 1 else logits[:, :-1] / temperature
     target = labels[:, t - k + 1 :]
