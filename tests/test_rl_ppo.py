@@ -92,11 +92,6 @@ def test_batch_split_forward_equals_two_forwards():
     torch.testing.assert_close(split[2], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine gap: a BatchSplit is evaluated at the value head delta's tap on the backbone, where none of its "
-    "members lives, on a non-tensor output; PPO falls back to two forwards (fix: skip such sites in Site._run)",
-)
 def test_batch_split_runs_beside_head_deltas():
     model = policy()
     ppo = make(model, batch_split=True)

@@ -173,6 +173,8 @@ class Site:
         # the output may be updated in place only if no hook before ours has seen it
         inplace = out is not None and not _global_forward_hooks and next(iter(module._forward_hooks)) == self.hook_id
         if any(type(n) is not str for n in spec):
+            if live.keys().isdisjoint(n for it in spec for n in ([it] if isinstance(it, str) else it.names())):
+                return None  # no member of the blocks lives here (a head delta's tap on the backbone)
             return compose.run(self, spec, x, out)
         if self.bypass:  # a replacing delta makes the output: it runs first, the others add to it
             spec = compose.replacing_first(spec, live)

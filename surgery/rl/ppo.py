@@ -182,10 +182,7 @@ class PPO:
                 with engine.use(self.policy, BatchSplit(self.delta, self.value, batch_sizes=[n, n])):
                     out = self.policy(**both, output_hidden_states=True)
                 logits, hidden = out.logits[:n], out.hidden_states[-1][n:]
-            except (CompositionError, AttributeError):
-                # a delta that cannot split rows (prompt tuning changes the inputs), or, until the engine
-                # skips blocks at sites none of their members live at, a head delta's tap on the backbone
-                # (a RewardModel on this base) that gets the block with a non-tensor output: two forwards
+            except CompositionError:  # a delta that cannot split rows (prompt tuning changes the inputs)
                 out, self.batch_split = None, False
         if out is None:
             with engine.use(self.policy, self.delta):
