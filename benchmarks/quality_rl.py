@@ -1,0 +1,464 @@
+"""SFT, reward model, DPO, PPO and GRPO on deltas over one frozen SmolLM2-135M-Instruct (issue 15).
+
+    python benchmarks/quality_rl.py --checkpoint /work/runs/qrl.json            # every part, resumable
+    python benchmarks/quality_rl.py --part zeroshot --checkpoint ...             # one part
+    python benchmarks/quality_rl.py --render                                     # checkpoint -> docs/results
+    python benchmarks/quality_rl.py --smoke                                      # CI smoke (< 1 min)
+
+Data: ../shared/data/debian-synopsis.jsonl (a Debian long description -> the maintainer's one-line
+synopsis; `rejected` is another package's synopsis from the same section; 953 train / 239 test). The
+prompt is PROMPT + the description as one user turn of the chat template; the completion is the
+synopsis and the end-of-turn token.
+
+- zero-shot: preference accuracy (summed log-probability of the chosen synopsis > the rejected one's)
+  and ROUGE-L F1 of greedy synopses (at most 32 new tokens, the KV cache) against the real ones.
+- SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), prompt
+  tuning (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
+- reward model: `surgery.RewardModel(base, delta="rm", r=16)`, Bradley-Terry on the train pairs,
+  accuracy on the test pairs.
+- DPO from the SFT LoRA delta (the reference: `surgery.reference`, the base): test preference
+  accuracy (implicit reward margin > 0) and ROUGE-L.
+- PPO and GRPO from the SFT LoRA delta with the reward model: the mean reward of greedy test answers
+  before and after, and the KL to the reference.
+
+ROUGE-L is computed here (longest common subsequence over lower-cased alphanumeric words, F1: the
+`rouge-score` package's default tokenisation, no stemming) to keep its dependencies out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import common as C  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DATA = C.REPO.parent / "shared" / "data" / "debian-synopsis.jsonl"
+PROMPT = "Write the one-line synopsis of this Debian package."
+MAX_LENGTH = 256
+MAX_NEW_TOKENS = 32
+SEEDS = (0, 1, 2)
+SFT = {  # method -> (inject kwargs, lr)
+    "lora": ({"method": "lora", "targets": "@linear", "r": 16, "alpha": 32}, 2e-4),
+    "qlora": ({"method": "lora", "targets": "@linear", "r": 16, "alpha": 32}, 2e-4),
+    "prompt": ({"method": "prompt", "n_tokens": 20}, 3e-2),
+    "prefix": ({"method": "prefix", "n_tokens": 20}, 1e-2),
+}
+SFT_EPOCHS, SFT_BATCH = 1, 8
+EVAL_BATCH = 16
+RM = {"r": 16, "lr": 1e-4, "epochs": 1, "batch_size": 8}
+DPO = {"beta": 0.1, "lr": 5e-5, "epochs": 1, "batch_size": 8}
+RL_STEPS, RL_BATCH = 32, 8  # PPO / GRPO updates, prompts per update
+PPO_CFG = {"kl": 0.05, "lr": 1e-5, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS}
+GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKENS}
+log = C.log
+
+
+# ----------------------------------------------------------------------------- data and metrics
+
+
+def load_rows(limit_train: int | None = None, limit_test: int | None = None) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+
+    def pick(split: str, limit: int | None) -> list[dict]:
+        out = [
+            {"prompt": f"{PROMPT}\n\n{r['text']}", "chosen": r["synopsis"], "rejected": r["rejected"]}
+            for r in rows
+            if r["split"] == split
+        ]
+        return out[:limit] if limit else out
+
+    return pick("train", limit_train), pick("test", limit_test)
+
+
+def _words(s: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).split()
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 of `pred` against `ref` (LCS over words)."""
+    a, b = _words(pred), _words(ref)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, tok: Any, encoded: Sequence[Any], pad_id: int) -> list[str]:
+    """Greedy synopses (the KV cache, at most MAX_NEW_TOKENS), batched and left-padded."""
+    from surgery.rl import data as D
+
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(encoded), EVAL_BATCH):
+        batch = D.prompts(encoded[i : i + EVAL_BATCH], pad_id)
+        gen = model.generate(
+            **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad_id, use_cache=True
+        )
+        new = gen[:, batch["input_ids"].shape[1] :]
+        out += [tok.decode(row, skip_special_tokens=True).strip().split("\n")[0] for row in new]
+    return out
+
+
+def rouge(model: nn.Module, tok: Any, encoded: Sequence[Any], refs: Sequence[str], pad_id: int) -> dict[str, Any]:
+    preds = greedy(model, tok, encoded, pad_id)
+    scores = [rouge_l(p, r) for p, r in zip(preds, refs, strict=True)]
+    return {"rouge_l": 100 * statistics.fmean(scores), "examples": list(zip(preds[:5], refs[:5], strict=True))}
+
+
+@torch.no_grad()
+def preference_accuracy(model: nn.Module, encoded: Sequence[Any], pad_id: int) -> float:
+    """Share of pairs whose chosen completion has the higher summed log-probability."""
+    from surgery.rl import data as D
+    from surgery.rl.logprobs import logprobs
+
+    model.eval()
+    wins = 0
+    for i in range(0, len(encoded), EVAL_BATCH):
+        c, r = logprobs(model, D.collate(encoded[i : i + EVAL_BATCH], pad_id))
+        wins += int((c > r).sum())
+    return 100.0 * wins / len(encoded)
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def sft(
+    model: nn.Module, train: Sequence[Any], pad_id: int, lr: float, seed: int, epochs: int = SFT_EPOCHS
+) -> dict[str, Any]:
+    """Next-token cross-entropy on the completions, AdamW over what requires grad, linear decay."""
+    from surgery.rl import data as D
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = epochs * math.ceil(len(train) / SFT_BATCH)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
+    model.train()
+    losses, times = [], []
+    for ep in range(epochs):
+        for b in D.batches(train, SFT_BATCH, pad_id, seed=seed * 1000 + ep):
+            t = time.perf_counter()
+            out = model(
+                input_ids=b["chosen_input_ids"], attention_mask=b["chosen_attention_mask"], labels=b["chosen_labels"]
+            )
+            out.loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+            losses.append(float(out.loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"SFT loss is {losses[-1]} at step {len(losses)}")
+    model.eval()
+    return {
+        "steps": len(losses),
+        "first_loss": statistics.fmean(losses[:10]),
+        "last_loss": statistics.fmean(losses[-10:]),
+        "ms_per_step": 1e3 * statistics.median(times),
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from models import smollm2
+
+        from surgery.rl import data as D
+
+        self.args = args
+        self.base, self.tok = smollm2()
+        self.base.requires_grad_(False)
+        self.pad = D.pad_id_of(self.tok)
+        train, test = load_rows(args.limit_train, args.limit_test)
+        self.train = D.encode(self.tok, train, max_length=MAX_LENGTH)
+        self.test = D.encode(self.tok, test, max_length=MAX_LENGTH)
+        self.test_refs = [r["chosen"] for r in test]
+        self.ck: Path | None = args.checkpoint
+
+    def cached(self, key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        done = json.loads(self.ck.read_text()) if self.ck and self.ck.exists() else {}
+        if key in done:
+            log(f"[{key}] from the checkpoint")
+            return done[key]
+        t = time.perf_counter()
+        v = C._jsonable(make())
+        v["elapsed_s"] = time.perf_counter() - t
+        if self.ck is not None:
+            done = json.loads(self.ck.read_text()) if self.ck.exists() else {}
+            done[key] = v
+            self.ck.write_text(json.dumps(done, indent=1) + "\n")
+        log(f"[{key}] {json.dumps({k: v[k] for k in v if k != 'examples'})[:300]}")
+        return v
+
+    def zeroshot(self) -> dict[str, Any]:
+        return self.cached(
+            "zeroshot",
+            lambda: {
+                "preference_accuracy": preference_accuracy(self.base, self.test, self.pad),
+                **rouge(self.base, self.tok, self.test, self.test_refs, self.pad),
+            },
+        )
+
+    def sft_model(self, method: str, seed: int) -> nn.Module:
+        """A copy of the base with the SFT delta `method` injected as "sft" (NF4 base for qlora)."""
+        import surgery
+
+        random.seed(seed)
+        torch.manual_seed(seed)
+        model = copy.deepcopy(self.base)
+        if method == "qlora":
+            surgery.quantize(model, "nf4", double_quant=True)
+        cfg = dict(SFT[method][0])
+        surgery.inject(model, cfg.pop("method"), name="sft", **cfg)
+        return model
+
+    def sft_run(self, method: str, seed: int) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            model = self.sft_model(method, seed)
+            out = sft(model, self.train, self.pad, SFT[method][1], seed)
+            out.update(rouge(model, self.tok, self.test, self.test_refs, self.pad))
+            out["preference_accuracy"] = preference_accuracy(model, self.test, self.pad)
+            if method == "lora":  # DPO, PPO and GRPO start from it
+                self.keep("sft", seed, model)
+            return out
+
+        return self.cached(f"sft:{method}:{seed}", make)
+
+    def _delta_path(self, what: str, seed: int) -> Path:
+        root = (self.ck.parent if self.ck else Path(tempfile.gettempdir())) / "quality_rl_deltas"
+        return root / f"{what}-{seed}-{len(self.train)}"
+
+    def keep(self, what: str, seed: int, model: nn.Module) -> None:
+        """The delta `what` of `model` (and its head, if any) in safetensors, for the later parts."""
+        import safetensors.torch as st
+
+        import surgery
+
+        path = self._delta_path(what, seed)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in [n for n in surgery.names(model) if n == what or n.startswith(f"{what}-")]:
+            d = surgery.delta(model, name)
+            st.save_file({k: v.contiguous() for k, v in d.tensors.items()}, str(path / f"{name}.safetensors"))
+            (path / f"{name}.json").write_text(json.dumps({"method": d.method, "config": d.config, "base": d.base}))
+
+    def restore(self, what: str, seed: int, model: nn.Module) -> None:
+        import safetensors.torch as st
+
+        import surgery
+
+        path = self._delta_path(what, seed)
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run the part that makes {what!r} (seed {seed}) first")
+        for meta in sorted(path.glob("*.json")):
+            m = json.loads(meta.read_text())
+            tensors = st.load_file(str(meta.with_suffix(".safetensors")))
+            surgery.apply(model, surgery.Delta(m["method"], meta.stem, m["config"], tensors, m["base"]))
+
+    def policy(self, seed: int) -> nn.Module:
+        """A copy of the base with the SFT LoRA delta as "sft", trainable and active."""
+        import surgery
+
+        model = copy.deepcopy(self.base)
+        self.restore("sft", seed, model)
+        surgery.activate(model, "sft")
+        model.requires_grad_(False)
+        for ad in surgery.engine.adapters(model, "sft").values():
+            ad.requires_grad_(True)
+        return model
+
+    def rm_run(self, seed: int) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            import surgery
+
+            torch.manual_seed(seed)
+            model = copy.deepcopy(self.base)
+            rm = surgery.RewardModel(model, delta="rm", r=RM["r"])
+            kw = {k: RM[k] for k in ("lr", "epochs", "batch_size")}
+            losses = surgery.rl.train_reward(rm, self.train, pad_id=self.pad, seed=seed, **kw)
+            self.keep("rm", seed, model)
+            return {"epoch_loss": losses, "accuracy": 100 * surgery.rl.reward_accuracy(rm, self.test, pad_id=self.pad)}
+
+        return self.cached(f"rm:{seed}", make)
+
+    def dpo_run(self, seed: int) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            import surgery
+
+            torch.manual_seed(seed)
+            model = self.policy(seed)
+            before = surgery.rl.preference_accuracy(model, self.test, delta="sft", pad_id=self.pad)
+            hist = surgery.rl.train_dpo(model, self.train, delta="sft", pad_id=self.pad, seed=seed, **DPO)
+            out = {
+                "test_preference_accuracy_before": 100 * before,
+                "test_preference_accuracy": 100
+                * surgery.rl.preference_accuracy(model, self.test, delta="sft", pad_id=self.pad),
+                "first_loss": statistics.fmean(h["loss"] for h in hist[:10]),
+                "last_loss": statistics.fmean(h["loss"] for h in hist[-10:]),
+            }
+            out.update(rouge(model, self.tok, self.test, self.test_refs, self.pad))
+            return out
+
+        return self.cached(f"dpo:{seed}", make)
+
+    @torch.no_grad()
+    def greedy_reward(self, model: nn.Module, rm: nn.Module) -> dict[str, float]:
+        """Mean reward-model score and KL-to-reference proxy of greedy test answers."""
+        from surgery.rl import data as D
+
+        preds = greedy(model, self.tok, self.test, self.pad)
+        rows = D.encode(
+            self.tok,
+            [{"prompt": self.tok.decode(e.prompt), "chosen": p} for e, p in zip(self.test, preds, strict=True)],
+        )
+        scores = []
+        for i in range(0, len(rows), EVAL_BATCH):
+            b = D.collate(rows[i : i + EVAL_BATCH], self.pad)
+            scores += rm(b["chosen_input_ids"], b["chosen_attention_mask"]).tolist()
+        return {"reward": statistics.fmean(scores), **rouge(model, self.tok, self.test, self.test_refs, self.pad)}
+
+    def rl_run(self, algo: str, seed: int) -> dict[str, Any]:
+        def make() -> dict[str, Any]:
+            import surgery
+
+            torch.manual_seed(seed)
+            model = self.policy(seed)
+            self.restore("rm", seed, model)
+            rm = surgery.RewardModel(model, delta="rm")  # the trained one: its two deltas are there
+            before = self.greedy_reward(model, rm)
+            rows = [{"prompt": self.tok.decode(e.prompt)} for e in self.train]
+            if algo == "ppo":
+                trainer: Any = surgery.rl.PPO(model, delta="sft", reward=rm, tokenizer=self.tok, **PPO_CFG)
+            else:
+                trainer = surgery.rl.GRPO(model, delta="sft", reward_funcs=[rm], tokenizer=self.tok, **GRPO_CFG)
+            hist = trainer.train(rows, steps=RL_STEPS, batch_size=RL_BATCH, seed=seed)
+            after = self.greedy_reward(model, rm)
+            return {"before": before, "after": after, "history": hist}
+
+        return self.cached(f"{algo}:{seed}", make)
+
+
+def run(args: argparse.Namespace) -> None:
+    b = Bench(args)
+    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "ppo", "grpo"]
+    for part in parts:
+        if part == "zeroshot":
+            b.zeroshot()
+            continue
+        for seed in args.seeds if part.startswith(("sft:", "rm", "dpo")) else args.seeds[:1]:
+            if part.startswith("sft:"):
+                b.sft_run(part.split(":", 1)[1], seed)
+            elif part == "rm":
+                b.rm_run(seed)
+            elif part == "dpo":
+                b.dpo_run(seed)
+            elif part in ("ppo", "grpo"):
+                b.rl_run(part, seed)
+            else:
+                raise SystemExit(f"unknown part {part!r}")
+
+
+def markdown(done: dict[str, Any]) -> str:
+    lines = ["# Quality of SFT / RLHF deltas on SmolLM2-135M-Instruct (issue 15)", ""]
+    z = done.get("zeroshot")
+    rows = []
+    if z:
+        rows.append(
+            {"row": "zero-shot", "ROUGE-L": f"{z['rouge_l']:.1f}", "pref. acc.": f"{z['preference_accuracy']:.1f} %"}
+        )
+    for m in SFT:
+        runs = [v for k, v in done.items() if k.startswith(f"sft:{m}:")]
+        if not runs:
+            continue
+        rl = [r["rouge_l"] for r in runs]
+        pa = [r["preference_accuracy"] for r in runs]
+        sd = f" ± {statistics.stdev(rl):.1f}" if len(rl) > 1 else ""
+        rows.append(
+            {
+                "row": f"SFT {m} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+                "ROUGE-L": f"{statistics.fmean(rl):.1f}{sd}",
+                "pref. acc.": f"{statistics.fmean(pa):.1f} %",
+            }
+        )
+    lines += [C.markdown_table(rows, ["row", "ROUGE-L", "pref. acc."]), ""]
+
+    def mean(key: str, get: Callable[[dict], float]) -> str:
+        vals = [get(v) for k, v in done.items() if k.split(":")[0] == key]
+        sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+        return f"{statistics.fmean(vals):.1f}{sd} ({len(vals)} seed{'s' if len(vals) > 1 else ''})" if vals else "-"
+
+    lines += [
+        "| role | figure |",
+        "|---|---|",
+        f"| reward model, test pair accuracy % | {mean('rm', lambda v: v['accuracy'])} |",
+        f"| DPO from the SFT LoRA, test preference accuracy % (margin > 0) | {mean('dpo', lambda v: v['test_preference_accuracy'])} |",
+        f"| DPO from the SFT LoRA, ROUGE-L | {mean('dpo', lambda v: v['rouge_l'])} |",
+    ]
+    for algo in ("ppo", "grpo"):
+        lines += [
+            f"| {algo.upper()}: mean reward of greedy test answers, before -> after | "
+            f"{mean(algo, lambda v: v['before']['reward'])} -> {mean(algo, lambda v: v['after']['reward'])} |",
+            f"| {algo.upper()}: KL to the reference at the last update | {mean(algo, lambda v: v['history'][-1]['kl'])} |",
+        ]
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--part", action="append", help="zeroshot, sft:<method> (repeatable; default all)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--render", action="store_true", help="the checkpoint -> docs/results/quality_rl.{json,md}")
+    ap.add_argument("--smoke", action="store_true", help="a few rows of each split, one seed, one step")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:  # every part, on a few rows, with one update each
+        global MAX_NEW_TOKENS, RL_STEPS, RL_BATCH
+        MAX_NEW_TOKENS, RL_STEPS, RL_BATCH = 8, 1, 2
+        PPO_CFG.update(max_new_tokens=8, ppo_epochs=1)
+        GRPO_CFG.update(max_new_tokens=8, group=2)
+        args.limit_train, args.limit_test, args.seeds = 4, 2, [0]
+        args.checkpoint = args.checkpoint or Path(tempfile.mkdtemp(prefix="quality_rl_")) / "smoke.json"
+    if args.render:
+        done = json.loads(args.checkpoint.read_text())
+        res = {"benchmark": "quality_rl", "env": C.environment(), "runs": done}
+        out = C.RESULTS_DIR / "quality_rl.json"
+        C.write_results(res, out, out.with_suffix(".md"), markdown(done))
+        return 0
+    run(args)
+    if args.smoke and args.checkpoint:
+        print(markdown(json.loads(args.checkpoint.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

