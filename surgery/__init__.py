@@ -130,6 +130,10 @@ def find(
             ad = m.make(view, cfg)  # built aside, never attached
             rule = ad.merge(view)
             merge: bool | str = rule.reason if isinstance(rule, NotMergeable) else True
+            if not isinstance(
+                rule, NotMergeable
+            ):  # a rule that would write into a 4-bit weight is refused at merge time
+                merge = engine.refuse_4bit(view, "(preview)", rule) or True
             site = dataclasses.replace(site, trainable=sum(t.numel() for t in ad.parameters()), mergeable=merge)
         out.append(site)
     return out

@@ -6,6 +6,7 @@ imported here: the graph and the methods' site view use it."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -50,12 +51,14 @@ def weight_of(module: nn.Module) -> torch.Tensor:
         return w
     lib = bnb()
     qs = w.quant_state  # type: ignore[attr-defined]
-    if getattr(qs, "packing_format_for_cpu", False):  # repacked by a CPU inference kernel: undo, as bnb's save does
+    data = w.data
+    if getattr(qs, "packing_format_for_cpu", False):
+        # repacked by bitsandbytes' AVX512-BF16 CPU inference path (a layer transformers loaded, used in
+        # eval): read it through bnb's inverse on copies, so reading never changes what the layer holds
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)  # type: ignore[attr-defined]
-        qs = w.quant_state  # type: ignore[attr-defined]
-    return cast(torch.Tensor, lib.functional.dequantize_4bit(w.data, qs))
+        data, qs = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(qs))
+    return cast(torch.Tensor, lib.functional.dequantize_4bit(data, qs))
 
 
 @contextlib.contextmanager

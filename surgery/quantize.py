@@ -122,6 +122,10 @@ def quantize(
         if lin.bias is not None:
             q.bias = lin.bias
         q.train(lin.training)
+        # bitsandbytes' AVX512-BF16 CPU inference path repacks the weight in place on the first eval
+        # forward (absmax rounded to bf16: the stored weight changes) and computes in bf16 whatever
+        # compute_dtype says; kept off, the layer computes the dequantised weight in compute_dtype on every CPU
+        q.support_avx512bf16_for_cpu = False
         layer_err = float((weight_of(q).float() - w.float()).abs().max())
         q.__dict__[ERROR_ATTR] = layer_err
         err = max(err, layer_err)

@@ -210,6 +210,8 @@ def test_dora_norm_is_of_the_dequantised_weight(lent):
 
 def test_merge_refuses_4bit_weights_and_merges_after_dequantize():
     fp, q = _fp_and_q()
+    preview = surgery.find(q, "re:.*(q|v)_proj", method="lora", r=4)  # the preview says so before injecting
+    assert preview and all("surgery.dequantize(model)" in str(s.mergeable) for s in preview)
     surgery.inject(q, "lora", targets="re:.*(q|v)_proj", r=4)
     _perturb(q, "default", 2)
     b = batch_for(q)
@@ -337,6 +339,9 @@ def test_a_quantised_model_saves_and_loads_back_4bit(tmp_path):
     q.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert [p for p, m in back.named_modules() if is_quantized(m)] == list(r.layers)
+    assert all(torch.equal(weight_of(back.get_submodule(p)), weight_of(q.get_submodule(p))) for p in r.layers)
+    for p in r.layers:  # as quantize() does: bnb's AVX512-BF16 CPU path (bf16 compute, where the CPU has it) off
+        back.get_submodule(p).support_avx512bf16_for_cpu = False
     with torch.no_grad():
         assert torch.equal(back(**b).logits, q(**b).logits)
 
@@ -356,6 +361,19 @@ def test_transformers_4bit_load_takes_lora_by_role(hf_4bit):
     with pytest.raises(surgery.MergeError, match="dequantize"):
         surgery.merge(hf, "default")
     assert dequantize(hf).max_abs_error is None  # loaded 4-bit: the original weights are unknown here
+
+
+def test_reading_a_layer_bnb_repacked_for_cpu_leaves_it_as_it_is(hf_4bit):
+    hf = hf_4bit().eval()
+    with torch.no_grad():
+        hf(**batch_for(hf))  # bitsandbytes' AVX512-BF16 CPU path repacks a loaded layer's weight here
+    layer = hf.model.layers[0].self_attn.q_proj
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes did not repack")
+    held = layer.weight.data.clone()
+    w = weight_of(layer)
+    assert w.shape == (layer.out_features, layer.in_features) and torch.equal(weight_of(layer), w)
+    assert torch.equal(layer.weight.data, held) and layer.weight.quant_state.packing_format_for_cpu
 
 
 def test_bench_qlora_smoke():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from surgery.engine.active import activate, active, base_only, disable, spec_names, use
 from surgery.engine.lifecycle import attach, check_name, check_overlap, inject, remove, resolve_sites
-from surgery.engine.merging import merge, mergeable, merged, unmerge
+from surgery.engine.merging import merge, mergeable, merged, refuse_4bit, unmerge
 from surgery.engine.saving import base_state_dict
 from surgery.engine.state import (
     CHILD,
@@ -79,6 +79,7 @@ __all__ = [
     "merge",
     "mergeable",
     "merged",
+    "refuse_4bit",
     "method_of",
     "names",
     "reconfigure",
