@@ -255,6 +255,19 @@ def test_deepcopy_of_injected_model_has_its_own_context(two_delta_model):
         torch.testing.assert_close(run(twin, x), refs["ab"], atol=1e-6, rtol=1e-6)
 
 
+def test_a_deepcopied_model_saves_and_merges_its_deltas(two_delta_model):
+    model, x, refs = two_delta_model
+    twin = copy.deepcopy(model)
+    for name in ("a", "b"):  # the copy's deltas are deltas of their method, not unknown kinds
+        assert surgery.delta(twin, name).method == surgery.delta(model, name).method
+        assert all(
+            torch.equal(t, surgery.delta(model, name).tensors[k]) for k, t in surgery.delta(twin, name).tensors.items()
+        )
+    surgery.merge(twin, "a")
+    surgery.unmerge(twin, "a")
+    torch.testing.assert_close(run(twin, x), refs["ab"], atol=1e-6, rtol=1e-6)
+
+
 def test_use_unknown_name_raises(two_delta_model):
     model, x, refs = two_delta_model
     snap = full_snapshot(model)

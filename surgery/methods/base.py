@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import difflib
 import enum
@@ -282,6 +283,16 @@ class Method(abc.ABC):
     changes_inputs: ClassVar[bool] = False  # whether the engine asks `prepare_inputs` on every model call
     # whether a fresh injection leaves the model's outputs exactly as they were (the contract tests check it)
     identity_at_init: ClassVar[bool] = True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Method:
+        # a registered method is the one table entry every model refers to (delta, save and serve check it
+        # by identity): a copied model shares it; an unregistered one (a serving slot bank) is copied
+        if METHODS.get(self.name) is self:
+            return self
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def targets(self, cfg: Any) -> Any:
         """The selector used when `inject` gets no `targets=`."""
