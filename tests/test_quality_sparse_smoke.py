@@ -36,7 +36,7 @@ def encoder():
 
 def _all(runs):
     yield "bitfit", runs["bitfit"]
-    yield "diffpruning", runs["diffpruning"]
+    yield from (("diffpruning", r) for r in runs["diffpruning"].values())
     yield from runs["ltsft"].items()
 
 
@@ -55,12 +55,14 @@ def test_bitfit_holds_every_bias(runs, encoder):
 
 def test_sparse_deltas_are_the_density_asked(runs, encoder):
     linear = sum(m.weight.numel() for m in encoder.modules() if type(m).__name__ == "Linear")
-    dp = runs["diffpruning"]
-    assert dp["finalize"]["density"] == pytest.approx(0.005, abs=1e-4)
-    assert dp["finalize"]["nonzero"] <= dp["finalize"]["density"]
-    # one short epoch leaves the gates open: finalize says so, with the figure reached
-    assert any("gates kept" in w for w in dp["finalize"]["warnings"])
-    for r in (dp, *runs["ltsft"].values()):
+    dps = list(runs["diffpruning"].values())
+    assert len(dps) == 2 and dps[0]["fixed_lr"] != dps[1]["fixed_lr"]  # one gated phase, two fixed-mask rates
+    for dp in dps:
+        assert dp["finalize"]["density"] == pytest.approx(0.005, abs=1e-4)
+        assert dp["finalize"]["nonzero"] <= dp["finalize"]["density"]
+        # one short epoch leaves the gates open: finalize says so, with the figure reached
+        assert any("gates kept" in w for w in dp["finalize"]["warnings"])
+    for r in (*dps, *runs["ltsft"].values()):
         nnz = r["delta_params"]
         assert 8 * nnz < r["stored_bytes"] < 8 * nnz + HEADER  # int32 index + float32 value per entry
     for key, r in runs["ltsft"].items():
