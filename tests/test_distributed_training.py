@@ -1,0 +1,299 @@
+"""Every delta that trains, under DDP and under FSDP2 (`fully_shard` per decoder layer and the root; frozen
+base, trainable delta), on two CPU processes with gloo: the losses and the final delta equal a single-process
+run on the same global batch (each rank trains on its half), to 1e-5 in fp32; one bf16 base with fp32 deltas
+under FSDP2. ONE spawn per backend runs every method in sequence; the single-process references are computed
+in the parent. The checks are per (backend, method) tests over the results the spawn wrote.
+
+What each rank does is what a user writes: build the model, ``surgery.inject(...)`` (or ``heads``,
+``SparseFinetune``), then wrap (``DistributedDataParallel(model)`` / ``fully_shard(layer)`` for each layer and
+``fully_shard(model)``), then an ordinary loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+from models import VOCAB, tiny_llama
+
+import surgery
+
+WORLD, STEPS, BATCH, SEQ, LR = 2, 3, 4, 8, 1e-2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+# Each builder injects into a fresh tiny Llama as a user would and returns (delta name, forward kind).
+# "lm": the causal LM loss on the ids; "cls": a sequence head's cross-entropy on 3 labels.
+
+
+def _lora(m):
+    surgery.inject(m, "lora", targets=["q_proj", "v_proj", "down_proj"], r=4, name="d")
+    return "d", "lm"
+
+
+def _dora(m):
+    surgery.inject(m, "dora", targets=["q_proj", "v_proj"], r=4, name="d")
+    return "d", "lm"
+
+
+def _ia3(m):
+    surgery.inject(m, "ia3", targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"], name="d")
+    return "d", "lm"
+
+
+def _houlsby(m):
+    surgery.inject(m, "adapter", style="houlsby", bottleneck=8, name="d")
+    return "d", "lm"
+
+
+def _prefix(m):
+    surgery.inject(m, "prefix", n_tokens=4, name="d")
+    return "d", "lm"
+
+
+def _prompt(m):
+    surgery.inject(m, "prompt", n_tokens=4, init="random", name="d")
+    return "d", "lm"
+
+
+def _bitfit(m):
+    surgery.inject(m, "bitfit", name="d")
+    return "d", "lm"
+
+
+def _sparse(m):
+    surgery.inject(m, "sparse", targets=["q_proj", "o_proj", "up_proj"], density=0.05, name="d")
+    return "d", "lm"
+
+
+def _diffpruning(m):  # training-mode gates are sampled: every run seeds each step the same way
+    surgery.inject(m, "diffpruning", targets=["q_proj", "v_proj"], sparsity=0.05, name="d")
+    return "d", "lm"
+
+
+def _sft(m):
+    """SparseFinetune: the full phase and select() on the unsharded model (the same on every rank), then
+    the sparse phase (only the selected entries train) is the distributed part."""
+    from surgery.sparse_finetune import SparseFinetune
+
+    sft = SparseFinetune(m, targets=["q_proj", "up_proj"], density=0.02, name="d")
+    ids = _batch(99)[0]
+    sft.full_phase(lambda mm: mm(input_ids=ids, labels=ids).loss, steps=1)
+    sft.select()
+    return "d", "lm"
+
+
+def _heads(m):
+    from surgery.recipes.heads import heads
+
+    heads(m, {"cls": 3}, name="d")
+    surgery.inject(m, "lora", targets=["q_proj", "v_proj"], r=4, name="l")  # a LoRA trains with the head
+    return "d", "cls"
+
+
+CASES: dict[str, Callable[[Any], tuple[str, str]]] = {
+    "lora": _lora,
+    "dora": _dora,
+    "ia3": _ia3,
+    "adapter-houlsby": _houlsby,
+    "prefix": _prefix,
+    "prompt": _prompt,
+    "bitfit": _bitfit,
+    "sparse": _sparse,
+    "diffpruning": _diffpruning,
+    "sparse_finetune": _sft,
+    "heads": _heads,
+}
+BF16 = "lora-bf16-base"  # FSDP2 only: a bf16 base with fp32 LoRA factors
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _build(case: str) -> tuple[torch.nn.Module, str, str]:
+    model = tiny_llama()
+    if case == BF16:
+        model.to(torch.bfloat16)
+        surgery.inject(
+            model, "lora", targets=["q_proj", "v_proj", "down_proj"], r=4, name="d"
+        )  # fp32 factors by default
+        name, kind = "d", "lm"
+    else:
+        name, kind = CASES[case](model)
+    model.train()
+    return model, name, kind
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone()
+
+
+def _delta(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The delta's tensors as full tensors (on a sharded model: gathered; every rank calls this)."""
+    return {k: _full(v) for k, v in sorted(surgery.delta(model, name).tensors.items())}
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _train(model, forward_model, kind: str, rows: slice, steps: range, opt) -> list[float]:
+    losses = []
+    for s in steps:
+        ids, y = _batch(s)
+        ids, y = ids[rows], y[rows]
+        torch.manual_seed(1000 + s)  # DiffPruning's sampled gates: the same noise on every rank and run
+        if kind == "lm":
+            loss = forward_model(input_ids=ids, labels=ids).loss
+        else:
+            loss = forward_model(input_ids=ids, task="cls", labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach().float())
+    return losses
+
+
+def _reference(case: str) -> dict[str, Any]:
+    model, name, kind = _build(case)
+    opt = torch.optim.AdamW(_trainable(model), lr=LR)
+    losses = _train(model, model, kind, slice(None), range(STEPS), opt)
+    return {"losses": torch.stack(losses), "delta": _delta(model, name)}
+
+
+# ---------------------------------------------------------------------------------------------- the workers
+
+
+def _wrap(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    if backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _local_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds: parameters (local shards), gradients, optimizer state."""
+    from torch.distributed.tensor import DTensor
+
+    def size(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = sum(size(p) for p in model.parameters())
+    grads = sum(size(p.grad) for p in model.parameters() if p.grad is not None)
+    state = sum(size(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    return {"params": params, "grads": grads, "optimizer": state}
+
+
+def _worker(rank: int, port: int, backend: str, cases: list[str], folder: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    try:
+        for case in cases:
+            out: dict[str, Any] = {}
+            try:
+                model, name, kind = _build(case)
+                wrapped = _wrap(model, backend)
+                opt = torch.optim.AdamW(_trainable(model), lr=LR)
+                losses = torch.stack(_train(model, wrapped, kind, rows, range(STEPS), opt))
+                local = losses.clone()
+                dist.all_reduce(losses)
+                out = {"losses": losses / WORLD, "local": local, "delta": _delta(model, name)}
+                # memory after a step, gradients as they are before zero_grad: one more forward/backward
+                _train(model, wrapped, kind, rows, range(STEPS, STEPS + 1), _NoStep(opt))
+                out["bytes"] = _local_bytes(model, opt)
+            except Exception:  # recorded for the parent to report; the next case runs in step
+                out = {"error": traceback.format_exc()}
+            if rank == 0:
+                torch.save(out, os.path.join(folder, f"{backend}-{case}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort the interpreter's teardown on a loaded machine
+
+
+class _NoStep:
+    """An optimizer stand-in that keeps the gradients (for counting their bytes)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- the tests
+
+BACKENDS = {"ddp": list(CASES), "fsdp2": [*CASES, BF16]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    folder = tmp_path_factory.mktemp("dist")
+    torch.set_num_threads(1)
+    refs = {case: _reference(case) for case in [*CASES, BF16]}
+    for backend, cases in BACKENDS.items():
+        mp.spawn(_worker, args=(_free_port(), backend, cases, str(folder)), nprocs=WORLD, join=True)
+    got = {
+        (b, c): torch.load(folder / f"{b}-{c}.pt", weights_only=True) for b, cases in BACKENDS.items() for c in cases
+    }
+    return refs, got
+
+
+@pytest.mark.parametrize("backend,case", [(b, c) for b, cases in BACKENDS.items() for c in cases])
+def test_trains_as_one_process(runs, backend, case):
+    refs, got = runs
+    out, ref = got[backend, case], refs[case]
+    assert "error" not in out, f"{case} under {backend} failed on rank 0:\n{out.get('error')}"
+    tol = 1e-5 if case != BF16 else 2e-4  # bf16 base: bf16 activations of half-batch matmuls (measured 4.5e-5)
+    torch.testing.assert_close(out["losses"], ref["losses"], rtol=tol, atol=tol)
+    assert not torch.allclose(out["local"], ref["losses"], rtol=1e-3, atol=1e-3), "rank 0 did not see half a batch"
+    assert out["delta"].keys() == ref["delta"].keys()
+    for k, v in ref["delta"].items():
+        torch.testing.assert_close(out["delta"][k], v, rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
+    # it trained: the delta moved from its initial value
+    model, name, _ = _build(case)
+    init = _delta(model, name)
+    assert any(not torch.equal(init[k], v) for k, v in ref["delta"].items() if v.is_floating_point())
+
+
+def test_fsdp2_shards_params_grads_and_optimizer(runs):
+    """Per rank, FSDP2 holds about half the parameter bytes of DDP (the frozen base is sharded) and half
+    the delta's gradient and optimizer bytes."""
+    _, got = runs
+    ddp, fsdp = got["ddp", "lora"]["bytes"], got["fsdp2", "lora"]["bytes"]
+    assert 0.45 < fsdp["params"] / ddp["params"] < 0.56, (fsdp, ddp)
+    assert 0.45 < fsdp["grads"] / ddp["grads"] < 0.56, (fsdp, ddp)
+    assert 0.45 < fsdp["optimizer"] / ddp["optimizer"] < 0.56, (fsdp, ddp)
