@@ -297,3 +297,158 @@ def test_fsdp2_shards_params_grads_and_optimizer(runs):
     assert 0.45 < fsdp["params"] / ddp["params"] < 0.56, (fsdp, ddp)
     assert 0.45 < fsdp["grads"] / ddp["grads"] < 0.56, (fsdp, ddp)
     assert 0.45 < fsdp["optimizer"] / ddp["optimizer"] < 0.56, (fsdp, ddp)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+# torch.distributed.checkpoint of a sharded (FSDP2) model with a LoRA delta and its optimizer: saved at step
+# CUT, resumed in fresh processes, the final weights equal an uninterrupted run bit for bit. "lora": only
+# the trainable tensors are saved (ignore_frozen_params); "schedule": a surgery.Schedule unfreezes layer 0's
+# LoRA at step 2 (top block first), the whole state is saved and the plan's state beside it.
+
+CKPT_STEPS, CUT = 4, 2
+
+
+def _ckpt_build(case: str):
+    from torch.distributed.fsdp import fully_shard
+
+    from surgery.recipes.schedule import Schedule
+
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets=["q_proj", "v_proj"], r=4, name="d")
+    model.train()
+    plan = None
+    if case == "schedule":  # built on the unsharded model (its depths come from the graph), used after sharding
+        plan = Schedule(model, lr=LR, layer_decay=0.7).unfreeze("top", every=2)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = plan.optimizer(torch.optim.AdamW) if plan else torch.optim.AdamW(_trainable(model), lr=LR)
+    return model, plan, opt
+
+
+def _ckpt_train(model, plan, opt, steps: range, rank: int) -> None:
+    for s in steps:
+        if plan is not None:
+            plan.step(s)
+        ids = _batch(s)[0][rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _ckpt_options(case: str):
+    """ "lora": the trainable tensors only (the frozen base comes from its own weights), loaded non-strict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=case == "lora", strict=case != "lora")
+
+
+def _ckpt_worker(rank: int, port: int, phase: str, folder: str) -> None:
+    import json
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        for case in ("lora", "schedule"):
+            out: dict[str, Any] = {}
+            where = os.path.join(folder, case)
+            try:
+                if phase == "first":
+                    model, plan, opt = _ckpt_build(case)
+                    _ckpt_train(model, plan, opt, range(CKPT_STEPS), rank)
+                    out["full"] = {n: _full(p) for n, p in model.named_parameters()}
+                    model, plan, opt = _ckpt_build(case)
+                    _ckpt_train(model, plan, opt, range(CUT), rank)
+                    msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
+                    dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+                    if plan is not None and rank == 0:
+                        with open(where + ".schedule.json", "w") as f:
+                            json.dump(plan.state_dict(), f)
+                else:
+                    model, plan, opt = _ckpt_build(case)
+                    if plan is not None:  # first: requires_grad as at the cut, so the optimizer's state matches
+                        with open(where + ".schedule.json") as f:
+                            plan.load_state_dict(json.load(f))
+                    msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
+                    state = {"model": msd, "optim": osd}
+                    dcp.load(state, checkpoint_id=where)
+                    set_state_dict(
+                        model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                        options=_ckpt_options(case),
+                    )  # fmt: skip
+                    _ckpt_train(model, plan, opt, range(CUT, CKPT_STEPS), rank)
+                    out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
+            except Exception:
+                out = {"error": traceback.format_exc()}
+            if rank == 0:
+                torch.save(out, os.path.join(folder, f"{phase}-{case}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def _ckpt_reference(case: str) -> dict[str, torch.Tensor]:
+    from surgery.recipes.schedule import Schedule
+
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets=["q_proj", "v_proj"], r=4, name="d")
+    model.train()
+    plan = Schedule(model, lr=LR, layer_decay=0.7).unfreeze("top", every=2) if case == "schedule" else None
+    opt = plan.optimizer(torch.optim.AdamW) if plan else torch.optim.AdamW(_trainable(model), lr=LR)
+    for s in range(CKPT_STEPS):
+        if plan is not None:
+            plan.step(s)
+        ids = _batch(s)[0]
+        model(input_ids=ids, labels=ids).loss.backward()
+        if plan is not None and s < 2:  # the schedule really froze layer 0's LoRA for the first two steps
+            assert model.model.layers[0].self_attn.q_proj.surgery.d.lora_B.grad is None
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    folder = tmp_path_factory.mktemp("dcp")
+    for phase in ("first", "resume"):  # fresh processes for the resumed half
+        mp.spawn(_ckpt_worker, args=(_free_port(), phase, str(folder)), nprocs=WORLD, join=True)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["lora", "schedule"])
+def test_fsdp2_checkpoint_resume_is_exact(checkpoints, case):
+    first = torch.load(checkpoints / f"first-{case}.pt", weights_only=True)
+    resumed = torch.load(checkpoints / f"resume-{case}.pt", weights_only=True)
+    for out in (first, resumed):
+        assert "error" not in out, out.get("error")
+    full, got = first["full"], resumed["resumed"]
+    assert full.keys() == got.keys()
+    for k, v in full.items():
+        assert torch.equal(got[k], v), f"{case}: {k} differs from the uninterrupted run"
+    ref = _ckpt_reference(case)  # and the sharded run is the single-process run on the global batch
+    for k, v in ref.items():
+        torch.testing.assert_close(full[k], v, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{case}: {k}: {m}")
+    base = tiny_llama()
+    lora = [k for k in full if ".d.lora_" in k]
+    assert len(lora) == 8 and all(not torch.equal(full[k], torch.zeros_like(full[k])) for k in lora if "lora_B" in k)
+    frozen = dict(base.named_parameters())
+    assert all(torch.equal(full[k], frozen[k].float()) for k in frozen), "the frozen base moved"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoints / case)).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+    if case == "lora":  # only the delta (and its optimizer state) was written, not the frozen base
+        assert saved == set(lora), sorted(saved)
+    else:
+        assert saved == set(full), sorted(saved)
+    assert any(k.startswith("optim.state.") and ".d.lora_" in k for k in keys)

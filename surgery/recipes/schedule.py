@@ -107,7 +107,7 @@ class Schedule:
         self.model, self.lr, self.layer_decay, self.weight_decay = model, float(lr), float(layer_decay), weight_decay
         self.no_decay = tuple(s.lower() for s in no_decay)
         self.layout: Layout = layout(model, overrides)
-        self.params = self._scope(targets)
+        self._names = list(self._scope(targets))  # by name: fully_shard (FSDP2) replaces the Parameter objects
         self._scale: dict[str, tuple[float, float | None]] = {n: (1.0, None) for n in self.params}
         for selector, value in (groups or {}).items():
             scale, wd = _group_value(selector, value)
@@ -127,6 +127,14 @@ class Schedule:
         self.last_step: int | None = None
 
     # ------------------------------------------------------------------ what is scheduled
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """Scheduled parameter name -> the model's parameter of that name now. Read by name at each use:
+        `fully_shard` (FSDP2) replaces a module's Parameters with sharded ones after the Schedule is built
+        (build it on the unsharded model: its depths come from the model's graph, which a sharded model
+        cannot be traced for), and the optimizer and `step` must act on those."""
+        return {n: self.model.get_parameter(n) for n in self._names}
 
     def _scope(self, targets: Any) -> dict[str, nn.Parameter]:
         named = list(self.model.named_parameters())
@@ -233,7 +241,8 @@ class Schedule:
         """Plain torch param groups: every scheduled parameter once (frozen ones included), each group
         with ``params``, an absolute ``lr``, ``initial_lr``, ``weight_decay`` and a ``name``."""
         self._built = True
-        return [{"params": [self.params[n] for n in names], **self._group(key)} for key, names in self._grouping()]
+        params = self.params
+        return [{"params": [params[n] for n in names], **self._group(key)} for key, names in self._grouping()]
 
     def optimizer(self, cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs: Any) -> torch.optim.Optimizer:
         """``cls(self.param_groups(), **kwargs)``, checked (`check`)."""
@@ -287,14 +296,14 @@ class Schedule:
         """A table: optimizer group -> stack, depth, lr, scale now (0 while frozen), weight decay,
         parameters (elements), the step it starts training."""
         now = 0 if self.last_step is None else self.last_step
-        rows = []
+        rows, params = [], self.params
         for key, names in self._grouping():
             g = self._group(key)
             until = key[3]
             rows.append({
                 "group": g["name"], "stack": key[0], "depth": key[1], "lr": g["lr"], "wd": g["weight_decay"],
                 "scale": 0.0 if until is None or until > now else g["lr"] / self.lr,
-                "params": sum(self.params[n].numel() for n in names), "trains from": until,
+                "params": sum(params[n].numel() for n in names), "trains from": until,
             })  # fmt: skip
         note = "" if self.layout.found else (
             f"no block stack found in {type(self.model).__name__} (no list of modules with @attn / @mlp roles): "
