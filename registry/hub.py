@@ -37,6 +37,7 @@ import surgery
 from registry import store
 from registry.errors import BaseMismatchError, IntegrityError, NotFoundError, RefError, RegistryError
 from registry.refs import Ref, Spec, check_alias, check_name, parse
+from surgery import distributed
 
 FORMAT = "model-surgery.delta/1"
 MAX_MANIFEST = 64 * 1024 * 1024
@@ -150,6 +151,8 @@ class Hub:
         meta: dict[str, Any] | None = None,
         parent: int | str | Ref | None = None,
         extra: dict[str, Any] | None = None,
+        *,
+        rank: int | None = None,
     ) -> Ref:
         """Store a delta (a `surgery.Delta`, or the delta `adapter` of a model) as the next version
         of `name`; move `alias` to it if given. All or nothing: blobs first, manifest last.
@@ -157,7 +160,13 @@ class Hub:
 
         `extra`: tensors kept next to the delta (name -> tensor, plus an optional ``"__meta__"`` dict
         of JSON values), e.g. ``EWC.state()``: a blob of their own, referenced from the manifest and
-        read back, verified, by `hub.extra(ref)`; pulling the delta does not read them."""
+        read back, verified, by `hub.extra(ref)`; pulling the delta does not read them.
+
+        A sharded (FSDP2) or DDP-wrapped model, or a `rank=` given in a process group of several ranks:
+        a collective. Every rank calls it; the full tensors are gathered, rank `rank` (default 0) writes
+        once, and every rank returns the same Ref (or raises the writer's error). Called on some ranks
+        only, it raises `surgery.distributed.CollectiveError` after `distributed.TIMEOUT` instead of
+        hanging. A plain model (a DDP wrapper's `.module`) without `rank=` is pushed by each caller."""
         check_name(name)
         if alias is not None:
             check_alias(alias)
@@ -170,14 +179,29 @@ class Hub:
             raise RegistryError(
                 f"meta must hold only JSON values (str, int, float, bool, None, lists, dicts; no NaN): {e}"
             ) from None
+        together = isinstance(model_or_delta, nn.Module) and distributed.is_collective(model_or_delta)
+        if together or (rank is not None and distributed.world_size() > 1):
+            distributed.guard("registry push", [name, adapter if isinstance(model_or_delta, nn.Module) else None])
+            if isinstance(model_or_delta, nn.Module):
+                model = distributed.unwrap(model_or_delta)
+                one = surgery.delta(model, adapter)  # gathered on every rank
+                one.lineage = {**one.lineage, "site_kinds": _site_kinds(model, one)}
+            else:
+                one = model_or_delta
+            return distributed.write_once(
+                lambda: self.push(one, name, adapter, alias, meta, parent, extra),
+                writer=0 if rank is None else rank,
+                what=f"push to {name!r}",
+                encode=lambda r: [r.name, r.version, r.digest],
+                decode=lambda v: Ref(v[0], v[1], v[2]),
+                error=RegistryError,
+            )
         if isinstance(model_or_delta, surgery.Delta):
             delta = model_or_delta
         elif isinstance(model_or_delta, nn.Module):
-            from registry.peft_format import site_kinds
-
             delta = surgery.delta(model_or_delta, adapter)
             # a Delta alone cannot tell an embedding site from a linear one; PEFT keys them apart
-            delta.lineage = {**delta.lineage, "site_kinds": site_kinds(model_or_delta, delta)}
+            delta.lineage = {**delta.lineage, "site_kinds": _site_kinds(model_or_delta, delta)}
         else:
             raise RegistryError(f"push takes a model or a surgery.Delta, not {type(model_or_delta).__name__}")
         try:
@@ -771,6 +795,12 @@ class Hub:
         from registry.hf import pull_hf
 
         return pull_hf(self, repo_id, revision or "main", name, **kw)
+
+
+def _site_kinds(model: nn.Module, delta: surgery.Delta) -> dict[str, str]:
+    from registry.peft_format import site_kinds
+
+    return site_kinds(distributed.unwrap(model), delta)
 
 
 def _blob_of(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any], builtins.list[Any]]:

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
-from surgery import engine
+from surgery import distributed, engine
 from surgery.errors import ConfigError, SurgeryError
 from surgery.methods import METHODS, get_method
 from surgery.methods.base import Method, PeftContext, kind_of, peft_pattern
@@ -356,14 +356,36 @@ def save_peft(
     base_model_name_or_path: str | None = None,
     *,
     task_type: str | None = None,
+    rank: int | None = None,
 ) -> Path:
     """Write the injected delta `adapter` of `model` in PEFT's layout, readable by
     ``peft.PeftModel.from_pretrained(base, out_dir)``. ``base_model_name_or_path``
-    defaults to the model's ``name_or_path`` when it has one."""
+    defaults to the model's ``name_or_path`` when it has one.
+
+    A sharded (FSDP2) or DDP-wrapped model, or a `rank=` given in a process group of several ranks:
+    a collective. Every rank calls it; the full tensors are gathered, rank `rank` (default 0) writes
+    the folder once (its `out_dir`), and every rank returns that path (or raises the writer's error).
+    No shard and no empty tensor is written."""
+    together = distributed.is_collective(model) or (rank is not None and distributed.world_size() > 1)
+    if together:
+        distributed.guard("registry save_peft", adapter)
+    model = distributed.unwrap(model)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    return save_peft_delta(
-        surgery.delta(model, adapter), out_dir, base_model_name_or_path, model=model, task_type=task_type
+    delta = surgery.delta(model, adapter)  # gathered on every rank of a sharded model
+
+    def write() -> Path:
+        return save_peft_delta(delta, out_dir, base_model_name_or_path, model=model, task_type=task_type)
+
+    if not together:
+        return write()
+    return distributed.write_once(
+        write,
+        writer=0 if rank is None else rank,
+        what=f"save_peft into {str(out_dir)!r}",
+        encode=str,
+        decode=Path,
+        error=PeftFormatError,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery import engine
+from surgery import distributed, engine
 from surgery.errors import DeltaMismatchError, InjectionError
 from surgery.methods.base import METHODS, SiteView, get_method
 
@@ -64,12 +64,17 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
     """A string that identifies the base's architecture (class, parameter names
     and shapes; not dtype or device), and with `weights=True` also its weight
     values (hashing every byte: slow on big models, so only on request).
-    Injected deltas are left out, so it is the same before and after injection."""
+    Injected deltas are left out, so it is the same before and after injection, and a sharded
+    (FSDP2) or DDP-wrapped model has its unsharded base's (with `weights=True` the full weights are
+    gathered: every rank calls it)."""
+    model = distributed.unwrap(model)
+    if weights:
+        distributed.reshard(model)  # read the shards, not the copies a forward left unsharded
     arch = engine.cached_fingerprint(model)
     if arch is None or weights:
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         items = sorted((kv for kv in named if not engine.is_adapter_path(model, kv[0])), key=lambda kv: kv[0])
-        h = hashlib.sha256(type(model).__qualname__.encode())
+        h = hashlib.sha256(distributed.model_class(model).__qualname__.encode())
         for k, t in items:  # a 4-bit weight by its logical shape: a QLoRA delta fits the base it was quantised from
             shape = getattr(getattr(t, "quant_state", None), "shape", t.shape)
             h.update(f"{k}:{tuple(shape)};".encode())
@@ -78,22 +83,34 @@ def fingerprint(model: nn.Module, weights: bool = False) -> str:
     if not weights:
         return arch
     h = hashlib.sha256()
+    if any(distributed.is_dtensor(t) for _, t in items):
+        distributed.guard("surgery.fingerprint", "weights")
     for k, t in items:
+        t = distributed.full_tensor(t)  # one full tensor at a time (a collective on a sharded model)
         h.update(k.encode())
         h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"{arch}+w:{h.hexdigest()[:16]}"
 
 
 def delta(model: nn.Module, name: str = "default") -> Delta:
-    """What the delta `name` has learned, as a `Delta` (tensors copied, detached)."""
+    """What the delta `name` has learned, as a `Delta` (tensors copied, detached).
+
+    On a sharded model (FSDP2) it is a collective: every rank calls it, the full tensors are gathered
+    and every rank gets the same Delta, plain tensors equal to the unsharded model's. A DDP wrapper
+    is read through its `.module`."""
+    model = distributed.unwrap(model)
     inj = engine.injection(model, name)
     if METHODS.get(inj.method) is not engine.method_of(model, name):
         raise InjectionError(
             f"{name!r} is a slot bank (surgery.serve), not a delta with learned "
             "tensors: it has nothing to save; the deltas it serves come from the hub"
         )
+    distributed.reshard(model)  # the sharded fp32 masters, not the copies a forward left unsharded
     ads = engine.adapters(model, name)
-    tensors = {f"{path}.{suf}": t.detach().clone() for path, ad in ads.items() for suf, t in ad.tensors().items()}
+    found = [(f"{path}.{suf}", t) for path, ad in ads.items() for suf, t in ad.tensors().items()]
+    if not distributed.plain(t for _, t in found):
+        distributed.guard("surgery.delta", name)
+    tensors = {k: distributed.full_tensor(t).detach().clone() for k, t in found}
     return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))
 
 
@@ -106,7 +123,12 @@ def apply(
     tensors are overwritten in place (a hot-swap: no new modules); otherwise the
     delta is injected. A Delta whose sites or shapes do not fit raises
     DeltaMismatchError naming the first misfit, and the model is left as it was.
+
+    Into a sharded model (FSDP2) every rank applies the same Delta: each puts its own rows into its
+    shards (a merged delta is unmerged and merged again: a collective). A DDP wrapper is applied
+    through its `.module`.
     """
+    model = distributed.unwrap(model)
     name = name or delta.name
     if not allow_other_base:
         check_base(delta, fingerprint(model))
@@ -130,11 +152,12 @@ def apply(
         return _hot_swap(model, name, delta, current, by_site)
     engine.check_name(model, name)
     cfg = method.config(**config_kwargs(method, delta.config))
+    distributed.reshard(model)
     made = make_adapters(model, delta, cfg)
     with torch.no_grad():
         for path, _, ad in made:
             for suf, t in ad.tensors().items():
-                t.copy_(by_site[path][suf])
+                distributed.copy_into(t, by_site[path][suf])
     return engine.attach(model, name, method, cfg, made)
 
 
@@ -223,10 +246,11 @@ def _hot_swap(model: nn.Module, name: str, delta: Delta, current: dict, by_site:
     was_merged = name in engine.merged(model)
     if was_merged:
         engine.unmerge(model, name)
+    distributed.reshard(model)  # write the shards, not the unsharded copies a forward left
     for path, ts in by_site.items():
         ad = current[path]
         for suf, t in ad.tensors().items():
-            t.copy_(ts[suf])
+            distributed.copy_into(t, ts[suf])
         if cfg is not old:  # another alpha, say, travels with the tensors
             method.refresh(ad, path, cfg)
     inj = engine.reconfigure(model, name, cfg, dict(delta.config))

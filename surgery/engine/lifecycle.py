@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from surgery import context
+from surgery import context, distributed
 from surgery.engine.active import spec_names
 from surgery.engine.merging import merged, unmerge
 from surgery.engine.runtime import RootHook, Site, Tap
@@ -72,9 +72,11 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
     """Inject `method` at the sites `targets` selects, in place; return the record.
 
     Only the injected tensors are trainable afterwards. The new delta joins the
-    model's default active set (see `activate`, `use`).
+    model's default active set (see `activate`, `use`). A DDP wrapper is injected through its
+    `.module` (its reducer does not see the new tensors: inject before wrapping to train them).
     """
     check_model(model)
+    model = distributed.unwrap(model)
     m = get_method(method)
     cfg = m.config(**config)
     check_name(model, name)
@@ -162,7 +164,10 @@ def attach(
 
 def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = False) -> None:
     """Remove one delta (or all). A merged delta is unmerged first, exactly,
-    unless `keep_merged=True`, which leaves its update baked into the base."""
+    unless `keep_merged=True`, which leaves its update baked into the base. On a sharded model with
+    a merged delta every rank calls it (each restores its own shards)."""
+    check_model(model)
+    model = distributed.unwrap(model)
     st = state_of(model)
     if st is None or not st.entries:
         if name is None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery import distributed
 from surgery.engine.merging import site_tensor
 from surgery.engine.state import check_model, state_of
 from surgery.merge import unmerge_weight
@@ -34,8 +35,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's `state_dict` while deltas are injected: no injected tensors, and the weights
     of merged sites as they were before the merge (recomputed exactly on a copy; the model is not
     touched). `model.state_dict()` itself keeps the injected tensors (optimizers, the Trainer's
-    checkpoints and DDP rely on it)."""
+    checkpoints and DDP rely on it). A DDP wrapper is read through its `.module`; a sharded model
+    (FSDP2) gives its `DTensor` shards, as its `state_dict` does, each merged shard restored."""
     check_model(model)
+    model = distributed.unwrap(model)
+    distributed.reshard(model)
     sd = model.state_dict()
     st = state_of(model)
     if st is None:
@@ -46,8 +50,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{path}.{tname}"
             if key in out:
                 w = site_tensor(site, tname).detach().clone()
+                loc = distributed.local_tensor(w)  # a shard's own rows: its records are the shard's
                 for _, recs in reversed(site.merged):  # last merged first, as unmerge does
-                    if tname in recs:
-                        unmerge_weight(w, recs[tname])
+                    if tname in recs and (loc.numel() or not w.numel()):
+                        unmerge_weight(loc, recs[tname])
                 out[key] = w
     return out
