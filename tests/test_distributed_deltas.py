@@ -79,9 +79,11 @@ def _check_fsdp(rank: int, folder: str) -> None:
     plain = tiny_llama()
     orig = {k: v.clone() for k, v in plain.state_dict().items()}
     surgery.inject(plain, "lora", targets="@linear", r=4, name="a")
-    surgery.inject(plain, "ia3", targets="@mlp", name="b")
-    _fill(plain, "a", 1)
-    _fill(plain, "b", 2)
+    surgery.inject(plain, "ia3", targets="@mlp", name="b")  # merges as row and column scales
+    surgery.inject(plain, "dora", targets="q_proj", r=2, name="c")  # its merge reads the base weight
+    surgery.inject(plain, "bitfit", name="e")  # merges within its own tensors: refused when sharded
+    for seed, name in enumerate("abce"):
+        _fill(plain, name, seed)
     m = copy.deepcopy(plain)
     for layer in m.model.layers:
         fully_shard(layer)
@@ -101,7 +103,7 @@ def _check_fsdp(rank: int, folder: str) -> None:
 
     # 1. delta: the full tensors, plain, on every rank, equal to the single-process Delta
     _logits(m, ids)  # a forward leaves the root unsharded: delta reads the shards anyway
-    for name in ("a", "b"):
+    for name in "abce":
         d, want = surgery.delta(m, name), surgery.delta(plain, name)
         assert d.base == want.base and d.tensors.keys() == want.tensors.keys()
         for k, t in d.tensors.items():
@@ -110,11 +112,12 @@ def _check_fsdp(rank: int, folder: str) -> None:
     before = _base_local(m)
 
     # 4. merge / unmerge exact per shard; the merged model computes the unsharded merged one's outputs
-    surgery.merge(m, "a")
-    surgery.merge(m, "b")
-    surgery.merge(plain, "a")
-    surgery.merge(plain, "b")
-    assert surgery.merged(m) == ["a", "b"]
+    for name in "abc":
+        surgery.merge(m, name)
+        surgery.merge(plain, name)
+    assert sorted(surgery.merged(m)) == ["a", "b", "c"]
+    with pytest.raises(surgery.MergeError, match="unsharded copy"):
+        surgery.merge(m, "e")
     torch.testing.assert_close(_logits(m, ids), _logits(plain, ids), rtol=0, atol=1e-5)
     w = distributed.full_tensor(m.model.layers[1].mlp.down_proj.weight)
     torch.testing.assert_close(w, plain.model.layers[1].mlp.down_proj.weight, rtol=0, atol=1e-6)
@@ -173,7 +176,7 @@ def _check_fsdp(rank: int, folder: str) -> None:
         surgery.apply(m, other)
     with pytest.raises(surgery.DeltaMismatchError, match="trained on base"):
         surgery.apply(m, other, "other")
-    assert surgery.names(m) == ["a", "b"]
+    assert surgery.names(m) == ["a", "b", "c", "e"]
     for k, t in m.state_dict().items():
         assert torch.equal(distributed.local_tensor(t), adapters_before[k]), k
 
@@ -190,6 +193,8 @@ def _check_fsdp(rank: int, folder: str) -> None:
     unsharded = tiny_llama()
     surgery.apply(unsharded, pulled)
     surgery.apply(unsharded, hub.pull(ref2))
+    for name in "ce":
+        surgery.apply(unsharded, surgery.delta(m, name))
     torch.testing.assert_close(_logits(unsharded, ids), _logits(m, ids), rtol=0, atol=1e-5)
     out = save_peft(m, os.path.join(folder, f"peft-{rank}"), adapter="a")
     _same_on_ranks(str(out))
@@ -251,8 +256,9 @@ def _check_ddp(rank: int, folder: str) -> None:
 
 
 def _check_one_rank_push(rank: int, folder: str) -> None:
-    """A push of a sharded model called on rank 0 only raises there after the guard's timeout (the
-    other rank never comes); nothing is written. Last: gloo closes the pair on that timeout."""
+    """A delta merged before sharding is refused by unmerge (its record is of the whole weight). A push
+    of a sharded model called on rank 0 only raises there after the guard's timeout (the other rank
+    never comes); nothing is written. Last: gloo closes the pair on that timeout."""
     import time
 
     from torch.distributed.fsdp import fully_shard
@@ -261,7 +267,12 @@ def _check_one_rank_push(rank: int, folder: str) -> None:
 
     model = tiny_llama()
     surgery.inject(model, "lora", targets="@linear", r=4, name="a")
+    _fill(model, "a", 7)
+    surgery.merge(model, "a")  # merged whole, then sharded: no record of a shard to unmerge with
     fully_shard(model)
+    with pytest.raises(surgery.MergeError, match="before the model was sharded"):
+        surgery.unmerge(model, "a")
+    assert surgery.merged(model) == ["a"]
     hub = registry.Hub(os.path.join(folder, "hub-one"))
     distributed.TIMEOUT = timedelta(seconds=1)
     if rank == 0:

@@ -60,6 +60,15 @@ def _merge(w: torch.Tensor, update: Any) -> MergeRecord:
 
 def _unmerge(w: torch.Tensor, rec: MergeRecord) -> None:
     loc = distributed.local_tensor(w)
+    if loc is not w and loc.dim():  # a record of the whole weight cannot restore a shard of it
+        f = rec.factors
+        first = f[0] if isinstance(f, tuple) else f if f is not None else rec.rows
+        if first is not None and first.shape[0] != loc.shape[0]:
+            raise MergeError(
+                f"this delta was merged into the whole weight ({first.shape[0]} rows) before the model was "
+                f"sharded (this rank holds {loc.shape[0]} rows): it cannot be unmerged shard by shard. "
+                "Unmerge before sharding, or surgery.remove(model, name, keep_merged=True) to keep it merged"
+            )
     if loc.numel() or not w.numel():
         unmerge_weight(loc, rec)
 
