@@ -218,6 +218,7 @@ def _check_fsdp(rank: int, folder: str) -> None:
     surgery.remove(m)
     assert surgery.names(m) == []
     distributed.reshard(m)
+    assert all(p.requires_grad for p in m.parameters())  # the sharded base is trainable again, as before
     for k, p in m.named_parameters():
         rows = distributed.local_rows(p)
         assert rows is not None and torch.equal(distributed.local_tensor(p), orig[k][rows[0] : rows[1]]), k

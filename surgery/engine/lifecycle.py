@@ -217,7 +217,10 @@ def remove(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fal
                     for ad in adapters(model, m).values():
                         ad.requires_grad_(True)
     if not st.entries:
-        for p, flag in zip(st.params, st.requires_grad, strict=False):
+        # the base's parameters now: FSDP2 (fully_shard after injection) put new DTensor parameters in
+        # the same places, so the flags go back by position while the tree has as many as recorded
+        now = list(model.parameters())
+        for p, flag in zip(now if len(now) == len(st.params) else st.params, st.requires_grad, strict=False):
             p.requires_grad_(flag)
         st.root.remove()
         del model.__dict__[context.STATE_ATTR]
