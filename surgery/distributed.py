@@ -180,11 +180,12 @@ def reshard(model: nn.Module) -> None:
 
 
 @contextmanager
-def gathered(module: nn.Module) -> Iterator[bool]:
+def gathered(module: nn.Module, values: bool = True) -> Iterator[bool]:
     """Within: every `DTensor` parameter and buffer of `module` (recursively) is replaced by a plain
     tensor holding its full value (a collective); after it, the sharded ones are back. Writes made
     within are lost (compute from them, write into the shards after). Yields whether anything was
-    gathered."""
+    gathered. With `values=False` they are `meta` tensors of the full shape and dtype instead (no
+    communication: for what shapes and types alone decide)."""
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for m in module.modules():
@@ -192,7 +193,7 @@ def gathered(module: nn.Module) -> Iterator[bool]:
             for table in tables:
                 for key, t in list(table.items()):
                     if is_dtensor(t):
-                        full = full_tensor(t)
+                        full = full_tensor(t) if values else torch.empty(t.shape, dtype=t.dtype, device="meta")
                         new = nn.Parameter(full, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else full
                         swapped.append((table, key, t))
                         table[key] = new

@@ -110,6 +110,11 @@ def _check_fsdp(rank: int, folder: str) -> None:
             assert type(t) is torch.Tensor and t.shape == want.tensors[k].shape and torch.equal(t, want.tensors[k]), k
     torch.testing.assert_close(_logits(m, ids), _logits(plain, ids), rtol=0, atol=1e-5)
     before = _base_local(m)
+    if rank == 0:  # inspections, on one rank: no collective (mergeable reads meta tensors of the full shapes)
+        assert all(surgery.engine.mergeable(m, n) is True for n in "abc")
+        assert "unsharded copy" in str(surgery.engine.mergeable(m, "e"))
+        assert "lora" in str(surgery.summary(m))
+    dist.barrier()
 
     # 4. merge / unmerge exact per shard; the merged model computes the unsharded merged one's outputs
     for name in "abc":

@@ -304,19 +304,20 @@ def merged(model: nn.Module) -> list[str]:
 
 def mergeable(model: nn.Module, name: str) -> bool | str:
     """True if `merge(model, name)` can fold the delta (into the base, or within its own tensors),
-    else the reason it cannot (the first site's). On a sharded model every rank calls it (a rule is
-    computed from the gathered tensors)."""
+    else the reason it cannot (the first site's). On a sharded model no rank communicates: the rule
+    is computed on `meta` tensors of the full shapes (whether a rule exists does not hang on values)."""
     model = distributed.unwrap(model)
     st, e = state_of(model), get_entry(model, name)
     assert st is not None
     distributed.reshard(model)
     sharded = any(_sharded_site(st.sites[p]) for p in e.injection.sites)
-    if sharded:
-        if _folds(e.method):
-            return "it merges within its own tensors, which are sharded here (merge in an unsharded copy)"
-        distributed.guard("surgery.mergeable", name)
+    if sharded and _folds(e.method):
+        return (
+            "it merges within its own tensors, which are sharded here: merge in an unsharded copy "
+            f"(surgery.delta(model, {name!r}) on every rank, surgery.apply it to the unsharded base, merge there)"
+        )
     for p in e.injection.sites:
-        with distributed.gathered(st.sites[p].module) if sharded else nullcontext():
+        with distributed.gathered(st.sites[p].module, values=False) if sharded else nullcontext():
             rule = cast(Adapter, st.sites[p].adapters[name]).merge(st.sites[p].view)
         if isinstance(rule, NotMergeable):
             return rule.reason
