@@ -229,6 +229,36 @@ def _check_fsdp(rank: int, folder: str) -> None:
         assert rows is not None and torch.equal(distributed.local_tensor(p), orig[k][rows[0] : rows[1]]), k
 
 
+def _check_mixed_precision() -> None:
+    """Under a bf16 all-gather policy a forward leaves the root's unsharded bf16 copies registered
+    (lm_head and its adapters): delta and merge read and write the fp32 shards all the same."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(6))
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets="lm_head", r=4, name="h")
+    surgery.inject(model, "lora", targets="q_proj", r=4, name="q")
+    _fill(model, "h", 11)
+    _fill(model, "q", 12)
+    want = {n: surgery.delta(model, n) for n in "hq"}
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    head = model.lm_head.weight
+    _logits(model, ids)
+    assert model.lm_head.weight is not head and model.lm_head.weight.dtype == torch.bfloat16  # unsharded copy
+    for n in "hq":
+        for k, t in surgery.delta(model, n).tensors.items():
+            assert t.dtype == torch.float32 and torch.equal(t, want[n].tensors[k]), k
+    before = _base_local(model)
+    surgery.merge(model, "h")
+    _logits(model, ids)
+    surgery.unmerge(model, "h")
+    for k, v in _base_local(model).items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
+
+
 def _check_ddp(rank: int, folder: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -298,6 +328,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     _check_fsdp(rank, folder)
+    _check_mixed_precision()
     _check_ddp(rank, folder)
     dist.barrier()
     _check_one_rank_push(rank, folder)  # leaves the process group unusable (gloo's timeout): no teardown
