@@ -171,9 +171,10 @@ def _train(model, forward_model, kind: str, rows: slice, steps: range, opt) -> l
 
 def _reference(case: str) -> dict[str, Any]:
     model, name, kind = _build(case)
+    init = _delta(model, name)
     opt = torch.optim.AdamW(_trainable(model), lr=LR)
     losses = _train(model, model, kind, slice(None), range(STEPS), opt)
-    return {"losses": torch.stack(losses), "delta": _delta(model, name)}
+    return {"losses": torch.stack(losses), "delta": _delta(model, name), "init": init}
 
 
 # ---------------------------------------------------------------------------------------------- the workers
@@ -232,6 +233,8 @@ def _worker(rank: int, port: int, backend: str, cases: list[str], folder: str) -
             if rank == 0:
                 torch.save(out, os.path.join(folder, f"{backend}-{case}.pt"))
             dist.barrier()
+        if backend == "fsdp2":  # the checkpoints' uninterrupted runs and saves (one spawn fewer)
+            _ckpt_phase(rank, "first", folder)
     finally:
         dist.destroy_process_group()
     os._exit(0)  # gloo's threads can abort the interpreter's teardown on a loaded machine
@@ -269,12 +272,12 @@ def runs(tmp_path_factory):
     got = {
         (b, c): torch.load(folder / f"{b}-{c}.pt", weights_only=True) for b, cases in BACKENDS.items() for c in cases
     }
-    return refs, got
+    return refs, got, folder
 
 
 @pytest.mark.parametrize("backend,case", [(b, c) for b, cases in BACKENDS.items() for c in cases])
 def test_trains_as_one_process(runs, backend, case):
-    refs, got = runs
+    refs, got, _ = runs
     out, ref = got[backend, case], refs[case]
     assert "error" not in out, f"{case} under {backend} failed on rank 0:\n{out.get('error')}"
     tol = 1e-5 if case != BF16 else 2e-4  # bf16 base: bf16 activations of half-batch matmuls (measured 4.5e-5)
@@ -284,15 +287,13 @@ def test_trains_as_one_process(runs, backend, case):
     for k, v in ref["delta"].items():
         torch.testing.assert_close(out["delta"][k], v, rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
     # it trained: the delta moved from its initial value
-    model, name, _ = _build(case)
-    init = _delta(model, name)
-    assert any(not torch.equal(init[k], v) for k, v in ref["delta"].items() if v.is_floating_point())
+    assert any(not torch.equal(ref["init"][k], v) for k, v in ref["delta"].items() if v.is_floating_point())
 
 
 def test_fsdp2_shards_params_grads_and_optimizer(runs):
     """Per rank, FSDP2 holds about half the parameter bytes of DDP (the frozen base is sharded) and half
     the delta's gradient and optimizer bytes."""
-    _, got = runs
+    _, got, _ = runs
     ddp, fsdp = got["ddp", "lora"]["bytes"], got["fsdp2", "lora"]["bytes"]
     assert 0.45 < fsdp["params"] / ddp["params"] < 0.56, (fsdp, ddp)
     assert 0.45 < fsdp["grads"] / ddp["grads"] < 0.56, (fsdp, ddp)
@@ -337,57 +338,64 @@ def _ckpt_train(model, plan, opt, steps: range, rank: int) -> None:
 
 
 def _ckpt_options(case: str):
-    """ "lora": the trainable tensors only (the frozen base comes from its own weights), loaded non-strict."""
+    """For "lora": the trainable tensors only (the frozen base comes from its own weights), loaded non-strict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=case == "lora", strict=case != "lora")
 
 
-def _ckpt_worker(rank: int, port: int, phase: str, folder: str) -> None:
+def _ckpt_phase(rank: int, phase: str, folder: str) -> None:
     import json
 
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    for case in ("lora", "schedule"):
+        out: dict[str, Any] = {}
+        where = os.path.join(folder, case)
+        try:
+            if phase == "first":
+                model, plan, opt = _ckpt_build(case)
+                _ckpt_train(model, plan, opt, range(CKPT_STEPS), rank)
+                out["full"] = {n: _full(p) for n, p in model.named_parameters()}
+                model, plan, opt = _ckpt_build(case)
+                _ckpt_train(model, plan, opt, range(CUT), rank)
+                msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
+                if plan is not None and rank == 0:
+                    with open(where + ".schedule.json", "w") as f:
+                        json.dump(plan.state_dict(), f)
+            else:
+                model, plan, opt = _ckpt_build(case)
+                if plan is not None:  # first: requires_grad as at the cut, so the optimizer's state matches
+                    with open(where + ".schedule.json") as f:
+                        plan.load_state_dict(json.load(f))
+                msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
+                state = {"model": msd, "optim": osd}
+                dcp.load(state, checkpoint_id=where)
+                set_state_dict(
+                    model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                    options=_ckpt_options(case),
+                )  # fmt: skip
+                _ckpt_train(model, plan, opt, range(CUT, CKPT_STEPS), rank)
+                out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
+        except Exception:
+            out = {"error": traceback.format_exc()}
+        if rank == 0:
+            torch.save(out, os.path.join(folder, f"{phase}-{case}.pt"))
+        dist.barrier()
+
+
+def _ckpt_worker(rank: int, port: int, folder: str) -> None:
+    """The resumed half, in fresh processes."""
+    import torch.distributed as dist
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
-        for case in ("lora", "schedule"):
-            out: dict[str, Any] = {}
-            where = os.path.join(folder, case)
-            try:
-                if phase == "first":
-                    model, plan, opt = _ckpt_build(case)
-                    _ckpt_train(model, plan, opt, range(CKPT_STEPS), rank)
-                    out["full"] = {n: _full(p) for n, p in model.named_parameters()}
-                    model, plan, opt = _ckpt_build(case)
-                    _ckpt_train(model, plan, opt, range(CUT), rank)
-                    msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
-                    dcp.save({"model": msd, "optim": osd}, checkpoint_id=where)
-                    if plan is not None and rank == 0:
-                        with open(where + ".schedule.json", "w") as f:
-                            json.dump(plan.state_dict(), f)
-                else:
-                    model, plan, opt = _ckpt_build(case)
-                    if plan is not None:  # first: requires_grad as at the cut, so the optimizer's state matches
-                        with open(where + ".schedule.json") as f:
-                            plan.load_state_dict(json.load(f))
-                    msd, osd = get_state_dict(model, opt, options=_ckpt_options(case))
-                    state = {"model": msd, "optim": osd}
-                    dcp.load(state, checkpoint_id=where)
-                    set_state_dict(
-                        model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                        options=_ckpt_options(case),
-                    )  # fmt: skip
-                    _ckpt_train(model, plan, opt, range(CUT, CKPT_STEPS), rank)
-                    out["resumed"] = {n: _full(p) for n, p in model.named_parameters()}
-            except Exception:
-                out = {"error": traceback.format_exc()}
-            if rank == 0:
-                torch.save(out, os.path.join(folder, f"{phase}-{case}.pt"))
-            dist.barrier()
+        _ckpt_phase(rank, "resume", folder)
     finally:
         dist.destroy_process_group()
     os._exit(0)
@@ -414,14 +422,11 @@ def _ckpt_reference(case: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(runs):
     import torch.multiprocessing as mp
 
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    folder = tmp_path_factory.mktemp("dcp")
-    for phase in ("first", "resume"):  # fresh processes for the resumed half
-        mp.spawn(_ckpt_worker, args=(_free_port(), phase, str(folder)), nprocs=WORLD, join=True)
+    folder = runs[2]  # the FSDP2 spawn of `runs` ran the uninterrupted runs and saved at CUT
+    mp.spawn(_ckpt_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True)
     return folder
 
 
