@@ -108,9 +108,11 @@ def delta(model: nn.Module, name: str = "default") -> Delta:
     distributed.reshard(model)  # the sharded fp32 masters, not the copies a forward left unsharded
     ads = engine.adapters(model, name)
     found = [(f"{path}.{suf}", t) for path, ad in ads.items() for suf, t in ad.tensors().items()]
-    if not distributed.plain(t for _, t in found):
+    if distributed.plain(t for _, t in found):
+        tensors = {k: t.detach().clone() for k, t in found}
+    else:  # sharded: every rank gathers the full tensors
         distributed.guard("surgery.delta", name)
-    tensors = {k: distributed.full_tensor(t).detach().clone() for k, t in found}
+        tensors = {k: distributed.full_tensor(t).detach().clone() for k, t in found}
     return Delta(inj.method, name, json.loads(json.dumps(inj.config)), tensors, fingerprint(model))
 
 

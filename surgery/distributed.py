@@ -58,9 +58,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+_FOUND: dict[str, type] = {}  # "DTensor" -> the class, once torch.distributed.tensor is imported
+
+
 def _dtensor_type() -> type | None:
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
+    cls = _FOUND.get("DTensor")
+    if cls is None:
+        mod = sys.modules.get("torch.distributed.tensor")
+        cls = getattr(mod, "DTensor", None) if mod is not None else None
+        if cls is not None:
+            _FOUND["DTensor"] = cls
+    return cls
 
 
 def _fsdp_type() -> type | None:
@@ -156,14 +164,15 @@ def local_rows(t: torch.Tensor) -> tuple[int, int] | None:
     return lo, lo + size
 
 
-@torch.no_grad()
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy the full tensor `src` into `dst`: for a `DTensor`, this rank's rows into its shard (no
-    communication; every rank holds `src`)."""
-    rows = local_rows(dst)
-    if rows is None:
+    """Copy the full tensor `src` into `dst` (call it under `torch.no_grad()`, as for any write into a
+    parameter): for a `DTensor`, this rank's rows into its shard (no communication; every rank holds
+    `src`)."""
+    if not is_dtensor(dst):  # the hot-swap's path: nothing more than the copy
         dst.copy_(src)
         return
+    rows = local_rows(dst)
+    assert rows is not None
     local_tensor(dst).copy_(src if dst.dim() == 0 else src[rows[0] : rows[1]])
 
 
@@ -172,7 +181,7 @@ def reshard(model: nn.Module) -> None:
     after a forward, the root keeps its unsharded copies, which a write would miss). Local, no
     communication; nothing to do on a model without FSDP2."""
     fsdp = _fsdp_type()
-    if fsdp is None:
+    if fsdp is None or not fsdp.__subclasses__():  # no module of this process was ever sharded
         return
     for m in unwrap(model).modules():
         if isinstance(m, fsdp):
@@ -310,4 +319,5 @@ def write_once(
 
 def plain(ts: Iterable[torch.Tensor]) -> bool:
     """Whether none of the tensors is a `DTensor`."""
-    return not any(is_dtensor(t) for t in ts)
+    cls = _dtensor_type()
+    return cls is None or not any(isinstance(t, cls) for t in ts)
