@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from surgery import context
+from surgery import context, distributed
 from surgery.errors import InjectionError, MergeError, ModelTypeError
 from surgery.methods.base import Action, Adapter, Method
 
@@ -143,7 +143,7 @@ def check_model(model: Any) -> None:
 def state_of(model: nn.Module) -> ModelState | None:
     if not isinstance(model, nn.Module):
         check_model(model)
-    return model.__dict__.get(context.STATE_ATTR)
+    return distributed.unwrap(model).__dict__.get(context.STATE_ATTR)  # a DDP wrapper: its .module's
 
 
 def get_entry(model: nn.Module, name: str) -> Entry:
@@ -157,7 +157,11 @@ def get_entry(model: nn.Module, name: str) -> Entry:
 def base_params(model: nn.Module) -> list[nn.Parameter]:
     """The base's parameters as recorded at the first injection ([] with nothing injected)."""
     st = state_of(model)
-    return [] if st is None else list(st.params)
+    if st is None:
+        return []
+    # fully_shard after injection puts new (DTensor) parameters in the same places: the current ones
+    now = [p for k, p in distributed.unwrap(model).named_parameters() if not st.is_adapter_path(k)]
+    return now if len(now) == len(st.params) else list(st.params)
 
 
 def names(model: nn.Module) -> list[str]:
@@ -182,7 +186,7 @@ def site_module(model: nn.Module, path: str) -> nn.Module:
     st = state_of(model)
     if st is not None and path in st.sites:
         return st.sites[path].module
-    return model.get_submodule(path)
+    return distributed.unwrap(model).get_submodule(path)
 
 
 def reconfigure(model: nn.Module, name: str, cfg: Any, config: dict[str, Any]) -> Injection:
