@@ -32,6 +32,7 @@ from surgery.engine import (
     use,
 )
 from surgery.errors import (
+    CollectiveError,
     CompositionError,
     ConfigError,
     DeltaMismatchError,
@@ -171,6 +172,7 @@ __all__ = [
     "Stack",
     "fuse",
     "fusion_weights",
+    "CollectiveError",
     "ConfigError",
     "Delta",
     "DeltaMismatchError",

@@ -35,17 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import CollectiveError
 
 T = TypeVar("T")
 
 # how long `guard` waits for every rank to arrive ($SURGERY_DIST_TIMEOUT seconds; set it lower in tests)
 TIMEOUT = timedelta(seconds=float(os.environ.get("SURGERY_DIST_TIMEOUT", "300")))
-
-
-class CollectiveError(SurgeryError, RuntimeError):
-    """A verb that every rank must call together was not (some ranks missing, or running another
-    verb), or the rank that writes failed; raised on every rank that called it."""
 
 
 # ----------------------------------------------------------------------------- what a model is

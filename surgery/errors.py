@@ -44,5 +44,10 @@ class SlotError(SurgeryError):
     cannot serve (rank above max_rank, other sites, not low-rank)."""
 
 
+class CollectiveError(SurgeryError, RuntimeError):
+    """A verb that every rank must call together was not (some ranks missing, or running another
+    verb), or the rank that writes failed; raised on every rank that called it."""
+
+
 class FusedExpertsWarning(UserWarning):
     """A method's targets cover less than they say: the model's experts are fused tensors it cannot attach to."""
