@@ -1,7 +1,8 @@
 """Every delta that trains, under DDP and under FSDP2 (`fully_shard` per decoder layer and the root; frozen
 base, trainable delta), on two CPU processes with gloo: the losses and the final delta equal a single-process
-run on the same global batch (each rank trains on its half), to 1e-5 in fp32; one bf16 base with fp32 deltas
-under FSDP2. ONE spawn per backend runs every method in sequence; the single-process references are computed
+run on the same global batch (each rank trains on its half), to 1e-5 in fp32; under FSDP2 also a bf16 base
+and an NF4 (QLoRA) base with fp32 LoRA factors, whose base bytes per rank stay packed and halved. ONE spawn
+per backend runs every method in sequence; the single-process references are computed
 in the parent. The checks are per (backend, method) tests over the results the spawn wrote.
 
 What each rank does is what a user writes: build the model, ``surgery.inject(...)`` (or ``heads``,
@@ -10,6 +11,7 @@ What each rank does is what a user writes: build the model, ``surgery.inject(...
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import traceback
@@ -116,6 +118,8 @@ CASES: dict[str, Callable[[Any], tuple[str, str]]] = {
     "heads": _heads,
 }
 BF16 = "lora-bf16-base"  # FSDP2 only: a bf16 base with fp32 LoRA factors
+NF4 = "qlora-nf4-base"  # FSDP2 only: QLoRA, the linear weights in bitsandbytes NF4 (uint8 storage, sharded)
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +129,12 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(case: str) -> tuple[torch.nn.Module, str, str]:
     model = tiny_llama()
-    if case == BF16:
-        model.to(torch.bfloat16)
-        surgery.inject(
-            model, "lora", targets=["q_proj", "v_proj", "down_proj"], r=4, name="d"
-        )  # fp32 factors by default
+    if case in (BF16, NF4):
+        if case == BF16:
+            model.to(torch.bfloat16)
+        else:
+            surgery.quantize(model, "nf4")
+        surgery.inject(model, "lora", targets=["q_proj", "v_proj", "down_proj"], r=4, name="d")  # fp32 factors
         name, kind = "d", "lm"
     else:
         name, kind = CASES[case](model)
@@ -255,7 +260,7 @@ class _NoStep:
 
 # ---------------------------------------------------------------------------------------------- the tests
 
-BACKENDS = {"ddp": list(CASES), "fsdp2": [*CASES, BF16]}
+BACKENDS = {"ddp": list(CASES), "fsdp2": [*CASES, BF16, *([NF4] if HAS_BNB else [])]}
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +271,7 @@ def runs(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)
-    refs = {case: _reference(case) for case in [*CASES, BF16]}
+    refs = {case: _reference(case) for case in BACKENDS["fsdp2"]}
     for backend, cases in BACKENDS.items():
         mp.spawn(_worker, args=(_free_port(), backend, cases, str(folder)), nprocs=WORLD, join=True)
     got = {
@@ -280,7 +285,9 @@ def test_trains_as_one_process(runs, backend, case):
     refs, got, _ = runs
     out, ref = got[backend, case], refs[case]
     assert "error" not in out, f"{case} under {backend} failed on rank 0:\n{out.get('error')}"
-    tol = 1e-5 if case != BF16 else 2e-4  # bf16 base: bf16 activations of half-batch matmuls (measured 4.5e-5)
+    # bf16 base: bf16 activations of half-batch matmuls (measured 4.5e-5); NF4: bitsandbytes' 4-bit matmul
+    # sums in another order for a half batch (measured 1.1e-5 on one entry of 512)
+    tol = {BF16: 2e-4, NF4: 1e-4}.get(case, 1e-5)
     torch.testing.assert_close(out["losses"], ref["losses"], rtol=tol, atol=tol)
     assert not torch.allclose(out["local"], ref["losses"], rtol=1e-3, atol=1e-3), "rank 0 did not see half a batch"
     assert out["delta"].keys() == ref["delta"].keys()
@@ -298,6 +305,10 @@ def test_fsdp2_shards_params_grads_and_optimizer(runs):
     assert 0.45 < fsdp["params"] / ddp["params"] < 0.56, (fsdp, ddp)
     assert 0.45 < fsdp["grads"] / ddp["grads"] < 0.56, (fsdp, ddp)
     assert 0.45 < fsdp["optimizer"] / ddp["optimizer"] < 0.56, (fsdp, ddp)
+    if HAS_BNB:  # QLoRA keeps its saving under FSDP2: the NF4 storage is sharded, never upcast
+        nf4 = got["fsdp2", NF4]["bytes"]
+        assert nf4["params"] < 0.6 * fsdp["params"], (nf4, fsdp)
+        assert nf4["grads"] == fsdp["grads"] and nf4["optimizer"] == fsdp["optimizer"], (nf4, fsdp)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
