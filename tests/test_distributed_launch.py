@@ -48,11 +48,10 @@ def _torchrun(script: str, *args: str) -> list[str]:
 
 def _single(out: Path) -> dict:
     """torchrun_fsdp2.train in this process: no process group, no wrapper, the whole batch."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import torchrun_fsdp2
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    import torchrun_fsdp2
+
     return torchrun_fsdp2.train(out)
 
 
@@ -69,6 +68,22 @@ def test_torchrun_fsdp2_trains_as_one_process(tmp_path):
         assert got[k].shape == v.shape, k
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in ref.items())  # it trained
+    # every rank called hub.push: one version, full tensors, and it loads into an unsharded model
+    import torchrun_fsdp2
+
+    import registry
+    import surgery
+
+    hub = registry.Hub(tmp_path / "fsdp2" / "hub")
+    assert [v.version for v in hub.versions("demo/lora")] == [1]
+    pulled = hub.pull("demo/lora")
+    for k, v in ref.items():
+        torch.testing.assert_close(pulled.tensors[k], v, rtol=1e-5, atol=1e-5)
+    fresh = torchrun_fsdp2.build(64, 2)
+    surgery.remove(fresh)
+    hub.load(fresh, "demo/lora")
+    for k, v in surgery.delta(fresh, "lora").tensors.items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-5)
     whole = one["bytes_per_rank"][0]
     for rank in report["bytes_per_rank"]:  # each rank holds about half of everything
         for what in ("params", "grads", "optimizer"):

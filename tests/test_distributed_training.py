@@ -149,8 +149,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _delta(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The delta's tensors as full tensors (on a sharded model: gathered; every rank calls this)."""
-    return {k: _full(v) for k, v in sorted(surgery.delta(model, name).tensors.items())}
+    """The delta's tensors: on a sharded model `surgery.delta` gathers the full tensors (every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = surgery.delta(model, name).tensors
+    assert not any(isinstance(t, DTensor) for t in tensors.values()), "surgery.delta returned shards"
+    return {k: v.detach().float().clone() for k, v in sorted(tensors.items())}
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

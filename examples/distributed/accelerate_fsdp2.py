@@ -6,7 +6,7 @@
 The user's code is the usual accelerate loop: build the model (seeded: the same on every rank), inject,
 THEN `accelerator.prepare(model, optimizer)` (it applies `fully_shard` to each `LlamaDecoderLayer` and the
 root, and points the optimizer at the sharded parameters). Rank 0 writes the delta's full tensors
-(`lora.safetensors`) and `report.json`; every rank takes part in gathering them."""
+(`lora.safetensors`) and `report.json`; every rank calls `surgery.delta`, which gathers them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
-from torchrun_fsdp2 import SEQ, VOCAB, build, full, local_bytes
+from torchrun_fsdp2 import SEQ, VOCAB, build, local_bytes
 
 import surgery
 
@@ -58,7 +58,7 @@ def main() -> None:
         opt.zero_grad()
         losses.append(float(accelerator.reduce(loss.detach(), "mean")))
     inner = accelerator.unwrap_model(model)
-    tensors = {k: full(v) for k, v in surgery.delta(inner, "lora").tensors.items()}
+    tensors = {k: v.contiguous() for k, v in surgery.delta(inner, "lora").tensors.items()}
     report = {"world": world, "mode": "accelerate", "sharded": type(model).__name__, "losses": losses,
               "bytes_per_rank": accelerator.gather_for_metrics([held], use_gather_object=True)}  # fmt: skip
     if accelerator.is_main_process:

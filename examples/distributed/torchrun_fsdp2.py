@@ -11,7 +11,8 @@ delta, THEN shards (`fully_shard` on each decoder layer, then the root) or wraps
 optimizer from the trainable parameters (the sharded ones). Each rank trains on its slice of every global
 batch. At the end every rank takes part in gathering the delta's full tensors; rank 0 writes them
 (`lora.safetensors`) and `report.json` (losses, and the bytes each rank held: parameters, gradients,
-optimizer state, local shards)."""
+optimizer state, local shards) and pushes it to a local hub (`out/hub`, ``demo/lora``) from every rank.
+`full()` gathers any other sharded tensor the same way (every rank calls it)."""
 
 from __future__ import annotations
 
@@ -103,13 +104,18 @@ def train(
             dist.all_reduce(loss)
         losses.append(float(loss) / world)
     held["optimizer"] = local_bytes(model, opt)["optimizer"]
-    tensors = {k: full(v) for k, v in surgery.delta(model, "lora").tensors.items()}  # every rank
+    import registry
+
+    # every rank calls these: on a sharded model surgery.delta gathers the full tensors, and hub.push
+    # gathers, writes once (rank 0) and gives every rank the same Ref
+    tensors = {k: v.contiguous() for k, v in surgery.delta(model, "lora").tensors.items()}
+    ref = registry.Hub(out / "hub", create=True).push(model, "demo/lora", adapter="lora")
     per_rank = [held]
     if distributed:
         per_rank = [None] * world
         dist.all_gather_object(per_rank, held)
     report = {"world": world, "mode": "ddp" if ddp else "fsdp2" if distributed else "single", "base": base,
-              "losses": losses, "bytes_per_rank": per_rank}  # fmt: skip
+              "losses": losses, "bytes_per_rank": per_rank, "pushed": str(ref)}  # fmt: skip
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / "lora.safetensors"))

@@ -4,7 +4,8 @@
 
 The model is built (seeded: the same on every rank) and injected BEFORE the Trainer: the Trainer (through
 accelerate) applies `fully_shard` to each `LlamaDecoderLayer` and the root and builds the optimizer over
-the trainable (delta) parameters. After training every rank gathers the delta; rank 0 writes
+the trainable (delta) parameters. After training every rank calls `surgery.delta` (it gathers the full
+tensors); rank 0 writes
 `lora.safetensors` and `report.json`."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torchrun_fsdp2 import SEQ, VOCAB, build, full
+from torchrun_fsdp2 import SEQ, VOCAB, build
 from transformers import Trainer, TrainingArguments
 
 import surgery
@@ -56,7 +57,7 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     wrapped = trainer.model_wrapped
-    tensors = {k: full(v) for k, v in surgery.delta(model, "lora").tensors.items()}
+    tensors = {k: v.contiguous() for k, v in surgery.delta(model, "lora").tensors.items()}
     report = {
         "world": trainer.args.world_size,
         "mode": "trainer",
