@@ -100,6 +100,10 @@ def _check_fsdp(rank: int, folder: str) -> None:
     fully_shard(bare)
     assert surgery.fingerprint(bare) == surgery.fingerprint(tiny_llama())
     assert surgery.fingerprint(bare, weights=True) == surgery.fingerprint(tiny_llama(), weights=True)
+    # injecting after fully_shard: the new tensors would be plain and never reduced; refused, nothing added
+    with pytest.raises(surgery.InjectionError, match="Inject first, then call fully_shard"):
+        surgery.inject(bare, "lora", targets="@linear", r=4, name="late")
+    assert surgery.names(bare) == []
 
     # 1. delta: the full tensors, plain, on every rank, equal to the single-process Delta
     _logits(m, ids)  # a forward leaves the root unsharded: delta reads the shards anyway

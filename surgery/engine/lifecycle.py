@@ -77,6 +77,12 @@ def inject(model: nn.Module, method: str, targets: Any = None, name: str = "defa
     """
     check_model(model)
     model = distributed.unwrap(model)
+    if distributed.is_sharded(model):
+        raise InjectionError(
+            f"inject({method!r}, name={name!r}) into a model whose parameters fully_shard (FSDP2) has already "
+            "sharded: the new tensors would be plain, unsharded and never reduced across ranks (each rank would "
+            "train its own copy). Inject first, then call fully_shard on the blocks and the root (docs/distributed.md)"
+        )
     m = get_method(method)
     cfg = m.config(**config)
     check_name(model, name)
