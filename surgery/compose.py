@@ -67,6 +67,9 @@ class Block:
                     "(Stack, Fuse, Average, Parallel, BatchSplit)"
                 )
         self.children = tuple(children)
+        # every delta name inside, once, in order: read on each forward (a tuple, so compiled code guards
+        # on it cheaply; a generator there broke the graph)
+        self.members: tuple[str, ...] = tuple(dict.fromkeys(self.names()))
 
     def names(self) -> Iterable[str]:
         for c in self.children:
@@ -213,6 +216,7 @@ def _check(
     new = object.__new__(type(item))
     new.__dict__.update(item.__dict__)
     new.children = children
+    new.members = tuple(dict.fromkeys(new.names()))
     return new
 
 

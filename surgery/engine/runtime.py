@@ -173,7 +173,7 @@ class Site:
         # the output may be updated in place only if no hook before ours has seen it
         inplace = out is not None and not _global_forward_hooks and next(iter(module._forward_hooks)) == self.hook_id
         if any(type(n) is not str for n in spec):
-            if live.keys().isdisjoint(n for it in spec for n in ([it] if isinstance(it, str) else it.names())):
+            if not _any_lives(spec, live):
                 return None  # no member of the blocks lives here (a head delta's tap on the backbone)
             return compose.run(self, spec, x, out)
         if self.bypass:  # a replacing delta makes the output: it runs first, the others add to it
@@ -347,4 +347,13 @@ def _in_generate() -> bool:
         if f.f_code in _GENERATE_CODES:
             return True
         f = f.f_back
+    return False
+
+
+def _any_lives(spec: tuple[Any, ...], live: dict[str, Any]) -> bool:
+    """Whether a delta named in `spec` (names and composition blocks) has an adapter at this site."""
+    for item in spec:
+        for name in (item,) if isinstance(item, str) else item.members:
+            if name in live:
+                return True
     return False
