@@ -341,17 +341,28 @@ class Bench:
         for i in range(0, len(rows), EVAL_BATCH):
             b = D.collate(rows[i : i + EVAL_BATCH], self.pad)
             scores += rm(b["chosen_input_ids"], b["chosen_attention_mask"]).tolist()
-        return {"reward": statistics.fmean(scores), **rouge(model, self.tok, self.test, self.test_refs, self.pad)}
+        rl = [rouge_l(p, r) for p, r in zip(preds, self.test_refs, strict=True)]
+        return {"reward": statistics.fmean(scores), "rouge_l": 100 * statistics.fmean(rl), "examples": preds[:5]}
+
+    def rl_roles(self, seed: int) -> tuple[nn.Module, nn.Module]:
+        """The SFT policy and the trained reward model, both on one copy of the base."""
+        import surgery
+
+        model = self.policy(seed)
+        self.restore("rm", seed, model)
+        return model, surgery.RewardModel(model, delta="rm")  # the trained one: its two deltas are there
+
+    def rl_before(self, seed: int) -> dict[str, Any]:
+        """The SFT policy's greedy test answers scored by the reward model: PPO's and GRPO's start."""
+        return self.cached(f"rl_before:{seed}", lambda: self.greedy_reward(*self.rl_roles(seed)))
 
     def rl_run(self, algo: str, seed: int) -> dict[str, Any]:
         def make() -> dict[str, Any]:
             import surgery
 
             torch.manual_seed(seed)
-            model = self.policy(seed)
-            self.restore("rm", seed, model)
-            rm = surgery.RewardModel(model, delta="rm")  # the trained one: its two deltas are there
-            before = self.greedy_reward(model, rm)
+            before = self.rl_before(seed)
+            model, rm = self.rl_roles(seed)
             rows = [{"prompt": self.tok.decode(e.prompt)} for e in self.train]
             if algo == "ppo":
                 trainer: Any = surgery.rl.PPO(model, delta="sft", reward=rm, tokenizer=self.tok, **PPO_CFG)
@@ -366,18 +377,20 @@ class Bench:
 
 def run(args: argparse.Namespace) -> None:
     b = Bench(args)
-    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "ppo", "grpo"]
+    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "rl_before", "ppo", "grpo"]
     for part in parts:
         if part == "zeroshot":
             b.zeroshot()
             continue
-        for seed in args.seeds if part.startswith(("sft:", "rm", "dpo")) else args.seeds[:1]:
+        for seed in args.seeds if part.startswith(("sft:", "dpo")) or part == "rm" else args.seeds[:1]:
             if part.startswith("sft:"):
                 b.sft_run(part.split(":", 1)[1], seed)
             elif part == "rm":
                 b.rm_run(seed)
             elif part == "dpo":
                 b.dpo_run(seed)
+            elif part == "rl_before":
+                b.rl_before(seed)
             elif part in ("ppo", "grpo"):
                 b.rl_run(part, seed)
             else:
@@ -432,7 +445,11 @@ def markdown(done: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None)
-    ap.add_argument("--part", action="append", help="zeroshot, sft:<method> (repeatable; default all)")
+    ap.add_argument(
+        "--part",
+        action="append",
+        help="zeroshot, sft:<method>, rm, dpo, rl_before, ppo, grpo (repeatable; default all)",
+    )
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)

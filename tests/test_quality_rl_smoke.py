@@ -30,6 +30,7 @@ def test_every_part_ran(done):
         "rm:0",
         "dpo:0",
         "ppo:0",
+        "rl_before:0",
         "grpo:0",
         *(f"sft:{m}:0" for m in ("lora", "qlora", "prompt", "prefix")),
     }
