@@ -102,6 +102,42 @@ def test_preference_margins_against_the_reference(pairs):
     assert own == pytest.approx(float((c > r).float().mean()))
 
 
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "kto"])
+def test_rpo_alpha_adds_the_chosen_nll(pairs, loss):
+    model, _ = policy()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    b = D.collate(pairs[:6], 0)
+    plain, m0 = pair_loss(model, b, loss=loss, delta="pol")
+    rpo, m1 = pair_loss(model, b, loss=loss, delta="pol", rpo_alpha=0.5)
+    # TRL's nll_loss: the mean cross-entropy over every chosen completion token, as transformers computes it
+    with torch.no_grad(), surgery.use(model, "pol"):
+        ce = model(
+            input_ids=b["chosen_input_ids"], attention_mask=b["chosen_attention_mask"], labels=b["chosen_labels"]
+        ).loss
+    assert "nll" not in m0 and m1["nll"] == pytest.approx(float(ce), rel=1e-5)
+    assert float(rpo.detach()) == pytest.approx(float(plain.detach()) + 0.5 * float(ce), rel=1e-5)
+    assert float(pair_loss(model, b, loss=loss, delta="pol", rpo_alpha=0)[0]) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_rpo_alpha_keeps_the_chosen_text_likely(pairs):
+    """DPO alone may push both completions down; its NLL term holds the chosen one up."""
+    b = D.collate(list(pairs), 0)
+    chosen = []
+    for alpha in (None, 0.1):
+        torch.manual_seed(0)
+        model, _ = policy()
+        history = train_dpo(model, pairs, delta="pol", epochs=6, lr=5e-3, batch_size=7, rpo_alpha=alpha)
+        assert ("nll" in history[-1]) == (alpha is not None)
+        with torch.no_grad(), surgery.use(model, "pol"):
+            chosen.append(float(logprobs(model, b)[0].mean()))
+        assert preference_accuracy(model, pairs, delta="pol") >= 0.9
+    assert chosen[1] > chosen[0] + 0.5
+
+
 def test_train_dpo_refuses_bad_input(pairs):
     bare = tiny_llama()
     with pytest.raises(ConfigError, match="no trainable parameters"):
@@ -113,6 +149,11 @@ def test_train_dpo_refuses_bad_input(pairs):
         train_dpo(model, pairs, delta="pol", loss="ppo")
     with pytest.raises(ConfigError, match="beta must be > 0"):
         train_dpo(model, pairs, delta="pol", beta=0)
+    for bad in (-0.1, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="rpo_alpha must be"):
+            train_dpo(model, pairs, delta="pol", rpo_alpha=bad)
+    with pytest.raises(ConfigError, match="ORPO already adds"):
+        DPOLoss(loss="orpo", rpo_alpha=1.0)
     sft = D.encode(CharTokenizer(), [{"prompt": "a", "chosen": "b"}], max_length=16)
     with pytest.raises(ConfigError, match="rejected completion"):
         train_dpo(model, sft, delta="pol")

@@ -55,11 +55,27 @@ def _check_pairs(pairs: Any, where: str, need_rejected: bool = True) -> Sequence
     return pairs
 
 
-def _check_loss(loss: str, beta: float) -> None:
+def _check_loss(loss: str, beta: float, rpo_alpha: float | None = None) -> None:
     if loss not in LOSSES:
         raise ConfigError(f"rl: loss must be one of {LOSSES}, got {loss!r}")
     if not isinstance(beta, (int, float)) or not beta > 0:
         raise ConfigError(f"rl: beta must be > 0, got {beta!r}")
+    if rpo_alpha is not None:
+        if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or not 0 <= rpo_alpha < float("inf"):
+            raise ConfigError(f"rl: rpo_alpha must be None or a finite number >= 0, got {rpo_alpha!r}")
+        if loss == "orpo":
+            raise ConfigError(
+                "rl: ORPO already adds the chosen completion's NLL (its beta weighs the odds ratio); "
+                "leave rpo_alpha=None with loss='orpo'"
+            )
+
+
+def _chosen_nll(pol_c: torch.Tensor, batch: Mapping[str, torch.Tensor], average: bool) -> torch.Tensor:
+    """The mean NLL over every chosen completion token of the batch (TRL's ``nll_loss``), from the
+    per-row chosen log-probs (summed, or their per-token means when `average`)."""
+    n = (batch["chosen_labels"][:, 1:] != IGNORE).sum(-1)
+    total = pol_c * n if average else pol_c
+    return -total.sum() / n.sum()
 
 
 def _kl_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,10 +98,30 @@ def pair_loss(
     beta: float = 0.1,
     delta: str | None = None,
     label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The preference loss of one collated pair batch: reference log-probs under `reference()` and
-    no_grad, the policy's under `delta` (None: the deltas active now), then `loss`."""
-    _check_loss(loss, beta)
+    no_grad, the policy's under `delta` (None: the deltas active now), then `loss`. `rpo_alpha`
+    adds that many times the chosen completion's mean NLL (TRL's ``rpo_alpha``, RPO, Pang et al. 2024:
+    DPO alone can lower the chosen text's likelihood too, and with it generation quality); the metrics
+    get ``nll``."""
+    _check_loss(loss, beta, rpo_alpha)
+    value, metrics, pol_c = _pair_loss(model, batch, loss, beta, delta, label_smoothing)
+    if rpo_alpha is not None:
+        nll = _chosen_nll(pol_c, batch, average=loss == "ipo")
+        value = value + rpo_alpha * nll
+        metrics = {**metrics, "nll": float(nll.detach())}
+    return value, metrics
+
+
+def _pair_loss(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss: str,
+    beta: float,
+    delta: str | None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     average = loss in ("ipo", "orpo")
     ref: tuple[torch.Tensor, torch.Tensor | None] | None = None
     if loss != "orpo":  # ORPO has no reference
@@ -96,23 +132,20 @@ def pair_loss(
     if pol_r is None:
         raise ConfigError("rl: the batch has no rejected rows; preference losses need pairs")
     if loss == "orpo":
-        scored = batch["chosen_labels"][:, 1:] != IGNORE
-        n = scored.sum(-1)
-        nll = -(pol_c * n).sum() / n.sum()  # the mean NLL over all chosen tokens, as TRL's
-        return orpo_loss(pol_c, pol_r, nll, beta)
+        return (*orpo_loss(pol_c, pol_r, _chosen_nll(pol_c, batch, average=True), beta), pol_c)
     assert ref is not None and ref[1] is not None
     ref_c, ref_r = ref[0], ref[1]
     if loss == "dpo":
-        return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, label_smoothing)
+        return (*dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, label_smoothing), pol_c)
     if loss == "ipo":
-        return ipo_loss(pol_c, pol_r, ref_c, ref_r, beta)
+        return (*ipo_loss(pol_c, pol_r, ref_c, ref_r, beta), pol_c)
     kl_batch = _kl_batch(batch)
     with torch.no_grad():
         with _policy(model, delta):
             kl_pol = logprobs(model, kl_batch)[0]
         with reference(model):
             kl_ref = logprobs(model, kl_batch)[0]
-    return kto_loss(pol_c, pol_r, ref_c, ref_r, kl_pol - kl_ref, beta)
+    return (*kto_loss(pol_c, pol_r, ref_c, ref_r, kl_pol - kl_ref, beta), pol_c)
 
 
 def _trainable(model: nn.Module, delta: str | None) -> list[nn.Parameter]:
@@ -159,13 +192,15 @@ def train_dpo(
     pad_id: int | None = None,
     seed: int = 0,
     label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
     on_step: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train the policy delta `delta` (None: whatever is active, every trainable parameter) on
     preference `pairs` (`surgery.rl.data.encode` with ``rejected``) with `loss` ("dpo", "ipo", "kto"
     on pairs, "orpo") and AdamW. Returns one record per step: ``step``, ``epoch``, ``loss``,
-    ``accuracy``, ``margin``, ``rewards_chosen``, ``rewards_rejected``; `on_step(step, record)` sees each."""
-    _check_loss(loss, beta)
+    ``accuracy``, ``margin``, ``rewards_chosen``, ``rewards_rejected`` (and ``nll`` with `rpo_alpha`, see
+    `pair_loss`); `on_step(step, record)` sees each."""
+    _check_loss(loss, beta, rpo_alpha)
     pairs = _check_pairs(pairs, "train_dpo")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"rl.train_dpo: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
@@ -183,7 +218,13 @@ def train_dpo(
                     k: v.to(device) for k, v in collate([pairs[j] for j in order[i : i + batch_size]], pad).items()
                 }
                 value, metrics = pair_loss(
-                    policy, batch, loss=loss, beta=beta, delta=delta, label_smoothing=label_smoothing
+                    policy,
+                    batch,
+                    loss=loss,
+                    beta=beta,
+                    delta=delta,
+                    label_smoothing=label_smoothing,
+                    rpo_alpha=rpo_alpha,
                 )
                 opt.zero_grad(set_to_none=True)
                 value.backward()
@@ -253,9 +294,17 @@ class DPOLoss:
     Trainer's optimizer says; the reference is `reference()` on each batch. `history` keeps each training
     step's metrics; `evaluate()` reports the mean pair loss as ``eval_loss``."""
 
-    def __init__(self, beta: float = 0.1, loss: str = "dpo", delta: str | None = None, label_smoothing: float = 0.0):
-        _check_loss(loss, beta)
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss: str = "dpo",
+        delta: str | None = None,
+        label_smoothing: float = 0.0,
+        rpo_alpha: float | None = None,
+    ):
+        _check_loss(loss, beta, rpo_alpha)
         self.beta, self.loss, self.delta, self.label_smoothing = beta, loss, delta, label_smoothing
+        self.rpo_alpha = rpo_alpha
         self.history: list[dict[str, float]] = []
 
     @staticmethod
@@ -270,7 +319,13 @@ class DPOLoss:
         num_items_in_batch: Any = None,
     ) -> Any:
         value, metrics = pair_loss(
-            model, inputs, loss=self.loss, beta=self.beta, delta=self.delta, label_smoothing=self.label_smoothing
+            model,
+            inputs,
+            loss=self.loss,
+            beta=self.beta,
+            delta=self.delta,
+            label_smoothing=self.label_smoothing,
+            rpo_alpha=self.rpo_alpha,
         )
         if torch.is_grad_enabled():  # training steps; evaluate() runs under no_grad
             self.history.append({"loss": float(value.detach()), **metrics})
