@@ -17,7 +17,8 @@ synopsis and the end-of-turn token.
 - reward model: `surgery.RewardModel(base, delta="rm", r=16)`, Bradley-Terry on the train pairs,
   accuracy on the test pairs.
 - DPO from the SFT LoRA delta (the reference: `surgery.reference`, the base): test preference
-  accuracy (implicit reward margin > 0) and ROUGE-L.
+  accuracy (implicit reward margin > 0) and ROUGE-L; `dpo_rpo` the same with the chosen synopsis's
+  NLL added (`rpo_alpha=1.0`).
 - PPO and GRPO from the SFT LoRA delta with the reward model: the mean reward of greedy test answers
   before and after, and the KL to the reference.
 
@@ -62,9 +63,11 @@ SFT_EPOCHS, SFT_BATCH = 1, 8
 EVAL_BATCH = 16
 RM = {"r": 16, "lr": 1e-4, "epochs": 1, "batch_size": 8}
 DPO = {"beta": 0.1, "lr": 5e-5, "epochs": 1, "batch_size": 8}
+DPO_RPO = {**DPO, "rpo_alpha": 1.0}  # + the chosen synopsis's NLL (TRL's rpo_alpha; the RPO paper's 1.0)
 RL_STEPS, RL_BATCH = 32, 8  # PPO / GRPO updates, prompts per update
 PPO_CFG = {"kl": 0.05, "lr": 1e-5, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS}
-GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKENS}
+# minibatch: 8 completions per forward (the same gradient); all 32 at once took 14 GB and an OOM kill
+GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKENS, "minibatch": 8}
 log = C.log
 
 
@@ -307,14 +310,17 @@ class Bench:
 
         return self.cached(f"rm:{seed}", make)
 
-    def dpo_run(self, seed: int) -> dict[str, Any]:
+    def dpo_run(self, seed: int, variant: str = "dpo") -> dict[str, Any]:
+        """DPO ("dpo") or DPO + the chosen NLL ("dpo_rpo") from the SFT LoRA delta."""
+
         def make() -> dict[str, Any]:
             import surgery
 
             torch.manual_seed(seed)
             model = self.policy(seed)
             before = surgery.rl.preference_accuracy(model, self.test, delta="sft", pad_id=self.pad)
-            hist = surgery.rl.train_dpo(model, self.train, delta="sft", pad_id=self.pad, seed=seed, **DPO)
+            cfg = DPO_RPO if variant == "dpo_rpo" else DPO
+            hist = surgery.rl.train_dpo(model, self.train, delta="sft", pad_id=self.pad, seed=seed, **cfg)
             out = {
                 "test_preference_accuracy_before": 100 * before,
                 "test_preference_accuracy": 100
@@ -325,7 +331,7 @@ class Bench:
             out.update(rouge(model, self.tok, self.test, self.test_refs, self.pad))
             return out
 
-        return self.cached(f"dpo:{seed}", make)
+        return self.cached(f"{variant}:{seed}", make)
 
     @torch.no_grad()
     def greedy_reward(self, model: nn.Module, rm: nn.Module) -> dict[str, float]:
@@ -377,7 +383,7 @@ class Bench:
 
 def run(args: argparse.Namespace) -> None:
     b = Bench(args)
-    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "rl_before", "ppo", "grpo"]
+    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "dpo_rpo", "rl_before", "ppo", "grpo"]
     for part in parts:
         if part == "zeroshot":
             b.zeroshot()
@@ -387,8 +393,8 @@ def run(args: argparse.Namespace) -> None:
                 b.sft_run(part.split(":", 1)[1], seed)
             elif part == "rm":
                 b.rm_run(seed)
-            elif part == "dpo":
-                b.dpo_run(seed)
+            elif part in ("dpo", "dpo_rpo"):
+                b.dpo_run(seed, part)
             elif part == "rl_before":
                 b.rl_before(seed)
             elif part in ("ppo", "grpo"):
@@ -432,6 +438,9 @@ def markdown(done: dict[str, Any]) -> str:
         f"| reward model, test pair accuracy % | {mean('rm', lambda v: v['accuracy'])} |",
         f"| DPO from the SFT LoRA, test preference accuracy % (margin > 0) | {mean('dpo', lambda v: v['test_preference_accuracy'])} |",
         f"| DPO from the SFT LoRA, ROUGE-L | {mean('dpo', lambda v: v['rouge_l'])} |",
+        f"| DPO + NLL (rpo_alpha {DPO_RPO['rpo_alpha']}), test preference accuracy % | "
+        f"{mean('dpo_rpo', lambda v: v['test_preference_accuracy'])} |",
+        f"| DPO + NLL (rpo_alpha {DPO_RPO['rpo_alpha']}), ROUGE-L | {mean('dpo_rpo', lambda v: v['rouge_l'])} |",
     ]
     for algo in ("ppo", "grpo"):
         lines += [
@@ -448,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--part",
         action="append",
-        help="zeroshot, sft:<method>, rm, dpo, rl_before, ppo, grpo (repeatable; default all)",
+        help="zeroshot, sft:<method>, rm, dpo, dpo_rpo, rl_before, ppo, grpo (repeatable; default all)",
     )
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     ap.add_argument("--limit-train", type=int, default=None)

@@ -29,6 +29,7 @@ def test_every_part_ran(done):
         "zeroshot",
         "rm:0",
         "dpo:0",
+        "dpo_rpo:0",
         "ppo:0",
         "rl_before:0",
         "grpo:0",
@@ -49,6 +50,8 @@ def test_figures_in_range(done):
     assert lora["first_loss"] != qlora["first_loss"] and abs(lora["first_loss"] - qlora["first_loss"]) < 1.0
     assert 0.0 <= done["rm:0"]["accuracy"] <= 100.0 and math.isfinite(done["rm:0"]["epoch_loss"][0])
     assert math.isfinite(done["dpo:0"]["first_loss"])
+    # the same first batch from the same SFT policy, with the chosen synopsis's NLL (> 0) added
+    assert done["dpo_rpo:0"]["first_loss"] > done["dpo:0"]["first_loss"]
     for algo in ("ppo", "grpo"):
         r = done[f"{algo}:0"]
         assert math.isfinite(r["before"]["reward"]) and math.isfinite(r["after"]["reward"])
