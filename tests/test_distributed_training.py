@@ -295,8 +295,12 @@ def test_trains_as_one_process(runs, backend, case):
     torch.testing.assert_close(out["losses"], ref["losses"], rtol=tol, atol=tol)
     assert not torch.allclose(out["local"], ref["losses"], rtol=1e-3, atol=1e-3), "rank 0 did not see half a batch"
     assert out["delta"].keys() == ref["delta"].keys()
+    # AdamW (lr 1e-2, 3 steps: up to 3e-2 per entry) divides by sqrt(v): where a gradient is near 0, a
+    # 1e-7 change from a half batch's matmul summing in another (CPU-dependent) order moves that entry
+    # by up to 2.6e-5 (measured on an AVX512-FP16 Xeon); 1e-4 is 0.3 % of an entry's possible travel
+    dtol = max(tol, 1e-4)
     for k, v in ref["delta"].items():
-        torch.testing.assert_close(out["delta"][k], v, rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(out["delta"][k], v, rtol=dtol, atol=dtol, msg=lambda m, k=k: f"{k}: {m}")
     # it trained: the delta moved from its initial value
     assert any(not torch.equal(ref["init"][k], v) for k, v in ref["delta"].items() if v.is_floating_point())
 
