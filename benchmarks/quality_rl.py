@@ -18,7 +18,8 @@ synopsis and the end-of-turn token.
   accuracy on the test pairs.
 - DPO from the SFT LoRA delta (the reference: `surgery.reference`, the base): test preference
   accuracy (implicit reward margin > 0) and ROUGE-L; `dpo_rpo` the same with the chosen synopsis's
-  NLL added (`rpo_alpha=1.0`).
+  NLL added (`rpo_alpha=1.0`); `dpo_sft` with the SFT delta as the reference (`ref_delta="sft"`),
+  training a copy of it (the DPO paper's and TRL's ``ref_adapter_name`` setting).
 - PPO and GRPO from the SFT LoRA delta with the reward model: the mean reward of greedy test answers
   before and after, and the KL to the reference.
 
@@ -64,6 +65,8 @@ EVAL_BATCH = 16
 RM = {"r": 16, "lr": 1e-4, "epochs": 1, "batch_size": 8}
 DPO = {"beta": 0.1, "lr": 5e-5, "epochs": 1, "batch_size": 8}
 DPO_RPO = {**DPO, "rpo_alpha": 1.0}  # + the chosen synopsis's NLL (TRL's rpo_alpha; the RPO paper's 1.0)
+# variant -> (train_dpo kwargs, ref_delta): the reference the base, or the SFT delta (the policy a copy of it)
+DPO_VARIANTS = {"dpo": (DPO, None), "dpo_rpo": (DPO_RPO, None), "dpo_sft": (DPO, "sft")}
 RL_STEPS, RL_BATCH = 32, 8  # PPO / GRPO updates, prompts per update
 PPO_CFG = {"kl": 0.05, "lr": 1e-5, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS}
 # minibatch: 8 completions per forward (the same gradient); all 32 at once took 14 GB and an OOM kill
@@ -311,20 +314,38 @@ class Bench:
         return self.cached(f"rm:{seed}", make)
 
     def dpo_run(self, seed: int, variant: str = "dpo") -> dict[str, Any]:
-        """DPO ("dpo") or DPO + the chosen NLL ("dpo_rpo") from the SFT LoRA delta."""
+        """One of DPO_VARIANTS from the SFT LoRA delta: the preference accuracy of the implicit reward
+        margin against the variant's own reference and against the base, the policy's own preference
+        (chosen log-prob > rejected, as the zero-shot and SFT rows), and ROUGE-L."""
 
         def make() -> dict[str, Any]:
             import surgery
 
+            cfg, ref = DPO_VARIANTS[variant]
             torch.manual_seed(seed)
             model = self.policy(seed)
-            before = surgery.rl.preference_accuracy(model, self.test, delta="sft", pad_id=self.pad)
-            cfg = DPO_RPO if variant == "dpo_rpo" else DPO
-            hist = surgery.rl.train_dpo(model, self.train, delta="sft", pad_id=self.pad, seed=seed, **cfg)
+            delta = "sft"
+            if ref is not None:  # train a copy; the SFT delta stays frozen as the reference
+                surgery.apply(model, surgery.delta(model, "sft"), name="dpo")
+                surgery.freeze(model)
+                for ad in surgery.engine.adapters(model, "dpo").values():
+                    ad.requires_grad_(True)
+                surgery.activate(model, "dpo")
+                delta = "dpo"
+
+            def acc(**kw: Any) -> float:
+                return 100 * surgery.rl.preference_accuracy(model, self.test, delta=delta, pad_id=self.pad, **kw)
+
+            before = acc(ref_delta=ref)
+            hist = surgery.rl.train_dpo(
+                model, self.train, delta=delta, ref_delta=ref, pad_id=self.pad, seed=seed, **cfg
+            )
             out = {
-                "test_preference_accuracy_before": 100 * before,
-                "test_preference_accuracy": 100
-                * surgery.rl.preference_accuracy(model, self.test, delta="sft", pad_id=self.pad),
+                "reference": ref or "base",
+                "test_preference_accuracy_before": before,
+                "test_preference_accuracy": acc(ref_delta=ref),
+                "test_preference_accuracy_vs_base": acc(),
+                "policy_preference_accuracy": acc(against_reference=False),
                 "first_loss": statistics.fmean(h["loss"] for h in hist[:10]),
                 "last_loss": statistics.fmean(h["loss"] for h in hist[-10:]),
             }
@@ -383,7 +404,7 @@ class Bench:
 
 def run(args: argparse.Namespace) -> None:
     b = Bench(args)
-    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", "dpo", "dpo_rpo", "rl_before", "ppo", "grpo"]
+    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", "ppo", "grpo"]
     for part in parts:
         if part == "zeroshot":
             b.zeroshot()
@@ -393,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
                 b.sft_run(part.split(":", 1)[1], seed)
             elif part == "rm":
                 b.rm_run(seed)
-            elif part in ("dpo", "dpo_rpo"):
+            elif part in DPO_VARIANTS:
                 b.dpo_run(seed, part)
             elif part == "rl_before":
                 b.rl_before(seed)
@@ -428,7 +449,7 @@ def markdown(done: dict[str, Any]) -> str:
     lines += [C.markdown_table(rows, ["row", "ROUGE-L", "pref. acc."]), ""]
 
     def mean(key: str, get: Callable[[dict], float]) -> str:
-        vals = [get(v) for k, v in done.items() if k.split(":")[0] == key]
+        vals = [x for k, v in done.items() if k.split(":")[0] == key and not math.isnan(x := get(v))]
         sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
         return f"{statistics.fmean(vals):.1f}{sd} ({len(vals)} seed{'s' if len(vals) > 1 else ''})" if vals else "-"
 
@@ -436,11 +457,6 @@ def markdown(done: dict[str, Any]) -> str:
         "| role | figure |",
         "|---|---|",
         f"| reward model, test pair accuracy % | {mean('rm', lambda v: v['accuracy'])} |",
-        f"| DPO from the SFT LoRA, test preference accuracy % (margin > 0) | {mean('dpo', lambda v: v['test_preference_accuracy'])} |",
-        f"| DPO from the SFT LoRA, ROUGE-L | {mean('dpo', lambda v: v['rouge_l'])} |",
-        f"| DPO + NLL (rpo_alpha {DPO_RPO['rpo_alpha']}), test preference accuracy % | "
-        f"{mean('dpo_rpo', lambda v: v['test_preference_accuracy'])} |",
-        f"| DPO + NLL (rpo_alpha {DPO_RPO['rpo_alpha']}), ROUGE-L | {mean('dpo_rpo', lambda v: v['rouge_l'])} |",
     ]
     for algo in ("ppo", "grpo"):
         lines += [
@@ -448,7 +464,31 @@ def markdown(done: dict[str, Any]) -> str:
             f"{mean(algo, lambda v: v['before']['reward'])} -> {mean(algo, lambda v: v['after']['reward'])} |",
             f"| {algo.upper()}: KL to the reference at the last update | {mean(algo, lambda v: v['history'][-1]['kl'])} |",
         ]
+    lines += ["", dpo_table(done, mean)]
     return "\n".join(lines + [""])
+
+
+def dpo_table(done: dict[str, Any], mean: Callable[[str, Callable[[dict], float]], str]) -> str:
+    """One row per DPO variant: test preference accuracy (implicit reward margin > 0) against its own
+    reference and against the base, the policy's own preference (as the zero-shot / SFT rows), ROUGE-L."""
+    what = {
+        "dpo": "DPO (beta 0.1)",
+        "dpo_rpo": f"DPO + chosen NLL (rpo_alpha {DPO_RPO['rpo_alpha']})",
+        "dpo_sft": "DPO (beta 0.1), a copy of the SFT delta",
+    }
+    rows = []
+    for v, (_, ref) in DPO_VARIANTS.items():
+        rows.append(
+            {
+                "DPO from the SFT LoRA": what[v],
+                "reference": f"the SFT delta (`ref_delta={ref!r}`)" if ref else "the base",
+                "pref. acc. % vs its reference": mean(v, lambda r: r["test_preference_accuracy"]),
+                "vs the base": mean(v, lambda r: r.get("test_preference_accuracy_vs_base", float("nan"))),
+                "policy's own pref. %": mean(v, lambda r: r.get("policy_preference_accuracy", float("nan"))),
+                "ROUGE-L": mean(v, lambda r: r["rouge_l"]),
+            }
+        )
+    return C.markdown_table(rows, list(rows[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--part",
         action="append",
-        help="zeroshot, sft:<method>, rm, dpo, dpo_rpo, rl_before, ppo, grpo (repeatable; default all)",
+        help="zeroshot, sft:<method>, rm, dpo, dpo_rpo, dpo_sft, rl_before, ppo, grpo (repeatable; default all)",
     )
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     ap.add_argument("--limit-train", type=int, default=None)

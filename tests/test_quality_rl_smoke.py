@@ -30,6 +30,7 @@ def test_every_part_ran(done):
         "rm:0",
         "dpo:0",
         "dpo_rpo:0",
+        "dpo_sft:0",
         "ppo:0",
         "rl_before:0",
         "grpo:0",
@@ -52,6 +53,12 @@ def test_figures_in_range(done):
     assert math.isfinite(done["dpo:0"]["first_loss"])
     # the same first batch from the same SFT policy, with the chosen synopsis's NLL (> 0) added
     assert done["dpo_rpo:0"]["first_loss"] > done["dpo:0"]["first_loss"]
+    # against its SFT reference the copied policy starts with every margin 0: the loss is log 2
+    sft_ref, base_ref = done["dpo_sft:0"], done["dpo:0"]
+    assert sft_ref["reference"] == "sft" and base_ref["reference"] == "base"
+    assert sft_ref["test_preference_accuracy_before"] == 0.0 and base_ref["test_preference_accuracy_before"] > 0.0
+    assert sft_ref["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert base_ref["test_preference_accuracy_vs_base"] == base_ref["test_preference_accuracy"]
     for algo in ("ppo", "grpo"):
         r = done[f"{algo}:0"]
         assert math.isfinite(r["before"]["reward"]) and math.isfinite(r["after"]["reward"])
@@ -60,4 +67,4 @@ def test_figures_in_range(done):
 
 def test_renders(done):
     md = load_benchmark("quality_rl").markdown(done)
-    assert "| zero-shot |" in md and "SFT qlora" in md and "GRPO" in md
+    assert "| zero-shot |" in md and "SFT qlora" in md and "GRPO" in md and "ref_delta='sft'" in md

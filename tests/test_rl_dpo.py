@@ -194,3 +194,36 @@ def test_two_steps_of_transformers_trainer(pairs, tmp_path):
         by_hand = [float(pair_loss(model, D.collate(pairs[i : i + 3], 0), delta="pol")[0]) for i in (0, 3)]
     assert ev["eval_loss"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     assert len(loss.history) == 2  # evaluation steps are not training history
+
+
+def test_dpo_against_the_sft_delta_kept_in_the_reference(pairs):
+    """TRL's ref_adapter_name: the reference is the SFT delta, the policy a copy of it that trains."""
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets="@linear", r=4, name="sft")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for ad in surgery.engine.adapters(model, "sft").values():
+            ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * 0.05)
+    sft_before = state_bits(model)
+    surgery.apply(model, surgery.delta(model, "sft"), name="pol")
+    b = D.collate(pairs[:7], 0)
+    with torch.no_grad():
+        against_base = float(pair_loss(model, b, delta="pol")[0])
+    assert against_base != pytest.approx(math.log(2), abs=1e-3)  # the SFT policy is not the base
+    assert preference_accuracy(model, pairs, delta="pol", ref_delta="sft") == 0.0  # margins exactly 0
+    history = train_dpo(model, pairs, delta="pol", ref_delta="sft", epochs=6, lr=5e-3, batch_size=7)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and history[0]["margin"] == 0.0
+    assert preference_accuracy(model, pairs, delta="pol", ref_delta="sft") >= 0.9
+    now = {k: v for k, v in state_bits(model).items() if k in sft_before}
+    assert_state_equal(sft_before, now)  # the base and the SFT delta: not a bit moved
+    # the Trainer's loss sees the same reference
+    ref_loss = DPOLoss(delta="pol", ref_delta="sft")
+    with torch.no_grad():
+        assert float(ref_loss(model, b)) == pytest.approx(float(pair_loss(model, b, delta="pol", ref_delta="sft")[0]))
+    for bad in ({"delta": "pol", "ref_delta": "pol"}, {"delta": "sft", "ref_delta": ["sft"]}):
+        with pytest.raises(ConfigError, match="is also ref_delta"):
+            train_dpo(model, pairs, **bad)
+        with pytest.raises(ConfigError, match="is also ref_delta"):
+            DPOLoss(**bad)
+    with pytest.raises(ConfigError, match="ref_delta must be None"):
+        preference_accuracy(model, pairs, delta="pol", ref_delta={"sft"})

@@ -211,3 +211,38 @@ def test_merged_or_frozen_policy_and_bad_rewards_refused():
         grpo.step(PROMPTS[:2])
     with pytest.raises(ConfigError, match="need tokenizer="):
         GRPO(model, reward_funcs=[count_a], group=2).step(PROMPTS[:2])
+
+
+def sft_and_copy() -> torch.nn.Module:
+    """A "tuned" SFT LoRA and the policy "pol", a copy of it (TRL's reference adapter recipe)."""
+    model = tiny_llama()
+    surgery.inject(model, "lora", targets=["*_proj", "lm_head"], r=8, name="sft")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for ad in surgery.engine.adapters(model, "sft").values():
+            ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * 0.1)
+    surgery.apply(model, surgery.delta(model, "sft"), name="pol")
+    return model
+
+
+@pytest.mark.parametrize("ref_delta", [None, "sft"])
+def test_reference_with_the_sft_delta_kept_on(ref_delta):
+    model, tok = sft_and_copy(), CharTokenizer()
+    sft_before = {k: v.clone() for k, v in surgery.delta(model, "sft").tensors.items()}
+    torch.manual_seed(0)
+    grpo = GRPO(model, delta="pol", ref_delta=ref_delta, reward_funcs=[count_a], group=4, lr=2e-2, tokenizer=tok)
+    stats = grpo.train(PROMPTS, steps=2, batch_size=2)
+    if ref_delta is None:  # against the base, the copied SFT policy is already far off
+        assert stats[0]["kl"] > 1e-3
+    else:  # against the SFT delta it starts where the reference is
+        assert stats[0]["kl"] == 0.0 and stats[1]["kl"] > 0.0
+    after = surgery.delta(model, "sft").tensors
+    assert all(torch.equal(sft_before[k], after[k]) for k in sft_before)
+
+
+def test_ref_delta_refused_when_it_is_the_policy():
+    model = sft_and_copy()
+    with pytest.raises(ConfigError, match=r"policy delta 'pol' is also ref_delta.*train a copy"):
+        GRPO(model, delta="pol", ref_delta=["sft", "pol"], reward_funcs=[count_a])
+    with pytest.raises(ConfigError, match="ref_delta must be None"):
+        GRPO(model, delta="pol", ref_delta=3, reward_funcs=[count_a])

@@ -166,3 +166,18 @@ def test_existing_non_value_delta_refused():
     surgery.heads(model, {"x": 1}, name="w-head")
     with pytest.raises(ConfigError, match="'w-head' exists and is not part of a value delta"):
         make(model, value="w")
+
+
+def test_ppo_reference_with_the_sft_delta_kept_on():
+    model, tok = tiny_llama(), CharTokenizer()
+    surgery.inject(model, "lora", targets=["*_proj", "lm_head"], r=8, name="sft")
+    with torch.no_grad():
+        for ad in surgery.engine.adapters(model, "sft").values():
+            ad.lora_B.normal_(0, 0.1)
+    surgery.apply(model, surgery.delta(model, "sft"), name="pol")
+    torch.manual_seed(0)
+    kw = dict(delta="pol", reward=count_a, tokenizer=tok, max_new_tokens=8, ppo_epochs=1, lr=1e-2)
+    stats = PPO(model, ref_delta="sft", **kw).train(PROMPTS, steps=2, batch_size=4)
+    assert stats[0]["kl"] == 0.0 and stats[1]["kl"] != 0.0  # the copy starts at the reference
+    with pytest.raises(ConfigError, match="value='sft' is also ref_delta"):
+        PPO(model, value="sft", ref_delta="sft", **kw)

@@ -296,3 +296,71 @@ def test_a_replaced_base_tensor_is_rehashed():
     with pytest.raises(ReferenceCheckError, match=r"tensors changed.*new: \['extra.bias', 'extra.weight'\]"):
         with reference(model):
             pass
+
+
+def test_kept_deltas_stay_on_and_every_other_is_off():
+    model = tiny_llama()
+    batch = batch_for(model)
+    surgery.inject(model, "lora", r=4, name="sft")
+    surgery.inject(model, "prompt", n_tokens=3, name="p")
+    surgery.inject(model, "adapter", bottleneck=8, name="style")
+    for n in ("sft", "p", "style"):
+        _perturb(model, n)
+    with surgery.use(model, "sft"):
+        want = _out(model, batch)
+    with surgery.use(model, "sft", "style"):
+        want_two = _out(model, batch)
+    with surgery.disable(model):
+        base = _out(model, batch)
+    assert not torch.equal(want, base)
+    with reference(model, "sft"):
+        assert torch.equal(_out(model, batch), want)
+        with reference(model):  # nested: the base alone
+            assert torch.equal(_out(model, batch), base)
+    with reference(model, "sft", "style"):
+        assert torch.equal(_out(model, batch), want_two)
+    with pytest.raises(ReferenceCheckError, match=r"no delta 'sfx'.*injected: \['p', 'sft', 'style'\]"):
+        with reference(model, "sfx"):
+            pass
+    with pytest.raises(surgery.ConfigError, match="distinct names"), reference(model, "sft", "sft"):
+        pass
+
+
+def test_a_kept_delta_trained_in_place_is_refused_and_a_copy_is_the_way():
+    model = tiny_llama()
+    batch = batch_for(model)
+    surgery.inject(model, "lora", r=4, name="sft")
+    _perturb(model, "sft")
+    with reference(model, "sft"):
+        want = _out(model, batch)
+    surgery.apply(model, surgery.delta(model, "sft"), name="policy")  # TRL's "load the adapter twice"
+    with surgery.use(model, "policy"):
+        assert torch.equal(_out(model, batch), want)  # the copy starts as the reference
+    _perturb(model, "policy")  # training the copy leaves the reference where it was
+    with reference(model, "sft"):
+        assert torch.equal(_out(model, batch), want)
+    _perturb(model, "sft")  # training the kept delta itself is refused
+    with pytest.raises(ReferenceCheckError, match=r"delta 'sft' kept on.*changed.*Train a copy"):
+        with reference(model, "sft"):
+            pass
+    with reference(model):  # the base alone is still the base
+        pass
+    forget(model)
+    with reference(model, "sft"):
+        assert not torch.equal(_out(model, batch), want)
+
+
+def test_a_kept_delta_may_be_merged_but_no_other():
+    model = tiny_llama()
+    batch = batch_for(model)
+    surgery.inject(model, "lora", r=4, name="sft")
+    surgery.inject(model, "lora", r=4, name="policy")
+    for n in ("sft", "policy"):
+        _perturb(model, n)
+    with surgery.use(model, "sft"):
+        want = _out(model, batch)
+    surgery.merge(model, "sft")  # before the first reference(): the merged weights are the ones watched
+    with reference(model, "sft"):
+        torch.testing.assert_close(_out(model, batch), want, rtol=0, atol=1e-5)
+    with pytest.raises(ReferenceCheckError, match=r"\['sft'\] are merged"), reference(model):
+        pass

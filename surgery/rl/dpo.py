@@ -1,8 +1,9 @@
 """Preference training on a delta: `train_dpo` (a small loop: DPO, IPO, KTO on pairs, ORPO), the
 `preference_accuracy` it is judged by, and `DPOLoss` for a `transformers.Trainer`.
 
-The reference is the same model with every delta off (`reference()`), run under no_grad on each
-batch: no second copy of the model. The loop runs in eval mode (no dropout, TRL's
+The reference is the same model with every delta off (`reference()`), or with the deltas
+`ref_delta` names on (an SFT delta the policy started from, trained as a copy), run under no_grad on
+each batch: no second copy of the model. The loop runs in eval mode (no dropout, TRL's
 ``disable_dropout`` default), so policy and reference are the same function at step 0."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from surgery.errors import ConfigError
 from surgery.rl.data import IGNORE, Encoded, collate
 from surgery.rl.logprobs import logprobs
 from surgery.rl.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss
-from surgery.rl.reference import reference
+from surgery.rl.reference import keep_names, reference
 
 LOSSES = ("dpo", "ipo", "kto", "orpo")
 
@@ -99,14 +100,17 @@ def pair_loss(
     delta: str | None = None,
     label_smoothing: float = 0.0,
     rpo_alpha: float | None = None,
+    ref_delta: str | Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The preference loss of one collated pair batch: reference log-probs under `reference()` and
-    no_grad, the policy's under `delta` (None: the deltas active now), then `loss`. `rpo_alpha`
+    """The preference loss of one collated pair batch: reference log-probs under
+    `reference(model, *ref_delta)` (None: the base alone) and no_grad, the policy's under `delta`
+    (None: the deltas active now), then `loss`. `rpo_alpha`
     adds that many times the chosen completion's mean NLL (TRL's ``rpo_alpha``, RPO, Pang et al. 2024:
     DPO alone can lower the chosen text's likelihood too, and with it generation quality); the metrics
     get ``nll``."""
     _check_loss(loss, beta, rpo_alpha)
-    value, metrics, pol_c = _pair_loss(model, batch, loss, beta, delta, label_smoothing)
+    refs = keep_names(ref_delta, "rl.pair_loss", delta)
+    value, metrics, pol_c = _pair_loss(model, batch, loss, beta, delta, label_smoothing, refs)
     if rpo_alpha is not None:
         nll = _chosen_nll(pol_c, batch, average=loss == "ipo")
         value = value + rpo_alpha * nll
@@ -121,11 +125,12 @@ def _pair_loss(
     beta: float,
     delta: str | None,
     label_smoothing: float,
+    refs: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     average = loss in ("ipo", "orpo")
     ref: tuple[torch.Tensor, torch.Tensor | None] | None = None
     if loss != "orpo":  # ORPO has no reference
-        with torch.no_grad(), reference(model):
+        with torch.no_grad(), reference(model, *refs):
             ref = logprobs(model, batch, average=average)
     with _policy(model, delta):
         pol_c, pol_r = logprobs(model, batch, average=average)
@@ -143,7 +148,7 @@ def _pair_loss(
     with torch.no_grad():
         with _policy(model, delta):
             kl_pol = logprobs(model, kl_batch)[0]
-        with reference(model):
+        with reference(model, *refs):
             kl_ref = logprobs(model, kl_batch)[0]
     return (*kto_loss(pol_c, pol_r, ref_c, ref_r, kl_pol - kl_ref, beta), pol_c)
 
@@ -193,14 +198,17 @@ def train_dpo(
     seed: int = 0,
     label_smoothing: float = 0.0,
     rpo_alpha: float | None = None,
+    ref_delta: str | Sequence[str] | None = None,
     on_step: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train the policy delta `delta` (None: whatever is active, every trainable parameter) on
     preference `pairs` (`surgery.rl.data.encode` with ``rejected``) with `loss` ("dpo", "ipo", "kto"
     on pairs, "orpo") and AdamW. Returns one record per step: ``step``, ``epoch``, ``loss``,
     ``accuracy``, ``margin``, ``rewards_chosen``, ``rewards_rejected`` (and ``nll`` with `rpo_alpha`, see
-    `pair_loss`); `on_step(step, record)` sees each."""
+    `pair_loss`); `on_step(step, record)` sees each. The reference is the base, or the base with the
+    deltas `ref_delta` on (see `pair_loss`)."""
     _check_loss(loss, beta, rpo_alpha)
+    keep_names(ref_delta, "rl.train_dpo", delta)
     pairs = _check_pairs(pairs, "train_dpo")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"rl.train_dpo: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
@@ -225,6 +233,7 @@ def train_dpo(
                     delta=delta,
                     label_smoothing=label_smoothing,
                     rpo_alpha=rpo_alpha,
+                    ref_delta=ref_delta,
                 )
                 opt.zero_grad(set_to_none=True)
                 value.backward()
@@ -246,10 +255,13 @@ def preference_margins(
     batch_size: int = 8,
     pad_id: int | None = None,
     against_reference: bool = True,
+    ref_delta: str | Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Per pair, the implicit reward margin over beta: (pol_c - ref_c) - (pol_r - ref_r) of summed
-    log-probs (`against_reference=False`: pol_c - pol_r, the policy's own preference)."""
+    log-probs, the reference `reference(policy, *ref_delta)` (`against_reference=False`: pol_c - pol_r,
+    the policy's own preference)."""
     pairs = _check_pairs(pairs, "preference_accuracy")
+    refs = keep_names(ref_delta, "rl.preference_accuracy", delta)
     pad = _pad_id(policy, pad_id)
     device = next(policy.parameters()).device
     out = []
@@ -261,7 +273,7 @@ def preference_margins(
             assert r is not None
             h = c - r
             if against_reference:
-                with reference(policy):
+                with reference(policy, *refs):
                     rc, rr = logprobs(policy, batch)
                 assert rr is not None
                 h = h - (rc - rr)
@@ -277,12 +289,19 @@ def preference_accuracy(
     batch_size: int = 8,
     pad_id: int | None = None,
     against_reference: bool = True,
+    ref_delta: str | Sequence[str] | None = None,
 ) -> float:
     """The fraction of `pairs` whose implicit reward margin is > 0: the policy raised the chosen
     completion's log-probability relative to the reference more than the rejected one's (beta > 0 does
     not change the sign). `against_reference=False`: the fraction the policy alone prefers."""
     h = preference_margins(
-        policy, pairs, delta=delta, batch_size=batch_size, pad_id=pad_id, against_reference=against_reference
+        policy,
+        pairs,
+        delta=delta,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        against_reference=against_reference,
+        ref_delta=ref_delta,
     )
     return float((h > 0).float().mean())
 
@@ -291,7 +310,7 @@ class DPOLoss:
     """The preference loss for a `transformers.Trainer` over pair batches:
     ``DPOLoss(beta=0.1).trainer()(model=policy, args=args, train_dataset=pairs, data_collator=loss.collator(pad))``
     (pairs: a list of `Encoded`; use ``remove_unused_columns=False``). The policy delta trains as the
-    Trainer's optimizer says; the reference is `reference()` on each batch. `history` keeps each training
+    Trainer's optimizer says; the reference is `reference(model, *ref_delta)` on each batch. `history` keeps each training
     step's metrics; `evaluate()` reports the mean pair loss as ``eval_loss``."""
 
     def __init__(
@@ -301,10 +320,11 @@ class DPOLoss:
         delta: str | None = None,
         label_smoothing: float = 0.0,
         rpo_alpha: float | None = None,
+        ref_delta: str | Sequence[str] | None = None,
     ):
         _check_loss(loss, beta, rpo_alpha)
         self.beta, self.loss, self.delta, self.label_smoothing = beta, loss, delta, label_smoothing
-        self.rpo_alpha = rpo_alpha
+        self.rpo_alpha, self.ref_delta = rpo_alpha, keep_names(ref_delta, "rl.DPOLoss", delta)
         self.history: list[dict[str, float]] = []
 
     @staticmethod
@@ -326,6 +346,7 @@ class DPOLoss:
             delta=self.delta,
             label_smoothing=self.label_smoothing,
             rpo_alpha=self.rpo_alpha,
+            ref_delta=self.ref_delta,
         )
         if torch.is_grad_enabled():  # training steps; evaluate() runs under no_grad
             self.history.append({"loss": float(value.detach()), **metrics})

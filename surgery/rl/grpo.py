@@ -3,7 +3,8 @@ group's, :math:`A_i = (r_i - \bar r) / (\sigma_r + 10^{-4})` (``scale_rewards=Fa
 as Dr. GRPO), a token-level clipped surrogate and a KL penalty to the reference by the k3 estimator
 :math:`\exp(\log\pi_{ref} - \log\pi) - (\log\pi_{ref} - \log\pi) - 1`. No value model.
 
-The policy is a delta on the base and the reference is that base with every delta off: one model.
+The policy is a delta on the base and the reference is that base with every delta off (or with the
+deltas `ref_delta` names on, e.g. the SFT delta the policy was copied from): one model.
 The loss is normalised as TRL's default ``loss_type="dapo"`` (over all completion tokens of the
 batch); ``"grpo"`` averages per sequence first, ``"dr_grpo"`` divides by batch x max_new_tokens."""
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from surgery import engine
 from surgery.errors import ConfigError
-from surgery.rl.reference import reference
+from surgery.rl.reference import keep_names, reference
 from surgery.rl.rollout import (
     Rollout,
     check_policy,
@@ -90,8 +91,10 @@ class GRPO:
         minibatch: int | None = None,
         max_grad_norm: float | None = 1.0,
         missing_eos_penalty: float = 0.0,
+        ref_delta: str | list[str] | None = None,
     ) -> None:
         self.params = check_policy(policy, delta)
+        self.ref_delta = keep_names(ref_delta, "GRPO", delta)
         self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, reward_weights)
         if group < 2:
             raise ConfigError(f"GRPO: group must be >= 2 (advantages compare completions of one prompt), got {group}")
@@ -155,7 +158,7 @@ class GRPO:
             with torch.no_grad():
                 ref = old = None
                 if self.beta:
-                    with reference(self.policy):
+                    with reference(self.policy, *self.ref_delta):
                         ref = torch.cat([self._logp(ro, idx)[0] for idx in chunks])
                 if self.iterations > 1:  # with one update per batch the ratio is 1 at its only step
                     with engine.use(self.policy, self.delta):

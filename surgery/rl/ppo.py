@@ -1,7 +1,7 @@
 r"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022) with every role on one frozen base: the
 policy is a delta, the value a second delta (LoRA) with a linear head over the final hidden states,
 the reward a `RewardModel` on a third delta (or any callable), the reference the base with every
-delta off.
+delta off (or with the deltas `ref_delta` names on: the SFT delta the policy was copied from).
 
 Per token :math:`t` of a completion the reward is :math:`-\beta(\log\pi(a_t) - \log\pi_{ref}(a_t))`,
 plus the sequence's score at its last token. Advantages are GAE,
@@ -27,7 +27,7 @@ from surgery.compose import BatchSplit
 from surgery.errors import CompositionError, ConfigError
 from surgery.methods.head import head_deltas
 from surgery.recipes.heads import heads
-from surgery.rl.reference import reference
+from surgery.rl.reference import keep_names, reference
 from surgery.rl.rollout import (
     Rollout,
     check_policy,
@@ -121,9 +121,11 @@ class PPO:
         value_r: int = 8,
         max_grad_norm: float | None = 1.0,
         missing_eos_penalty: float = 0.0,
+        ref_delta: str | list[str] | None = None,
         batch_split: bool = False,
     ) -> None:
         params = check_policy(policy, delta)
+        self.ref_delta = keep_names(ref_delta, "PPO", delta)
         (self.reward,), _ = check_reward_funcs([reward], None)
         need = {
             "kl >= 0": kl >= 0,
@@ -143,6 +145,8 @@ class PPO:
             raise ConfigError(f"PPO: needs {', '.join(k for k, ok in need.items() if not ok)}")
         if value == delta:
             raise ConfigError(f"PPO: value={value!r} names the policy delta; the value needs its own delta")
+        if value in self.ref_delta:
+            raise ConfigError(f"PPO: value={value!r} is also ref_delta; the value needs a delta of its own")
         self.head = value_head(policy, value, value_targets, value_r)
         value_params = [
             p for n in (value, f"{value}-head") for ad in engine.adapters(policy, n).values() for p in ad.parameters()
@@ -215,7 +219,7 @@ class PPO:
             scores = score([self.reward], [1.0], ro, self.tokenizer, self.missing_eos_penalty)
             with torch.no_grad():
                 old_logp, _, old_values = self.forward(ro)
-                with reference(self.policy):
+                with reference(self.policy, *self.ref_delta):
                     logits = self.policy(**forward_kwargs(self.policy, ro)).logits
                 ref_logp = token_stats(logits, ro.labels, self.temperature)[0]
                 kl = (old_logp - ref_logp) * mask

@@ -1,4 +1,5 @@
-"""`reference(model)`: the frozen base alone, with every delta off, and checked to be so.
+"""`reference(model)`: the frozen base alone, with every delta off, and checked to be so;
+`reference(model, "sft")`: the base with only the named (frozen) deltas on.
 
 RL and preference training compare the policy with a reference: here the same model with every
 delta switched off (`surgery.disable`, context-local), so no second copy is held. TRL's "adapter
@@ -14,6 +15,12 @@ in place; `reference` refuses such a model instead (`ReferenceCheckError`, sayin
 
 DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers are looked through, and
 deltas injected into any submodule (a wrapper around an injected model) are switched off too.
+
+Named deltas stay on (`reference(model, "sft")`: TRL's ``ref_adapter_name``): DPO, PPO and GRPO from an
+SFT delta are then anchored to the SFT model, not to the base. The policy trains a copy of it
+(``surgery.apply(model, surgery.delta(model, "sft"), name="policy")``). The kept deltas' tensors are
+watched like the base's: one that changes in place (an optimizer over it, a hot-swap) is refused.
+A kept delta may be merged (it stays in the weights); every other merged delta is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch import nn
 
 from surgery import context, engine
 from surgery.engine.runtime import AdapterDict
-from surgery.errors import SurgeryError
+from surgery.errors import ConfigError, SurgeryError
 
 _RECORD = "_surgery_reference"  # the weights record, in the unwrapped model's instance __dict__
 
@@ -53,6 +60,7 @@ class ReferenceCheck:
     first: float = 0.0
     # name -> (the tensor, weakly: an id could be reused by a new one; its _version; digest)
     seen: dict[str, tuple[Any, int, str]] = field(default_factory=dict, repr=False)
+    kept: dict[str, tuple[Any, int, str]] = field(default_factory=dict, repr=False)  # kept deltas' tensors
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -120,7 +128,7 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], _Tree]:
     return tree.holders, tree
 
 
-def _check_structure(tree: _Tree) -> None:
+def _check_structure(tree: _Tree, keep: tuple[str, ...] = ()) -> None:
     holders = tree.holders
     if tree.tuner is not None:
         raise ReferenceCheckError(
@@ -135,7 +143,7 @@ def _check_structure(tree: _Tree) -> None:
             "(surgery.inject(model, 'bitfit') for biases, 'sparse' for a few weights) or freeze them "
             "(p.requires_grad_(False))"
         )
-    merged = {p or "model": engine.merged(m) for p, m in holders.items() if engine.merged(m)}
+    merged = {p or "model": off for p, m in holders.items() if (off := [n for n in engine.merged(m) if n not in keep])}
     if merged:
         where, names = next(iter(merged.items()))
         raise ReferenceCheckError(
@@ -162,7 +170,47 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
-def _check_weights(model: nn.Module, base: dict[str, torch.Tensor]) -> ReferenceCheck:
+def _kept_tensors(holders: dict[str, nn.Module], keep: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The kept deltas' tensors, by "delta:holder path:site.suffix"; every name must be injected somewhere."""
+    out: dict[str, torch.Tensor] = {}
+    found: set[str] = set()
+    for path, m in holders.items():
+        here = set(engine.names(m))
+        for name in keep:
+            if name in here:
+                found.add(name)
+                for site, ad in engine.adapters(m, name).items():
+                    out.update({f"{name}:{path}:{site}.{suf}": t for suf, t in ad.tensors().items()})
+    missing = [n for n in keep if n not in found]
+    if missing:
+        injected = sorted({n for m in holders.values() for n in engine.names(m)})
+        raise ReferenceCheckError(
+            f"reference(): no delta {missing[0]!r} to keep on in the reference (injected: {injected or 'none'}); "
+            "name deltas the model has, or none for the base alone"
+        )
+    return out
+
+
+def _rehash(rec: ReferenceCheck, seen: dict[str, tuple[Any, int, str]], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Hash the tensors that are new or whose version moved into `seen`; the names whose digest changed."""
+    t0 = time.perf_counter()
+    changed = []
+    for n, t in tensors.items():
+        key = seen.get(n)
+        if key is not None and key[0]() is t and key[1] == t._version:
+            continue
+        d = _digest(t)
+        rec.hashed += 1
+        if key is not None and key[2] != d:
+            changed.append(n)
+        seen[n] = (weakref.ref(t), t._version, d)
+    rec.seconds += time.perf_counter() - t0
+    return changed
+
+
+def _check_weights(
+    model: nn.Module, base: dict[str, torch.Tensor], kept: dict[str, torch.Tensor] | None = None
+) -> ReferenceCheck:
     rec: ReferenceCheck | None = model.__dict__.get(_RECORD)
     first = rec is None
     if rec is None:
@@ -173,45 +221,65 @@ def _check_weights(model: nn.Module, base: dict[str, torch.Tensor]) -> Reference
             f"reference(): the base's tensors changed since the first reference() (gone: {gone[:5]}, new: {new[:5]}); "
             "the reference would not be the base it was. Rebuild the model, or reference.forget(model) to accept it"
         )
-    t0 = time.perf_counter()
-    seen = dict(rec.seen)
-    changed = []
-    for n, t in base.items():
-        key = seen.get(n)
-        if key is not None and key[0]() is t and key[1] == t._version:
-            continue
-        d = _digest(t)
-        rec.hashed += 1
-        if key is not None and key[2] != d:
-            changed.append(n)
-        seen[n] = (weakref.ref(t), t._version, d)
-    rec.seconds += time.perf_counter() - t0
+    seen, kept_seen = dict(rec.seen), dict(rec.kept)
+    changed = _rehash(rec, seen, base)
+    when = time.strftime("%H:%M:%S", time.localtime(rec.first))
     if changed:
-        when = time.strftime("%H:%M:%S", time.localtime(rec.first))
         raise ReferenceCheckError(
             f"reference(): the base changed in place since the first reference() at {when}: {changed[:5]}"
             f"{' ...' if len(changed) > 5 else ''}. Something trains or edits base weights (an optimizer over "
             "base parameters, a merge without unmerge); train deltas only, or reference.forget(model) to take "
             "the current weights as the base"
         )
-    rec.seen, rec.tensors = seen, len(seen)
+    moved = _rehash(rec, kept_seen, kept or {})
+    if moved:
+        name = moved[0].split(":", 1)[0]
+        raise ReferenceCheckError(
+            f"reference(): the delta {name!r} kept on in the reference changed since it was first kept "
+            f"({len(moved)} tensor(s), e.g. {moved[0].split(':', 1)[1]!r}): something trains or overwrites it, "
+            f"so the reference would move. Train a copy (surgery.apply(model, surgery.delta(model, {name!r}), "
+            "name='policy')) and keep the original frozen, or reference.forget(model) to accept its new weights"
+        )
+    rec.seen, rec.kept, rec.tensors = seen, kept_seen, len(seen)
     rec.entries += 1
     model.__dict__[_RECORD] = rec
     return rec
 
 
+def keep_names(deltas: Any, where: str, policy: str | None = None) -> tuple[str, ...]:
+    """`ref_delta=` of the RL trainers as a tuple of names (None -> (), "sft" -> ("sft",)), refusing
+    the trained delta `policy` among them: the reference would move with it."""
+    if deltas is None:
+        return ()
+    names = (deltas,) if isinstance(deltas, str) else tuple(deltas) if isinstance(deltas, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"{where}: ref_delta must be None (the base), a delta name or a list of distinct names, got {deltas!r}"
+        )
+    if policy is not None and policy in names:
+        raise ConfigError(
+            f"{where}: the policy delta {policy!r} is also ref_delta, so the reference would move with it; "
+            f"train a copy: surgery.apply(model, surgery.delta(model, {policy!r}), name='policy'), delta='policy'"
+        )
+    return names
+
+
 @contextlib.contextmanager
-def reference(model: nn.Module) -> Iterator[None]:
+def reference(model: nn.Module, *deltas: str) -> Iterator[None]:
     """Within this context (this thread / asyncio task only), run `model` as the frozen base: every
     delta off in it and in every injected submodule, after the checks above (`ReferenceCheckError`
-    when one fails). A model with no delta runs as it is (its weights are still watched). Nests."""
+    when one fails), but the `deltas` named, which stay on (stacked) and are watched too. A model with
+    no delta runs as it is (its weights are still watched). Nests."""
+    keep = keep_names(list(deltas), "reference()")
     inner = unwrap(model)
     holders, tree = _walk(inner)
-    _check_structure(tree)
-    _check_weights(inner, tree.tensors)
+    _check_structure(tree, keep)
+    kept = _kept_tensors(holders, keep)
+    _check_weights(inner, tree.tensors, kept)
     with contextlib.ExitStack() as stack:
         for m in holders.values():
-            stack.enter_context(engine.disable(m))
+            here = set(engine.names(m))
+            stack.enter_context(engine.use(m, *[n for n in keep if n in here]))
         yield
 
 
@@ -229,4 +297,4 @@ def forget(model: nn.Module) -> None:
 reference.check = check  # type: ignore[attr-defined]
 reference.forget = forget  # type: ignore[attr-defined]
 
-__all__ = ["ReferenceCheck", "ReferenceCheckError", "check", "forget", "reference", "unwrap"]
+__all__ = ["ReferenceCheck", "ReferenceCheckError", "check", "forget", "keep_names", "reference", "unwrap"]
