@@ -67,11 +67,15 @@ DPO = {"beta": 0.1, "lr": 5e-5, "epochs": 1, "batch_size": 8}
 DPO_RPO = {**DPO, "rpo_alpha": 1.0}  # + the chosen synopsis's NLL (TRL's rpo_alpha; the RPO paper's 1.0)
 # variant -> (train_dpo kwargs, ref_delta): the reference the base, or the SFT delta (the policy a copy of it)
 DPO_VARIANTS = {"dpo": (DPO, None), "dpo_rpo": (DPO_RPO, None), "dpo_sft": (DPO, "sft")}
+# a sweep of rpo_alpha with the SFT reference: dpo_rpo (1.0) kept ROUGE-L, dpo_sft (0) preference accuracy
+DPO_SWEEP = {f"dpo_sft_rpo{a}": ({**DPO, "rpo_alpha": a}, "sft") for a in (0.2, 0.5)}
+DPO_VARIANTS.update(DPO_SWEEP)
 RL_STEPS, RL_BATCH = 32, 8  # PPO / GRPO updates, prompts per update
 PPO_CFG = {"kl": 0.05, "lr": 1e-5, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS}
 # minibatch: 8 completions per forward (the same gradient); all 32 at once took 14 GB and an OOM kill
 GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKENS, "minibatch": 8}
 log = C.log
+PARTS = ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", "ppo", "grpo"]
 
 
 # ----------------------------------------------------------------------------- data and metrics
@@ -338,7 +342,14 @@ class Bench:
 
             before = acc(ref_delta=ref)
             hist = surgery.rl.train_dpo(
-                model, self.train, delta=delta, ref_delta=ref, pad_id=self.pad, seed=seed, **cfg
+                model,
+                self.train,
+                delta=delta,
+                ref_delta=ref,
+                pad_id=self.pad,
+                seed=seed,
+                on_step=lambda i, r: i % 10 or log(f"{variant}:{seed} step {i}: loss {r['loss']:.3f}"),
+                **cfg,
             )
             out = {
                 "reference": ref or "base",
@@ -404,7 +415,7 @@ class Bench:
 
 def run(args: argparse.Namespace) -> None:
     b = Bench(args)
-    parts = args.part or ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", "ppo", "grpo"]
+    parts = args.part or PARTS
     for part in parts:
         if part == "zeroshot":
             b.zeroshot()
@@ -475,6 +486,10 @@ def dpo_table(done: dict[str, Any], mean: Callable[[str, Callable[[dict], float]
         "dpo": "DPO (beta 0.1)",
         "dpo_rpo": f"DPO + chosen NLL (rpo_alpha {DPO_RPO['rpo_alpha']})",
         "dpo_sft": "DPO (beta 0.1), a copy of the SFT delta",
+        **{
+            k: f"DPO + chosen NLL (rpo_alpha {c['rpo_alpha']}), a copy of the SFT delta"
+            for k, (c, _) in DPO_SWEEP.items()
+        },
     }
     rows = []
     for v, (_, ref) in DPO_VARIANTS.items():
@@ -497,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--part",
         action="append",
-        help="zeroshot, sft:<method>, rm, dpo, dpo_rpo, dpo_sft, rl_before, ppo, grpo (repeatable; default all)",
+        help=f"one of {', '.join(PARTS)} (repeatable; default all)",
     )
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=list(SEEDS))
     ap.add_argument("--limit-train", type=int, default=None)
@@ -514,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         GRPO_CFG.update(max_new_tokens=8, group=2)
         args.limit_train, args.limit_test, args.seeds = 4, 2, [0]
         args.checkpoint = args.checkpoint or Path(tempfile.mkdtemp(prefix="quality_rl_")) / "smoke.json"
+        args.part = args.part or [p for p in PARTS if p not in DPO_SWEEP]  # the sweep runs the same code
     if args.render:
         done = json.loads(args.checkpoint.read_text())
         res = {"benchmark": "quality_rl", "env": C.environment(), "runs": done}
