@@ -364,3 +364,19 @@ def test_a_kept_delta_may_be_merged_but_no_other():
         torch.testing.assert_close(_out(model, batch), want, rtol=0, atol=1e-5)
     with pytest.raises(ReferenceCheckError, match=r"\['sft'\] are merged"), reference(model):
         pass
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+def test_kept_bitfit_delta_on_other_architectures(factory):
+    model = factory()
+    batch = batch_for(model)
+    surgery.inject(model, "bitfit", name="sft")
+    surgery.inject(model, "lora", r=4, name="pol")
+    for n in ("sft", "pol"):
+        _perturb(model, n)
+    with surgery.use(model, "sft"):
+        want = _out(model, batch)
+    with reference(model, "sft"):
+        assert torch.equal(_out(model, batch), want)
+    with reference(model):
+        assert not torch.equal(_out(model, batch), want)
