@@ -329,11 +329,10 @@ class Bench:
             torch.manual_seed(seed)
             model = self.policy(seed)
             delta = "sft"
-            if ref is not None:  # train a copy; the SFT delta stays frozen as the reference
+            if (
+                ref is not None
+            ):  # train a copy; the SFT delta is the reference (train_dpo's optimizer holds "dpo" alone)
                 surgery.apply(model, surgery.delta(model, "sft"), name="dpo")
-                surgery.freeze(model)
-                for ad in surgery.engine.adapters(model, "dpo").values():
-                    ad.requires_grad_(True)
                 surgery.activate(model, "dpo")
                 delta = "dpo"
 
