@@ -74,8 +74,10 @@ RL_STEPS, RL_BATCH = 32, 8  # PPO / GRPO updates, prompts per update
 PPO_CFG = {"kl": 0.05, "lr": 1e-5, "ppo_epochs": 2, "max_new_tokens": MAX_NEW_TOKENS}
 # minibatch: 8 completions per forward (the same gradient); all 32 at once took 14 GB and an OOM kill
 GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKENS, "minibatch": 8}
+# variant -> (algorithm, ref_delta): the KL to the base, or (a copy of the SFT delta trained) to the SFT delta
+RL_VARIANTS = {"ppo": ("ppo", None), "grpo": ("grpo", None), "ppo_sft": ("ppo", "sft"), "grpo_sft": ("grpo", "sft")}
 log = C.log
-PARTS = ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", "ppo", "grpo"]
+PARTS = ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", *RL_VARIANTS]
 
 
 # ----------------------------------------------------------------------------- data and metrics
@@ -393,23 +395,33 @@ class Bench:
         """The SFT policy's greedy test answers scored by the reward model: PPO's and GRPO's start."""
         return self.cached(f"rl_before:{seed}", lambda: self.greedy_reward(*self.rl_roles(seed)))
 
-    def rl_run(self, algo: str, seed: int) -> dict[str, Any]:
+    def rl_run(self, variant: str, seed: int) -> dict[str, Any]:
+        """One of RL_VARIANTS from the SFT LoRA delta with the trained reward model: the reward of greedy
+        test answers before and after, and the per-update history (KL to the variant's reference)."""
+
         def make() -> dict[str, Any]:
             import surgery
 
+            algo, ref = RL_VARIANTS[variant]
             torch.manual_seed(seed)
             before = self.rl_before(seed)
             model, rm = self.rl_roles(seed)
+            delta = "sft"
+            if ref is not None:  # train a copy; the SFT delta stays as it is, the reference
+                surgery.apply(model, surgery.delta(model, "sft"), name="policy")
+                surgery.activate(model, "policy")
+                delta = "policy"
             rows = [{"prompt": self.tok.decode(e.prompt)} for e in self.train]
+            kw = {"delta": delta, "ref_delta": ref, "tokenizer": self.tok}
             if algo == "ppo":
-                trainer: Any = surgery.rl.PPO(model, delta="sft", reward=rm, tokenizer=self.tok, **PPO_CFG)
+                trainer: Any = surgery.rl.PPO(model, reward=rm, **kw, **PPO_CFG)
             else:
-                trainer = surgery.rl.GRPO(model, delta="sft", reward_funcs=[rm], tokenizer=self.tok, **GRPO_CFG)
+                trainer = surgery.rl.GRPO(model, reward_funcs=[rm], **kw, **GRPO_CFG)
             hist = trainer.train(rows, steps=RL_STEPS, batch_size=RL_BATCH, seed=seed)
             after = self.greedy_reward(model, rm)
-            return {"before": before, "after": after, "history": hist}
+            return {"reference": ref or "base", "before": before, "after": after, "history": hist}
 
-        return self.cached(f"{algo}:{seed}", make)
+        return self.cached(f"{variant}:{seed}", make)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -428,7 +440,7 @@ def run(args: argparse.Namespace) -> None:
                 b.dpo_run(seed, part)
             elif part == "rl_before":
                 b.rl_before(seed)
-            elif part in ("ppo", "grpo"):
+            elif part in RL_VARIANTS:
                 b.rl_run(part, seed)
             else:
                 raise SystemExit(f"unknown part {part!r}")
@@ -468,11 +480,13 @@ def markdown(done: dict[str, Any]) -> str:
         "|---|---|",
         f"| reward model, test pair accuracy % | {mean('rm', lambda v: v['accuracy'])} |",
     ]
-    for algo in ("ppo", "grpo"):
+    for v, (algo, ref) in RL_VARIANTS.items():
+        name = f"{algo.upper()}, a copy of the SFT delta, KL to it" if ref else f"{algo.upper()}, KL to the base"
         lines += [
-            f"| {algo.upper()}: mean reward of greedy test answers, before -> after | "
-            f"{mean(algo, lambda v: v['before']['reward'])} -> {mean(algo, lambda v: v['after']['reward'])} |",
-            f"| {algo.upper()}: KL to the reference at the last update | {mean(algo, lambda v: v['history'][-1]['kl'])} |",
+            f"| {name}: mean reward of greedy test answers, before -> after | "
+            f"{mean(v, lambda r: r['before']['reward'])} -> {mean(v, lambda r: r['after']['reward'])} |",
+            f"| {name}: KL to the reference at the first / last update | "
+            f"{mean(v, lambda r: r['history'][0]['kl'])} / {mean(v, lambda r: r['history'][-1]['kl'])} |",
         ]
     lines += ["", dpo_table(done, mean)]
     return "\n".join(lines + [""])

@@ -34,6 +34,8 @@ def test_every_part_ran(done):
         "ppo:0",
         "rl_before:0",
         "grpo:0",
+        "ppo_sft:0",
+        "grpo_sft:0",
         *(f"sft:{m}:0" for m in ("lora", "qlora", "prompt", "prefix")),
     }
     assert set(done) == want
@@ -60,9 +62,13 @@ def test_figures_in_range(done):
     assert sft_ref["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert base_ref["test_preference_accuracy_vs_base"] == base_ref["test_preference_accuracy"]
     for algo in ("ppo", "grpo"):
-        r = done[f"{algo}:0"]
-        assert math.isfinite(r["before"]["reward"]) and math.isfinite(r["after"]["reward"])
-        assert r["history"] and math.isfinite(r["history"][-1]["kl"]) and r["history"][-1]["kl"] >= -1e-6
+        base, sft = done[f"{algo}:0"], done[f"{algo}_sft:0"]
+        for r in (base, sft):
+            assert math.isfinite(r["before"]["reward"]) and math.isfinite(r["after"]["reward"])
+            assert r["history"] and math.isfinite(r["history"][-1]["kl"]) and r["history"][-1]["kl"] >= -1e-6
+        # the first rollout of a copy of the SFT delta is the SFT delta's own: KL 0 to it, not to the base
+        assert (base["reference"], sft["reference"]) == ("base", "sft")
+        assert sft["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6) and base["history"][0]["kl"] > 1e-4
 
 
 def test_renders(done):
