@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -112,6 +114,20 @@ def hf_fakes_only(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hfh.constants, "HF_HUB_OFFLINE", False)
+
+
+@torch.no_grad()
+def greedy_tokens(base: nn.Module, delta, ids: list[int], max_tokens: int) -> list[int]:
+    """The greedy continuation of `ids` by `base` with `delta` applied to a copy (None: the base itself):
+    what a server must answer for a request, computed the plain transformers way."""
+    model = base
+    if delta is not None:
+        model = copy.deepcopy(base)
+        surgery.apply(model, delta)
+    out = model.generate(
+        input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def train_lm_with_trainer(model: nn.Module, tmp_path, steps: int = 3, lr: float = 1e-2):

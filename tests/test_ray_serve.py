@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import greedy_tokens
 from models import CharTokenizer, tiny_llama
 
 import registry
@@ -117,19 +118,8 @@ def _reference(world, version: str | None, prompt: str | list, max_tokens: int =
     ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else tok.apply_chat_template(prompt)
     key = (version, tuple(ids), max_tokens)
     if key not in world["refs"]:
-        model = world["base"]
-        if version is not None:
-            model = copy.deepcopy(model)
-            surgery.apply(model, world["deltas"][version])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([ids]),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=2,
-            )
-        world["refs"][key] = tok.decode(out[0, len(ids) :].tolist())
+        delta = world["deltas"][version] if version is not None else None
+        world["refs"][key] = tok.decode(greedy_tokens(world["base"], delta, ids, max_tokens))
     return world["refs"][key]
 
 

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from _helpers import greedy_tokens
 from models import CharTokenizer, tiny_llama
 
 import registry
@@ -54,19 +55,8 @@ def world(tmp_path_factory):
 
 
 def _reference(world, version: str | None, prompt_ids: list[int], max_tokens: int) -> str:
-    model = world["base"]
-    if version is not None:
-        model = copy.deepcopy(model)
-        surgery.apply(model, world["deltas"][version])
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt_ids]),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=2,
-        )
-    return TOK.decode(out[0, len(prompt_ids) :].tolist())
+    delta = world["deltas"][version] if version is not None else None
+    return TOK.decode(greedy_tokens(world["base"], delta, prompt_ids, max_tokens))
 
 
 @pytest.fixture()
