@@ -447,6 +447,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def markdown(done: dict[str, Any]) -> str:
+    # each seeded run knows its seed, for the figures taken against the same seed's SFT run
+    done = {k: {**v, "seed": int(k.rsplit(":", 1)[1])} if k[-1].isdigit() else v for k, v in done.items()}
     lines = ["# Quality of SFT / RLHF deltas on SmolLM2-135M-Instruct (issue 15)", ""]
     z = done.get("zeroshot")
     rows = []
@@ -509,6 +511,10 @@ def dpo_table(done: dict[str, Any], mean: Callable[[str, Callable[[dict], float]
         same = r["test_preference_accuracy"] if r.get("reference", "base") == "base" else float("nan")
         return r.get("test_preference_accuracy_vs_base", same)
 
+    def vs_sft(r: dict) -> float:
+        sft = done.get(f"sft:lora:{r['seed']}")
+        return r["rouge_l"] - sft["rouge_l"] if sft else float("nan")
+
     rows = []
     for v, (_, ref) in DPO_VARIANTS.items():
         rows.append(
@@ -519,6 +525,7 @@ def dpo_table(done: dict[str, Any], mean: Callable[[str, Callable[[dict], float]
                 "vs the base": mean(v, vs_base),
                 "policy's own pref. %": mean(v, lambda r: r.get("policy_preference_accuracy", float("nan"))),
                 "ROUGE-L": mean(v, lambda r: r["rouge_l"]),
+                "ROUGE-L - the same seed's SFT": mean(v, vs_sft),
             }
         )
     return C.markdown_table(rows, list(rows[0]))
