@@ -305,6 +305,16 @@ class Bench:
             ad.requires_grad_(True)
         return model
 
+    @staticmethod
+    def sft_copy(model: nn.Module, name: str) -> str:
+        """A copy of the SFT delta as `name`, the active delta, to train while "sft" stays as it is (the
+        reference of `ref_delta="sft"`); returns `name`."""
+        import surgery
+
+        surgery.apply(model, surgery.delta(model, "sft"), name=name)
+        surgery.activate(model, name)
+        return name
+
     def rm_run(self, seed: int) -> dict[str, Any]:
         def make() -> dict[str, Any]:
             import surgery
@@ -330,13 +340,7 @@ class Bench:
             cfg, ref = DPO_VARIANTS[variant]
             torch.manual_seed(seed)
             model = self.policy(seed)
-            delta = "sft"
-            if (
-                ref is not None
-            ):  # train a copy; the SFT delta is the reference (train_dpo's optimizer holds "dpo" alone)
-                surgery.apply(model, surgery.delta(model, "sft"), name="dpo")
-                surgery.activate(model, "dpo")
-                delta = "dpo"
+            delta = "sft" if ref is None else self.sft_copy(model, "dpo")  # train_dpo optimises "dpo" alone
 
             def acc(**kw: Any) -> float:
                 return 100 * surgery.rl.preference_accuracy(model, self.test, delta=delta, pad_id=self.pad, **kw)
@@ -406,11 +410,7 @@ class Bench:
             torch.manual_seed(seed)
             before = self.rl_before(seed)
             model, rm = self.rl_roles(seed)
-            delta = "sft"
-            if ref is not None:  # train a copy; the SFT delta stays as it is, the reference
-                surgery.apply(model, surgery.delta(model, "sft"), name="policy")
-                surgery.activate(model, "policy")
-                delta = "policy"
+            delta = "sft" if ref is None else self.sft_copy(model, "policy")
             rows = [{"prompt": self.tok.decode(e.prompt)} for e in self.train]
             kw = {"delta": delta, "ref_delta": ref, "tokenizer": self.tok}
             if algo == "ppo":
