@@ -11,7 +11,8 @@ prompt is PROMPT + the description as one user turn of the chat template; the co
 synopsis and the end-of-turn token.
 
 - zero-shot: preference accuracy (summed log-probability of the chosen synopsis > the rejected one's)
-  and ROUGE-L F1 of greedy synopses (at most 32 new tokens, the KV cache) against the real ones.
+  and ROUGE-L F1 of greedy synopses (at most 32 new tokens, the KV cache) against the real ones;
+  `zeroshot_nf4` the same of the base with its linears in NF4 (what QLoRA starts from).
 - SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), prompt
   tuning (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
 - reward model: `surgery.RewardModel(base, delta="rm", r=16)`, Bradley-Terry on the train pairs,
@@ -77,7 +78,7 @@ GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKE
 # variant -> (algorithm, ref_delta): the KL to the base, or (a copy of the SFT delta trained) to the SFT delta
 RL_VARIANTS = {"ppo": ("ppo", None), "grpo": ("grpo", None), "ppo_sft": ("ppo", "sft"), "grpo_sft": ("grpo", "sft")}
 log = C.log
-PARTS = ["zeroshot", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", *RL_VARIANTS]
+PARTS = ["zeroshot", "zeroshot_nf4", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", *RL_VARIANTS]
 
 
 # ----------------------------------------------------------------------------- data and metrics
@@ -156,6 +157,27 @@ def preference_accuracy(model: nn.Module, encoded: Sequence[Any], pad_id: int) -
     return 100.0 * wins / len(encoded)
 
 
+@torch.no_grad()
+def quantisation_residual(base: nn.Module, quantised: nn.Module, layers: Sequence[str], rank: int) -> dict[str, Any]:
+    """Over the quantised linears: ‖W - Q(W)‖ / ‖W‖, and the share of the residual's energy its best
+    rank-`rank` approximation holds (what a LoftQ-style initialisation of the factors could remove)."""
+    from surgery.fourbit import weight_of
+
+    rel, share = [], []
+    for path in layers:
+        w = base.get_submodule(path).weight.float()
+        r = w - weight_of(quantised.get_submodule(path)).float()
+        s2 = torch.linalg.svdvals(r) ** 2
+        rel.append(float(r.norm() / w.norm()))
+        share.append(float(s2[:rank].sum() / s2.sum()))
+    return {
+        "layers": len(layers),
+        "residual_rel_norm": statistics.fmean(rel),
+        f"residual_rank{rank}_energy": statistics.fmean(share),
+        f"residual_rank{rank}_energy_max": max(share),
+    }
+
+
 # ----------------------------------------------------------------------------- SFT
 
 
@@ -229,14 +251,25 @@ class Bench:
         log(f"[{key}] {json.dumps({k: v[k] for k in v if k != 'examples'})[:300]}")
         return v
 
-    def zeroshot(self) -> dict[str, Any]:
-        return self.cached(
-            "zeroshot",
-            lambda: {
-                "preference_accuracy": preference_accuracy(self.base, self.test, self.pad),
-                **rouge(self.base, self.tok, self.test, self.test_refs, self.pad),
-            },
-        )
+    def zeroshot(self, nf4: bool = False) -> dict[str, Any]:
+        """The base untuned; with `nf4` its linears quantised as QLoRA's are (what the 4-bit base alone
+        costs, before any delta)."""
+
+        def make() -> dict[str, Any]:
+            import surgery
+
+            model, out = self.base, {}
+            if nf4:
+                model = copy.deepcopy(self.base)
+                layers = surgery.quantize(model, "nf4", double_quant=True).layers
+                out = quantisation_residual(self.base, model, layers, rank=SFT["qlora"][0]["r"])
+            return {
+                "preference_accuracy": preference_accuracy(model, self.test, self.pad),
+                **rouge(model, self.tok, self.test, self.test_refs, self.pad),
+                **out,
+            }
+
+        return self.cached("zeroshot_nf4" if nf4 else "zeroshot", make)
 
     def sft_model(self, method: str, seed: int) -> nn.Module:
         """A copy of the base with the SFT delta `method` injected as "sft" (NF4 base for qlora)."""
@@ -428,8 +461,8 @@ def run(args: argparse.Namespace) -> None:
     b = Bench(args)
     parts = args.part or PARTS
     for part in parts:
-        if part == "zeroshot":
-            b.zeroshot()
+        if part in ("zeroshot", "zeroshot_nf4"):
+            b.zeroshot(nf4=part == "zeroshot_nf4")
             continue
         for seed in args.seeds if part.startswith(("sft:", "dpo")) or part == "rm" else args.seeds[:1]:
             if part.startswith("sft:"):
@@ -448,14 +481,14 @@ def run(args: argparse.Namespace) -> None:
 
 def markdown(done: dict[str, Any]) -> str:
     # each seeded run knows its seed, for the figures taken against the same seed's SFT run
-    done = {k: {**v, "seed": int(k.rsplit(":", 1)[1])} if k[-1].isdigit() else v for k, v in done.items()}
+    done = {k: {**v, "seed": int(m[1])} if (m := re.search(r":(\d+)$", k)) else v for k, v in done.items()}
     lines = ["# Quality of SFT / RLHF deltas on SmolLM2-135M-Instruct (issue 15)", ""]
-    z = done.get("zeroshot")
     rows = []
-    if z:
-        rows.append(
-            {"row": "zero-shot", "ROUGE-L": f"{z['rouge_l']:.1f}", "pref. acc.": f"{z['preference_accuracy']:.1f} %"}
-        )
+    for key, row in (("zeroshot", "zero-shot"), ("zeroshot_nf4", "zero-shot, the NF4 base (QLoRA's)")):
+        if z := done.get(key):
+            rows.append(
+                {"row": row, "ROUGE-L": f"{z['rouge_l']:.1f}", "pref. acc.": f"{z['preference_accuracy']:.1f} %"}
+            )
     for m in SFT:
         runs = [v for k, v in done.items() if k.startswith(f"sft:{m}:")]
         if not runs:
@@ -471,11 +504,22 @@ def markdown(done: dict[str, Any]) -> str:
             }
         )
     lines += [C.markdown_table(rows, ["row", "ROUGE-L", "pref. acc."]), ""]
+    r = SFT["qlora"][0]["r"]
+    if (z := done.get("zeroshot_nf4", {})).get("layers"):
+        lines += [
+            f"NF4 residual over the {z['layers']} quantised linears: ‖W - NF4(W)‖ / ‖W‖ "
+            f"{z['residual_rel_norm']:.3f} on average; its best rank-{r} approximation holds "
+            f"{100 * z[f'residual_rank{r}_energy']:.1f} % of its energy on average "
+            f"({100 * z[f'residual_rank{r}_energy_max']:.1f} % at most).",
+            "",
+        ]
 
-    def mean(key: str, get: Callable[[dict], float]) -> str:
+    def mean(key: str, get: Callable[[dict], float], digits: int = 1) -> str:
         vals = [x for k, v in done.items() if k.split(":")[0] == key and not math.isnan(x := get(v))]
-        sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-        return f"{statistics.fmean(vals):.1f}{sd} ({len(vals)} seed{'s' if len(vals) > 1 else ''})" if vals else "-"
+        sd = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
+        return (
+            f"{statistics.fmean(vals):.{digits}f}{sd} ({len(vals)} seed{'s' if len(vals) > 1 else ''})" if vals else "-"
+        )
 
     lines += [
         "| role | figure |",
@@ -486,7 +530,7 @@ def markdown(done: dict[str, Any]) -> str:
         name = f"{algo.upper()}, a copy of the SFT delta, KL to it" if ref else f"{algo.upper()}, KL to the base"
         lines += [
             f"| {name}: mean reward of greedy test answers, before -> after | "
-            f"{mean(v, lambda r: r['before']['reward'])} -> {mean(v, lambda r: r['after']['reward'])} |",
+            f"{mean(v, lambda r: r['before']['reward'], 2)} -> {mean(v, lambda r: r['after']['reward'], 2)} |",
             f"| {name}: KL to the reference at the first / last update | "
             f"{mean(v, lambda r: r['history'][0]['kl'])} / {mean(v, lambda r: r['history'][-1]['kl'])} |",
         ]

@@ -27,6 +27,7 @@ def done(tmp_path_factory):
 def test_every_part_ran(done):
     want = {
         "zeroshot",
+        "zeroshot_nf4",
         "rm:0",
         "dpo:0",
         "dpo_rpo:0",
@@ -47,6 +48,10 @@ def test_figures_in_range(done):
             assert 0.0 <= r["rouge_l"] <= 100.0, key
         if key.startswith("sft:"):
             assert r["steps"] == 1 and math.isfinite(r["first_loss"]) and r["trainable"] > 0, key
+    # the NF4 base's own error: a residual of a few % of the weights, a part of it within reach of rank 16
+    z = done["zeroshot_nf4"]
+    assert z["layers"] > 0 and 0.0 < z["residual_rel_norm"] < 0.5
+    assert 0.0 < z["residual_rank16_energy"] <= z["residual_rank16_energy_max"] <= 1.0
     # QLoRA trains the same LoRA as on the fp32 base; its loss differs only by the 4-bit weights
     lora, qlora = done["sft:lora:0"], done["sft:qlora:0"]
     assert lora["trainable"] == qlora["trainable"]
@@ -73,4 +78,11 @@ def test_figures_in_range(done):
 
 def test_renders(done):
     md = load_benchmark("quality_rl").markdown(done)
-    assert "| zero-shot |" in md and "SFT qlora" in md and "GRPO" in md and "ref_delta='sft'" in md
+    assert (
+        "| zero-shot |" in md
+        and "the NF4 base" in md
+        and "NF4 residual" in md
+        and "SFT qlora" in md
+        and "GRPO" in md
+        and "ref_delta='sft'" in md
+    )
