@@ -450,7 +450,13 @@ class Bench:
                 trainer: Any = surgery.rl.PPO(model, reward=rm, **kw, **PPO_CFG)
             else:
                 trainer = surgery.rl.GRPO(model, reward_funcs=[rm], **kw, **GRPO_CFG)
-            hist = trainer.train(rows, steps=RL_STEPS, batch_size=RL_BATCH, seed=seed)
+            hist = trainer.train(
+                rows,
+                steps=RL_STEPS,
+                batch_size=RL_BATCH,
+                seed=seed,
+                on_step=lambda i, r: log(f"[{variant}:{seed}] step {i}: reward {r['reward']:.3f} kl {r['kl']:.3f}"),
+            )
             after = self.greedy_reward(model, rm)
             return {"reference": ref or "base", "before": before, "after": after, "history": hist}
 

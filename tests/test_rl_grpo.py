@@ -231,7 +231,9 @@ def test_reference_with_the_sft_delta_kept_on(ref_delta):
     sft_before = {k: v.clone() for k, v in surgery.delta(model, "sft").tensors.items()}
     torch.manual_seed(0)
     grpo = GRPO(model, delta="pol", ref_delta=ref_delta, reward_funcs=[count_a], group=4, lr=2e-2, tokenizer=tok)
-    stats = grpo.train(PROMPTS, steps=2, batch_size=2)
+    seen: list = []
+    stats = grpo.train(PROMPTS, steps=2, batch_size=2, on_step=lambda i, rec: seen.append((i, rec)))
+    assert seen == list(enumerate(stats))
     if ref_delta is None:  # against the base, the copied SFT policy is already far off
         assert stats[0]["kl"] > 1e-3
     else:  # against the SFT delta it starts where the reference is

@@ -177,7 +177,23 @@ def test_ppo_reference_with_the_sft_delta_kept_on():
     surgery.apply(model, surgery.delta(model, "sft"), name="pol")
     torch.manual_seed(0)
     kw = dict(delta="pol", reward=count_a, tokenizer=tok, max_new_tokens=8, ppo_epochs=1, lr=1e-2)
-    stats = PPO(model, ref_delta="sft", **kw).train(PROMPTS, steps=2, batch_size=4)
+    seen: list = []
+    stats = PPO(model, ref_delta="sft", **kw).train(
+        PROMPTS, steps=2, batch_size=4, on_step=lambda i, rec: seen.append((i, rec))
+    )
+    assert seen == list(enumerate(stats))  # every step's record, in order, as it is made
     assert stats[0]["kl"] == 0.0 and stats[1]["kl"] != 0.0  # the copy starts at the reference
     with pytest.raises(ConfigError, match="value='sft' is also ref_delta"):
         PPO(model, value="sft", ref_delta="sft", **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"), [({"steps": 0}, "steps >= 1"), ({"steps": 1, "on_step": 3}, "on_step must be a callable")]
+)
+def test_train_refuses_bad_steps_before_any_work(kw, words):
+    model = policy()
+    ppo = make(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=words):
+        ppo.train(PROMPTS, batch_size=4, **kw)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -10,6 +10,7 @@ batch); ``"grpo"`` averages per sequence first, ``"dr_grpo"`` divides by batch x
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,6 @@ from surgery.rl.rollout import (
     Rollout,
     check_policy,
     check_reward_funcs,
-    cycle_batches,
     eval_mode,
     forward_kwargs,
     masked_mean,
@@ -30,6 +30,7 @@ from surgery.rl.rollout import (
     rollout,
     score,
     token_stats,
+    train_steps,
 )
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -193,8 +194,16 @@ class GRPO:
             "length": mask.sum(1).mean().item(),
         }
 
-    def train(self, rows: Any, *, steps: int, batch_size: int = 4, seed: int = 0) -> list[dict[str, float]]:
+    def train(
+        self,
+        rows: Any,
+        *,
+        steps: int,
+        batch_size: int = 4,
+        seed: int = 0,
+        on_step: Callable[[int, dict[str, float]], Any] | None = None,
+    ) -> list[dict[str, float]]:
         """`steps` GRPO steps over `rows` (prompts, as `step` takes them), `batch_size` prompts a step
-        (each sampled `group` times), shuffled by `seed`; the statistics of every step."""
-        it = cycle_batches(list(rows), batch_size, seed)
-        return [self.step(next(it)) for _ in range(steps)]
+        (each sampled `group` times), shuffled by `seed`; the statistics of every step, each also handed
+        to `on_step(step, record)`."""
+        return train_steps(self.step, rows, steps=steps, batch_size=batch_size, seed=seed, on_step=on_step)

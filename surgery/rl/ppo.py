@@ -17,6 +17,7 @@ fp32 rounding of two forwards, not bit-identical, and not faster on CPU for Smol
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,13 +33,13 @@ from surgery.rl.rollout import (
     Rollout,
     check_policy,
     check_reward_funcs,
-    cycle_batches,
     eval_mode,
     forward_kwargs,
     masked_mean,
     rollout,
     score,
     token_stats,
+    train_steps,
 )
 
 
@@ -257,8 +258,15 @@ class PPO:
             "length": mask.sum(1).mean().item(),
         }
 
-    def train(self, rows: Any, *, steps: int, batch_size: int = 8, seed: int = 0) -> list[dict[str, float]]:
+    def train(
+        self,
+        rows: Any,
+        *,
+        steps: int,
+        batch_size: int = 8,
+        seed: int = 0,
+        on_step: Callable[[int, dict[str, float]], Any] | None = None,
+    ) -> list[dict[str, float]]:
         """`steps` PPO steps over `rows` (prompts, as `step` takes them), `batch_size` prompts a step,
-        shuffled by `seed`; the statistics of every step."""
-        it = cycle_batches(list(rows), batch_size, seed)
-        return [self.step(next(it)) for _ in range(steps)]
+        shuffled by `seed`; the statistics of every step, each also handed to `on_step(step, record)`."""
+        return train_steps(self.step, rows, steps=steps, batch_size=batch_size, seed=seed, on_step=on_step)

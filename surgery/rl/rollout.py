@@ -8,7 +8,7 @@ plain forward (positions 0..n) sees each sequence exactly as `generate()` did.""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -230,3 +230,27 @@ def cycle_batches(rows: Sequence[Any], batch_size: int, seed: int) -> Iterator[l
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             yield [rows[j] for j in order[i : i + batch_size]]
+
+
+def train_steps(
+    step: Callable[[list[Any]], dict[str, float]],
+    rows: Sequence[Any],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    on_step: Callable[[int, dict[str, float]], Any] | None = None,
+) -> list[dict[str, float]]:
+    """`steps` calls of `step` on batches of `rows` (`cycle_batches`); the statistics of every step,
+    each also handed to `on_step(step_index, record)` as it is made (``train_dpo`` does the same)."""
+    if steps < 1:
+        raise ConfigError(f"rl: train needs steps >= 1, got {steps}")
+    if on_step is not None and not callable(on_step):
+        raise ConfigError(f"rl: on_step must be a callable (step, record), got {type(on_step).__name__}")
+    it = cycle_batches(list(rows), batch_size, seed)
+    history: list[dict[str, float]] = []
+    for i in range(steps):
+        history.append(step(next(it)))
+        if on_step is not None:
+            on_step(i, history[-1])
+    return history
