@@ -537,8 +537,10 @@ def markdown(done: dict[str, Any]) -> str:
         lines += [
             f"| {name}: mean reward of greedy test answers, before -> after | "
             f"{mean(v, lambda r: r['before']['reward'], 2)} -> {mean(v, lambda r: r['after']['reward'], 2)} |",
-            f"| {name}: KL to the reference at the first / last update | "
-            f"{mean(v, lambda r: r['history'][0]['kl'])} / {mean(v, lambda r: r['history'][-1]['kl'])} |",
+            # one update's KL is a sampled estimate of 8 completions (it can be < 0): the last 8 averaged
+            f"| {name}: KL to the reference, the first update / the mean of the last 8 | "
+            f"{mean(v, lambda r: r['history'][0]['kl'], 2)} / "
+            f"{mean(v, lambda r: statistics.fmean(h['kl'] for h in r['history'][-8:]), 2)} |",
         ]
     lines += ["", dpo_table(done, mean)]
     return "\n".join(lines + [""])
