@@ -13,8 +13,9 @@ synopsis and the end-of-turn token.
 - zero-shot: preference accuracy (summed log-probability of the chosen synopsis > the rejected one's)
   and ROUGE-L F1 of greedy synopses (at most 32 new tokens, the KV cache) against the real ones;
   `zeroshot_nf4` the same of the base with its linears in NF4 (what QLoRA starts from).
-- SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), prompt
-  tuning (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
+- SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), the same
+  started from LoftQ's correction of the rounding (`qlora_loftq`: the same NF4 codes), prompt tuning
+  (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
 - reward model: `surgery.RewardModel(base, delta="rm", r=16)`, Bradley-Terry on the train pairs,
   accuracy on the test pairs.
 - DPO from the SFT LoRA delta (the reference: `surgery.reference`, the base): test preference
@@ -58,6 +59,8 @@ SEEDS = (0, 1, 2)
 SFT = {  # method -> (inject kwargs, lr)
     "lora": ({"method": "lora", "targets": "@linear", "r": 16, "alpha": 32}, 2e-4),
     "qlora": ({"method": "lora", "targets": "@linear", "r": 16, "alpha": 32}, 2e-4),
+    # the same LoRA started from LoftQ's rank-16 approximation of the rounding error (same NF4 codes)
+    "qlora_loftq": ({"method": "lora", "targets": "@linear", "r": 16, "alpha": 32, "init": "loftq"}, 2e-4),
     "prompt": ({"method": "prompt", "n_tokens": 20}, 3e-2),
     "prefix": ({"method": "prefix", "n_tokens": 20}, 1e-2),
 }
@@ -278,9 +281,10 @@ class Bench:
         random.seed(seed)
         torch.manual_seed(seed)
         model = copy.deepcopy(self.base)
-        if method == "qlora":
-            surgery.quantize(model, "nf4", double_quant=True)
         cfg = dict(SFT[method][0])
+        if method.startswith("qlora"):
+            loftq = cfg["r"] if cfg.get("init") == "loftq" else None
+            surgery.quantize(model, "nf4", double_quant=True, loftq_rank=loftq)
         surgery.inject(model, cfg.pop("method"), name="sft", **cfg)
         return model
 

@@ -214,6 +214,12 @@ def save_peft_delta(
     every 2-D site is written as a linear one (an embedding site would then be
     mis-keyed: pass the model). Each file is written to a temp file, fsynced and
     renamed; the config last."""
+    if delta.config.get("init") == "loftq":
+        raise PeftFormatError(
+            f"delta {delta.name!r} is a LoftQ LoRA: it corrects the NF4 rounding of its 4-bit base, and PEFT's "
+            "adapter_config.json cannot say which base that is (PEFT's own LoftQ adapters ship with their "
+            "quantised base); save it with registry's format, or dequantize and merge it into the base"
+        )
     if delta.method not in ("lora", "dora"):  # DoRA is PEFT's LoRA with use_dora and a magnitude per site
         return _save_other(delta, out_dir, base_model_name_or_path, model, kinds, task_type)
     kinds_ = _kinds_for(delta, model, kinds)

@@ -137,7 +137,7 @@ def apply(
     method = get_method(delta.method)
     by_site = delta.sites()
     check_finite(delta)
-    method.check_tensors(model, by_site)
+    method.check_tensors(model, by_site, delta.config)
     if name in engine.names(model):
         current = engine.adapters(model, name)
         have = engine.method_of(model, name).name

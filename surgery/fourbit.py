@@ -16,6 +16,9 @@ from torch import nn
 from surgery.errors import ConfigError
 
 ERROR_ATTR = "surgery_nf4_error"  # max |W_nf4 - W| of a layer we quantised, kept on the module
+# LoftQ's factors (L [out, k], R [k, in]: L R the best rank-k approximation of W - W_nf4), kept on a layer
+# `quantize(..., loftq_rank=k)` made, for a LoRA injected with init="loftq"; not state: never saved
+LOFTQ_ATTR = "surgery_loftq"
 # what bitsandbytes' Linear4bit sets on top of nn.Linear (dropped when a layer turns back into one)
 LINEAR4BIT_ATTRS = (
     "quant_state",
@@ -61,6 +64,11 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, lib.functional.dequantize_4bit(data, qs))
 
 
+def loftq_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The LoftQ factors (L, R) `quantize(..., loftq_rank=k)` kept on a 4-bit layer, else None."""
+    return cast("tuple[torch.Tensor, torch.Tensor] | None", module.__dict__.get(LOFTQ_ATTR))
+
+
 @contextlib.contextmanager
 def traceable(model: nn.Module) -> Iterator[None]:
     """Within: every 4-bit layer is a plain `nn.Linear` whose weight is a zero of the right shape
@@ -101,6 +109,7 @@ def to_linear(m: nn.Module, dtype: torch.dtype | None = None) -> float | None:
     w = weight_of(m).detach()
     w = w.to(dtype) if dtype is not None else w
     err = m.__dict__.pop(ERROR_ATTR, None)
+    m.__dict__.pop(LOFTQ_ATTR, None)
     for attr in LINEAR4BIT_ATTRS:
         m.__dict__.pop(attr, None)
     m.__class__ = nn.Linear

@@ -13,6 +13,11 @@ prefixes, prompts, bias deltas) never read the 4-bit weight; those that read the
 A delta never merges into a 4-bit weight: `surgery.merge` refuses, and `dequantize(model)`
 turns the layers back into plain linears first (with the error against the original weights).
 
+`quantize(..., loftq_rank=k)` also keeps, per layer, the best rank-k approximation L R of what
+rounding lost, W - W_nf4 (LoftQ, Li et al., 2023, one iteration: the 4-bit codes are those of
+plain NF4); a LoRA injected with ``init="loftq"`` starts from it, so QLoRA starts from (nearly)
+the full-precision model rather than the rounded one.
+
 bitsandbytes is an optional dependency: ``pip install model-surgery[qlora]``.
 """
 
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ConfigError, InjectionError, ModelTypeError
-from surgery.fourbit import ERROR_ATTR, is_quantized, quantized_bytes, to_linear, weight_of
+from surgery.fourbit import ERROR_ATTR, LOFTQ_ATTR, is_quantized, quantized_bytes, to_linear, weight_of
 from surgery.fourbit import bnb as _bnb
 from surgery.selectors import select
 
@@ -36,13 +41,18 @@ BLOCK = 64  # QLoRA's block; the absmax values' block of 256 is bitsandbytes' fi
 @dataclasses.dataclass(frozen=True)
 class QuantReport:
     """What `quantize` did: the layers it replaced, the bytes of their weights before and after,
-    and the largest absolute difference between a 4-bit weight and its original."""
+    the largest absolute difference between a 4-bit weight and its original, and the mean over
+    layers of ‖W - W_nf4‖ / ‖W‖; with `loftq_rank`, the same with LoftQ's correction added,
+    ‖W - W_nf4 - L R‖ / ‖W‖ (what a LoRA with ``init="loftq"`` starts from)."""
 
     scheme: str
     layers: tuple[str, ...]
     bytes_before: int
     bytes_after: int
     max_abs_error: float
+    rel_error: float = 0.0
+    loftq_rank: int | None = None
+    loftq_rel_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -70,6 +80,7 @@ def quantize(
     compute_dtype: torch.dtype | None = None,
     targets: Any = None,
     skip: Any = None,
+    loftq_rank: int | None = None,
 ) -> QuantReport:
     """Quantise the model's linear layers to 4-bit NF4, in place; returns a `QuantReport`.
 
@@ -77,7 +88,10 @@ def quantize(
     `nn.Linear`. `skip`: a selector of linears to keep in full precision; default the output
     head (and linears tied to an embedding), as transformers does. `double_quant` quantises the
     per-block absmax too (0.127 instead of 0.5 bits a weight); `compute_dtype` is the dtype the
-    4-bit layers compute in (default: the dtype of the weight they replace).
+    4-bit layers compute in (default: the dtype of the weight they replace). `loftq_rank`: keep
+    on each layer the best rank-`loftq_rank` approximation of its rounding error (an SVD of
+    W - W_nf4 per layer), for LoRAs injected with ``init="loftq"`` of rank up to it; it takes
+    the memory of one such LoRA and is never saved.
 
     Quantise the base before injecting deltas; a layer is quantised once."""
     from surgery.engine.state import check_model, state_of
@@ -103,8 +117,25 @@ def quantize(
             f"targets {targets!r} (less skip {skip!r}) hit no nn.Linear to quantise; "
             "use surgery.find(model, targets) to preview a selector"
         )
+    if loftq_rank is not None:
+        if not isinstance(loftq_rank, int) or isinstance(loftq_rank, bool) or loftq_rank <= 0:
+            raise ConfigError(
+                f"loftq_rank must be a positive integer (the largest LoRA rank to start), got {loftq_rank!r}"
+            )
+        small = [
+            (p, min(m.in_features, m.out_features))
+            for p, m in layers
+            if min(m.in_features, m.out_features) < loftq_rank
+        ]
+        if small:
+            raise ConfigError(
+                f"loftq_rank={loftq_rank} exceeds the rank of layer {small[0][0]!r} ({small[0][1]}); "
+                "use a lower loftq_rank or leave that layer out with skip="
+            )
     before = after = 0
     err = 0.0
+    rel: list[float] = []
+    rel_loftq: list[float] = []
     for path, lin in layers:
         w = lin.weight.detach()
         q = bnb.nn.Linear4bit(
@@ -126,8 +157,15 @@ def quantize(
         # forward (absmax rounded to bf16: the stored weight changes) and computes in bf16 whatever
         # compute_dtype says; kept off, the layer computes the dequantised weight in compute_dtype on every CPU
         q.support_avx512bf16_for_cpu = False
-        layer_err = float((weight_of(q).float() - w.float()).abs().max())
+        residual = w.float() - weight_of(q).float()
+        layer_err = float(residual.abs().max())
         q.__dict__[ERROR_ATTR] = layer_err
+        norm = float(w.float().norm()) or 1.0
+        rel.append(float(residual.norm()) / norm)
+        if loftq_rank is not None:
+            q.__dict__[LOFTQ_ATTR] = lr = _low_rank(residual, loftq_rank)
+            rel_loftq.append(float((residual - lr[0] @ lr[1]).norm()) / norm)
+        del residual
         err = max(err, layer_err)
         before += w.numel() * w.element_size()
         after += quantized_bytes(q)
@@ -136,7 +174,24 @@ def quantize(
     done_paths = {p for p, _ in layers}
     kept = [p for p, m in model.named_modules() if type(m) is nn.Linear and p not in done_paths]
     _record_in_config(model, scheme, double_quant, compute_dtype or layers[0][1].weight.dtype, kept)
-    return QuantReport(scheme, tuple(p for p, _ in layers), before, after, err)
+    return QuantReport(
+        scheme,
+        tuple(p for p, _ in layers),
+        before,
+        after,
+        err,
+        sum(rel) / len(rel),
+        loftq_rank,
+        sum(rel_loftq) / len(rel_loftq) if rel_loftq else None,
+    )
+
+
+def _low_rank(residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) with L R the best rank-k approximation of `residual` (fp32), the singular values split
+    evenly between the factors as LoftQ does: L = U sqrt(S), R = sqrt(S) V^T."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    root = S[:k].sqrt()
+    return (U[:, :k] * root).contiguous(), (root[:, None] * Vh[:k]).contiguous()
 
 
 def _record_in_config(model: nn.Module, scheme: str, double_quant: bool, dtype: torch.dtype, kept: list[str]) -> None:

@@ -267,6 +267,93 @@ def test_a_qlora_delta_fits_the_base_it_was_quantised_from():
         assert all(torch.equal(t, theirs[path].tensors()[k]) for k, t in ad.tensors().items())
 
 
+# ---------------------------------------------------------------------------- LoftQ
+
+
+def _loftq(rank: int = 4) -> tuple[nn.Module, nn.Module, surgery.quantize.QuantReport]:
+    fp = tiny_llama()
+    q = copy.deepcopy(fp)
+    return fp, q, quantize(q, loftq_rank=rank)
+
+
+def test_loftq_keeps_the_nf4_codes_and_starts_near_the_full_precision_model():
+    fp, q, rep = _loftq(8)
+    plain = _fp_and_q()[1]
+    assert rep.loftq_rank == 8 and 0 < rep.loftq_rel_error < rep.rel_error  # the correction removes error
+    for p in _linear_paths(q):  # one iteration: the 4-bit base is plain NF4's, code for code
+        assert torch.equal(q.get_submodule(p).weight, plain.get_submodule(p).weight)
+    surgery.inject(q, "lora", targets="re:.*_proj", r=4, alpha=8, init="loftq")  # r below the rank kept
+    for p, ad in engine.adapters(q, "default").items():
+        w = fp.get_submodule(p).weight
+        res = w - weight_of(q.get_submodule(p))
+        s = torch.linalg.svdvals(res)
+        corrected = res - ad.scale * ad.lora_B @ ad.lora_A  # what is left: the residual past rank 4
+        assert torch.allclose(corrected.norm(), s[4:].norm(), rtol=1e-4)
+    b = batch_for(q)
+    with torch.no_grad():
+        ref, start = fp(**b).logits, q(**b).logits
+        with surgery.disable(q):  # the quantised base, bit for bit: the correction is the delta's
+            assert torch.equal(q(**b).logits, plain(**b).logits)
+            off = q(**b).logits
+    assert (start - ref).abs().mean() < (off - ref).abs().mean()  # random weights: a near-isotropic residual
+
+
+def test_loftq_refusals():
+    fp, q, _ = _loftq(4)
+    for bad in (0, True, 2.0):
+        with pytest.raises(surgery.ConfigError, match="loftq_rank must be a positive integer"):
+            quantize(tiny_llama(), loftq_rank=bad)
+    with pytest.raises(surgery.ConfigError, match="exceeds the rank of layer"):
+        quantize(fp, loftq_rank=10_000)
+    assert not any(is_quantized(m) for m in fp.modules())  # refused before anything changed
+    with pytest.raises(surgery.InjectionError, match="rank 4 < r=8: quantise with loftq_rank >= 8"):
+        surgery.inject(q, "lora", targets="re:.*_proj", r=8, init="loftq")
+    with pytest.raises(surgery.InjectionError, match=r"has no LoftQ factors: quantise the full-precision model"):
+        surgery.inject(fp, "lora", targets="re:.*_proj", r=4, init="loftq")
+    with pytest.raises(surgery.InjectionError, match="no LoftQ factors"):
+        surgery.inject(_fp_and_q()[1], "lora", targets="re:.*_proj", r=4, init="loftq")  # quantised without
+    with pytest.raises(surgery.ConfigError, match="dora: init='loftq' is not supported"):
+        surgery.inject(q, "dora", targets="re:.*_proj", r=4, init="loftq")
+    assert surgery.names(q) == [] and surgery.names(fp) == []
+
+
+def test_a_loftq_delta_fits_only_a_4bit_base():
+    fp, q, _ = _loftq(4)
+    surgery.inject(q, "lora", targets="re:.*_proj", r=4, init="loftq")
+    _perturb(q, "default", 6)
+    d = surgery.delta(q)
+    assert d.config["init"] == "loftq"
+    with pytest.raises(surgery.DeltaMismatchError, match="counts? that correction twice|count that correction twice"):
+        surgery.apply(fp, d)
+    surgery.inject(fp, "lora", targets="re:.*_proj", r=4)  # a LoRA slot on the full-precision base
+    with pytest.raises(surgery.DeltaMismatchError, match="is not 4-bit"):
+        surgery.apply(fp, d, name="default")  # a hot-swap is refused too, the slot left as it was
+    assert all(not ad.lora_B.any() for ad in engine.adapters(fp, "default").values())
+    surgery.remove(fp)
+    bank = surgery.serve(fp, slots=2, max_rank=4, targets="re:.*_proj")  # nor served on it
+    with pytest.raises(surgery.DeltaMismatchError, match="is not 4-bit"):
+        bank.load(0, d)
+    other = _fp_and_q()[1]  # the same NF4 base, quantised without LoftQ: the delta carries its correction
+    surgery.apply(other, d)
+    b = batch_for(q)
+    with torch.no_grad():
+        assert torch.equal(other(**b).logits, q(**b).logits)
+        dequantize(q)  # the way to a merged full-precision model: W_nf4 + s B A, not W + s B A
+        before = q(**b).logits
+        surgery.merge(q, "default")
+        assert torch.allclose(q(**b).logits, before, atol=1e-4)
+
+
+def test_save_peft_refuses_a_loftq_delta(tmp_path):
+    from registry.peft_format import PeftFormatError, save_peft_delta
+
+    _, q, _ = _loftq(4)
+    surgery.inject(q, "lora", targets="re:.*_proj", r=4, init="loftq")
+    with pytest.raises(PeftFormatError, match="LoftQ"):
+        save_peft_delta(surgery.delta(q), tmp_path / "out", model=q)
+    assert not (tmp_path / "out").exists()
+
+
 def _linear_paths(model: nn.Module) -> list[str]:
     return [p for p, m in model.named_modules() if p.endswith(LINEARS)]
 

@@ -1,7 +1,7 @@
 """The smoke version of benchmarks/quality_rl.py (issue 15), in-process: every part (zero-shot, SFT with
-LoRA / QLoRA / prompt / prefix, the reward model, DPO, PPO and GRPO from the SFT delta) on a few real Debian
-rows with the real SmolLM2-135M-Instruct, one update each. Checks that each part ran on the shared base,
-that its figures are in range and finite, and that the results render."""
+LoRA / QLoRA (plain and LoftQ) / prompt / prefix, the reward model, DPO, PPO and GRPO from the SFT delta)
+on a few real Debian rows with the real SmolLM2-135M-Instruct, one update each. Checks that each part ran
+on the shared base, that its figures are in range and finite, and that the results render."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_every_part_ran(done):
         "grpo:0",
         "ppo_sft:0",
         "grpo_sft:0",
-        *(f"sft:{m}:0" for m in ("lora", "qlora", "prompt", "prefix")),
+        *(f"sft:{m}:0" for m in ("lora", "qlora", "qlora_loftq", "prompt", "prefix")),
     }
     assert set(done) == want
 
@@ -56,6 +56,10 @@ def test_figures_in_range(done):
     lora, qlora = done["sft:lora:0"], done["sft:qlora:0"]
     assert lora["trainable"] == qlora["trainable"]
     assert lora["first_loss"] != qlora["first_loss"] and abs(lora["first_loss"] - qlora["first_loss"]) < 1.0
+    # LoftQ starts the same LoRA from the rounding error's rank-16 part: the first loss nearer the fp32 base's
+    loftq = done["sft:qlora_loftq:0"]
+    assert loftq["trainable"] == lora["trainable"]
+    assert abs(loftq["first_loss"] - lora["first_loss"]) < abs(qlora["first_loss"] - lora["first_loss"])
     assert 0.0 <= done["rm:0"]["accuracy"] <= 100.0 and math.isfinite(done["rm:0"]["epoch_loss"][0])
     assert math.isfinite(done["dpo:0"]["first_loss"])
     # the same first batch from the same SFT policy, with the chosen synopsis's NLL (> 0) added

@@ -351,10 +351,13 @@ class Method(abc.ABC):
         """Whether `fold` merged this delta (it is then listed by `surgery.merged`)."""
         return False
 
-    def check_tensors(self, model: nn.Module, sites: dict[str, dict[str, torch.Tensor]]) -> None:
+    def check_tensors(
+        self, model: nn.Module, sites: dict[str, dict[str, torch.Tensor]], config: dict[str, Any] | None = None
+    ) -> None:
         """Refuse a stored delta's tensors that cannot be applied to `model` for what their shapes do not
-        show (a sparse delta's indices outside the weight): raise DeltaMismatchError, before anything is
-        touched (`surgery.apply`). `sites` is the Delta's tensors per site path, keyed by suffix."""
+        show (a sparse delta's indices outside the weight, a LoftQ LoRA on a full-precision base): raise
+        DeltaMismatchError, before anything is touched (`surgery.apply`). `sites` is the Delta's tensors
+        per site path, keyed by suffix; `config` its config."""
 
     def refresh(self, adapter: Adapter, path: str, cfg: Any) -> None:
         """Update an adapter's non-tensor settings from `cfg` (on a hot-swap)."""

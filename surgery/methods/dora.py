@@ -136,6 +136,10 @@ class DoRA(LoRA):
             super().validate(cfg)
         except ConfigError as e:  # LoRA's checks, under this method's name
             raise ConfigError("dora" + str(e).removeprefix("lora")) from None
+        if cfg.init == "loftq":  # its magnitude is taken of W: a non-zero B A at injection would change the output
+            raise ConfigError(
+                "dora: init='loftq' is not supported (DoRA's magnitude starts from the base weight); use lora"
+            )
 
     def make(self, site: SiteView, cfg: LoRAConfig, shapes: dict[str, torch.Size] | None = None) -> Adapter:
         lora = cast("LinearLoRA | EmbeddingLoRA | ConvLoRA", super().make(site, cfg, shapes))

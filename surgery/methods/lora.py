@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.errors import ConfigError
+from surgery.errors import ConfigError, DeltaMismatchError, InjectionError
+from surgery.fourbit import is_quantized, loftq_factors
 from surgery.methods.base import Adapter, Merge, Method, MethodConfig, SiteView, WeightUpdate, kind_of, register
 from surgery.selectors import path_matches
 
@@ -42,7 +43,10 @@ class LoRAConfig(MethodConfig):
     r: rank of the update B A.
     alpha: scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora); PEFT's default.
     dropout: dropout on the LoRA branch's input, in training only.
-    init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r), B zero).
+    init: "default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero), or "loftq" (on a
+        base quantised with `quantize(..., loftq_rank=k)`, k >= r: s B A starts as the best rank-r
+        approximation of what rounding to 4 bits lost, so the model starts near its full-precision
+        self; such a delta fits only that 4-bit base, and `apply` refuses it elsewhere).
     rslora: rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r.
     rank_pattern: module path pattern (glob or 're:') -> rank, overriding r at the sites it matches.
     alpha_pattern: module path pattern -> alpha, overriding alpha at the sites it matches.
@@ -51,10 +55,13 @@ class LoRAConfig(MethodConfig):
     r: int = 8
     alpha: float = 8  # scale alpha / r, PEFT's default
     dropout: float = 0.0
-    init: str = "default"  # "default": A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r)
+    init: str = "default"  # "default": A Kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r); "loftq"
     rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+
+INITS = ("default", "gaussian", "loftq")
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -249,8 +256,8 @@ class LoRA(Method):
             raise ConfigError(f"lora: alpha must be a positive number, got {cfg.alpha!r}")
         if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
             raise ConfigError(f"lora: dropout must be in [0, 1), got {cfg.dropout!r}")
-        if cfg.init not in ("default", "gaussian"):
-            raise ConfigError(f"lora: init must be 'default' or 'gaussian', got {cfg.init!r}")
+        if cfg.init not in INITS:
+            raise ConfigError(f"lora: init must be one of {list(INITS)}, got {cfg.init!r}")
         for what, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
             if not isinstance(patterns, dict):
                 raise ConfigError(f"lora: {what} must be a dict of path pattern -> value, got {patterns!r}")
@@ -298,6 +305,23 @@ class LoRA(Method):
                 for ad in members:
                     ad.shared = shared
 
+    def check_tensors(
+        self, model: nn.Module, sites: dict[str, dict[str, torch.Tensor]], config: dict[str, Any] | None = None
+    ) -> None:
+        if (config or {}).get("init") != "loftq":
+            return
+        for path in sites:
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                continue  # a missing site is refused by name further on
+            if not is_quantized(mod):
+                raise DeltaMismatchError(
+                    f"lora init='loftq': site {path!r} is not 4-bit: this delta corrects the NF4 rounding of its base, "
+                    "so on a full-precision base it would count that correction twice; apply it to the base "
+                    "quantised with surgery.quantize(model, 'nf4'), or merge it there after surgery.quantize.dequantize(model)"
+                )
+
     def refresh(self, adapter: Adapter, path: str, cfg: LoRAConfig) -> None:
         ad = cast(_LoRABase, adapter)  # this method made it
         ad.scale = self.scale(cfg, path, ad.lora_A.shape[0])
@@ -319,8 +343,38 @@ class LoRA(Method):
             ad = EmbeddingLoRA(module.num_embeddings, module.embedding_dim, r, scale, cfg.dropout, module)
         else:
             ad = ConvLoRA(cast("nn.Conv1d | nn.Conv2d", module), r, scale, cfg.dropout)  # all supports() leaves
-        self._init(ad, cfg)
+        if cfg.init == "loftq":
+            self._init_loftq(site, ad, shapes is not None)
+        else:
+            self._init(ad, cfg)
         return ad
+
+    @staticmethod
+    def _init_loftq(site: SiteView, ad: _LoRABase, stored: bool) -> None:
+        """B and A from the LoftQ factors `quantize(..., loftq_rank=k)` kept on the site: s B A = L R
+        truncated to rank r. A stored delta (`stored`) brings its own tensors, but it corrects a 4-bit
+        base: refused on any other."""
+        where = f"lora init='loftq': site {site.path!r}"
+        if stored:  # `check_tensors` saw to its base
+            return
+        factors = loftq_factors(site.module)
+        r = ad.lora_A.shape[0]
+        if not isinstance(ad, LinearLoRA) or factors is None:
+            raise InjectionError(
+                f"{where} has no LoftQ factors: quantise the full-precision model with "
+                f"surgery.quantize(model, 'nf4', loftq_rank={r}) first (a model loaded 4-bit has lost the weights "
+                "they are computed from), and target only the layers it quantised"
+            )
+        L, R = factors
+        if L.shape[1] < r:
+            raise InjectionError(
+                f"{where} has LoftQ factors of rank {L.shape[1]} < r={r}: quantise with loftq_rank >= {r}"
+            )
+        if ad.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            ad.lora_A.copy_(R[:r])
+            ad.lora_B.copy_(L[:, :r] / ad.scale)
 
     @staticmethod
     def _init(ad: _LoRABase, cfg: LoRAConfig) -> None:

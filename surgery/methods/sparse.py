@@ -232,7 +232,9 @@ class Sparse(Method):
             idx = pick.sort().values.to(device=w.device, dtype=itype)
         return SparseDelta(site.module, idx, w.dtype)
 
-    def check_tensors(self, model: nn.Module, sites: dict[str, dict[str, torch.Tensor]]) -> None:
+    def check_tensors(
+        self, model: nn.Module, sites: dict[str, dict[str, torch.Tensor]], config: dict[str, Any] | None = None
+    ) -> None:
         """Refuse a stored delta whose tensors do not fit the model's weights, before anything is touched."""
         for path, ts in sites.items():
             w = getattr(model.get_submodule(path), "weight", None) if _has(model, path) else None

@@ -248,6 +248,7 @@ class SlotBank:
         method = get_method(delta.method)
         by_site = delta.sites()
         check_finite(delta)
+        method.check_tensors(self.model(), by_site, delta.config)  # what shapes do not show (a LoftQ base)
         shapes = {p: {k: t.shape for k, t in ts.items()} for p, ts in by_site.items()}
         key = (delta.method, json.dumps(delta.config, sort_keys=True, default=str), repr(shapes))
         with self.lock:
