@@ -12,7 +12,8 @@ synopsis and the end-of-turn token.
 
 - zero-shot: preference accuracy (summed log-probability of the chosen synopsis > the rejected one's)
   and ROUGE-L F1 of greedy synopses (at most 32 new tokens, the KV cache) against the real ones;
-  `zeroshot_nf4` the same of the base with its linears in NF4 (what QLoRA starts from).
+  `zeroshot_nf4` the same of the base with its linears in NF4 (what QLoRA starts from), `zeroshot_loftq`
+  with LoftQ's rank-16 correction of the rounding as the (untrained) LoRA (what `qlora_loftq` starts from).
 - SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), the same
   started from LoftQ's correction of the rounding (`qlora_loftq`: the same NF4 codes), prompt tuning
   (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
@@ -81,7 +82,16 @@ GRPO_CFG = {"group": 4, "beta": 0.04, "lr": 1e-5, "max_new_tokens": MAX_NEW_TOKE
 # variant -> (algorithm, ref_delta): the KL to the base, or (a copy of the SFT delta trained) to the SFT delta
 RL_VARIANTS = {"ppo": ("ppo", None), "grpo": ("grpo", None), "ppo_sft": ("ppo", "sft"), "grpo_sft": ("grpo", "sft")}
 log = C.log
-PARTS = ["zeroshot", "zeroshot_nf4", *(f"sft:{m}" for m in SFT), "rm", *DPO_VARIANTS, "rl_before", *RL_VARIANTS]
+PARTS = [
+    "zeroshot",
+    "zeroshot_nf4",
+    "zeroshot_loftq",
+    *(f"sft:{m}" for m in SFT),
+    "rm",
+    *DPO_VARIANTS,
+    "rl_before",
+    *RL_VARIANTS,
+]
 
 
 # ----------------------------------------------------------------------------- data and metrics
@@ -254,25 +264,31 @@ class Bench:
         log(f"[{key}] {json.dumps({k: v[k] for k in v if k != 'examples'})[:300]}")
         return v
 
-    def zeroshot(self, nf4: bool = False) -> dict[str, Any]:
-        """The base untuned; with `nf4` its linears quantised as QLoRA's are (what the 4-bit base alone
-        costs, before any delta)."""
+    def zeroshot(self, part: str = "zeroshot") -> dict[str, Any]:
+        """The base untuned; `zeroshot_nf4` with its linears quantised as QLoRA's are (what the 4-bit base
+        alone costs, before any delta); `zeroshot_loftq` that with qlora_loftq's LoRA as injected, untrained
+        (what LoftQ's correction gives back)."""
 
         def make() -> dict[str, Any]:
             import surgery
 
             model, out = self.base, {}
-            if nf4:
+            r = SFT["qlora"][0]["r"]
+            if part == "zeroshot_nf4":
                 model = copy.deepcopy(self.base)
                 layers = surgery.quantize(model, "nf4", double_quant=True).layers
-                out = quantisation_residual(self.base, model, layers, rank=SFT["qlora"][0]["r"])
+                out = quantisation_residual(self.base, model, layers, rank=r)
+            elif part == "zeroshot_loftq":
+                model = self.sft_model("qlora_loftq", 0)
+                rep = surgery.quantize(copy.deepcopy(self.base), "nf4", double_quant=True, loftq_rank=r)
+                out = {"residual_rel_norm": rep.rel_error, "loftq_residual_rel_norm": rep.loftq_rel_error}
             return {
                 "preference_accuracy": preference_accuracy(model, self.test, self.pad),
                 **rouge(model, self.tok, self.test, self.test_refs, self.pad),
                 **out,
             }
 
-        return self.cached("zeroshot_nf4" if nf4 else "zeroshot", make)
+        return self.cached(part, make)
 
     def sft_model(self, method: str, seed: int) -> nn.Module:
         """A copy of the base with the SFT delta `method` injected as "sft" (NF4 base for qlora)."""
@@ -471,8 +487,8 @@ def run(args: argparse.Namespace) -> None:
     b = Bench(args)
     parts = args.part or PARTS
     for part in parts:
-        if part in ("zeroshot", "zeroshot_nf4"):
-            b.zeroshot(nf4=part == "zeroshot_nf4")
+        if part.startswith("zeroshot"):
+            b.zeroshot(part)
             continue
         for seed in args.seeds if part.startswith(("sft:", "dpo")) or part == "rm" else args.seeds[:1]:
             if part.startswith("sft:"):
@@ -494,7 +510,11 @@ def markdown(done: dict[str, Any]) -> str:
     done = {k: {**v, "seed": int(m[1])} if (m := re.search(r":(\d+)$", k)) else v for k, v in done.items()}
     lines = ["# Quality of SFT / RLHF deltas on SmolLM2-135M-Instruct (issue 15)", ""]
     rows = []
-    for key, row in (("zeroshot", "zero-shot"), ("zeroshot_nf4", "zero-shot, the NF4 base (QLoRA's)")):
+    for key, row in (
+        ("zeroshot", "zero-shot"),
+        ("zeroshot_nf4", "zero-shot, the NF4 base (QLoRA's)"),
+        ("zeroshot_loftq", "zero-shot, the NF4 base + LoftQ's LoRA, untrained"),
+    ):
         if z := done.get(key):
             rows.append(
                 {"row": row, "ROUGE-L": f"{z['rouge_l']:.1f}", "pref. acc.": f"{z['preference_accuracy']:.1f} %"}
@@ -521,6 +541,12 @@ def markdown(done: dict[str, Any]) -> str:
             f"{z['residual_rel_norm']:.3f} on average; its best rank-{r} approximation holds "
             f"{100 * z[f'residual_rank{r}_energy']:.1f} % of its energy on average "
             f"({100 * z[f'residual_rank{r}_energy_max']:.1f} % at most).",
+            "",
+        ]
+    if (z := done.get("zeroshot_loftq", {})).get("loftq_residual_rel_norm") is not None:
+        lines += [
+            f"With LoftQ's rank-{r} correction as the LoRA's start: ‖W - NF4(W) - s B A‖ / ‖W‖ "
+            f"{z['loftq_residual_rel_norm']:.3f} on average (from {z['residual_rel_norm']:.3f}).",
             "",
         ]
 
