@@ -191,6 +191,22 @@ def quantisation_residual(base: nn.Module, quantised: nn.Module, layers: Sequenc
     }
 
 
+@torch.no_grad()
+def loftq_residual(base: nn.Module, quantised: nn.Module, name: str) -> dict[str, Any]:
+    """Over the sites of the LoRA `name` on the quantised copy: the mean of ‖W - Q(W)‖ / ‖W‖, and of
+    ‖W - Q(W) - s B A‖ / ‖W‖ (what its LoftQ start leaves)."""
+    import surgery
+    from surgery.fourbit import weight_of
+
+    rel, left = [], []
+    for path, ad in surgery.engine.adapters(quantised, name).items():
+        w = base.get_submodule(path).weight.float()
+        r = w - weight_of(quantised.get_submodule(path)).float()
+        rel.append(float(r.norm() / w.norm()))
+        left.append(float((r - ad.scale * ad.lora_B @ ad.lora_A).norm() / w.norm()))
+    return {"residual_rel_norm": statistics.fmean(rel), "loftq_residual_rel_norm": statistics.fmean(left)}
+
+
 # ----------------------------------------------------------------------------- SFT
 
 
@@ -280,8 +296,7 @@ class Bench:
                 out = quantisation_residual(self.base, model, layers, rank=r)
             elif part == "zeroshot_loftq":
                 model = self.sft_model("qlora_loftq", 0)
-                rep = surgery.quantize(copy.deepcopy(self.base), "nf4", double_quant=True, loftq_rank=r)
-                out = {"residual_rel_norm": rep.rel_error, "loftq_residual_rel_norm": rep.loftq_rel_error}
+                out = loftq_residual(self.base, model, "sft")
             return {
                 "preference_accuracy": preference_accuracy(model, self.test, self.pad),
                 **rouge(model, self.tok, self.test, self.test_refs, self.pad),
