@@ -343,20 +343,17 @@ class LoRA(Method):
             ad = EmbeddingLoRA(module.num_embeddings, module.embedding_dim, r, scale, cfg.dropout, module)
         else:
             ad = ConvLoRA(cast("nn.Conv1d | nn.Conv2d", module), r, scale, cfg.dropout)  # all supports() leaves
-        if cfg.init == "loftq":
-            self._init_loftq(site, ad, shapes is not None)
+        if cfg.init == "loftq" and shapes is None:  # a stored delta brings its tensors; check_tensors its base
+            self._init_loftq(site, ad)
         else:
             self._init(ad, cfg)
         return ad
 
     @staticmethod
-    def _init_loftq(site: SiteView, ad: _LoRABase, stored: bool) -> None:
+    def _init_loftq(site: SiteView, ad: _LoRABase) -> None:
         """B and A from the LoftQ factors `quantize(..., loftq_rank=k)` kept on the site: s B A = L R
-        truncated to rank r. A stored delta (`stored`) brings its own tensors, but it corrects a 4-bit
-        base: refused on any other."""
+        truncated to rank r."""
         where = f"lora init='loftq': site {site.path!r}"
-        if stored:  # `check_tensors` saw to its base
-            return
         factors = loftq_factors(site.module)
         r = ad.lora_A.shape[0]
         if not isinstance(ad, LinearLoRA) or factors is None:
