@@ -17,6 +17,8 @@ synopsis and the end-of-turn token.
 - SFT (seeds 0-2): LoRA r=16 on every linear of the fp32 base, the same on the NF4 base (QLoRA), the same
   started from LoftQ's correction of the rounding (`qlora_loftq`: the same NF4 codes), prompt tuning
   (20 virtual tokens) and prefix tuning (20); AdamW, linear decay, the completion's tokens only.
+  `lora_lr1e-3` / `qlora_lr1e-3`: LoRA and QLoRA at lr 1e-3 instead of 2e-4 (one epoch at 2e-4 leaves
+  QLoRA short of LoRA; the DPO / PPO / GRPO parts start from the 2e-4 `lora` delta).
 - reward model: `surgery.RewardModel(base, delta="rm", r=16)`, Bradley-Terry on the train pairs,
   accuracy on the test pairs.
 - DPO from the SFT LoRA delta (the reference: `surgery.reference`, the base): test preference
@@ -572,6 +574,16 @@ def markdown(done: dict[str, Any]) -> str:
             f"({100 * z[f'residual_rank{r}_energy_max']:.1f} % at most).",
             "",
         ]
+    # QLoRA against fp32-base LoRA with the same recipe and seed (the issue's "within 1 point")
+    for q, f in (("qlora", "lora"), ("qlora_loftq", "lora"), *((f"q{m}", m) for m in SFT_SWEEP if m[0] == "l")):
+        pairs = [
+            (seed, v["rouge_l"] - done[fk]["rouge_l"])
+            for k, v in done.items()
+            if k.startswith(f"sft:{q}:") and (fk := f"sft:{f}:{(seed := v['seed'])}") in done
+        ]
+        if pairs:
+            each = ", ".join(f"seed {s_} {g:+.1f}" for s_, g in sorted(pairs))
+            lines += [f"ROUGE-L, SFT {q} - SFT {f} on the same seed: {each}.", ""]
     if (z := done.get("zeroshot_loftq", {})).get("loftq_residual_rel_norm") is not None:
         lines += [
             f"With LoftQ's rank-{r} correction as the LoRA's start: ‖W - NF4(W) - s B A‖ / ‖W‖ "
