@@ -91,6 +91,7 @@ def test_renders(done):
         and "the NF4 base" in md
         and "NF4 residual" in md
         and "SFT qlora" in md
+        and "SFT qlora - SFT lora on the same seed: seed 0 " in md
         and "GRPO" in md
         and "ref_delta='sft'" in md
     )
