@@ -582,7 +582,7 @@ def markdown(done: dict[str, Any]) -> str:
             if k.startswith(f"sft:{q}:") and (fk := f"sft:{f}:{(seed := v['seed'])}") in done
         ]
         if pairs:
-            each = ", ".join(f"seed {s_} {g:+.1f}" for s_, g in sorted(pairs))
+            each = ", ".join(f"seed {s_} {g:+.2f}" for s_, g in sorted(pairs))
             lines += [f"ROUGE-L, SFT {q} - SFT {f} on the same seed: {each}.", ""]
     if (z := done.get("zeroshot_loftq", {})).get("loftq_residual_rel_norm") is not None:
         lines += [
