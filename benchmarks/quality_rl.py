@@ -575,7 +575,7 @@ def markdown(done: dict[str, Any]) -> str:
             "",
         ]
     # QLoRA against fp32-base LoRA with the same recipe and seed (the "within 1 point")
-    for q, f in (("qlora", "lora"), ("qlora_loftq", "lora"), *((f"q{m}", m) for m in SFT_SWEEP if m[0] == "l")):
+    for q, f in (("qlora", "lora"), ("qlora_loftq", "lora"), ("qlora_lr1e-3", "lora_lr1e-3")):
         pairs = [
             (seed, v["rouge_l"] - done[fk]["rouge_l"])
             for k, v in done.items()
